@@ -1,0 +1,71 @@
+"""gradprobe: find, explain and fix unstable gradients in PyTorch networks.
+
+>>> import gradprobe as gp
+>>> sorted(n for n in gp.__all__ if n[0].isupper())[:2]
+['ConfigError', 'GradprobeError']
+
+Heavy or optional parts (the lab, figures, integrations) are imported on first use, so
+``import gradprobe`` imports torch, numpy and nothing of the plotting stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from gradprobe._version import __version__
+from gradprobe.errors import (
+    ConfigError,
+    GradprobeError,
+    NonFiniteError,
+    RunDirError,
+    UnsupportedModelError,
+)
+
+# name -> (module, attribute or None for the module itself)
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "Probe": ("gradprobe.probe", "Probe"),
+    "Run": ("gradprobe.run", "Run"),
+    "gradcheck": ("gradprobe.gradcheck", "gradcheck"),
+    "gradcheck_fn": ("gradprobe.gradcheck", "gradcheck_fn"),
+    "GradCheckReport": ("gradprobe.gradcheck", "GradCheckReport"),
+    "preflight": ("gradprobe.theory.preflight", "preflight"),
+    "theory": ("gradprobe.theory", None),
+    "lab": ("gradprobe.lab", None),
+    "remedies": ("gradprobe.remedies", None),
+    "activations": ("gradprobe.activations", None),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module_name, attr = _LAZY[name]
+        module = importlib.import_module(module_name)
+        value = module if attr is None else getattr(module, attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gradprobe' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = [
+    "ConfigError",
+    "GradCheckReport",
+    "GradprobeError",
+    "NonFiniteError",
+    "Probe",
+    "Run",
+    "RunDirError",
+    "UnsupportedModelError",
+    "__version__",
+    "activations",
+    "gradcheck",
+    "gradcheck_fn",
+    "lab",
+    "preflight",
+    "remedies",
+    "theory",
+]

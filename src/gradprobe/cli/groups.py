@@ -1,0 +1,10 @@
+"""Registration of the command groups: one line per group module."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    # Each group module defines `app` (a typer.Typer) or `register(app)`.
+    pass
