@@ -1,0 +1,10 @@
+"""Importing this package registers every experiment (one module each, in display order)."""
+
+import importlib
+
+_MODULES: list[str] = [
+    # module names under gradprobe.lab.experiments, in the order `gradprobe lab list` shows them
+]
+
+for _name in _MODULES:
+    importlib.import_module(f"gradprobe.lab.experiments.{_name}")
