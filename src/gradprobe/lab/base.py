@@ -14,6 +14,7 @@ import json
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -174,15 +175,16 @@ def write(result: LabResult, out: Path, *, formats: tuple[str, ...] = ("png", "s
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
 
-    def _atomic(path: Path, writer: Callable[[Path], None]) -> None:
+    def _atomic(path: Path, writer: Callable[[Path], object]) -> None:
         tmp = path.with_name(f".{path.name}.tmp")
         writer(tmp)
         tmp.replace(path)
         written.append(path)
 
     for tname, frame in result.tables.items():
-        _atomic(out / f"{tname}.csv", lambda p, f=frame: f.to_csv(p, index=False))
-        _atomic(out / f"{tname}.md", lambda p, f=frame: p.write_text(_markdown(f) + "\n"))
+        md = _markdown(frame) + "\n"
+        _atomic(out / f"{tname}.csv", partial(_write_csv, frame))
+        _atomic(out / f"{tname}.md", partial(_write_text, md))
 
     import matplotlib
 
@@ -192,7 +194,7 @@ def write(result: LabResult, out: Path, *, formats: tuple[str, ...] = ("png", "s
     figures = get(result.name).plot(result)
     for fname, fig in figures.items():
         for fmt in formats:
-            _atomic(out / f"{fname}.{fmt}", lambda p, fig=fig, fmt=fmt: fig.savefig(p, format=fmt, dpi=130, bbox_inches="tight"))
+            _atomic(out / f"{fname}.{fmt}", partial(_save_figure, fig, fmt))
         plt.close(fig)
 
     summary = {
@@ -201,9 +203,21 @@ def write(result: LabResult, out: Path, *, formats: tuple[str, ...] = ("png", "s
         "claims": [dataclasses.asdict(c) for c in result.claims],
         "runs": {k: str(v) for k, v in result.runs.items()},
     }
-    _atomic(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2, default=str)))
+    _atomic(out / "summary.json", partial(_write_text, json.dumps(summary, indent=2, default=str)))
     result.files = written
     return written
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    frame.to_csv(path, index=False)
+
+
+def _write_text(text: str, path: Path) -> None:
+    path.write_text(text)
+
+
+def _save_figure(fig: Figure, fmt: str, path: Path) -> None:
+    fig.savefig(path, format=fmt, dpi=130, bbox_inches="tight")
 
 
 def _markdown(frame: pd.DataFrame) -> str:
