@@ -72,6 +72,9 @@ class ActivationSpec:
     saturated: Callable[[Tensor], Tensor] | None = None
     inactive: Callable[[Tensor], Tensor] | None = None
     bounded: bool = False
+    kinks: tuple[float, ...] = ()
+    """Points where ``fn`` or its derivative is not smooth (ReLU: 0; hardtanh: ±1). Gaussian
+    quadrature in :mod:`gradprobe.theory.meanfield` splits its integrals there."""
 
 
 def _sigmoid_saturated(a: Tensor) -> Tensor:
@@ -108,26 +111,30 @@ ACTIVATIONS: dict[str, ActivationSpec] = {
         ),
         ActivationSpec(
             "relu", F.relu, (nn.ReLU,), nn.ReLU, math.sqrt(2.0), "he_normal",
-            inactive=_relu_inactive,
+            inactive=_relu_inactive, kinks=(0.0,),
         ),
         ActivationSpec(
             "relu6", F.relu6, (nn.ReLU6,), nn.ReLU6, math.sqrt(2.0), "he_normal",
-            saturated=lambda a: a >= 6.0, inactive=_relu_inactive,
+            saturated=lambda a: a >= 6.0, inactive=_relu_inactive, kinks=(0.0, 6.0),
         ),
         ActivationSpec(
             "leaky_relu", lambda x: F.leaky_relu(x, 0.01), (nn.LeakyReLU,),
-            lambda: nn.LeakyReLU(0.01), _leaky(0.01), "he_normal",
+            lambda: nn.LeakyReLU(0.01), _leaky(0.01), "he_normal", kinks=(0.0,),
         ),
         ActivationSpec(
             "prelu", lambda x: F.leaky_relu(x, 0.25), (nn.PReLU,), nn.PReLU, _leaky(0.25),
-            "he_normal",
+            "he_normal", kinks=(0.0,),
         ),
         ActivationSpec(
             "rrelu", lambda x: F.leaky_relu(x, (RRELU_LOWER + RRELU_UPPER) / 2.0), (nn.RReLU,),
-            nn.RReLU, _leaky((RRELU_LOWER + RRELU_UPPER) / 2.0), "he_normal",
+            nn.RReLU, _leaky((RRELU_LOWER + RRELU_UPPER) / 2.0), "he_normal", kinks=(0.0,),
         ),
-        ActivationSpec("elu", F.elu, (nn.ELU,), nn.ELU, math.sqrt(2.0), "he_normal"),
-        ActivationSpec("selu", F.selu, (nn.SELU,), _selu_factory, 1.0, "lecun_normal"),
+        ActivationSpec(
+            "elu", F.elu, (nn.ELU,), nn.ELU, math.sqrt(2.0), "he_normal", kinks=(0.0,)
+        ),
+        ActivationSpec(
+            "selu", F.selu, (nn.SELU,), _selu_factory, 1.0, "lecun_normal", kinks=(0.0,)
+        ),
         ActivationSpec("gelu", F.gelu, (nn.GELU,), nn.GELU, math.sqrt(2.0), "he_normal"),
         ActivationSpec("silu", F.silu, (nn.SiLU,), nn.SiLU, math.sqrt(2.0), "he_normal"),
         ActivationSpec(
@@ -135,7 +142,7 @@ ACTIVATIONS: dict[str, ActivationSpec] = {
         ),
         ActivationSpec(
             "hardtanh", F.hardtanh, (nn.Hardtanh,), nn.Hardtanh, 5.0 / 3.0, "xavier_normal",
-            saturated=lambda a: a.abs() >= 1.0, bounded=True,
+            saturated=lambda a: a.abs() >= 1.0, bounded=True, kinks=(-1.0, 1.0),
         ),
     ]
 }
