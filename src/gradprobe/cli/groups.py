@@ -7,4 +7,6 @@ import typer
 
 def register(app: typer.Typer) -> None:
     # Each group module defines `app` (a typer.Typer) or `register(app)`.
-    pass
+    from gradprobe.cli import lab
+
+    lab.register(app)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -93,8 +94,26 @@ def register(
     return exp
 
 
+def type_name(annotation: Any) -> str:
+    """A readable name for a config field's type, for help and error messages.
+
+    >>> type_name(int), type_name(tuple[float, ...]), type_name(typing.Literal["a", "b"])
+    ('int', 'comma-separated list of float', "one of 'a', 'b'")
+    """
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is tuple:
+        return f"comma-separated list of {type_name(args[0] if args else str)}"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("none" if a is type(None) else type_name(a) for a in args)
+    return str(getattr(annotation, "__name__", annotation))
+
+
 def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    """Turn a CLI string into the field's type (int, float, bool, str, tuples of those)."""
+    """Turn a CLI string into the field's type (int, float, bool, str, Literal, Optional and
+    tuples of those)."""
     if not isinstance(value, str):
         return value
     origin = typing.get_origin(annotation)
@@ -118,10 +137,21 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             if value not in args:
                 raise ValueError(value)
             return value
+        if origin in (typing.Union, types.UnionType):
+            if type(None) in args and value.lower() in {"none", "null", ""}:
+                return None
+            for arg in args:
+                if arg is type(None):
+                    continue
+                try:
+                    return _coerce(name, value, arg)
+                except ConfigError:
+                    continue
+            raise ValueError(value)
     except ValueError:
         raise ConfigError(
-            f"option {name!r} got {value!r}, which is not a valid {getattr(annotation, '__name__', annotation)}",
-            hint=f"give {name} a value like {args or annotation}",
+            f"option {name!r} got {value!r}, which is not a valid {type_name(annotation)}",
+            hint=f"--{name.replace('_', '-')} expects {type_name(annotation)}",
         ) from None
     return value
 

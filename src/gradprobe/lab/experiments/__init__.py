@@ -4,6 +4,8 @@ import importlib
 
 _MODULES: list[str] = [
     # module names under gradprobe.lab.experiments, in the order `gradprobe lab list` shows them
+    "linear_chain",
+    "sigmoid_bound",
 ]
 
 for _name in _MODULES:
