@@ -1,0 +1,318 @@
+"""depth-histograms: how the distribution of activations and their gradients changes with depth
+under different initialisations (the experiment of Glorot & Bengio 2010, figures 6-7).
+
+2000 inputs of dimension 800 from N(0, 1) pass through 10 bias-free layers of widths 800, 750,
+..., 300. A Gaussian gradient ``∂L/∂a₁₀ ~ N(0, 1)`` is sent back from the last layer, so the
+backward histograms show how a unit-variance error signal is transformed on its way down.
+
+* tanh, ``W ~ N(0, 0.01²)``: each layer multiplies the std by about ``√n · 0.01 ≈ 0.2-0.28``
+  (tanh is the identity near 0), so activations collapse towards 0 geometrically -- by layer 10
+  their std is below 10⁻⁴ of layer 1's -- and gradients shrink the same way going down.
+* tanh, ``W ~ N(0, 1)``: pre-activations have std ``≈ √n ≈ 20``; nearly every unit sits at ±1,
+  where ``tanh' ≈ 0``, and the gradient vanishes through the saturated units.
+* tanh, Xavier normal (``Var W = 2/(fi+fo)``): the distribution stays spread over depth.
+* ReLU, Xavier normal: ReLU zeroes half the signal, ``E[relu(h)²] = Var(h)/2``, so the variance
+  roughly halves per layer (He et al. 2015, eq. 10).
+* ReLU, He normal (``Var W = 2/fi``): the factor 2 compensates; the std stays constant.
+
+Example
+    >>> import gradprobe as gp
+    >>> r = gp.lab.run("depth-histograms", n_samples=200, width=120, step=8)   # doctest: +SKIP
+    >>> r.claim("tanh N(0, 0.01²)").holds                                        # doctest: +SKIP
+    True
+
+The helpers :func:`sequential_mlp`, :func:`propagate` and :class:`Signals` are shared by the
+initialisation experiments (init, activations, deep-relu).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from gradprobe import activations
+from gradprobe.errors import ConfigError
+from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
+from gradprobe.remedies.init import init_
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+NAME = "depth-histograms"
+
+
+# ------------------------------------------------------------------ shared measurement helpers
+def sequential_mlp(
+    sizes: list[int], activation: str, *, bias: bool = False, head: int | None = None
+) -> nn.Sequential:
+    """``fc1, act1, ..., fcL, actL`` (every Linear followed by the activation), plus an ``out``
+    Linear of ``head`` units when given (a classifier's logits)."""
+    spec = activations.get(activation)
+    mods: OrderedDict[str, nn.Module] = OrderedDict()
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
+        mods[f"fc{i}"] = nn.Linear(a, b, bias=bias)
+        mods[f"act{i}"] = spec.factory()
+    if head is not None:
+        mods["out"] = nn.Linear(sizes[-1], head, bias=bias)
+    return nn.Sequential(mods)
+
+
+@dataclass
+class Signals:
+    """Per hidden layer (in depth order): the activation module's name and spec, its output
+    ``acts[i]``, the gradient of the loss with respect to that output ``act_grads[i]``, and the
+    gradient of the preceding Linear's weight ``weight_grads[i]``."""
+
+    names: list[str]
+    specs: list[activations.ActivationSpec]
+    acts: list[Tensor] = field(default_factory=list)
+    act_grads: list[Tensor] = field(default_factory=list)
+    weight_grads: list[Tensor] = field(default_factory=list)
+    output: Tensor | None = None
+
+
+def propagate(
+    model: nn.Sequential,
+    x: Tensor,
+    backward: Callable[[Tensor], Tensor] | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> Signals:
+    """One forward and backward pass through a Sequential, keeping every activation and its
+    gradient (``retain_grad`` on each activation output; the slow, obvious way).
+
+    ``backward(output) -> loss``; when omitted, ``∂L/∂output ~ N(0, 1)`` elementwise
+    (``loss = Σ output ⊙ g`` with a fixed Gaussian ``g``), the convention of signal-propagation
+    studies. Gradients of the weights are taken and then cleared from the model.
+    """
+    h = x
+    sig = Signals([], [])
+    linears: list[nn.Linear] = []
+    pending: nn.Linear | None = None
+    for name, mod in model.named_children():
+        h = mod(h)
+        if isinstance(mod, nn.Linear):
+            pending = mod
+        spec = activations.spec_for_module(mod)
+        if spec is not None and pending is not None:
+            h.retain_grad()
+            sig.names.append(name)
+            sig.specs.append(spec)
+            sig.acts.append(h)
+            linears.append(pending)
+            pending = None
+    if backward is None:
+        g = torch.randn(h.shape, generator=generator, dtype=h.dtype)
+        loss = (h * g).sum()
+    else:
+        loss = backward(h)
+    for p in model.parameters():
+        p.grad = None
+    loss.backward()
+    for a, lin in zip(sig.acts, linears):
+        assert a.grad is not None and lin.weight.grad is not None
+        sig.act_grads.append(a.grad.detach())
+        sig.weight_grads.append(lin.weight.grad.detach().clone())
+    sig.acts = [a.detach() for a in sig.acts]
+    sig.output = h.detach()
+    for p in model.parameters():
+        p.grad = None
+    return sig
+
+
+def saturated_fraction(spec: activations.ActivationSpec, a: Tensor) -> float:
+    """Fraction of entries the activation table counts as saturated (NaN if no rule applies)."""
+    return float(spec.saturated(a).double().mean()) if spec.saturated is not None else math.nan
+
+
+def dead_fraction(spec: activations.ActivationSpec, a: Tensor) -> float:
+    """Fraction of units inactive for *every* example of the batch (NaN if the activation
+    cannot die): Lu et al. 2019's dead units."""
+    if spec.inactive is None:
+        return math.nan
+    return float(spec.inactive(a).all(dim=0).double().mean())
+
+
+# ------------------------------------------------------------------------------ the experiment
+ROWS: tuple[tuple[str, str, str, dict[str, float]], ...] = (
+    # (activation, label, scheme, init_ keyword arguments)
+    ("tanh", "N(0, 0.01²)", "normal", {"std": 0.01}),
+    ("tanh", "N(0, 1)", "normal", {"std": 1.0}),
+    ("tanh", "Xavier normal", "xavier_normal", {"gain": 1.0}),
+    ("relu", "Xavier normal", "xavier_normal", {"gain": 1.0}),
+    ("relu", "He normal", "he_normal", {}),
+)
+
+
+@dataclass(frozen=True)
+class DepthHistogramsConfig:
+    """``n_samples`` inputs of dimension ``width``; ``depth`` layers whose widths fall by ``step``."""
+
+    n_samples: int = 2000
+    width: int = 800
+    step: int = 50
+    depth: int = 10
+    bins: int = 60
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.depth < 2 or self.n_samples < 2 or self.bins < 2:
+            raise ConfigError("depth-histograms needs depth >= 2, n_samples >= 2 and bins >= 2",
+                              hint="e.g. depth=10, n_samples=2000, bins=60")
+        if self.step < 0 or self.width - self.step * self.depth < 1:
+            raise ConfigError(
+                f"width {self.width} - step {self.step} x depth {self.depth} leaves no units",
+                hint="make width larger than step x depth (default 800, 50, 10)",
+            )
+
+    @property
+    def sizes(self) -> list[int]:
+        return [self.width - self.step * i for i in range(self.depth + 1)]
+
+
+def run(config: DepthHistogramsConfig, *, progress: Progress = no_progress,
+        out: Path | None = None) -> LabResult:
+    config.validate()
+    x = torch.randn(config.n_samples, config.width,
+                    generator=torch.Generator().manual_seed(config.seed))
+    rows: list[dict[str, Any]] = []
+    hists: dict[tuple[str, int, str], tuple[np.ndarray, np.ndarray]] = {}
+    for k, (act, label, scheme, kwargs) in enumerate(ROWS):
+        progress(f"{act} {label}", k, len(ROWS))
+        torch.manual_seed(config.seed)
+        model = sequential_mlp(config.sizes, act)
+        init_(model, scheme, generator=torch.Generator().manual_seed(config.seed + 1), **kwargs)  # type: ignore[arg-type]
+        sig = propagate(model, x, generator=torch.Generator().manual_seed(config.seed + 2))
+        key = f"{act} {label}"
+        for i, (spec, a, g) in enumerate(zip(sig.specs, sig.acts, sig.act_grads), start=1):
+            rows.append({
+                "init": key, "layer": i, "width": a.shape[1],
+                "act_mean": float(a.mean()), "act_std": float(a.std()),
+                "act_grad_std": float(g.std()),
+                "saturated_frac": saturated_fraction(spec, a),
+                "zero_frac": float((a == 0).double().mean()),
+            })
+            for kind, t in (("act", a), ("act_grad", g)):
+                v = t.flatten().double().numpy()
+                lo = None
+                if kind == "act" and spec.inactive is not None:  # rectifier: zeros reported apart
+                    v, lo = v[v > 0], 0.0
+                m = float(np.abs(v).max()) if v.size else 1.0
+                lo = -m if lo is None else lo
+                counts, edges = np.histogram(v, bins=config.bins, range=(lo, m))
+                hists[(key, i, kind)] = (edges, counts)
+    progress("done", len(ROWS), len(ROWS))
+    table = pd.DataFrame(rows)
+    wide = table.pivot(index="layer", columns="init", values="act_std")[[f"{a} {b}" for a, b, *_ in ROWS]]
+    wide = wide.reset_index()
+    result = LabResult(NAME, config, {"main": table, "act_std": wide},
+                       data={"hist": hists, "rows": [f"{a} {b}" for a, b, *_ in ROWS]})
+    result.claims = _claims(table, config.depth)
+    return result
+
+
+def _ratio(table: pd.DataFrame, key: str, col: str, depth: int, *, up: bool = False) -> float:
+    t = table[table["init"] == key].set_index("layer")[col]
+    return float(t[1] / t[depth]) if up else float(t[depth] / t[1])
+
+
+def _claims(table: pd.DataFrame, depth: int) -> list[Claim]:
+    L = depth
+    small = _ratio(table, "tanh N(0, 0.01²)", "act_std", L)
+    small_g = _ratio(table, "tanh N(0, 0.01²)", "act_grad_std", L, up=True)
+    sat = table[table["init"] == "tanh N(0, 1)"]["saturated_frac"].min()
+    big_g = _ratio(table, "tanh N(0, 1)", "act_grad_std", L, up=True)
+    xav = _ratio(table, "tanh Xavier normal", "act_std", L)
+    xav_sat = table[table["init"] == "tanh Xavier normal"]["saturated_frac"].max()
+    rx = _ratio(table, "relu Xavier normal", "act_std", L)
+    rh = _ratio(table, "relu He normal", "act_std", L)
+    return [
+        Claim(f"tanh N(0, 0.01²): layer-{L} activation std is below 1e-4 of layer 1's",
+              small < 1e-4, f"ratio {small:.3g}"),
+        Claim(f"tanh N(0, 0.01²): layer-1 activation-gradient std is below 1e-4 of layer {L}'s",
+              small_g < 1e-4, f"ratio {small_g:.3g}"),
+        Claim("tanh N(0, 1): over 75 % of units are saturated in every layer",
+              bool(sat > 0.75), f"least saturated layer: {sat:.1%}"),
+        Claim(f"tanh N(0, 1): activation gradients still grow going down (layer-1 std above "
+              f"layer {L}'s): the √n gain of N(0, 1) weights beats the small tanh' of saturated units",
+              big_g > 1.0, f"ratio {big_g:.3g}"),
+        Claim(f"tanh Xavier normal: activations stay spread (layer-{L} std above 1/5 of layer 1's, "
+              "under 5 % saturated in every layer)",
+              bool(xav > 0.2 and xav_sat < 0.05), f"ratio {xav:.3g}, most saturated {xav_sat:.1%}"),
+        Claim(f"ReLU Xavier normal: activation std shrinks with depth (layer {L} below 1/5 of layer 1)",
+              rx < 0.2, f"ratio {rx:.3g}"),
+        Claim(f"ReLU He normal: activation std is kept (layer {L} within a factor 2 of layer 1)",
+              0.5 < rh < 2.0, f"ratio {rh:.3g}"),
+    ]
+
+
+# ------------------------------------------------------------------------------------- figures
+def _grid(result: LabResult, kind: str, title: str) -> Figure:
+    from gradprobe.report import style
+
+    hists = result.data["hist"]
+    rows: list[str] = result.data["rows"]
+    colors = style.category_colors(rows)
+    depth = result.config.depth
+    table = result.tables["main"].set_index(["init", "layer"])
+    std_col = "act_std" if kind == "act" else "act_grad_std"
+    fig, axes = style.figure(len(rows), depth, size=(2.0 * depth, 1.9 * len(rows) + 0.8),
+                             title=title + "  (x-range per panel: ± max |value|)")
+    for r, key in enumerate(rows):
+        for c in range(depth):
+            ax = axes[r][c]
+            edges, counts = hists[(key, c + 1, kind)]
+            ax.stairs(counts / max(counts.sum(), 1), edges, fill=True, color=colors[key], alpha=0.85)
+            ax.set_yticks([])
+            ax.tick_params(axis="x", labelsize=6)
+            ax.xaxis.get_offset_text().set_fontsize(6)
+            note = f"std {table.loc[(key, c + 1), std_col]:.1e}"
+            if kind == "act" and key.startswith("relu"):
+                note += f"\n{table.loc[(key, c + 1), 'zero_frac']:.0%} zeros (not drawn)"
+            ax.text(0.97, 0.95, note, transform=ax.transAxes, fontsize=7, va="top", ha="right")
+            if r == 0:
+                ax.set_title(f"layer {c + 1} (n={table.loc[(key, c + 1), 'width']})", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(key.replace(" ", "\n", 1) + "\nfraction", fontsize=8)
+    fig.supxlabel("activation value" if kind == "act" else "∂L/∂activation", fontsize=9)
+    return fig
+
+
+def _std_lines(result: LabResult) -> Figure:
+    from gradprobe.report import style
+
+    table = result.tables["main"]
+    rows: list[str] = result.data["rows"]
+    colors = style.category_colors(rows)
+    fig, axes = style.figure(1, 2, title="Standard deviation across depth at initialisation")
+    for key in rows:
+        t = table[table["init"] == key]
+        axes[0, 0].plot(t["layer"], t["act_std"], "o-", color=colors[key], label=key)
+        axes[0, 1].plot(t["layer"], t["act_grad_std"], "o-", color=colors[key], label=key)
+    style.finish(axes[0, 0], title="activation std per layer", xlabel="layer (depth)",
+                 ylabel="std (log scale)", scale="log")
+    style.finish(axes[0, 1], title="activation-gradient std (N(0,1) sent back from the top)",
+                 xlabel="layer (depth)", ylabel="std (log scale)", scale="log")
+    axes[0, 0].legend(title="activation + init", fontsize="small")
+    return fig
+
+
+def plot(result: LabResult) -> dict[str, Figure]:
+    return {
+        "activations": _grid(result, "act", "Activation histograms per layer"),
+        "activation_gradients": _grid(result, "act_grad", "Activation-gradient histograms per layer"),
+        "std_by_depth": _std_lines(result),
+    }
+
+
+register(NAME, "10-layer tanh/ReLU nets: activation and gradient histograms per layer for "
+         "N(0,0.01²), N(0,1), Xavier and He initialisation", DepthHistogramsConfig, run, plot)
