@@ -1,0 +1,675 @@
+"""The Probe: per-layer gradient, weight, update and activation statistics of a training run.
+
+Three lines around an unchanged training loop::
+
+    >>> import tempfile, torch, gradprobe as gp
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Sigmoid(), torch.nn.Linear(8, 1))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> with gp.Probe(model, opt, run_dir=tempfile.mkdtemp() + "/demo") as probe:
+    ...     for _ in range(5):
+    ...         loss = model(torch.randn(16, 4)).pow(2).mean()
+    ...         probe.observe_loss(loss)
+    ...         loss.backward(); opt.step(); opt.zero_grad()
+    >>> df = probe.run.scalars(kinds="grad")
+    >>> sorted(df["layer"].unique()), int(df["step"].max())
+    (['0', '2'], 4)
+
+What is recorded, per tracked layer and recorded step (``step % every == 0``):
+
+* ``grad``: the parameter gradients at the optimizer step (accumulated over micro-batches;
+  unscaled by an AMP ``GradScaler``), ``weight``: the parameters after the step, ``update``:
+  ``‖W_{t+1} − W_t‖ / ‖W_{t+1}‖`` in column ``norm``, ``drift``: ``‖W_t − W_0‖ / ‖W_0‖`` in column
+  ``norm`` (W0 = the parameters when the probe attached);
+* ``act``: the module's output (forward hooks), with the fraction of saturated units and of dead
+  units for activation modules of :mod:`gradprobe.activations`; ``act_grad``: the gradient of
+  the loss with respect to that output (a tensor hook registered on the output in the forward
+  hook; full backward hooks break on in-place activations, pytorch issue 61519).
+  These are the back-propagated gradients whose variance Glorot & Bengio (2010) follow across
+  layers. Forward passes under ``torch.no_grad()`` are not recorded (evaluation does not mix into
+  training statistics).
+
+Statistics are the mergeable sums of :mod:`gradprobe.stats`, computed on the tensors' device
+with no host synchronisation in any hook; one device-to-host transfer per flush (every
+``flush_every`` recorded steps, and on exit). Memory: see :mod:`gradprobe.recorder`, plus one
+copy of the tracked parameters for ``update``/``drift`` and one more for ``drift`` (W0).
+
+Note:
+    Gradients are those of the loss as the user reduced it (a ``sum`` loss has gradients
+    ``batch`` times those of a ``mean`` loss). With an AMP ``GradScaler`` passed as ``scaler``,
+    gradient and activation-gradient statistics are divided by the loss scale; steps the scaler
+    skips are recorded with ``skipped=True`` (their non-finite gradients are expected). Under
+    DistributedDataParallel the gradients seen at the optimizer step are already all-reduced;
+    activation statistics are those of the local rank.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from gradprobe import stats as S
+from gradprobe._hooks import first_float_tensor
+from gradprobe.activations import ActivationSpec, spec_for_module
+from gradprobe.errors import ConfigError, NonFiniteError, RunDirError, UnsupportedModelError
+from gradprobe.recorder import Recorder, RowInfo
+from gradprobe.store import RunWriter
+
+Kind = Literal["grad", "weight", "update", "drift", "act", "act_grad"]
+
+
+@dataclass
+class _Layer:
+    layer_id: int
+    name: str
+    module: nn.Module
+    spec: ActivationSpec | None
+    params: list[nn.Parameter] = field(default_factory=list)
+    rows: dict[str, int] = field(default_factory=dict)
+    depth: int | None = None
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "layer_id": self.layer_id,
+            "name": self.name,
+            "type": type(self.module).__name__,
+            "depth": self.depth,
+            "param_shapes": [list(p.shape) for p in self.params],
+            "activation": self.spec.name if self.spec is not None else None,
+        }
+
+
+@dataclass
+class _ParamGroup:
+    """Tracked parameters of one device and dtype, with their layers' rows per kind."""
+
+    params: list[nn.Parameter]
+    layer_ids: list[int]
+    numels: list[int]
+    rows: dict[str, list[int]] = field(default_factory=dict)
+    rows_t: dict[str, Tensor] = field(default_factory=dict)
+    prev: list[Tensor] = field(default_factory=list)  # scratch: W before the step, then W - W0
+    init: list[Tensor] = field(default_factory=list)  # W0
+    init_sumsq: Tensor | None = None
+
+
+def _display_name(name: str) -> str:
+    return name if name else "(model)"
+
+
+class Probe:
+    """Records per-layer statistics of a training run into ``run_dir``.
+
+    Args:
+        model: the ``nn.Module`` being trained (move it to its device before attaching).
+        optimizer: its optimizer; a step is one ``optimizer.step()`` (step hooks). Without one,
+            call :meth:`step` after each update.
+        run_dir: directory to create (absent or empty; ``overwrite=True`` replaces a previous
+            run there).
+        every: record every ``every``-th step (others cost one Python check per hook).
+        layers: glob pattern(s) on qualified module names (``"encoder.*"``); each must match.
+        layer_types: module types to track instead of the default (modules owning parameters
+            directly, plus the activation modules known to :mod:`gradprobe.activations`).
+        kinds: subset of ``("grad", "weight", "update", "drift", "act", "act_grad")``.
+        hist_every: also record histograms every ``hist_every`` steps (0: never).
+        hist_bins: number of histogram bins.
+        flush_every: recorded steps held in the device buffer between writes.
+        scaler: the ``torch.amp.GradScaler`` in use, to unscale and to mark skipped steps.
+        on_nonfinite: ``"record"`` an event, or also ``"raise"`` :class:`NonFiniteError` once the
+            data is on disk.
+        overwrite: allow replacing a previous run in ``run_dir``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        run_dir: str | Path,
+        every: int = 1,
+        layers: str | Sequence[str] | None = None,
+        layer_types: type[nn.Module] | Sequence[type[nn.Module]] | None = None,
+        kinds: Iterable[Kind] = S.KINDS,  # type: ignore[assignment]
+        hist_every: int = 0,
+        hist_bins: int = 64,
+        flush_every: int = 100,
+        scaler: Any = None,
+        on_nonfinite: Literal["record", "raise"] = "record",
+        overwrite: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise UnsupportedModelError(
+                f"model must be a torch.nn.Module, got {type(model).__name__}",
+                hint="pass the nn.Module you train, e.g. gp.Probe(model, optimizer, run_dir=...)",
+            )
+        self.kinds = self._check_kinds(kinds)
+        root: nn.Module = model
+        if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            if set(self.kinds) & set(S.ACT_KINDS):
+                raise UnsupportedModelError(
+                    "model is a torch.compile'd module: forward hooks on its submodules are "
+                    "compiled away, so activation statistics cannot be recorded",
+                    hint="pass kinds=('grad', 'weight', 'update', 'drift') for a compiled model, "
+                    "or attach the Probe to the uncompiled model",
+                )
+            root = model._orig_mod  # type: ignore[assignment]
+        self.model = model
+        if next(root.parameters(), None) is None:
+            raise UnsupportedModelError(
+                f"model {type(root).__name__} has no parameters: nothing to probe",
+                hint="attach the Probe to the model you train",
+            )
+        for name, value, ok in [
+            ("every", every, isinstance(every, int) and every >= 1),
+            ("flush_every", flush_every, isinstance(flush_every, int) and flush_every >= 1),
+            ("hist_every", hist_every, isinstance(hist_every, int) and hist_every >= 0),
+            ("hist_bins", hist_bins, isinstance(hist_bins, int) and hist_bins >= 1),
+        ]:
+            if not ok or isinstance(value, bool):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}",
+                                  hint=f"e.g. {name}=10" if name != "hist_every" else
+                                  "hist_every=0 (off) or e.g. 100")
+        if on_nonfinite not in ("record", "raise"):
+            raise ConfigError(f"on_nonfinite must be 'record' or 'raise', got {on_nonfinite!r}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}",
+                hint="pass the optimizer, or None and call probe.step() after each update",
+            )
+        if scaler is not None and not all(hasattr(scaler, a) for a in ("update", "is_enabled")):
+            raise ConfigError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if scaler is not None and optimizer is None:
+            raise ConfigError("scaler needs the optimizer", hint="pass the optimizer as well")
+        self.optimizer = optimizer
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        self.every = every
+        self.flush_every = flush_every
+        self.hist_every = hist_every
+        self.hist_bins = hist_bins
+        self.on_nonfinite = on_nonfinite
+        self.overwrite = overwrite
+        self.run_dir = Path(run_dir) if isinstance(run_dir, (str, Path)) else run_dir
+        if not isinstance(self.run_dir, Path):
+            raise RunDirError(f"run_dir must be a path, got {type(run_dir).__name__}",
+                              hint='pass run_dir="runs/my-run"')
+        if self.run_dir.is_dir() and any(self.run_dir.iterdir()) and not overwrite:
+            raise RunDirError(
+                f"run_dir {str(self.run_dir)!r} is not empty",
+                hint="choose a new directory, or pass overwrite=True to replace a previous run",
+            )
+        self._layers = self._select(root, layers, layer_types)
+        self._check_optimizer(root)
+        self._attached = False
+        self._used = False
+        self._handles: list[Any] = []
+        self._writer: RunWriter | None = None
+        self._recorder: Recorder | None = None
+        self._groups: list[_ParamGroup] = []
+        self._step = 0
+        self._slot: int | None = None
+        self._depth_counter = 0
+        self._gen = 0
+        self._stepped = False
+        self._orig_update: Any = None
+
+    # ------------------------------------------------------------------ selection
+
+    @staticmethod
+    def _check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
+        if isinstance(kinds, str):
+            kinds = (kinds,)
+        out = tuple(kinds)
+        bad = [k for k in out if k not in S.KINDS]
+        if bad or not out:
+            raise ConfigError(f"unknown kinds {bad}" if bad else "kinds is empty",
+                              hint=f"choose from {list(S.KINDS)}")
+        return tuple(k for k in S.KINDS if k in out)
+
+    def _select(self, root: nn.Module, layers: Any, layer_types: Any) -> list[_Layer]:
+        named = list(root.named_modules())
+        if layer_types is not None:
+            types = (layer_types,) if isinstance(layer_types, type) else tuple(layer_types)
+            if not types or not all(isinstance(t, type) and issubclass(t, nn.Module)
+                                    for t in types):
+                raise ConfigError(f"layer_types must be nn.Module subclasses, got {layer_types!r}")
+            cands = [(n, m) for n, m in named if isinstance(m, types)]
+            if not cands:
+                raise ConfigError(
+                    f"layer_types {[t.__name__ for t in types]} match no module of the model",
+                    hint="types present: " + ", ".join(sorted({type(m).__name__ for _, m in named})),
+                )
+        else:
+            cands = [
+                (n, m) for n, m in named
+                if next(m.parameters(recurse=False), None) is not None
+                or spec_for_module(m) is not None
+            ]
+        if layers is not None:
+            patterns = [layers] if isinstance(layers, str) else list(layers)
+            if not patterns or not all(isinstance(p, str) for p in patterns):
+                raise ConfigError(f"layers must be a glob pattern or a list of them, got {layers!r}")
+            keep: list[tuple[str, nn.Module]] = []
+            for pat in patterns:
+                hits = [c for c in cands if fnmatch.fnmatchcase(c[0], pat)]
+                if not hits:
+                    sample = ", ".join(_display_name(n) for n, _ in cands[:8])
+                    raise ConfigError(
+                        f"layer pattern {pat!r} matches no tracked module",
+                        hint=f"patterns are globs on qualified names, e.g. {sample}",
+                    )
+                keep += [h for h in hits if all(h[1] is not k[1] for k in keep)]
+            cands = [c for c in cands if any(c[1] is k[1] for k in keep)]
+        # Each parameter (deduplicated by identity: tied weights count once) belongs to the
+        # tracked module with the longest qualified-name prefix of its name.
+        by_name = {n: i for i, (n, _) in enumerate(cands)}
+        result = [
+            _Layer(i, _display_name(n), m, spec_for_module(m)) for i, (n, m) in enumerate(cands)
+        ]
+        for pname, p in root.named_parameters():
+            parts = pname.split(".")
+            for k in range(len(parts) - 1, -1, -1):
+                owner = ".".join(parts[:k])
+                if owner in by_name:
+                    result[by_name[owner]].params.append(p)
+                    break
+        for lay in result:
+            row_kinds = [k for k in self.kinds if k in S.ACT_KINDS or lay.params]
+            lay.rows = {k: -1 for k in row_kinds}
+        return result
+
+    def _check_optimizer(self, root: nn.Module) -> None:
+        if self.optimizer is None:
+            return
+        own = {id(p) for p in root.parameters()}
+        for gi, group in enumerate(self.optimizer.param_groups):
+            for p in group["params"]:
+                if id(p) not in own:
+                    raise ConfigError(
+                        f"optimizer param_groups[{gi}] holds a parameter of shape "
+                        f"{tuple(p.shape)} that is not a parameter of the model",
+                        hint="build the optimizer from model.parameters() of the probed model",
+                    )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> Probe:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def attach(self) -> Probe:
+        """Register every hook and create the run directory. Prefer ``with probe:``."""
+        if self._attached:
+            raise ConfigError("this Probe is already attached",
+                              hint="use one `with probe:` block; detach() before attaching again")
+        if self._used:
+            raise ConfigError("this Probe has already recorded a run and was detached",
+                              hint="create a new gp.Probe with a new run_dir")
+        rows: list[RowInfo] = []
+        for lay in self._layers:
+            for kind in lay.rows:
+                lay.rows[kind] = len(rows)
+                sat = kind == "act" and lay.spec is not None and lay.spec.saturated is not None
+                dead = kind == "act" and lay.spec is not None and lay.spec.inactive is not None
+                rows.append(RowInfo(lay.layer_id, lay.name, kind, sat, dead))
+        device = next(self.model.parameters()).device
+        self._groups = self._make_groups(device)
+        config = self._config()
+        self._writer = RunWriter.create(self.run_dir, config=config, overwrite=self.overwrite)
+        self._recorder = Recorder(
+            rows, capacity=self.flush_every, loss_capacity=self.flush_every * self.every,
+            device=device, writer=self._writer, hist_bins=self.hist_bins,
+        )
+        self._writer.write_meta(layers=[lay.record() for lay in self._layers],
+                                memory_bytes=self.memory_bytes())
+        want_act = any(k in S.ACT_KINDS for k in self.kinds)
+        for lay in self._layers:
+            if want_act:
+                self._handles.append(
+                    lay.module.register_forward_hook(partial(self._forward_hook, lay))
+                )
+            else:
+                self._handles.append(
+                    lay.module.register_forward_hook(partial(self._depth_hook, lay))
+                )
+        if self.optimizer is not None:
+            self._handles.append(self.optimizer.register_step_pre_hook(self._pre_step_hook))
+            self._handles.append(self.optimizer.register_step_post_hook(self._post_step_hook))
+        if self.scaler is not None:
+            self._orig_update = self.scaler.__dict__.get("update")
+            orig = self.scaler.update
+
+            def update(new_scale: Any = None) -> Any:
+                self._scaler_update()
+                return orig(new_scale)
+
+            self.scaler.update = update
+        self._attached = True
+        self._used = True
+        self._gen += 1
+        self._begin_step()
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook, write the buffered steps and close the run. Idempotent."""
+        if not self._attached:
+            return
+        self._attached = False
+        self._gen += 1
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self.scaler is not None:
+            if self._orig_update is None:
+                del self.scaler.update
+            else:
+                self.scaler.update = self._orig_update
+        assert self._recorder is not None and self._writer is not None
+        if self._slot is not None:  # a step begun but never finished by an optimizer step
+            self._recorder.discard_open(self._slot)
+            self._slot = None
+        try:
+            self._flush()
+        finally:
+            self._writer.write_meta(layers=[lay.record() for lay in self._layers],
+                                    status="closed", steps=self._step)
+            for g in self._groups:
+                g.prev.clear()
+                g.init.clear()
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    @property
+    def run(self) -> Any:
+        """The :class:`gradprobe.Run` of ``run_dir`` (readable while still being written)."""
+        from gradprobe.run import Run
+
+        if self._writer is None:
+            raise RunDirError("the Probe has not been attached yet: no run to read",
+                              hint="use `with probe:` around the training loop first")
+        return Run.open(self.run_dir)
+
+    @property
+    def step_index(self) -> int:
+        """Index of the current (not yet finished) step."""
+        return self._step
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Upper bound of the memory the probe holds, by part (bytes)."""
+        rows = sum(len(lay.rows) for lay in self._layers)
+        stats = self.flush_every * rows * S.N_STATS * 8 + self.flush_every * 8
+        loss = self.flush_every * self.every * 8
+        hist = 0
+        if self.hist_every:
+            per_flush = math.ceil(self.flush_every * self.every / self.hist_every)
+            hist_rows = sum(1 for lay in self._layers for k in lay.rows
+                            if k in ("grad", "weight", "act", "act_grad"))
+            hist = min(per_flush, self.flush_every) * hist_rows * (2 * self.hist_bins + 2) * 8
+        params = sum(p.numel() * p.element_size() for lay in self._layers for p in lay.params)
+        copies = int("update" in self.kinds or "drift" in self.kinds) + int("drift" in self.kinds)
+        return {"buffer": stats + loss + hist, "param_copies": params * copies,
+                "total": stats + loss + hist + params * copies}
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "every": self.every, "kinds": list(self.kinds), "hist_every": self.hist_every,
+            "hist_bins": self.hist_bins, "flush_every": self.flush_every,
+            "on_nonfinite": self.on_nonfinite, "scaler": self.scaler is not None,
+            "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
+            "model": type(self.model).__name__,
+            "n_params": sum(p.numel() for p in self.model.parameters()),
+        }
+
+    def _make_groups(self, device: torch.device) -> list[_ParamGroup]:
+        by_key: dict[tuple[Any, Any], _ParamGroup] = {}
+        for lay in self._layers:
+            for p in lay.params:
+                key = (p.device, p.dtype)
+                g = by_key.setdefault(key, _ParamGroup([], [], []))
+                g.params.append(p)
+                g.layer_ids.append(lay.layer_id)
+                g.numels.append(p.numel())
+        groups = list(by_key.values())
+        for g in groups:
+            for kind in S.PARAM_KINDS:
+                if kind in self.kinds:
+                    g.rows[kind] = [self._layers[i].rows[kind] for i in g.layer_ids]
+                    g.rows_t[kind] = torch.tensor(g.rows[kind], dtype=torch.long, device=device)
+            with torch.no_grad():
+                if "update" in self.kinds or "drift" in self.kinds:
+                    g.prev = [torch.empty_like(p) for p in g.params]
+                if "drift" in self.kinds:
+                    g.init = [p.detach().clone() for p in g.params]
+                    g.init_sumsq = S.sumsq_group(g.init)
+        return groups
+
+    # ------------------------------------------------------------------ steps
+
+    def _begin_step(self) -> None:
+        assert self._recorder is not None
+        if self._step % self.every == 0:
+            self._slot = self._recorder.begin(self._step)
+            if self.optimizer is None and "update" in self.kinds:
+                with torch.no_grad():
+                    for g in self._groups:
+                        torch._foreach_copy_(g.prev, [p.detach() for p in g.params])
+        else:
+            self._slot = None
+
+    def step(self) -> None:
+        """End the current step when no optimizer was given (call after updating weights)."""
+        if not self._attached:
+            raise ConfigError("probe.step() called while the Probe is not attached",
+                              hint="call it inside `with probe:`")
+        if self.optimizer is not None:
+            raise ConfigError("probe.step() is for probes without an optimizer",
+                              hint="steps are counted by optimizer.step() already")
+        if self._slot is not None:
+            self._record_grads(self._slot)
+        self._end_step(skipped=False)
+
+    def observe_loss(self, loss: Tensor) -> None:
+        """Record the loss of the current step (the mean over micro-batches); stays on device."""
+        if not self._attached:
+            raise ConfigError("observe_loss() called while the Probe is not attached",
+                              hint="call it inside `with probe:`")
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ConfigError("observe_loss expects a scalar loss tensor",
+                              hint="pass the tensor you call .backward() on")
+        assert self._recorder is not None
+        with torch.no_grad():
+            self._recorder.add_loss(self._step, loss)
+
+    def _pre_step_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._slot is None:
+            return
+        with torch.no_grad():
+            self._record_grads(self._slot)
+            if "update" in self.kinds:
+                for g in self._groups:
+                    torch._foreach_copy_(g.prev, [p.detach() for p in g.params])
+
+    def _post_step_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._stepped = True
+        self._end_step(skipped=False)
+
+    def _scaler_update(self) -> None:
+        # GradScaler.step skips optimizer.step() when it found inf/NaN gradients, so the step
+        # hooks did not run: close the step here, marked as skipped.
+        if not self._stepped and self._attached:
+            if self._slot is not None:
+                with torch.no_grad():
+                    self._record_grads(self._slot)
+            self._end_step(skipped=True)
+        self._stepped = False
+
+    def _record_grads(self, slot: int) -> None:
+        if "grad" not in self.kinds:
+            return
+        assert self._recorder is not None
+        with torch.no_grad():
+            for g in self._groups:
+                grads, rows, numels = [], [], []
+                for p, row in zip(g.params, g.rows["grad"]):
+                    gr = p.grad
+                    if gr is None:
+                        continue
+                    if gr.is_sparse:
+                        gr = gr.coalesce().values()
+                    grads.append(gr)
+                    rows.append(row)
+                    numels.append(gr.numel())
+                if not grads:
+                    continue
+                mat = S.param_group_stats(grads)
+                rows_t = (g.rows_t["grad"] if len(rows) == len(g.params)
+                          else torch.tensor(rows, dtype=torch.long, device=mat.device))
+                self._recorder.add_many(slot, rows, rows_t, mat, numels)
+                if self._hist_due():
+                    self._param_hist(slot, grads, rows)
+
+    def _hist_due(self) -> bool:
+        return self.hist_every > 0 and self._step % self.hist_every == 0
+
+    def _param_hist(self, slot: int, tensors: list[Tensor], rows: list[int]) -> None:
+        assert self._recorder is not None
+        by_row: dict[int, list[Tensor]] = {}
+        for t, r in zip(tensors, rows):
+            by_row.setdefault(r, []).append(t.detach().reshape(-1))
+        for r, ts in by_row.items():
+            self._recorder.add_hist(slot, r, torch.cat(ts) if len(ts) > 1 else ts[0])
+
+    def _record_params(self, slot: int, skipped: bool) -> None:
+        assert self._recorder is not None
+        rec = self._recorder
+        for g in self._groups:
+            ws = [p.detach() for p in g.params]
+            n = len(ws)
+            if "weight" in self.kinds:
+                wmat = S.param_group_stats(ws)
+                rec.add_many(slot, g.rows["weight"], g.rows_t["weight"], wmat, g.numels)
+                wsq = wmat[:, S.SUMSQ]
+                if self._hist_due():
+                    self._param_hist(slot, ws, g.rows["weight"])
+            elif "update" in self.kinds:
+                wsq = S.sumsq_group(ws)
+            if "update" in self.kinds:
+                if skipped:
+                    dsq = torch.zeros_like(wsq)
+                else:
+                    torch._foreach_sub_(g.prev, ws)  # W_before - W_after
+                    dsq = S.sumsq_group(g.prev)
+                rec.add_many(slot, g.rows["update"], g.rows_t["update"],
+                             _ratio_mat(dsq, wsq, n), g.numels)
+            if "drift" in self.kinds:
+                torch._foreach_copy_(g.prev, ws)
+                torch._foreach_sub_(g.prev, g.init)
+                dsq = S.sumsq_group(g.prev)
+                assert g.init_sumsq is not None
+                rec.add_many(slot, g.rows["drift"], g.rows_t["drift"],
+                             _ratio_mat(dsq, g.init_sumsq, n), g.numels)
+
+    def _end_step(self, *, skipped: bool) -> None:
+        assert self._recorder is not None and self._writer is not None
+        slot = self._slot
+        events: list[dict[str, Any]] = []
+        if slot is not None:
+            with torch.no_grad():
+                self._record_params(slot, skipped)
+            scale = self.scaler._scale if self.scaler is not None else None
+            self._recorder.end(slot, skipped=skipped, scale=scale)
+            if self._recorder.device.type == "cpu" or self.on_nonfinite == "raise":
+                # Host read of one slot's non-finite counts: free on CPU (no device to wait
+                # for); with on_nonfinite="raise" the user asked for it (one sync per step).
+                nonfinite = self._recorder.slot_nonfinite(slot)
+                if nonfinite.any():
+                    ev = self._recorder.event_for(slot, nonfinite)
+                    if ev is not None:
+                        self._writer.append_event(ev)
+                        events.append(ev)
+        self._step += 1
+        self._slot = None
+        if self._recorder.full():
+            events += self._flush()
+        self._begin_step()
+        raise_on = [e for e in events if not e["amp_skipped"]]
+        if self.on_nonfinite == "raise" and raise_on:
+            self._flush()
+            ev = raise_on[0]
+            raise NonFiniteError(
+                f"non-finite values at step {ev['step']} in layer {ev['layer']!r} "
+                f"({ev['pass']} pass, {ev['nonfinite']} values)",
+                hint="see run.events(); lower the learning rate, clip gradients or check the "
+                "inputs of that layer",
+            )
+
+    def _flush(self) -> list[dict[str, Any]]:
+        assert self._recorder is not None and self._writer is not None
+        events = self._recorder.flush()
+        self._writer.write_meta(layers=[lay.record() for lay in self._layers], steps=self._step)
+        return events
+
+    # ------------------------------------------------------------------ hooks
+
+    def _depth_hook(self, lay: _Layer, module: nn.Module, args: Any, output: Any) -> None:
+        if lay.depth is None:
+            lay.depth = self._depth_counter
+            self._depth_counter += 1
+
+    def _forward_hook(self, lay: _Layer, module: nn.Module, args: Any, output: Any) -> None:
+        if lay.depth is None:
+            lay.depth = self._depth_counter
+            self._depth_counter += 1
+        slot = self._slot
+        if slot is None or not torch.is_grad_enabled():
+            return
+        t = first_float_tensor(output)
+        if t is None:
+            return
+        rec = self._recorder
+        assert rec is not None
+        row = lay.rows.get("act")
+        if row is not None:
+            spec = lay.spec
+            with torch.no_grad():
+                x = t.detach()
+                rec.add(slot, row, S.tensor_stats(x, spec.saturated if spec else None), x.numel())
+                if spec is not None and spec.inactive is not None:
+                    rec.and_units(slot, row, S.inactive_units(x, spec.inactive))
+                if self._hist_due():
+                    rec.add_hist(slot, row, x)
+        row = lay.rows.get("act_grad")
+        if row is not None and t.requires_grad:
+            t.register_hook(partial(self._act_grad_hook, row, slot, self._gen))
+
+    def _act_grad_hook(self, row: int, slot: int, gen: int, grad: Tensor) -> None:
+        if gen != self._gen or slot != self._slot or grad is None:
+            return
+        rec = self._recorder
+        assert rec is not None
+        with torch.no_grad():
+            rec.add(slot, row, S.tensor_stats(grad), grad.numel())
+            if self._hist_due():
+                rec.add_hist(slot, row, grad)
+
+
+def _ratio_mat(sumsq: Tensor, ref_sumsq: Tensor, n: int) -> Tensor:
+    """Stats rows holding only ``sumsq`` and ``ref_sumsq`` (kinds update and drift)."""
+    mat = S.empty_stats(n, sumsq.device)
+    mat[:, S.SUMSQ] = sumsq
+    mat[:, S.REF_SUMSQ] = ref_sumsq
+    mat[:, S.NONFINITE] = (~torch.isfinite(sumsq)).to(S.STAT_DTYPE)
+    return mat
+
+
+__all__ = ["Probe"]

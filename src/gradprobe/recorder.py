@@ -1,0 +1,314 @@
+"""The device ring buffer of per-step statistics and its flush to the run directory.
+
+Memory (bytes), fixed when the Probe attaches and never grown::
+
+    stats   flush_every × R × 10 × 8          R = number of (layer, kind) records
+    scale   flush_every × 8                   AMP loss scale of each recorded step
+    loss    flush_every × every × 8           loss sums of every step between flushes
+    hist    H × R_h × (2·bins + 2) × 8        H = histogram steps per flush, R_h = their records
+
+(plus the host mirror of the same size after a flush). A flush copies everything to the host
+in **one** transfer (``torch.cat`` of the used slices, then ``.cpu()``), derives nothing, and hands
+the raw sums to :class:`gradprobe.store.RunWriter`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from gradprobe import stats as S
+from gradprobe.store import RunWriter
+
+PASS_OF_KIND = {"act": "forward", "act_grad": "act_grad", "grad": "grad", "weight": "weight",
+                "update": "weight", "drift": "weight"}
+PASS_ORDER = {"forward": 0, "act_grad": 1, "grad": 2, "weight": 3}
+
+
+@dataclass(frozen=True)
+class RowInfo:
+    """One (layer, kind) record of the buffer."""
+
+    layer_id: int
+    layer: str
+    kind: str
+    saturation_rule: bool
+    dead_rule: bool
+
+
+class Recorder:
+    """Ring buffer of ``capacity`` recorded steps × ``len(rows)`` records on ``device``."""
+
+    def __init__(self, rows: list[RowInfo], *, capacity: int, loss_capacity: int,
+                 device: torch.device, writer: RunWriter, hist_bins: int) -> None:
+        self.rows = rows
+        self.capacity = capacity
+        self.device = device
+        self.writer = writer
+        self.hist_bins = hist_bins
+        r = len(rows)
+        self._identity = S.empty_stats(r, device)
+        self.buf = S.empty_stats(capacity * r, device).view(capacity, r, S.N_STATS)
+        self.scale = torch.ones(capacity, dtype=torch.float64, device=device)
+        self.counts = np.zeros((capacity, r))
+        self.units = np.zeros((capacity, r))
+        self.touched = np.zeros((capacity, r), dtype=bool)
+        self.seq = np.zeros((capacity, r), dtype=np.int64)
+        self.steps: list[int] = []
+        self.skipped: list[bool] = []
+        self.checked: list[bool] = []
+        self._seq_counter = 0
+        self.loss_sum = torch.zeros(loss_capacity, dtype=torch.float64, device=device)
+        self.loss_count = np.zeros(loss_capacity, dtype=np.int64)
+        self.loss_steps: list[int] = []
+        self._loss_index: dict[int, int] = {}
+        # (slot, row) -> [edges, counts, nonfinite]
+        self.hist: dict[tuple[int, int], list[Tensor]] = {}
+        self._unit_masks: dict[tuple[int, int], Tensor] = {}
+        self.kind_col = [row.kind for row in rows]
+        self._sat = np.array([row.saturation_rule for row in rows], dtype=bool)
+        self._dead = np.array([row.dead_rule for row in rows], dtype=bool)
+        self._ratio = np.array([row.kind in S.RATIO_KINDS for row in rows], dtype=bool)
+        self._act_grad = np.array([row.kind == "act_grad" for row in rows], dtype=bool)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.buf.numel() * 8 + self.scale.numel() * 8 + self.loss_sum.numel() * 8)
+
+    # ------------------------------------------------------------------ writing into a slot
+
+    def begin(self, step: int) -> int:
+        """Start a recorded step; returns its slot (the caller flushes before it is full)."""
+        slot = len(self.steps)
+        self.buf[slot].copy_(self._identity)
+        self.scale[slot] = 1.0
+        self.counts[slot] = 0.0
+        self.units[slot] = 0.0
+        self.touched[slot] = False
+        self.steps.append(step)
+        self.skipped.append(False)
+        self.checked.append(False)
+        return slot
+
+    def full(self) -> bool:
+        return len(self.steps) >= self.capacity
+
+    def _touch(self, slot: int, row: int) -> bool:
+        first = not self.touched[slot, row]
+        if first:
+            self.touched[slot, row] = True
+            self._seq_counter += 1
+            self.seq[slot, row] = self._seq_counter
+        return first
+
+    def add(self, slot: int, row: int, vec: Tensor, count: int) -> None:
+        """Merge one statistics vector (``[N_STATS]``) into ``(slot, row)``."""
+        self.counts[slot, row] += count
+        if self._touch(slot, row):
+            self.buf[slot, row].copy_(vec)
+        else:
+            S.merge_(self.buf[slot, row], vec)
+
+    def add_many(self, slot: int, rows: list[int], rows_t: Tensor, mat: Tensor,
+                 counts: list[int]) -> None:
+        """Merge ``mat[i]`` into ``(slot, rows[i])`` for all ``i`` in two kernels."""
+        for row, c in zip(rows, counts):
+            self.counts[slot, row] += c
+            self._touch(slot, row)
+        target = self.buf[slot]
+        target[:, : S.N_ADD].index_add_(0, rows_t, mat[:, : S.N_ADD])
+        idx = rows_t.unsqueeze(1).expand(-1, S.N_STATS - S.N_ADD)
+        target[:, S.N_ADD :].scatter_reduce_(0, idx, mat[:, S.N_ADD :], "amax")
+
+    def and_units(self, slot: int, row: int, mask: Tensor) -> None:
+        """AND a per-unit ``inactive`` mask of one micro-batch into the step's mask."""
+        key = (slot, row)
+        prev = self._unit_masks.get(key)
+        if prev is None or prev.shape != mask.shape:
+            if prev is not None:  # unit count changed inside a step: count both populations
+                self._close_units(slot, row, prev)
+            self._unit_masks[key] = mask.clone()
+        else:
+            prev.logical_and_(mask)
+
+    def _close_units(self, slot: int, row: int, mask: Tensor) -> None:
+        self.buf[slot, row, S.DEAD] += mask.sum()
+        self.units[slot, row] += mask.numel()
+
+    def end(self, slot: int, *, skipped: bool, scale: Tensor | None) -> None:
+        """Finish a recorded step: turn unit masks into dead counts, store the AMP scale."""
+        for (s, row), mask in list(self._unit_masks.items()):
+            if s == slot:
+                self._close_units(slot, row, mask)
+                del self._unit_masks[(s, row)]
+        self.skipped[slot] = skipped
+        if scale is not None:
+            self.scale[slot].copy_(scale.reshape(()))
+
+    def discard_open(self, slot: int) -> None:
+        """Drop an unfinished step (detached between forward and optimizer step)."""
+        if slot == len(self.steps) - 1:
+            self.steps.pop()
+            self.skipped.pop()
+            self.checked.pop()
+        for key in [k for k in self._unit_masks if k[0] == slot]:
+            del self._unit_masks[key]
+        for key in [k for k in self.hist if k[0] == slot]:
+            del self.hist[key]
+
+    def add_hist(self, slot: int, row: int, x: Tensor) -> None:
+        from gradprobe._hooks import histogram
+
+        key = (slot, row)
+        prev = self.hist.get(key)
+        edges, counts, nonfinite = histogram(x, self.hist_bins, None if prev is None else prev[0])
+        if prev is None:
+            self.hist[key] = [edges, counts, nonfinite]
+        else:
+            prev[1].add_(counts)
+            prev[2].add_(nonfinite)
+
+    def add_loss(self, step: int, loss: Tensor) -> None:
+        i = self._loss_index.get(step)
+        if i is None:
+            i = len(self.loss_steps)
+            if i >= self.loss_sum.numel():  # more steps than planned between flushes
+                self.loss_sum = torch.cat([self.loss_sum, torch.zeros_like(self.loss_sum)])
+                self.loss_count = np.concatenate([self.loss_count, np.zeros_like(self.loss_count)])
+            self._loss_index[step] = i
+            self.loss_steps.append(step)
+            self.loss_sum[i] = 0.0
+            self.loss_count[i] = 0
+        self.loss_count[i] += 1
+        self.loss_sum[i] += loss.detach().reshape(()).to(self.loss_sum.device, torch.float64)
+
+    # ------------------------------------------------------------------ non-finite events
+
+    def slot_nonfinite(self, slot: int) -> np.ndarray:
+        """Host copy of one slot's non-finite counts. This is a host sync (one per step); the
+        Probe calls it only on CPU, where it costs nothing, or with ``on_nonfinite="raise"``."""
+        self.checked[slot] = True
+        return self.buf[slot, :, S.NONFINITE].cpu().numpy()
+
+    def event_for(self, slot: int, nonfinite: np.ndarray) -> dict[str, Any] | None:
+        hit = np.flatnonzero((nonfinite > 0) & self.touched[slot])
+        if hit.size == 0:
+            return None
+        first = min(hit, key=lambda r: (PASS_ORDER[PASS_OF_KIND[self.rows[r].kind]],
+                                        int(self.seq[slot, r])))
+        info = self.rows[int(first)]
+        return {
+            "type": "nonfinite",
+            "step": int(self.steps[slot]),
+            "layer": info.layer,
+            "layer_id": info.layer_id,
+            "pass": PASS_OF_KIND[info.kind],
+            "kind": info.kind,
+            "nonfinite": int(nonfinite[first]),
+            "n_layers": int(hit.size),
+            "amp_skipped": bool(self.skipped[slot]),
+        }
+
+    # ------------------------------------------------------------------ flush
+
+    def flush(self) -> list[dict[str, Any]]:
+        """Copy the finished slots to the host (one transfer), write the parts, reset.
+
+        Returns the non-finite events found in slots not checked before (already written).
+        """
+        n = len(self.steps)
+        n_loss = len(self.loss_steps)
+        hist_items = sorted(self.hist.items())
+        if n == 0 and n_loss == 0:
+            return []
+        pieces = [self.buf[:n].reshape(-1), self.scale[:n], self.loss_sum[:n_loss]]
+        for _, (edges, counts, nonfinite) in hist_items:
+            pieces += [edges, counts, nonfinite.reshape(1)]
+        host = torch.cat(pieces).cpu().numpy()  # the one device->host transfer of this flush
+        r = len(self.rows)
+        off = n * r * S.N_STATS
+        stats = host[:off].reshape(n, r, S.N_STATS)
+        scale = host[off : off + n]
+        off += n
+        losses = host[off : off + n_loss]
+        off += n_loss
+        events: list[dict[str, Any]] = []
+        if n:
+            self._write_scalars(n, stats, scale)
+            for slot in range(n):
+                if not self.checked[slot]:
+                    ev = self.event_for(slot, stats[slot, :, S.NONFINITE])
+                    if ev is not None:
+                        self.writer.append_event(ev)
+                        events.append(ev)
+        if n_loss:
+            frame = pd.DataFrame({
+                "step": np.asarray(self.loss_steps, dtype=np.int64),
+                "loss": losses / np.maximum(self.loss_count[:n_loss], 1),
+                "count": self.loss_count[:n_loss].copy(),
+            })
+            self.writer.write_part("losses", frame)
+        if hist_items:
+            b = self.hist_bins
+            recs = []
+            for (slot, row), _ in hist_items:
+                h_edges = host[off : off + b + 1]
+                h_counts = host[off + b + 1 : off + 2 * b + 1]
+                h_nonfinite = host[off + 2 * b + 1]
+                off += 2 * b + 2
+                if self._act_grad[row]:
+                    h_edges = h_edges / scale[slot]
+                recs.append({
+                    "step": int(self.steps[slot]), "layer_id": self.rows[row].layer_id,
+                    "kind": self.rows[row].kind, "bin_edges": h_edges.tolist(),
+                    "counts": h_counts.astype(np.int64).tolist(), "nonfinite": int(h_nonfinite),
+                })
+            self.writer.write_part("hist", pd.DataFrame(recs))
+        self.steps.clear()
+        self.skipped.clear()
+        self.checked.clear()
+        self.loss_steps.clear()
+        self._loss_index.clear()
+        self.hist.clear()
+        return events
+
+    def _write_scalars(self, n: int, stats: np.ndarray, scale: np.ndarray) -> None:
+        touched = self.touched[:n]
+        slot_idx, row_idx = np.nonzero(touched)
+        if slot_idx.size == 0:
+            return
+        st = stats[slot_idx, row_idx]  # [k, N_STATS]
+        sc = scale[slot_idx]
+        ag = self._act_grad[row_idx]
+        # Activation gradients were taken from the scaled loss of an AMP GradScaler: unscale.
+        div = np.where(ag, sc, 1.0)
+        nan = math.nan
+        frame = pd.DataFrame({
+            "step": np.asarray(self.steps, dtype=np.int64)[slot_idx],
+            "layer_id": np.array([self.rows[i].layer_id for i in row_idx], dtype=np.int64),
+            "kind": [self.kind_col[i] for i in row_idx],
+            "count": self.counts[slot_idx, row_idx],
+            "sum": st[:, S.SUM] / div,
+            "sumsq": st[:, S.SUMSQ] / (div * div),
+            "abs_sum": st[:, S.ABS_SUM] / div,
+            "nonzero": st[:, S.NONZERO],
+            "nonfinite": st[:, S.NONFINITE],
+            "saturated": np.where(self._sat[row_idx], st[:, S.SATURATED], nan),
+            "dead": np.where(self._dead[row_idx], st[:, S.DEAD], nan),
+            "units": np.where(self._dead[row_idx], self.units[slot_idx, row_idx], 0.0),
+            "ref_sumsq": np.where(self._ratio[row_idx], st[:, S.REF_SUMSQ], nan),
+            "min": -st[:, S.NEG_MIN] / div,
+            "max": st[:, S.MAX] / div,
+            "skipped": np.asarray(self.skipped, dtype=bool)[slot_idx],
+            "scale": sc,
+        })
+        self.writer.write_part("scalars", frame)
+
+
+__all__ = ["Recorder", "RowInfo"]

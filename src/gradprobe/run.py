@@ -1,0 +1,170 @@
+"""Reading a run directory written by :class:`gradprobe.Probe` (also while it is being written).
+
+Example
+    >>> import tempfile, torch, gradprobe as gp
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> with gp.Probe(model, opt, run_dir=tempfile.mkdtemp() + "/r") as probe:
+    ...     for _ in range(3):
+    ...         loss = model(torch.randn(8, 3)).pow(2).mean()
+    ...         probe.observe_loss(loss)
+    ...         loss.backward(); opt.step(); opt.zero_grad()
+    >>> run = probe.run
+    >>> sorted(run.scalars()["kind"].unique())
+    ['act', 'act_grad', 'drift', 'grad', 'update', 'weight']
+    >>> len(run.losses())
+    3
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gradprobe import store
+from gradprobe.errors import ConfigError
+from gradprobe.stats import DERIVED_COLUMNS, KINDS, RAW_COLUMNS, derive
+
+_SCALAR_COLUMNS = ["step", "layer", "kind", *DERIVED_COLUMNS]
+
+
+def _as_list(value: str | Iterable[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [value] if isinstance(value, str) else list(value)
+
+
+class Run:
+    """A run directory, read lazily: each accessor re-reads the finished parts on disk."""
+
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        self.path = path
+        self._meta = meta
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Run:
+        """Open the run in ``path``; :class:`~gradprobe.RunDirError` if it is not one."""
+        p = Path(path)
+        return cls(p, store.read_meta(p))
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """``meta.json`` as a dict (schema_version, config, environment, layers, status)."""
+        self._meta = store.read_meta(self.path)
+        return self._meta
+
+    @property
+    def layers(self) -> pd.DataFrame:
+        """One row per tracked layer: ``layer_id, name, type, depth, param_shapes, activation``.
+
+        ``depth`` is the order of the layer's first forward call (0 first; ``<NA>`` when it was
+        never called); ``activation`` is the name in :mod:`gradprobe.activations` or None.
+        """
+        rows = self.meta.get("layers", [])
+        frame = pd.DataFrame(
+            rows, columns=["layer_id", "name", "type", "depth", "param_shapes", "activation"]
+        )
+        frame["layer_id"] = frame["layer_id"].astype("int64")
+        frame["depth"] = pd.array(frame["depth"].tolist(), dtype="Int64")
+        return frame
+
+    def raw_scalars(self) -> pd.DataFrame:
+        """The stored sufficient statistics (``step, layer_id, layer, kind, count, sum, ...``)."""
+        raw = store.read_parts(self.path, "scalars")
+        if raw.empty:
+            cols = ["step", "layer_id", "layer", "kind", *RAW_COLUMNS, "skipped"]
+            return pd.DataFrame({c: pd.Series(dtype="float64") for c in cols})
+        names = {int(r["layer_id"]): r["name"] for r in self.meta.get("layers", [])}
+        raw.insert(2, "layer", raw["layer_id"].map(names))
+        return raw
+
+    def scalars(
+        self,
+        kinds: str | Iterable[str] | None = None,
+        layers: str | Iterable[str] | None = None,
+    ) -> pd.DataFrame:
+        """Long frame, one row per (step, layer, kind), sorted by step, depth and kind.
+
+        Columns ``step, layer, kind, count, mean, std, rms, abs_mean, norm, min, max, abs_max,
+        zero_frac, nonfinite, saturated_frac, dead_frac`` (definitions in
+        :mod:`gradprobe.stats`), then ``layer_id`` and ``skipped`` (True on steps an AMP
+        GradScaler skipped). For kinds ``update`` and ``drift`` the ``norm`` column holds the
+        ratio ``‖ΔW‖/‖W‖`` resp. ``‖W − W0‖/‖W0‖``. ``layers`` are qualified names.
+        """
+        kind_list = _as_list(kinds)
+        if kind_list is not None:
+            bad = [k for k in kind_list if k not in KINDS]
+            if bad:
+                raise ConfigError(f"unknown kinds {bad}", hint=f"choose from {list(KINDS)}")
+        layer_list = _as_list(layers)
+        raw = self.raw_scalars()
+        if kind_list is not None:
+            raw = raw[raw["kind"].isin(kind_list)]
+        if layer_list is not None:
+            known = set(self.layers["name"])
+            bad = [n for n in layer_list if n not in known]
+            if bad:
+                raise ConfigError(f"unknown layers {bad}", hint="see run.layers['name']")
+            raw = raw[raw["layer"].isin(layer_list)]
+        if raw.empty:
+            return pd.DataFrame({c: pd.Series(dtype="float64") for c in _SCALAR_COLUMNS})
+        derived = derive(raw)
+        out = pd.concat(
+            [raw[["step", "layer", "kind"]], derived, raw[["layer_id", "skipped"]]], axis=1
+        )
+        depth = dict(zip(self.layers["layer_id"], self.layers["depth"].fillna(10**9)))
+        order = np.lexsort(
+            (out["kind"].map(KINDS.index).to_numpy(), out["layer_id"].map(depth).to_numpy(),
+             out["step"].to_numpy())
+        )
+        return out.iloc[order].reset_index(drop=True)
+
+    def losses(self) -> pd.DataFrame:
+        """``step, loss``: the mean of the losses observed in each step."""
+        frame = store.read_parts(self.path, "losses")
+        if frame.empty:
+            return pd.DataFrame({"step": pd.Series(dtype="int64"),
+                                 "loss": pd.Series(dtype="float64")})
+        return frame[["step", "loss"]].sort_values("step").reset_index(drop=True)
+
+    def histograms(self) -> pd.DataFrame:
+        """``step, layer, kind, bin_edges (B+1 floats), counts (B ints), nonfinite``.
+
+        Bins are linear between the finite minimum and maximum of the values; non-finite values
+        are not dropped silently but counted in ``nonfinite``.
+        """
+        frame = store.read_parts(self.path, "hist")
+        cols = ["step", "layer", "kind", "bin_edges", "counts", "nonfinite"]
+        if frame.empty:
+            return pd.DataFrame({c: pd.Series(dtype="object") for c in cols})
+        names = {int(r["layer_id"]): r["name"] for r in self.meta.get("layers", [])}
+        frame["layer"] = frame["layer_id"].map(names)
+        frame["bin_edges"] = frame["bin_edges"].map(lambda a: [float(v) for v in a])
+        frame["counts"] = frame["counts"].map(lambda a: [int(v) for v in a])
+        return frame[cols + ["layer_id"]].reset_index(drop=True)
+
+    def events(self) -> pd.DataFrame:
+        """Non-finite events: ``step, layer, pass, kind, nonfinite, amp_skipped, layer_id``.
+
+        One event per step in which a NaN/Inf appeared, naming the first layer and pass in
+        execution order (``forward`` activations, then ``act_grad`` in backward order, then
+        parameter ``grad``); ``n_layers`` counts all (layer, kind) records affected that step.
+        """
+        events = store.read_events(self.path)
+        cols = ["step", "layer", "pass", "kind", "nonfinite", "n_layers", "amp_skipped",
+                "layer_id"]
+        if not events:
+            return pd.DataFrame({c: pd.Series(dtype="object") for c in cols})
+        frame = pd.DataFrame(events)
+        return frame[[c for c in cols if c in frame] + [c for c in frame if c not in cols]]
+
+
+__all__ = ["Run"]

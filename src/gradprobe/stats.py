@@ -1,0 +1,288 @@
+"""Mergeable sufficient statistics of tensors, and the quantities derived from them.
+
+A tensor ``x`` with ``n`` elements is summarised on its own device by a small vector of sums and
+extrema that **merge exactly** across micro-batches, ranks and time windows (sums add, maxima take
+the maximum); everything a user reads is derived from them when a run is read:
+
+=================  ==============================================================================
+stored (raw)       meaning
+=================  ==============================================================================
+``count``          ``n`` (kept on the host: it is known without looking at the values)
+``sum``            ``Σ x_i``
+``sumsq``          ``Σ x_i²``
+``abs_sum``        ``Σ |x_i|``
+``nonzero``        ``#{i : x_i ≠ 0}`` (NaN counts as non-zero)
+``nonfinite``      ``#{i : x_i is NaN or ±Inf}``
+``saturated``      ``#{i : saturated(x_i)}`` by the activation's rule in :mod:`gradprobe.activations`
+``dead``           number of *units* inactive on every example (see below)
+``units``          number of units (host side)
+``ref_sumsq``      ``Σ w_i²`` of the reference weights, for the ratio kinds ``update``/``drift``
+``min``, ``max``   extrema (``min`` is stored negated on the device so both merge by ``max``)
+=================  ==============================================================================
+
+Derived (``derive``), with ``n = count``:
+
+* ``mean = sum / n``; ``std = sqrt(max(sumsq/n − mean², 0))`` (population standard deviation;
+  computed in float64 from float32 sums, so its relative error grows like ``ε·mean²/var`` when
+  the mean dominates);
+* ``rms = sqrt(sumsq / n)``; ``abs_mean = abs_sum / n``; ``norm = sqrt(sumsq)`` (Frobenius /
+  Euclidean norm over all parameter tensors of the layer);
+* ``abs_max = max(|min|, |max|)``; ``zero_frac = (n − nonzero) / n``;
+* ``saturated_frac = saturated / n`` (NaN where the module has no saturation rule);
+* ``dead_frac = dead / units`` (NaN where the module has no dead-unit rule);
+* for kinds ``update`` and ``drift`` the column ``norm`` holds the **ratio**
+  ``sqrt(sumsq / ref_sumsq)``: ``‖W_{t+1} − W_t‖ / ‖W_{t+1}‖`` and ``‖W_t − W_0‖ / ‖W_0‖``
+  (the update-to-weight ratio whose healthy value is about 1e-3, Karpathy 2019, "A recipe for
+  training neural networks"; the drift from initialisation that stays near 0 in layers whose
+  gradient vanishes, Glorot & Bengio 2010). Their other moment columns are NaN.
+
+Dead units (Lu et al. 2019, "Dying ReLU and Initialization"): a unit is the channel (dimension 1)
+of an output with 4 or more dimensions (``N, C, H, W, …``) and the last dimension otherwise
+(``N, F`` or ``N, T, F``); it is dead in a step when the activation's ``inactive`` rule holds for
+every element of that unit in every micro-batch of the step.
+
+When ``nonfinite > 0`` the moments include the non-finite values and are themselves non-finite;
+``nonfinite`` says how many there were.
+
+Example
+    >>> import torch
+    >>> raw = reference_stats([torch.tensor([0.0, 3.0, -4.0])])
+    >>> d = derive_row(raw)
+    >>> d["norm"], d["zero_frac"], d["abs_max"]
+    (5.0, 0.3333333333333333, 4.0)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+# Device-side layout: first the fields merged by addition, then the fields merged by maximum.
+SUM, SUMSQ, ABS_SUM, NONZERO, NONFINITE, SATURATED, DEAD, REF_SUMSQ, NEG_MIN, MAX = range(10)
+N_ADD = 8
+N_STATS = 10
+DEVICE_FIELDS = (
+    "sum", "sumsq", "abs_sum", "nonzero", "nonfinite", "saturated", "dead", "ref_sumsq",
+    "neg_min", "max",
+)
+RAW_COLUMNS = (
+    "count", "sum", "sumsq", "abs_sum", "nonzero", "nonfinite", "saturated", "dead", "units",
+    "ref_sumsq", "min", "max",
+)
+DERIVED_COLUMNS = (
+    "count", "mean", "std", "rms", "abs_mean", "norm", "min", "max", "abs_max", "zero_frac",
+    "nonfinite", "saturated_frac", "dead_frac",
+)
+KINDS = ("grad", "weight", "update", "drift", "act", "act_grad")
+PARAM_KINDS = ("grad", "weight", "update", "drift")
+ACT_KINDS = ("act", "act_grad")
+RATIO_KINDS = ("update", "drift")
+STAT_DTYPE = torch.float64
+
+
+def empty_stats(rows: int, device: torch.device | str = "cpu") -> Tensor:
+    """An identity element for :func:`merge_`: zeros for sums, ``-inf`` for the maxima."""
+    out = torch.zeros(rows, N_STATS, dtype=STAT_DTYPE, device=device)
+    out[:, N_ADD:] = -math.inf
+    return out
+
+
+def merge_(acc: Tensor, other: Tensor) -> Tensor:
+    """Merge ``other`` into ``acc`` in place (both ``[..., N_STATS]``) and return ``acc``."""
+    acc[..., :N_ADD].add_(other[..., :N_ADD])
+    torch.maximum(acc[..., N_ADD:], other[..., N_ADD:], out=acc[..., N_ADD:])
+    return acc
+
+
+def unit_dims(ndim: int) -> tuple[int, ...]:
+    """Dimensions reduced to decide whether a unit is dead (all but the unit dimension)."""
+    if ndim <= 1:
+        return ()
+    unit = 1 if ndim >= 4 else ndim - 1
+    return tuple(d for d in range(ndim) if d != unit)
+
+
+def _float(x: Tensor) -> Tensor:
+    # Half-precision sums of squares overflow at 65504: reduce in float32 instead.
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def tensor_stats(
+    x: Tensor,
+    saturated: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Device-side statistics of one tensor as a ``[N_STATS]`` float64 vector (no host sync).
+
+    A handful of fused reductions (sum, two vector norms, a non-zero count, a finite count,
+    min/max in one kernel) stacked into one vector; ``dead`` and ``ref_sumsq`` are zero here.
+    """
+    xf = _float(x.detach())
+    mn, mx = torch.aminmax(xf)
+    zero = xf.new_zeros(())
+    parts = [
+        xf.sum(),
+        torch.linalg.vector_norm(xf, 2).square(),
+        torch.linalg.vector_norm(xf, 1),
+        torch.count_nonzero(xf),
+        xf.numel() - torch.count_nonzero(torch.isfinite(xf)),
+        saturated(xf).sum() if saturated is not None else zero,
+        zero,
+        zero,
+        -mn,
+        mx,
+    ]
+    return torch.stack(parts).to(STAT_DTYPE)
+
+
+def inactive_units(x: Tensor, inactive: Callable[[Tensor], Tensor]) -> Tensor:
+    """Boolean vector over units: True where ``inactive`` holds for every element of the unit."""
+    mask = inactive(_float(x.detach()))
+    if mask.ndim == 0:
+        return mask.reshape(1)
+    dims = unit_dims(mask.ndim)
+    return mask.all(dim=dims) if dims else mask
+
+
+def param_group_stats(tensors: Sequence[Tensor]) -> Tensor:
+    """Statistics of many tensors of one device and dtype: ``[len(tensors), N_STATS]``.
+
+    The norms come from ``torch._foreach_norm`` (one call for the whole group, as
+    ``torch.nn.utils.clip_grad_norm_`` does); sums, extrema and counts are one small kernel per
+    tensor, all without host synchronisation.
+    """
+    ts = [_float(t.detach()) for t in tensors]
+    sq = torch.stack(torch._foreach_norm(ts, 2)).to(STAT_DTYPE).square()
+    l1 = torch.stack(torch._foreach_norm(ts, 1)).to(STAT_DTYPE)
+    sums = torch.stack([t.sum() for t in ts]).to(STAT_DTYPE)
+    mm = [torch.aminmax(t) for t in ts]
+    mins = torch.stack([m[0] for m in mm]).to(STAT_DTYPE)
+    maxs = torch.stack([m[1] for m in mm]).to(STAT_DTYPE)
+    nnz = torch.stack([torch.count_nonzero(t) for t in ts]).to(STAT_DTYPE)
+    fin = torch.stack([torch.count_nonzero(torch.isfinite(t)) for t in ts]).to(STAT_DTYPE)
+    numel = torch.tensor([t.numel() for t in ts], dtype=STAT_DTYPE, device=sq.device)
+    zero = torch.zeros_like(sq)
+    return torch.stack(
+        [sums, sq, l1, nnz, numel - fin, zero, zero, zero, -mins, maxs], dim=1
+    )
+
+
+def sumsq_group(tensors: Sequence[Tensor]) -> Tensor:
+    """``Σ x²`` of each tensor (one ``_foreach_norm`` call), as a float64 vector."""
+    ts = [_float(t.detach()) for t in tensors]
+    return torch.stack(torch._foreach_norm(ts, 2)).to(STAT_DTYPE).square()
+
+
+# ----------------------------------------------------------------------------------- reference
+
+
+def reference_stats(
+    tensors: Sequence[Tensor],
+    saturated: Callable[[Tensor], Tensor] | None = None,
+    inactive: Callable[[Tensor], Tensor] | None = None,
+) -> dict[str, float]:
+    """The slow, obvious definition (a Python loop in float64), for tests and documentation.
+
+    ``tensors`` are merged as one population (micro-batches of one activation, or the
+    parameter tensors of one layer). ``inactive`` masks of the micro-batches are AND-ed per unit.
+    """
+    out: dict[str, float] = dict.fromkeys(RAW_COLUMNS, 0.0)
+    out["min"], out["max"] = math.inf, -math.inf
+    unit_mask: np.ndarray | None = None
+    for t in tensors:
+        a = t.detach().double().cpu()
+        v = a.flatten().tolist()
+        out["count"] += len(v)
+        out["sum"] += math.fsum(v)
+        out["sumsq"] += math.fsum(e * e for e in v)
+        out["abs_sum"] += math.fsum(abs(e) for e in v)
+        out["nonzero"] += sum(1 for e in v if e != 0)
+        out["nonfinite"] += sum(1 for e in v if not math.isfinite(e))
+        if v:
+            out["min"] = min(out["min"], min(v))
+            out["max"] = max(out["max"], max(v))
+        if saturated is not None:
+            out["saturated"] += float(saturated(a).sum())
+        if inactive is not None:
+            m = inactive(a).numpy()
+            m = m.reshape(1) if m.ndim == 0 else m
+            if m.ndim >= 4:
+                m = np.moveaxis(m, 1, -1)
+            per_unit = np.asarray(m.reshape(-1, m.shape[-1]).all(axis=0) if m.ndim >= 2 else m)
+            unit_mask = per_unit if unit_mask is None else np.logical_and(unit_mask, per_unit)
+    if unit_mask is not None:
+        out["dead"] = float(unit_mask.sum())
+        out["units"] = float(unit_mask.size)
+    if saturated is None:
+        out["saturated"] = math.nan
+    if inactive is None:
+        out["dead"] = math.nan
+    return out
+
+
+# ----------------------------------------------------------------------------------- derived
+
+
+def derive(raw: pd.DataFrame) -> pd.DataFrame:
+    """Derived columns (see the module docstring) from a frame of raw columns, vectorised."""
+    n = raw["count"].to_numpy(dtype=float)
+    s = raw["sum"].to_numpy(dtype=float)
+    ss = raw["sumsq"].to_numpy(dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = s / n
+        var = np.maximum(ss / n - mean * mean, 0.0)  # NaN stays NaN
+        out = pd.DataFrame(index=raw.index)
+        out["count"] = raw["count"].astype("int64")
+        out["mean"] = mean
+        out["std"] = np.sqrt(var)
+        out["rms"] = np.sqrt(ss / n)
+        out["abs_mean"] = raw["abs_sum"].to_numpy(dtype=float) / n
+        norm = np.sqrt(ss)
+        mn = raw["min"].to_numpy(dtype=float)
+        mx = raw["max"].to_numpy(dtype=float)
+        out["min"] = mn
+        out["max"] = mx
+        out["abs_max"] = np.fmax(np.abs(mn), np.abs(mx))
+        out["zero_frac"] = (n - raw["nonzero"].to_numpy(dtype=float)) / n
+        out["nonfinite"] = raw["nonfinite"].to_numpy(dtype=float)
+        out["saturated_frac"] = raw["saturated"].to_numpy(dtype=float) / n
+        units = raw["units"].to_numpy(dtype=float)
+        out["dead_frac"] = np.where(units > 0, raw["dead"].to_numpy(dtype=float) / units, np.nan)
+        if "kind" in raw:
+            ratio = raw["kind"].isin(RATIO_KINDS).to_numpy()
+            ref = raw["ref_sumsq"].to_numpy(dtype=float)
+            norm = np.where(ratio, np.sqrt(ss / ref), norm)
+            for col in ("mean", "std", "rms", "abs_mean", "min", "max", "abs_max", "zero_frac"):
+                out.loc[ratio, col] = np.nan
+        out["norm"] = norm
+    return out[list(DERIVED_COLUMNS)]
+
+
+def derive_row(raw: dict[str, Any]) -> dict[str, float]:
+    """:func:`derive` for one record given as a dict of raw columns."""
+    row = {c: raw.get(c, math.nan) for c in RAW_COLUMNS}
+    frame = derive(pd.DataFrame([row]))
+    return {k: float(v) for k, v in frame.iloc[0].items()}
+
+
+__all__ = [
+    "ACT_KINDS",
+    "DERIVED_COLUMNS",
+    "KINDS",
+    "PARAM_KINDS",
+    "RATIO_KINDS",
+    "RAW_COLUMNS",
+    "derive",
+    "derive_row",
+    "empty_stats",
+    "inactive_units",
+    "merge_",
+    "param_group_stats",
+    "reference_stats",
+    "tensor_stats",
+]

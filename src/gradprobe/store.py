@@ -1,0 +1,215 @@
+"""The run directory: crash-safe Parquet parts, ``meta.json`` and ``events.jsonl``.
+
+Layout::
+
+    RUN/
+      meta.json                  schema_version, config, environment, layers, status
+      scalars/part-00000.parquet one row per (step, layer, kind): raw sufficient statistics
+      hist/part-00000.parquet    one row per (step, layer, kind): bin_edges, counts, nonfinite
+      losses/part-00000.parquet  step, loss, count (micro-batches averaged)
+      events.jsonl               one JSON object per line (non-finite events), fsync'ed at once
+
+Every file is written under a hidden temporary name (``.NAME.tmp``) and renamed into place, so a
+process killed at any instant leaves only complete files behind; readers ignore the temporary
+names. The Parquet files are plain pyarrow tables, readable by pandas, polars and DuckDB.
+
+Example
+    >>> import tempfile, pandas as pd
+    >>> d = tempfile.mkdtemp()
+    >>> w = RunWriter.create(d + "/run", config={}, overwrite=False)
+    >>> _ = w.write_part("losses", pd.DataFrame({"step": [0], "loss": [1.5], "count": [1]}))
+    >>> read_parts(w.path, "losses")["loss"].tolist()
+    [1.5]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gradprobe.errors import RunDirError
+
+SCHEMA_VERSION = 1
+META = "meta.json"
+EVENTS = "events.jsonl"
+PART_DIRS = ("scalars", "hist", "losses")
+
+
+def environment() -> dict[str, Any]:
+    """Versions and devices, recorded in ``meta.json``."""
+    import torch
+
+    from gradprobe._version import __version__
+
+    return {
+        "gradprobe": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cuda": torch.cuda.is_available(),
+        "pid": os.getpid(),
+    }
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary name, fsync, rename."""
+    tmp = path.with_name("." + path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunWriter:
+    """Writes one run directory. Create it with :meth:`create`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._parts = dict.fromkeys(PART_DIRS, 0)
+        self.meta: dict[str, Any] = {}
+
+    @classmethod
+    def create(cls, run_dir: str | os.PathLike[str], *, config: dict[str, Any],
+               overwrite: bool) -> RunWriter:
+        """Make ``run_dir`` (must be absent or empty; with ``overwrite``, a previous run there is
+        removed) and write its first ``meta.json``. Errors are :class:`RunDirError`."""
+        if not isinstance(run_dir, (str, os.PathLike)):
+            raise RunDirError(
+                f"run_dir must be a path, got {type(run_dir).__name__}",
+                hint='pass run_dir="runs/my-run"',
+            )
+        path = Path(run_dir)
+        if path.exists() and not path.is_dir():
+            raise RunDirError(f"run_dir {str(path)!r} exists and is not a directory",
+                              hint="choose another run_dir")
+        if path.is_dir() and any(path.iterdir()):
+            if not overwrite:
+                raise RunDirError(
+                    f"run_dir {str(path)!r} is not empty",
+                    hint="choose a new directory, or pass overwrite=True to replace a previous run",
+                )
+            if not (path / META).exists():
+                raise RunDirError(
+                    f"run_dir {str(path)!r} is not empty and holds no gradprobe run; "
+                    "overwrite=True only replaces a previous run",
+                    hint="choose a new or empty directory",
+                )
+            for child in path.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            for d in PART_DIRS:
+                (path / d).mkdir(exist_ok=True)
+            probe_file = path / ".write-test"
+            probe_file.write_bytes(b"")
+            probe_file.unlink()
+        except OSError as exc:
+            raise RunDirError(
+                f"cannot write run_dir {str(path)!r}: {exc.strerror or exc}",
+                hint="choose a directory you can write to",
+            ) from exc
+        writer = cls(path)
+        writer.meta = {
+            "schema_version": SCHEMA_VERSION,
+            "config": config,
+            "environment": environment(),
+            "layers": [],
+            "status": "running",
+        }
+        writer.write_meta()
+        return writer
+
+    def write_meta(self, **updates: Any) -> None:
+        self.meta.update(updates)
+        data = json.dumps(self.meta, indent=1, default=str).encode()
+        try:
+            atomic_write_bytes(self.path / META, data)
+        except OSError as exc:
+            raise RunDirError(f"cannot write {self.path / META}: {exc}") from exc
+
+    def write_part(self, kind: str, frame: pd.DataFrame) -> Path:
+        """Write ``frame`` as the next part of ``kind`` (one of ``PART_DIRS``), atomically."""
+        index = self._parts[kind]
+        self._parts[kind] = index + 1
+        target = self.path / kind / f"part-{index:05d}.parquet"
+        tmp = target.with_name("." + target.name + ".tmp")
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        return target
+
+    def append_event(self, event: dict[str, Any]) -> None:
+        """Append one JSON line to ``events.jsonl`` and fsync it before returning."""
+        with open(self.path / EVENTS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(event, default=float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise RunDirError(
+            f"{str(path)!r} is not a gradprobe run (no {META})",
+            hint="pass the run_dir given to gp.Probe",
+        )
+    try:
+        meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"cannot read {meta_path}: {exc}") from exc
+    version = meta.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise RunDirError(
+            f"{meta_path} has schema_version {version!r}; this gradprobe reads up to "
+            f"{SCHEMA_VERSION}",
+            hint="upgrade gradprobe",
+        )
+    return meta
+
+
+def part_files(path: Path, kind: str) -> list[Path]:
+    """Finished parts of ``kind`` in order (temporary files are skipped)."""
+    d = path / kind
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.glob("part-*.parquet") if not p.name.startswith("."))
+
+
+def read_parts(path: Path, kind: str) -> pd.DataFrame:
+    """Concatenate the finished parts of ``kind`` (an empty frame when there are none)."""
+    files = part_files(path, kind)
+    if not files:
+        return pd.DataFrame()
+    frames = [pq.read_table(f).to_pandas() for f in files]
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """Events from ``events.jsonl``; a torn last line (killed mid-write) is ignored."""
+    f = path / EVENTS
+    if not f.is_file():
+        return []
+    out = []
+    for line in f.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+__all__ = ["SCHEMA_VERSION", "RunWriter", "part_files", "read_events", "read_meta", "read_parts"]
