@@ -61,7 +61,9 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -462,13 +464,13 @@ class _ModelEvaluator(_Evaluator):
         self._reseed()
         with torch.enable_grad():
             j = self.obj(self.inputs, self.targets)
-        self._restore_buffers()
         if not j.requires_grad:
             raise ConfigError(
                 "the loss does not depend on any parameter that requires grad",
                 hint="check that loss_fn uses the model output (and does not .detach() it)",
             )
         grads = torch.autograd.grad(j, self.params, allow_unused=True)
+        self._restore_buffers()  # after backward, which may need the buffers as they were
         self.grads = [
             (torch.zeros_like(p) if g is None else g.detach()).reshape(-1).to(dtype)
             for p, g in zip(self.params, grads)
@@ -1204,3 +1206,19 @@ def gradcheck_fn(
 
 
 __all__ = ["CoordinateCheck", "GradCheckReport", "TensorCheck", "gradcheck", "gradcheck_fn"]
+
+
+class _CallableModule(types.ModuleType):
+    """``gradprobe.gradcheck`` is both this module and the function ``gp.gradcheck``.
+
+    Importing a submodule binds it as an attribute of its package *after* the submodule has run,
+    so once ``gradprobe.gradcheck`` (the module) is imported, ``gp.gradcheck`` is the module
+    whatever the package's lazy exports say. Making the module callable keeps
+    ``gp.gradcheck(model, loss_fn, inputs, targets)`` working in every import order.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> GradCheckReport:
+        return gradcheck(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
