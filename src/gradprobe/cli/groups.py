@@ -10,3 +10,6 @@ def register(app: typer.Typer) -> None:
     from gradprobe.cli import lab
 
     lab.register(app)
+    from gradprobe.cli import preflight
+
+    preflight.register(app)

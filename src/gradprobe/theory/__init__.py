@@ -1,0 +1,40 @@
+"""Theory of gradient propagation at initialisation, and the preflight check built on it.
+
+- :mod:`~gradprobe.theory.meanfield`: variance and correlation maps, ``q*``, ``χ₁``, depth
+  scales, phase, per-layer predicted gradient ratios, critical ``σ_w²`` (Poole et al. 2016;
+  Schoenholz et al. 2017).
+- :mod:`~gradprobe.theory.closed_form`: the cases with formulas (linear chains, ReLU, random
+  matrix singular-value laws), used as references.
+- :mod:`~gradprobe.theory.jacobian`: input-output Jacobian singular values of an actual model by
+  Jacobian-vector products and Lanczos bidiagonalisation (Pennington et al. 2017; Saxe et al.
+  2014).
+- :mod:`~gradprobe.theory.preflight`: ``preflight(model, inputs)``, theory against measurement.
+
+>>> from gradprobe import theory
+>>> round(theory.chi1("relu", 3.0, 0.0), 6)
+1.5
+"""
+
+from __future__ import annotations
+
+from gradprobe.theory.meanfield import (
+    MeanField,
+    analyse,
+    chi1,
+    critical_sigma_w2,
+    fixed_point,
+    gradient_ratio,
+    q_map,
+    q_trajectory,
+)
+
+__all__ = [
+    "MeanField",
+    "analyse",
+    "chi1",
+    "critical_sigma_w2",
+    "fixed_point",
+    "gradient_ratio",
+    "q_map",
+    "q_trajectory",
+]

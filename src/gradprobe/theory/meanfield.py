@@ -1,0 +1,498 @@
+r"""Mean-field signal propagation in deep fully connected networks at initialisation.
+
+Conventions (fan-in)
+    Layer ``l`` computes ``h^l = W^l x^{l-1} + b^l`` and ``x^l = φ(h^l)``, with ``W^l`` of shape
+    ``n_l × n_{l-1}``, i.i.d. entries of second moment ``σ_w² / n_{l-1}`` (so
+    ``σ_w² = fan_in · E[W²]``) and biases of second moment ``σ_b²``. ``q^l = E[(h^l_i)²]`` is the
+    pre-activation second moment, ``δ^l = ∂L/∂h^l`` the back-propagated gradient, ``z ~ N(0, 1)``.
+
+Forward (Poole et al. 2016, eq. 3)
+    ``q^l = σ_w² E_z[φ(√q^{l-1} z)²] + σ_b²`` (the first layer sees the raw input:
+    ``q^1 = σ_w² q_in + σ_b²`` with ``q_in`` the input's mean square). Its stable fixed point is
+    ``q*``; the correlation ``c`` between two inputs follows the companion map with fixed point
+    ``c*``.
+
+Backward (Schoenholz et al. 2017, eq. 14; the gradient-independence assumption)
+    ``δ^l_i = φ'(h^l_i) Σ_j W^{l+1}_{ji} δ^{l+1}_j``, hence
+
+    ``E[(δ^l)²] / E[(δ^{l+1})²] = σ_{w,l+1}² · (n_{l+1} / n_l) · E_z[φ'(√q^l z)²]``.
+
+    The width ratio appears because ``σ_w²`` is defined on the fan-in ``n_l`` of ``W^{l+1}``
+    while the sum runs over its fan-out ``n_{l+1}``: per weight it is ``n_{l+1} · E[W²] · E[φ'²]``.
+    For equal widths at the fixed point this is ``χ₁ = σ_w² E_z[φ'(√q* z)²]``.
+
+Phase and depth scales (Schoenholz et al. 2017, eqs. 6, 9)
+    ``χ₁ < 1`` ordered (gradients vanish), ``χ₁ > 1`` chaotic (gradients explode), ``χ₁ = 1``
+    critical. ``ξ_q = -1 / ln(∂q^{l+1}/∂q^l |_{q*})``, ``ξ_c = -1 / ln χ_c(c*)`` with
+    ``χ_c = σ_w² E[φ'(u₁) φ'(u₂)]``, and the gradient scale ``ξ_∇ = 1 / |ln χ₁|``. Networks deeper
+    than about ``6 ξ_c`` did not train in their experiments.
+
+Quadrature
+    ``E_z[f(√q z)]`` uses Gauss–Hermite (``numpy.polynomial.hermite_e``, 161 nodes) when ``φ`` is
+    smooth and ``q ≤ 2`` (error < 1e-12 there); for activations with kinks (ReLU, hardtanh, …,
+    read from :data:`gradprobe.activations.ACTIVATIONS`) or wider pre-activations, where
+    Gauss–Hermite converges slowly, a composite Gauss–Legendre rule on ``[-12, 12]`` split at the
+    kinks and at ``u ∈ {0, ±1, ±2, ±4, ±8}``. ``φ'`` is taken by autograd on ``φ`` itself.
+
+Example
+    >>> from gradprobe.theory import meanfield as mf
+    >>> round(mf.chi1("relu", 2.0, 0.0), 6)
+    1.0
+    >>> round(mf.critical_sigma_w2("tanh", 0.05), 2)
+    1.76
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import numpy as np
+import torch
+from numpy.polynomial.hermite_e import hermegauss
+from numpy.polynomial.legendre import leggauss
+
+from gradprobe import activations
+from gradprobe.activations import ActivationSpec
+from gradprobe.errors import ConfigError
+
+Phase = Literal["ordered", "critical", "chaotic"]
+
+Z_MAX = 12.0
+"""Integration range in standard deviations (Gaussian tail mass beyond: 3.6e-33)."""
+GH_DEGREE = 161
+GL_DEGREE = 48
+PAIR_DEGREE = 20
+"""Gauss–Legendre nodes per segment for the two-dimensional (correlation) integrals."""
+GH_MAX_Q = 2.0
+"""Largest ``q`` (times the activation's unit scale) where plain Gauss–Hermite is used."""
+_FEATURES = (-8.0, -4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0, 8.0)
+_Q_INF = 1e12
+_Q_ZERO = 1e-14
+CRITICAL_TOL = 0.01
+"""``|χ₁ - 1| ≤ CRITICAL_TOL`` counts as critical (one percent per layer)."""
+DEPTH_FACTOR = 6.0
+"""Trainable depth ≈ ``DEPTH_FACTOR · ξ`` (Schoenholz et al. 2017, Fig. 5)."""
+
+ActivationLike = str | ActivationSpec
+
+
+def resolve(activation: ActivationLike) -> ActivationSpec:
+    """An :class:`~gradprobe.activations.ActivationSpec` from a name or a spec."""
+    if isinstance(activation, ActivationSpec):
+        return activation
+    if not isinstance(activation, str):
+        raise ConfigError(
+            f"activation must be a name or an ActivationSpec, got {type(activation).__name__}",
+            hint="e.g. 'tanh'; see gradprobe.activations.ACTIVATIONS",
+        )
+    return activations.get(activation)
+
+
+def _check_nonneg(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be a finite number >= 0, got {value}", hint=f"pass {name}=1.0")
+    return value
+
+
+@lru_cache(maxsize=8)
+def _hermite(deg: int) -> tuple[np.ndarray, np.ndarray]:
+    x, w = hermegauss(deg)
+    return x, w / math.sqrt(2.0 * math.pi)
+
+
+@lru_cache(maxsize=8)
+def _legendre(deg: int) -> tuple[np.ndarray, np.ndarray]:
+    return leggauss(deg)
+
+
+def gaussian_rule(
+    kinks: tuple[float, ...],
+    shift: np.ndarray | float,
+    scale: float,
+    *,
+    smooth_ok: bool = True,
+    degree: int = GL_DEGREE,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes ``z`` and weights ``w`` with ``Σ w f(shift + scale·z) ≈ E_z f(shift + scale·z)``.
+
+    One row per entry of ``shift``. ``kinks`` are the points (in ``u = shift + scale·z``) where
+    ``f`` is not smooth. Plain Gauss–Hermite when there are no kinks, ``smooth_ok`` and
+    ``scale² ≤ GH_MAX_Q``; otherwise composite Gauss–Legendre on ``[-Z_MAX, Z_MAX]`` split at the
+    kinks and at the feature points ``u ∈ {0, ±1, ±2, ±4, ±8}``.
+    """
+    shift = np.atleast_1d(np.asarray(shift, dtype=np.float64))
+    m = shift.shape[0]
+    if not kinks and smooth_ok and scale * scale <= GH_MAX_Q and not np.any(shift):
+        x, w = _hermite(GH_DEGREE)
+        return np.broadcast_to(x, (m, x.size)), np.broadcast_to(w, (m, w.size))
+    scale = max(float(scale), 1e-150)
+    points = sorted(set(kinks) | set(_FEATURES))
+    edges = [np.full(m, -Z_MAX)]
+    edges += [np.clip((p - shift) / scale, -Z_MAX, Z_MAX) for p in points]
+    edges.append(np.full(m, Z_MAX))
+    xg, wg = _legendre(degree)
+    zs, ws = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        half = ((hi - lo) / 2.0)[:, None]
+        z = ((hi + lo) / 2.0)[:, None] + half * xg[None, :]
+        zs.append(z)
+        ws.append(half * wg[None, :] * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi))
+    return np.concatenate(zs, axis=1), np.concatenate(ws, axis=1)
+
+
+def phi(spec: ActivationSpec, u: np.ndarray) -> np.ndarray:
+    """``φ(u)`` in float64."""
+    with torch.no_grad():
+        return spec.fn(torch.from_numpy(np.array(u, dtype=np.float64))).numpy()
+
+
+def dphi(spec: ActivationSpec, u: np.ndarray) -> np.ndarray:
+    """``φ'(u)`` by autograd on the table's function (float64)."""
+    t = torch.from_numpy(np.array(u, dtype=np.float64)).requires_grad_(True)
+    with torch.enable_grad():
+        y = spec.fn(t)
+        (g,) = torch.autograd.grad(y.sum(), t)
+    return g.numpy()
+
+
+def gauss_expect(
+    f: Callable[[np.ndarray], np.ndarray], q: float, *, kinks: tuple[float, ...] = ()
+) -> float:
+    """``E_{z~N(0,1)}[f(√q z)]`` for a vectorised numpy function ``f``.
+
+    >>> round(gauss_expect(lambda u: u**4, 2.0), 10)   # 3 q²
+    12.0
+    """
+    q = _check_nonneg("q", q)
+    s = math.sqrt(q)
+    z, w = gaussian_rule(kinks, 0.0, s)
+    return float((w[0] * f(s * z[0])).sum())
+
+
+def _clamp_q(q: float) -> float:
+    return min(max(q, _Q_ZERO), _Q_INF)
+
+
+def second_moment(activation: ActivationLike, q: float) -> float:
+    """``E_z[φ(√q z)²]``."""
+    spec = resolve(activation)
+    return gauss_expect(lambda u: phi(spec, u) ** 2, _clamp_q(q), kinks=spec.kinks)
+
+
+def derivative_second_moment(activation: ActivationLike, q: float) -> float:
+    """``E_z[φ'(√q z)²]`` (ReLU: 1/2 for every q > 0; tanh: 1 at q → 0)."""
+    spec = resolve(activation)
+    return gauss_expect(lambda u: dphi(spec, u) ** 2, _clamp_q(q), kinks=spec.kinks)
+
+
+def q_map(activation: ActivationLike, q: float, sigma_w2: float, sigma_b2: float) -> float:
+    """One step of the variance map ``σ_w² E_z[φ(√q z)²] + σ_b²`` (Poole et al. 2016, eq. 3)."""
+    sigma_w2 = _check_nonneg("sigma_w2", sigma_w2)
+    sigma_b2 = _check_nonneg("sigma_b2", sigma_b2)
+    return sigma_w2 * second_moment(activation, q) + sigma_b2
+
+
+def q_trajectory(
+    activation: ActivationLike,
+    sigma_w2: float,
+    sigma_b2: float,
+    depth: int,
+    *,
+    q_in: float = 1.0,
+) -> np.ndarray:
+    """``q^1 … q^depth`` for a stack of ``depth`` layers fed inputs of mean square ``q_in``.
+
+    ``q^1 = σ_w² q_in + σ_b²`` (the first layer sees the raw input), then the variance map.
+    """
+    if depth < 1:
+        raise ConfigError(f"depth must be >= 1, got {depth}", hint="pass depth=10")
+    q_in = _check_nonneg("q_in", q_in)
+    out = np.empty(depth)
+    out[0] = _check_nonneg("sigma_w2", sigma_w2) * q_in + _check_nonneg("sigma_b2", sigma_b2)
+    for i in range(1, depth):
+        out[i] = q_map(activation, out[i - 1], sigma_w2, sigma_b2)
+    return out
+
+
+def fixed_point(
+    activation: ActivationLike,
+    sigma_w2: float,
+    sigma_b2: float,
+    *,
+    q0: float = 1.0,
+    tol: float = 1e-11,
+    max_iter: int = 500,
+) -> float:
+    """The fixed point ``q*`` reached by iterating the variance map from ``q0``.
+
+    Returns ``0.0`` when the map contracts to zero (e.g. tanh, no bias, ``σ_w² ≤ 1``) and
+    ``inf`` when it grows without bound (e.g. ReLU with ``σ_w² > 2``, or still growing after
+    ``max_iter`` steps: ReLU with a bias at ``σ_w² = 2`` grows by ``σ_b²`` per layer). Aitken's
+    Δ² extrapolation every third step speeds up the slow convergence near criticality.
+    """
+    q = _check_nonneg("q0", q0)
+    history: list[float] = []
+    for _ in range(max_iter):
+        new = q_map(activation, q, sigma_w2, sigma_b2)
+        if new > _Q_INF:
+            return math.inf
+        if new < _Q_ZERO:
+            return 0.0
+        if abs(new - q) <= tol * max(new, 1e-12):
+            return new
+        history.append(new)
+        q = new
+        if len(history) >= 3:
+            a, b, c = history[-3:]
+            # Aitken's Δ² only while the iteration converges monotonically (ratio in (0, 1)).
+            ratio = (c - b) / (b - a) if b != a else 0.0
+            if 0.0 < ratio < 1.0:
+                acc = c + (c - b) * ratio / (1.0 - ratio)
+                if 0.0 < acc < _Q_INF:
+                    q = acc
+            history.clear()
+    return math.inf if q_map(activation, q, sigma_w2, sigma_b2) > q * (1 + 1e-9) else q
+
+
+def chi1(
+    activation: ActivationLike, sigma_w2: float, sigma_b2: float, *, q: float | None = None
+) -> float:
+    """``χ₁ = σ_w² E_z[φ'(√q z)²]`` at ``q`` (default: the fixed point ``q*``)."""
+    sigma_w2 = _check_nonneg("sigma_w2", sigma_w2)
+    if q is None:
+        q = fixed_point(activation, sigma_w2, sigma_b2)
+    return sigma_w2 * derivative_second_moment(activation, q)
+
+
+def gradient_ratio(
+    activation: ActivationLike, q: float, *, sigma_w2_next: float, fan_in_next: int, fan_out_next: int
+) -> float:
+    """Predicted ``E[(δ^l)²] / E[(δ^{l+1})²]``: ``σ_{w,l+1}² (n_{l+1}/n_l) E_z[φ'(√q^l z)²]``.
+
+    ``q`` is layer ``l``'s pre-activation second moment; the ``_next`` arguments describe
+    ``W^{l+1}`` (``fan_in_next = n_l``, ``fan_out_next = n_{l+1}``).
+    """
+    if fan_in_next < 1 or fan_out_next < 1:
+        raise ConfigError(
+            f"fan_in_next and fan_out_next must be >= 1, got {fan_in_next}, {fan_out_next}",
+            hint="pass the next layer's weight shape",
+        )
+    return (
+        _check_nonneg("sigma_w2_next", sigma_w2_next)
+        * (fan_out_next / fan_in_next)
+        * derivative_second_moment(activation, q)
+    )
+
+
+def _pair_rule(
+    spec: ActivationSpec, q: float, c: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``u₁, u₂, w`` for ``E[g(u₁, u₂)]`` with ``(u₁, u₂)`` centred Gaussian, variance ``q``,
+    correlation ``c``: ``u₂ = √q (c z₁ + √(1-c²) z₂)``, nested one-dimensional rules."""
+    s = math.sqrt(q)
+    z1, w1 = gaussian_rule(spec.kinks, 0.0, s, smooth_ok=False, degree=PAIR_DEGREE)
+    z1, w1 = z1[0], w1[0]
+    u1 = s * z1
+    shift = s * c * z1
+    scale = s * math.sqrt(max(0.0, 1.0 - c * c))
+    z2, w2 = gaussian_rule(spec.kinks, shift, scale, smooth_ok=False, degree=PAIR_DEGREE)
+    u2 = shift[:, None] + scale * z2
+    return np.broadcast_to(u1[:, None], u2.shape), u2, w1[:, None] * w2
+
+
+def c_map(
+    activation: ActivationLike, c: float, q: float, sigma_w2: float, sigma_b2: float
+) -> float:
+    """Correlation map ``(σ_w² E[φ(u₁)φ(u₂)] + σ_b²) / q`` at the fixed point ``q``
+    (Poole et al. 2016, eq. 5)."""
+    spec = resolve(activation)
+    u1, u2, w = _pair_rule(spec, q, c)
+    return float((sigma_w2 * (w * phi(spec, u1) * phi(spec, u2)).sum() + sigma_b2) / q)
+
+
+def chi_c(activation: ActivationLike, c: float, q: float, sigma_w2: float) -> float:
+    """``χ_c = σ_w² E[φ'(u₁)φ'(u₂)]``, the slope of the correlation map at ``c``."""
+    spec = resolve(activation)
+    u1, u2, w = _pair_rule(spec, q, c)
+    return float(sigma_w2 * (w * dphi(spec, u1) * dphi(spec, u2)).sum())
+
+
+def correlation_fixed_point(
+    activation: ActivationLike, q_star: float, sigma_w2: float, sigma_b2: float
+) -> float:
+    """The stable fixed point ``c* < 1`` of the correlation map in the chaotic phase.
+
+    ``g(c) = c_map(c) - c`` is ``≥ 0`` at ``c = 0`` (``(σ_w² E[φ]² + σ_b²)/q* ≥ 0``) and ``< 0``
+    just below ``c = 1`` when ``χ₁ > 1``; bisection on that bracket. Returns 1.0 when there is no
+    sign change (ordered or critical).
+    """
+    spec = resolve(activation)
+    lo, hi = 0.0, 1.0 - 1e-7
+    if c_map(spec, hi, q_star, sigma_w2, sigma_b2) - hi >= 0:
+        return 1.0
+    if c_map(spec, lo, q_star, sigma_w2, sigma_b2) - lo < 0:
+        lo = -1.0
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if c_map(spec, mid, q_star, sigma_w2, sigma_b2) - mid >= 0:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+@dataclass(frozen=True)
+class MeanField:
+    """Mean-field summary of one ``(activation, σ_w², σ_b²)`` stack.
+
+    ``max_depth = DEPTH_FACTOR · ξ``: the depth beyond which Schoenholz et al. (2017) found
+    training to fail, with ``ξ = ξ_c`` (order/chaos) or ``ξ_∇`` where ``ξ_c`` is undefined
+    (unbounded activations whose ``q*`` diverges). ``inf`` at criticality.
+    """
+
+    activation: str
+    sigma_w2: float
+    sigma_b2: float
+    q_star: float
+    chi1: float
+    c_star: float
+    chi_c: float
+    xi_q: float
+    xi_c: float
+    xi_grad: float
+    phase: Phase
+    max_depth: float
+
+
+def phase_of(chi: float, *, tol: float = CRITICAL_TOL) -> Phase:
+    """``"ordered"`` (χ₁ < 1 − tol), ``"chaotic"`` (χ₁ > 1 + tol) or ``"critical"``."""
+    if chi < 1.0 - tol:
+        return "ordered"
+    if chi > 1.0 + tol:
+        return "chaotic"
+    return "critical"
+
+
+def _xi(rate: float) -> float:
+    """``1 / |ln rate|`` (``inf`` at rate 1); ``nan`` for a non-positive or infinite rate."""
+    if not (rate > 0) or not math.isfinite(rate):
+        return math.nan
+    log = math.log(rate)
+    return math.inf if log == 0 else 1.0 / abs(log)
+
+
+def analyse(
+    activation: ActivationLike,
+    sigma_w2: float,
+    sigma_b2: float = 0.0,
+    *,
+    q0: float = 1.0,
+    tol: float = CRITICAL_TOL,
+) -> MeanField:
+    """Fixed points, ``χ₁``, ``χ_c``, depth scales, phase and trainable depth.
+
+    >>> m = analyse("tanh", 1.0, 0.05)
+    >>> m.phase, round(m.chi1, 2)
+    ('ordered', 0.76)
+    """
+    spec = resolve(activation)
+    sigma_w2 = _check_nonneg("sigma_w2", sigma_w2)
+    sigma_b2 = _check_nonneg("sigma_b2", sigma_b2)
+    q_star = fixed_point(spec, sigma_w2, sigma_b2, q0=q0)
+    q_eval = _clamp_q(q_star)
+    c1 = chi1(spec, sigma_w2, sigma_b2, q=q_eval)
+    xi_grad = math.inf if c1 == 1.0 else 1.0 / abs(math.log(c1)) if c1 > 0 else 0.0
+    if math.isfinite(q_star):
+        h = 1e-4 * max(q_star, 1e-4)
+        lo = max(q_star - h, 0.0)
+        slope = (q_map(spec, q_star + h, sigma_w2, sigma_b2) - q_map(spec, lo, sigma_w2, sigma_b2)) / (
+            q_star + h - lo
+        )
+        xi_q = _xi(abs(slope))
+    else:
+        xi_q = math.nan
+    if not math.isfinite(q_star) or q_star <= _Q_ZERO or c1 <= 1.0 + 1e-9:
+        # Ordered phase (or a degenerate q*): c* = 1 and χ_c(1) = χ₁.
+        c_star, cc = 1.0, c1
+    else:
+        c_star = correlation_fixed_point(spec, q_star, sigma_w2, sigma_b2)
+        cc = chi_c(spec, c_star, q_star, sigma_w2)
+    xi_c = _xi(cc) if cc < 1.0 else math.nan
+    ph = phase_of(c1, tol=tol)
+    if ph == "critical":
+        max_depth = math.inf
+    elif math.isfinite(xi_c):
+        max_depth = DEPTH_FACTOR * xi_c
+    else:
+        max_depth = DEPTH_FACTOR * xi_grad
+    return MeanField(
+        spec.name, sigma_w2, sigma_b2, q_star, c1, c_star, cc, xi_q, xi_c, xi_grad, ph, max_depth
+    )
+
+
+def critical_sigma_w2(
+    activation: ActivationLike, sigma_b2: float = 0.0, *, lo: float = 1e-3, hi: float = 1e4
+) -> float:
+    """The ``σ_w²`` at which ``χ₁(q*) = 1`` for this activation and ``σ_b²`` (bisection).
+
+    Raises :class:`ConfigError` when ``χ₁ - 1`` does not change sign on ``[lo, hi]`` (no
+    order-to-chaos transition there).
+
+    >>> round(critical_sigma_w2("relu"), 4)
+    2.0
+    """
+    spec = resolve(activation)
+    sigma_b2 = _check_nonneg("sigma_b2", sigma_b2)
+
+    def f(s2: float) -> float:
+        return chi1(spec, s2, sigma_b2, q=_clamp_q(fixed_point(spec, s2, sigma_b2))) - 1.0
+
+    f_lo, f_hi = f(lo), f(hi)
+    if f_lo * f_hi > 0:
+        raise ConfigError(
+            f"{spec.name} with sigma_b2={sigma_b2} has no critical sigma_w2 in [{lo}, {hi}]",
+            hint="use the activation's recommended initialiser instead",
+        )
+    for _ in range(60):
+        mid = math.sqrt(lo * hi)
+        f_mid = f(mid)
+        if f_mid == 0:
+            return mid
+        if (f_mid < 0) == (f_lo < 0):
+            lo, f_lo = mid, f_mid
+        else:
+            hi = mid
+        if hi / lo - 1 < 1e-10:
+            break
+    return math.sqrt(lo * hi)
+
+
+__all__ = [
+    "CRITICAL_TOL",
+    "DEPTH_FACTOR",
+    "MeanField",
+    "Phase",
+    "analyse",
+    "c_map",
+    "chi1",
+    "chi_c",
+    "correlation_fixed_point",
+    "critical_sigma_w2",
+    "derivative_second_moment",
+    "dphi",
+    "fixed_point",
+    "gauss_expect",
+    "gaussian_rule",
+    "gradient_ratio",
+    "phase_of",
+    "phi",
+    "q_map",
+    "q_trajectory",
+    "resolve",
+    "second_moment",
+]
