@@ -461,3 +461,33 @@ def test_bad_inputs_raise_clear_errors():
         gp.gradcheck(model, F.mse_loss, x, y, random_layers="off")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="does not depend"):
         gp.gradcheck(model, lambda o, t: (o.detach() - t).pow(2).mean(), x, y)
+
+
+def test_data_dependent_control_flow_falls_back_to_loop():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return h * 2 if h.sum() > 0 else h * 3  # Python branch on a tensor value
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 3)
+    rep = gp.gradcheck(Branchy(), lambda o: o.pow(2).mean(), x)
+    assert rep.ok and not rep.vectorized and "vmap" in (rep.fallback_reason or "")
+    with pytest.raises(gp.UnsupportedModelError, match="vmap"):
+        gp.gradcheck(Branchy(), lambda o: o.pow(2).mean(), x, vectorize=True)
+
+
+def test_chunking_does_not_change_the_numbers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+    x, y = torch.randn(5, 4), torch.randn(5, 1)
+    a = gp.gradcheck(model, F.mse_loss, x, y, n_worst=24)
+    b = gp.gradcheck(model, F.mse_loss, x, y, n_worst=24, chunk_size=7)
+    for ra, rb in zip(a.rows, b.rows):
+        assert {c.index: c.numeric for c in ra.worst} == pytest.approx(
+            {c.index: c.numeric for c in rb.worst}, rel=1e-7, abs=1e-12
+        )

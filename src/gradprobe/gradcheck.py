@@ -651,7 +651,16 @@ class _ModelEvaluator(_Evaluator):
         if self.want_vmap:
             self._try_vmap(t)
         if self.vectorized:
-            return self._vmapped(t, values)
+            try:
+                return self._vmapped(t, values)
+            except Exception as e:  # e.g. control flow on one tensor's values only
+                if self.force_vmap:
+                    raise
+                self.vectorized = False
+                self.fallback_reason = (
+                    f"torch.func.vmap cannot run the model when {self.names[t]} is perturbed "
+                    f"({_first_line(e)})"
+                )
         return self._loop(t, values)
 
     def close(self) -> None:
