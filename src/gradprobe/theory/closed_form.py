@@ -82,7 +82,7 @@ def tanh_critical_sigma_w2(sigma_b2: float) -> float:
         hi *= 2.0
         if hi > 1e8:
             raise ConfigError(f"sigma_b2={sigma_b2} is beyond the tanh critical line's range")
-    for _ in range(100):
+    for _ in range(60):
         mid = 0.5 * (lo + hi)
         if curve(mid)[1] < sigma_b2:
             lo = mid

@@ -292,7 +292,7 @@ def gradient_ratio(
 def _pair_rule(
     spec: ActivationSpec, q: float, c: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``u₁, u₂, w`` for ``E[g(u₁, u₂)]`` with ``(u₁, u₂)`` centred Gaussian, variance ``q``,
+    """``u₁`` (a column, to broadcast), ``u₂, w`` for ``E[g(u₁, u₂)]`` with ``(u₁, u₂)`` centred Gaussian, variance ``q``,
     correlation ``c``: ``u₂ = √q (c z₁ + √(1-c²) z₂)``, nested one-dimensional rules."""
     s = math.sqrt(q)
     z1, w1 = gaussian_rule(spec.kinks, 0.0, s, smooth_ok=False, degree=PAIR_DEGREE)
@@ -302,7 +302,7 @@ def _pair_rule(
     scale = s * math.sqrt(max(0.0, 1.0 - c * c))
     z2, w2 = gaussian_rule(spec.kinks, shift, scale, smooth_ok=False, degree=PAIR_DEGREE)
     u2 = shift[:, None] + scale * z2
-    return np.broadcast_to(u1[:, None], u2.shape), u2, w1[:, None] * w2
+    return u1[:, None], u2, w1[:, None] * w2
 
 
 def c_map(
