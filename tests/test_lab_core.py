@@ -198,3 +198,36 @@ def test_layer_colours_and_legend_follow_depth():
     assert [t.get_text() for t in ax.get_legend().get_texts()] == names
     assert ax.get_title() == "g" and ax.get_xlabel() == "epoch" and ax.get_ylabel() == "|g|"
     assert [tuple(line.get_color()) for line in ax.get_lines()] == list(colors.values())
+
+
+def test_fit_stacked_equals_separate_training():
+    seeds = [0, 1, 2]
+    data = [_data(70, seed=s) for s in seeds]
+
+    def build(s):
+        with train.seeded(10 + s):
+            return zoo.mlp([2, 5, 5, 1], "sigmoid")
+
+    alone = [build(s) for s in seeds]
+    together = [build(s) for s in seeds]
+    ref = [train.fit(m, *d, optimizer="adam", lr=0.01, batch_size=16, epochs=3, seed=s)
+           for m, d, s in zip(alone, data, seeds)]
+    got = train.fit_stacked(together, data, seeds=seeds, optimizer="adam", lr=0.01,
+                            batch_size=16, epochs=3)
+    for m_ref, m_got in zip(alone, together):
+        for p_ref, p_got in zip(m_ref.parameters(), m_got.parameters()):
+            torch.testing.assert_close(p_got, p_ref, rtol=1e-5, atol=1e-6)
+    for r, g in zip(ref, got):
+        np.testing.assert_allclose(g.epoch_losses, r.epoch_losses, rtol=1e-5)
+        assert g.accuracy_after == r.accuracy_after and g.accuracy_before == r.accuracy_before
+
+
+def test_fit_stacked_rejects_mismatches():
+    x, y = _data(20)
+    with pytest.raises(ConfigError, match="one data set and one seed per model"):
+        train.fit_stacked([zoo.mlp([2, 3, 1])], [(x, y)], seeds=[0, 1])
+    with pytest.raises(ConfigError, match="differ at position"):
+        train.StackedMLP([zoo.mlp([2, 3, 1], "tanh"), zoo.mlp([2, 3, 1], "relu")])
+    with pytest.raises(ConfigError, match="differ in size"):
+        train.fit_stacked([zoo.mlp([2, 3, 1]), zoo.mlp([2, 3, 1])], [(x, y), (x[:10], y[:10])],
+                          seeds=[0, 1])

@@ -56,6 +56,25 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)`` (restored afterwards; ``None``: unchanged).
+
+    The lab's networks have a few dozen parameters: splitting such ops over threads costs more
+    than the work, and on a busy machine idle-waiting worker threads slow every step down
+    (measured here under load: a 5-unit MLP's backward pass took 30 ms with 2 threads).
+    """
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def make_optimizer(
     name: str, params: Any, *, lr: float | None = None, **options: Any
 ) -> torch.optim.Optimizer:
@@ -79,7 +98,7 @@ def make_optimizer(
     return cls(params, **kwargs)
 
 
-def _loss_fn(name: str) -> Callable[[Tensor, Tensor], Tensor]:
+def _loss_fn(name: str) -> Callable[..., Tensor]:
     if name == "bce":  # the model outputs logits; sigmoid + binary cross-entropy, stably fused
         return nn.functional.binary_cross_entropy_with_logits
     if name == "cross_entropy":
@@ -151,17 +170,37 @@ def fit(
     y_test: Tensor | None = None,
     run_dir: str | Path | None = None,
     probe_every: int | None = None,
+    probe_options: Mapping[str, Any] | None = None,
     on_epoch: Callable[[int, int], None] | None = None,
+    num_threads: int | None = 1,
 ) -> FitResult:
     """Train ``model`` on ``(x, y)`` with shuffled mini-batches and return what was measured.
 
     Each epoch visits every example once in an order drawn from a generator seeded with
     ``seed + epoch`` (the last batch may be smaller, as in Keras' ``fit``). With ``run_dir`` the
     loop runs inside ``gp.Probe(model, optimizer, run_dir=run_dir, every=probe_every)`` and hands
-    it every loss; ``probe_every`` defaults to once per epoch.
+    it every loss; ``probe_every`` defaults to once per epoch; ``probe_options`` go to the Probe
+    (e.g. ``kinds``, ``overwrite``).
 
-    ``on_epoch(epoch, epochs)`` is called after each epoch (progress bars).
+    ``on_epoch(epoch, epochs)`` is called after each epoch (progress bars). Training runs on
+    ``num_threads`` intra-op threads (see :func:`threads`; ``None`` leaves torch's setting).
     """
+    with threads(num_threads):
+        return _fit(
+            model, x, y, loss=loss, optimizer=optimizer, lr=lr,
+            optimizer_options=optimizer_options, batch_size=batch_size, epochs=epochs, seed=seed,
+            x_test=x_test, y_test=y_test, run_dir=run_dir, probe_every=probe_every,
+            probe_options=probe_options, on_epoch=on_epoch,
+        )
+
+
+def _fit(
+    model: nn.Module, x: Tensor, y: Tensor, *, loss: LossName, optimizer: str,
+    lr: float | None, optimizer_options: Mapping[str, Any] | None, batch_size: int, epochs: int,
+    seed: int, x_test: Tensor | None, y_test: Tensor | None, run_dir: str | Path | None,
+    probe_every: int | None, probe_options: Mapping[str, Any] | None,
+    on_epoch: Callable[[int, int], None] | None,
+) -> FitResult:
     n = int(x.shape[0])
     if n == 0 or int(y.shape[0]) != n:
         raise ConfigError(
@@ -186,7 +225,8 @@ def fit(
         import gradprobe as gp
 
         every = probe_every or steps_per_epoch
-        probe_ctx = gp.Probe(model, opt, run_dir=str(run_dir), every=every)
+        probe_ctx = gp.Probe(model, opt, run_dir=str(run_dir), every=every,
+                             **dict(probe_options or {}))
     else:
         probe_ctx = contextlib.nullcontext()
 
@@ -226,13 +266,169 @@ def fit(
     )
 
 
+class StackedMLP(nn.Module):
+    """``S`` networks of identical architecture evaluated as one: every Linear becomes a batched
+    matrix product over a leading model axis, activations apply elementwise.
+
+    Training it with a loss that *sums* the ``S`` per-model mean losses gives every slot exactly
+    the gradient it would get alone (the slots share no parameter), and Adam, RMSprop, SGD and
+    Adagrad update elementwise, so a stacked run is ``S`` independent runs computed together,
+    without the per-step Python overhead of ``S`` small models. Used by the lab to repeat an
+    experiment over seeds; ``tests/test_lab_core.py`` checks it against separate training.
+
+    The models must be ``nn.Sequential`` of ``nn.Linear`` and parameter-free elementwise modules.
+    """
+
+    def __init__(self, models: list[nn.Sequential]) -> None:
+        super().__init__()
+        if not models:
+            raise ConfigError("StackedMLP needs at least one model", hint="pass a list of models")
+        first = models[0]
+        self.plan: list[tuple[str, nn.Module | None]] = []
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for i, module in enumerate(first):
+            column = [m[i] for m in models]
+            if any(type(c) is not type(module) for c in column):
+                raise ConfigError(
+                    f"models differ at position {i}: {[type(c).__name__ for c in column]}",
+                    hint="stack models of identical architecture",
+                )
+            if isinstance(module, nn.Linear):
+                lins = [c for c in column if isinstance(c, nn.Linear)]
+                w = torch.stack([c.weight.detach().T for c in lins])  # (S, in, out)
+                b = torch.stack([
+                    c.bias.detach()[None, :] if c.bias is not None
+                    else torch.zeros(1, c.out_features, dtype=w.dtype) for c in lins
+                ])
+                self.weights.append(nn.Parameter(w.clone()))
+                self.biases.append(nn.Parameter(b.clone(), requires_grad=module.bias is not None))
+                self.plan.append(("linear", None))
+            elif next(module.parameters(), None) is None:
+                self.plan.append(("elementwise", module))
+            else:
+                raise ConfigError(
+                    f"cannot stack module {type(module).__name__} at position {i}",
+                    hint="StackedMLP takes Linear layers and parameter-free activations",
+                )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: (S, batch, features) -> (S, batch, outputs)."""
+        k = 0
+        for kind, module in self.plan:
+            if kind == "linear":
+                x = torch.baddbmm(self.biases[k], x, self.weights[k])
+                k += 1
+            else:
+                assert module is not None
+                x = module(x)
+        return x
+
+    @torch.no_grad()
+    def unstack_into(self, models: list[nn.Sequential]) -> None:
+        """Copy slot ``s``'s parameters back into ``models[s]``."""
+        for s, model in enumerate(models):
+            linears = [m for m in model if isinstance(m, nn.Linear)]
+            for k, lin in enumerate(linears):
+                lin.weight.copy_(self.weights[k][s].T)
+                if lin.bias is not None:
+                    lin.bias.copy_(self.biases[k][s, 0])
+
+
+def fit_stacked(
+    models: list[nn.Sequential],
+    data: list[tuple[Tensor, Tensor]],
+    *,
+    seeds: list[int],
+    loss: LossName = "bce",
+    optimizer: str = "adam",
+    lr: float | None = None,
+    optimizer_options: Mapping[str, Any] | None = None,
+    batch_size: int = 32,
+    epochs: int = 100,
+    on_epoch: Callable[[int, int], None] | None = None,
+    num_threads: int | None = 1,
+) -> list[FitResult]:
+    """Train ``models[s]`` on ``data[s]`` with shuffling seed ``seeds[s]``, all at once.
+
+    Numerically the same as ``fit(models[s], *data[s], seed=seeds[s], ...)`` for each ``s`` (up
+    to floating-point rounding of the batched products); the trained parameters are copied back
+    into ``models``. Every data set must have the same number of examples.
+    """
+    if not (len(models) == len(data) == len(seeds)) or not models:
+        raise ConfigError(
+            f"fit_stacked needs one data set and one seed per model, got {len(models)} models, "
+            f"{len(data)} data sets, {len(seeds)} seeds", hint="pass lists of equal length",
+        )
+    sizes = {int(x.shape[0]) for x, _ in data}
+    if len(sizes) != 1 or any(int(x.shape[0]) != int(y.shape[0]) for x, y in data):
+        raise ConfigError(f"data sets differ in size {sorted(sizes)}",
+                          hint="give every model the same number of examples")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} must be at least 1", hint="e.g. batch_size=32")
+    with threads(num_threads):
+        return _fit_stacked(models, data, seeds, sizes.pop(), loss, optimizer, lr,
+                            optimizer_options, batch_size, epochs, on_epoch)
+
+
+def _fit_stacked(
+    models: list[nn.Sequential], data: list[tuple[Tensor, Tensor]], seeds: list[int], n: int,
+    loss: LossName, optimizer: str, lr: float | None, optimizer_options: Mapping[str, Any] | None,
+    batch_size: int, epochs: int, on_epoch: Callable[[int, int], None] | None,
+) -> list[FitResult]:
+    loss_fn = _loss_fn(loss)
+    before = [(accuracy(m, x, y), loss_value(m, x, y, loss)) for m, (x, y) in zip(models, data)]
+    stacked = StackedMLP(models)
+    opt = make_optimizer(optimizer, stacked.parameters(), lr=lr, **dict(optimizer_options or {}))
+    xs = torch.stack([x for x, _ in data])
+    ys = torch.stack([y for _, y in data])
+    steps_per_epoch = math.ceil(n / batch_size)
+    history: list[Tensor] = []
+    n_models = len(models)
+    for epoch in range(epochs):
+        orders = torch.stack([
+            torch.randperm(n, generator=torch.Generator().manual_seed(s * 100_003 + epoch))
+            for s in seeds
+        ])
+        bx = torch.gather(xs, 1, orders[..., None].expand(-1, -1, xs.shape[-1]))
+        by = torch.gather(ys, 1, orders.view(*orders.shape, *([1] * (ys.ndim - 2))).expand_as(ys))
+        epoch_losses = []
+        for xb, yb in zip(bx.split(batch_size, 1), by.split(batch_size, 1)):
+            out = stacked(xb)
+            # each slot's mean loss over its own batch; their sum trains every slot alone
+            per_model = loss_fn(out.flatten(0, 1), yb.flatten(0, 1), reduction="none")
+            per_model = per_model.reshape(n_models, -1).mean(1)
+            per_model.sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            epoch_losses.append(per_model.detach())
+        history.append(torch.stack(epoch_losses).mean(0))
+        if on_epoch is not None:
+            on_epoch(epoch + 1, epochs)
+    stacked.unstack_into(models)
+    curves = torch.stack(history).T.tolist() if history else [[] for _ in models]
+    return [
+        FitResult(
+            epoch_losses=[float(v) for v in curves[s]],
+            accuracy_before=before[s][0], loss_before=before[s][1],
+            accuracy_after=accuracy(models[s], *data[s]),
+            loss_after=loss_value(models[s], *data[s], loss),
+            steps=epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch,
+        )
+        for s in range(len(models))
+    ]
+
+
 __all__ = [
     "OPTIMIZERS",
     "FitResult",
+    "StackedMLP",
     "LossName",
     "OptimizerName",
     "accuracy",
     "fit",
+    "threads",
+    "fit_stacked",
     "loss_value",
     "make_optimizer",
     "predict",

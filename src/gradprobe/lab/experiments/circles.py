@@ -1,0 +1,400 @@
+"""``circles``: the classic vanishing-gradient study on two concentric circles.
+
+Follows the tutorial "Visualizing the vanishing gradient problem" (Adrian Tam, 2021), itself
+after Glorot & Bengio, "Understanding the difficulty of training deep feedforward neural
+networks" (AISTATS 2010). Data: ``make_circles(n_samples=1000, factor=0.5, noise=0.1)``, all
+1000 points used for training as in the tutorial (so one epoch is 32 steps of batch 32), plus
+a fresh draw of 1000 points as a held-out test set. Binary cross-entropy on a sigmoid output.
+
+Part 1 (Keras defaults: Glorot-uniform weights, zero biases; Adam, lr 1e-3, batch 32,
+100 epochs): 2-5-1 ReLU vs 2-5-1 sigmoid vs 2-5-5-5-1 sigmoid; accuracy and loss.
+
+Part 2 (weights ``N(0, 1)``, zero biases, as Keras' ``RandomNormal`` kernel
+initialiser; RMSprop with Keras' defaults lr 1e-3, ρ 0.9, ε 1e-7; batch 32, 100 epochs):
+2-5-5-5-5-1 with hidden sigmoid / tanh / ReLU. Every run is recorded by :class:`gradprobe.Probe`
+once per epoch (its first step, as the tutorial records): per layer the mean and standard
+deviation of the weights, and the mean, standard deviation and mean absolute value of the
+gradient. With a sigmoid, the derivative ``σ' ≤ 1/4`` shrinks the gradient at every layer on
+its way down (``|∂ℓ/∂W_1|`` ends up orders of magnitude below ``|∂ℓ/∂W_out|``) and the first
+layers barely move; ``N(0, 1)`` weights also push pre-activations into the flat tails.
+
+Everything is repeated over ``seeds`` seeds (data, initialisation and shuffling all depend on
+the seed) and reported as mean ± standard deviation, since single runs of such small networks
+vary a lot. Part 1 trains its seeds together as one stacked model
+(:class:`gradprobe.lab.train.StackedMLP`: numerically the same as separate runs, faster).
+
+Note:
+    Layer statistics are over *all* the layer's parameters (weight and bias), as the Probe
+    records them per module; the tutorial plotted the weight matrices (kernels) only.
+
+>>> import gradprobe as gp
+>>> r = gp.lab.run("circles", epochs=3, seeds=2, part1=False)   # doctest: +SKIP
+>>> r.table[["model", "acc_after"]]                             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from gradprobe import activations
+from gradprobe.errors import ConfigError
+from gradprobe.lab import data as lab_data
+from gradprobe.lab import train, zoo
+from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+NAME = "circles"
+
+PART1 = [  # (label, sizes, activation, tutorial's accuracy after 100 epochs, Keras evaluate)
+    ("2-5-1 relu", (2, 5, 1), "relu", 0.973),
+    ("2-5-1 sigmoid", (2, 5, 1), "sigmoid", 0.654),
+    ("2-5-5-5-1 sigmoid", (2, 5, 5, 5, 1), "sigmoid", 0.533),
+]
+TUTORIAL_PART2 = {"sigmoid": 0.652, "tanh": 0.994, "relu": 0.995}
+"""The tutorial's accuracy after its hand-written RMSprop loop, N(0,1) weights (one run each)."""
+
+
+@dataclass(frozen=True)
+class CirclesConfig:
+    """Options of the circles study (defaults: the tutorial's settings, five seeds)."""
+
+    epochs: int = 100
+    batch_size: int = 32
+    seeds: int = 5
+    seed: int = 0
+    n_samples: int = 1000
+    noise: float = 0.1
+    factor: float = 0.5
+    width: int = 5
+    weight_std: float = 1.0
+    part1: bool = True
+    activations: tuple[str, ...] = ("sigmoid", "tanh", "relu")
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "seeds", "n_samples", "width"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1",
+                                  hint=f"e.g. --{name.replace('_', '-')} "
+                                       f"{CirclesConfig.__dataclass_fields__[name].default}")
+        if not (self.weight_std > 0) or not np.isfinite(self.weight_std):
+            raise ConfigError(f"weight_std={self.weight_std} must be positive", hint="e.g. 1.0")
+        if not (0 < self.factor < 1) or self.noise < 0:
+            raise ConfigError(
+                f"factor={self.factor} must lie in (0, 1) and noise={self.noise} be >= 0",
+                hint="the tutorial uses --factor 0.5 --noise 0.1",
+            )
+        if not self.activations:
+            raise ConfigError("activations is empty", hint="e.g. --activations sigmoid,tanh,relu")
+        for act in self.activations:
+            activations.get(act)  # raises ConfigError naming the unknown activation
+
+
+def _datasets(cfg: CirclesConfig, seed: int) -> tuple[torch.Tensor, ...]:
+    """Training set (``n_samples`` points) and a held-out draw of the same size."""
+    x, y, _, _ = lab_data.circles(cfg.n_samples, factor=cfg.factor, noise=cfg.noise, seed=seed,
+                                  test_fraction=0.0)
+    xt, yt, _, _ = lab_data.circles(cfg.n_samples, factor=cfg.factor, noise=cfg.noise,
+                                    seed=seed + 7919, test_fraction=0.0)
+    return x, y, xt, yt
+
+
+def _init_(model: nn.Module, scheme: str, std: float = 1.0) -> nn.Module:
+    """Keras-style initialisation: ``glorot_uniform`` (Dense default) or ``normal`` N(0, std²)
+    kernels, zero biases."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                if scheme == "glorot_uniform":
+                    nn.init.xavier_uniform_(m.weight)
+                else:
+                    m.weight.normal_(0.0, std)
+                if m.bias is not None:
+                    m.bias.zero_()
+    return model
+
+
+def _build(sizes: tuple[int, ...], act: str, scheme: str, seed: int, std: float = 1.0
+           ) -> nn.Sequential:
+    with train.seeded(seed):
+        model = zoo.mlp(list(sizes), act)
+        _init_(model, scheme, std)
+    return model
+
+
+def _seed_list(cfg: CirclesConfig) -> list[int]:
+    return [cfg.seed + k for k in range(cfg.seeds)]
+
+
+def run(config: CirclesConfig, *, progress: Progress = no_progress, out: Path | None = None
+        ) -> LabResult:
+    """Train every network over every seed; Part 2 runs are recorded by ``gp.Probe``."""
+    with train.threads(1):  # tiny networks: one intra-op thread (see train.threads)
+        return _run(config, progress, out)
+
+
+def _run(config: CirclesConfig, progress: Progress, out: Path | None) -> LabResult:
+    import gradprobe as gp
+
+    config.validate()
+    seeds = _seed_list(config)
+    n_part1 = len(PART1) if config.part1 else 0
+    total = (n_part1 + len(config.activations) * len(seeds)) * config.epochs
+    done = 0
+
+    def tick(label: str) -> Any:
+        def on_epoch(epoch: int, epochs: int) -> None:
+            progress(label, done + epoch, total)
+        return on_epoch
+
+    data = {s: _datasets(config, s) for s in seeds}
+    per_seed: list[dict[str, Any]] = []
+    curves: list[dict[str, Any]] = []
+
+    # Part 1: Keras defaults, Adam; all seeds of one network trained together.
+    for label, sizes, act, tutorial in PART1[:n_part1]:
+        models = [_build(sizes, act, "glorot_uniform", s) for s in seeds]
+        results = train.fit_stacked(
+            models, [(data[s][0], data[s][1]) for s in seeds], seeds=seeds, loss="bce",
+            optimizer="adam", batch_size=config.batch_size, epochs=config.epochs,
+            on_epoch=tick(f"part 1: {label}"),
+        )
+        done += config.epochs
+        for s, model, res in zip(seeds, models, results):
+            per_seed.append({
+                "part": 1, "model": label, "activation": act, "seed": s,
+                "acc_before": res.accuracy_before, "acc_after": res.accuracy_after,
+                "test_acc": train.accuracy(model, data[s][2], data[s][3]),
+                "loss_after": res.loss_after, "tutorial": tutorial,
+            })
+            curves += [{"part": 1, "model": label, "seed": s, "epoch": e + 1, "loss": v}
+                       for e, v in enumerate(res.epoch_losses)]
+
+    # Part 2: N(0, std²) weights, RMSprop, every run recorded by the Probe.
+    runs_root = (out / "runs") if out is not None else Path(tempfile.mkdtemp(prefix="gradprobe-circles-"))
+    sizes2 = (2,) + (config.width,) * 4 + (1,)
+    arch = "-".join(str(v) for v in sizes2)
+    runs: dict[str, Path] = {}
+    layer_frames: list[pd.DataFrame] = []
+    for act in config.activations:
+        label = f"{arch} {act}, N(0,{config.weight_std:g}²)"
+        for s in seeds:
+            model = _build(sizes2, act, "normal", s, config.weight_std)
+            run_dir = runs_root / f"{act}-seed{s}"
+            x, y, xt, yt = data[s]
+            res = train.fit(
+                model, x, y, loss="bce", optimizer="rmsprop", batch_size=config.batch_size,
+                epochs=config.epochs, seed=s, x_test=xt, y_test=yt, run_dir=run_dir,
+                probe_options={"kinds": ("grad", "weight"), "overwrite": True},
+                on_epoch=tick(f"part 2: {act} seed {s}"),
+            )
+            done += config.epochs
+            runs[f"{act}-seed{s}"] = run_dir
+            recorded = gp.Run.open(run_dir)
+            stats = recorded.scalars(kinds=["grad", "weight"])
+            stats = stats[["step", "layer", "kind", "mean", "std", "abs_mean"]].copy()
+            stats.insert(0, "seed", s)
+            stats.insert(0, "activation", act)
+            stats.insert(2, "epoch", stats["step"] // res.steps_per_epoch + 1)
+            layer_frames.append(stats)
+            step_losses = recorded.losses()
+            epoch_losses = step_losses.groupby(step_losses["step"] // res.steps_per_epoch)["loss"].mean()
+            curves += [{"part": 2, "model": label, "seed": s, "epoch": int(e) + 1, "loss": float(v)}
+                       for e, v in epoch_losses.items()]
+            per_seed.append({
+                "part": 2, "model": label, "activation": act, "seed": s,
+                "acc_before": res.accuracy_before, "acc_after": res.accuracy_after,
+                "test_acc": res.test_accuracy_after, "loss_after": res.loss_after,
+                "tutorial": TUTORIAL_PART2.get(act, float("nan")) if config.weight_std == 1.0
+                else float("nan"),
+            })
+    progress("done", total, total)
+
+    seeds_table = pd.DataFrame(per_seed)
+    main = (
+        seeds_table.groupby(["part", "model"], sort=False)
+        .agg(acc_before=("acc_before", "mean"), acc_after=("acc_after", "mean"),
+             acc_after_std=("acc_after", "std"), test_acc=("test_acc", "mean"),
+             test_acc_std=("test_acc", "std"), loss_after=("loss_after", "mean"),
+             worst=("acc_after", "min"), best=("acc_after", "max"), tutorial=("tutorial", "first"))
+        .reset_index()
+    )
+    main["acc_after_std"] = main["acc_after_std"].fillna(0.0)
+    main["test_acc_std"] = main["test_acc_std"].fillna(0.0)
+    layers = pd.concat(layer_frames, ignore_index=True) if layer_frames else pd.DataFrame()
+    gradient_ratio = _gradient_ratio(layers)
+    claims = _claims(config, seeds_table, gradient_ratio)
+    return LabResult(
+        name=NAME, config=config,
+        tables={"main": main, "seeds": seeds_table, "curves": pd.DataFrame(curves),
+                "layers": layers, "gradient_ratio": gradient_ratio},
+        claims=claims, runs=runs,
+    )
+
+
+def _gradient_ratio(layers: pd.DataFrame) -> pd.DataFrame:
+    """Per activation and seed: median over epochs of mean|∂ℓ/∂θ| of the first layer divided by
+    that of the output layer (how much of the gradient reaches the bottom of the network)."""
+    if layers.empty:
+        return pd.DataFrame(columns=["activation", "seed", "first_over_last"])
+    g = layers[layers.kind == "grad"]
+    rows = []
+    for (act, seed), frame in g.groupby(["activation", "seed"], sort=False):
+        first = frame[frame.layer == "fc1"].set_index("epoch")["abs_mean"]
+        last = frame[frame.layer == "out"].set_index("epoch")["abs_mean"]
+        ratio = (first / last).replace([np.inf, -np.inf], np.nan).dropna()
+        rows.append({"activation": act, "seed": seed,
+                     "first_over_last": float(ratio.median()) if len(ratio) else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def _claims(cfg: CirclesConfig, seeds_table: pd.DataFrame, ratio: pd.DataFrame) -> list[Claim]:
+    claims: list[Claim] = []
+    part2 = seeds_table[seeds_table.part == 2].groupby("activation", sort=False)["acc_after"]
+    mean2, std2 = part2.mean(), part2.std().fillna(0.0)
+    n = cfg.seeds
+    if "sigmoid" in mean2.index and len(mean2) > 1:
+        others = [a for a in mean2.index if a != "sigmoid"]
+        claims.append(Claim(
+            f"part 2: the deep sigmoid network ends far less accurate than {' and '.join(others)} "
+            f"({n}-seed mean)",
+            all(mean2["sigmoid"] < mean2[a] for a in others),
+            "; ".join(f"{a} {mean2[a]:.3f} ± {std2[a]:.3f}" for a in mean2.index),
+        ))
+    if not ratio.empty and "sigmoid" in set(ratio.activation) and ratio.activation.nunique() > 1:
+        geo = ratio.groupby("activation", sort=False)["first_over_last"].apply(
+            lambda v: float(np.exp(np.log(v).mean())))
+        others = [a for a in geo.index if a != "sigmoid"]
+        claims.append(Claim(
+            "part 2: in the sigmoid network the first layer's gradient is smallest relative to the "
+            "output layer's (vanishing)",
+            all(geo["sigmoid"] < geo[a] for a in others),
+            "mean|∂ℓ/∂θ| fc1 / out: " + "; ".join(f"{a} {geo[a]:.2g}" for a in geo.index),
+        ))
+    part1 = seeds_table[seeds_table.part == 1].groupby("model", sort=False)["acc_after"].mean()
+    if len(part1) == len(PART1):
+        relu, sig = part1[PART1[0][0]], part1[PART1[1][0]]
+        claims.append(Claim(
+            f"part 1: 2-5-1 ReLU ends more accurate than 2-5-1 sigmoid ({n}-seed mean)",
+            bool(relu > sig),
+            "; ".join(f"{m} {v:.3f}" for m, v in part1.items()),
+        ))
+    return claims
+
+
+def plot(result: LabResult) -> dict[str, Figure]:
+    """Accuracy over seeds; loss curves; Part 2 weights and gradients per layer per epoch."""
+    from gradprobe.report import style
+
+    cfg: CirclesConfig = result.config
+    figures: dict[str, Figure] = {}
+    seeds_table: pd.DataFrame = result.tables["seeds"]
+    curves: pd.DataFrame = result.tables["curves"]
+
+    # accuracy: mean ± std bars with every seed as a dot, and the tutorial's value
+    fig, axes = style.figure(1, 2, size=(14.0, 4.8),
+                             title=f"Two circles: accuracy and loss over {cfg.seeds} seeds")
+    ax = axes[0, 0]
+    models = list(dict.fromkeys(seeds_table["model"]))
+    colors = style.category_colors(models)
+    for i, m in enumerate(models):
+        frame = seeds_table[seeds_table.model == m]
+        ax.bar(i, frame["acc_after"].mean(), yerr=frame["acc_after"].std() if len(frame) > 1 else 0,
+               color=colors[m], alpha=0.55, capsize=4)
+        ax.plot(np.full(len(frame), i) + np.linspace(-0.15, 0.15, len(frame)), frame["acc_after"],
+                "o", color=colors[m], markersize=4, markeredgecolor="black", markeredgewidth=0.4)
+        tut = frame["tutorial"].iloc[0]
+        if np.isfinite(tut):
+            ax.plot([i - 0.35, i + 0.35], [tut, tut], color="black", linestyle=":", linewidth=1.2)
+    ax.plot([], [], color="black", linestyle=":", label="tutorial (one run)")
+    ax.plot([], [], "o", color="grey", label="one seed")
+    ax.set_xticks(range(len(models)), [m.replace(", ", "\n") for m in models], fontsize="small",
+                  rotation=20, ha="right")
+    ax.axhline(0.5, color="grey", linewidth=0.8)
+    style.finish(ax, title="training accuracy after training (bar: mean ± std)", xlabel="",
+                 ylabel="accuracy")
+    ax.set_ylim(0.4, 1.02)
+    ax.legend(fontsize="small", loc="lower left")
+
+    ax = axes[0, 1]
+    for m in models:
+        frame = curves[curves.model == m].pivot(index="epoch", columns="seed", values="loss")
+        style.band(ax, frame.index.to_numpy(), frame.mean(axis=1).to_numpy(),
+                   frame.std(axis=1).fillna(0).to_numpy(), color=colors[m], label=m)
+    style.finish(ax, title="training loss per epoch (mean ± std over seeds)", xlabel="epoch",
+                 ylabel="binary cross-entropy",
+                 scale=style.choose_scale(curves["loss"]))
+    ax.legend(fontsize="small")
+    figures["accuracy_loss"] = fig
+
+    layers: pd.DataFrame = result.tables["layers"]
+    if layers.empty:
+        return figures
+    first_seed = cfg.seed
+    acts = list(dict.fromkeys(layers["activation"]))
+    one = layers[layers.seed == first_seed]
+    names = list(dict.fromkeys(one["layer"]))
+    lcolors = style.layer_colors(names)
+
+    def series(frame: pd.DataFrame, kind: str, column: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        sub = frame[frame.kind == kind].pivot(index="epoch", columns="layer", values=column)
+        return sub.index.to_numpy(), {n: sub[n].to_numpy() for n in names if n in sub}
+
+    # weights: mean and std per layer per epoch, one column per activation
+    fig, axes = style.figure(2, len(acts), size=(4.6 * len(acts) + 0.6, 7.2), title=(
+        f"Part 2 weights per layer per epoch (N(0,{cfg.weight_std:g}²) init, RMSprop, seed "
+        f"{first_seed})"))
+    for j, act in enumerate(acts):
+        frame = one[one.activation == act]
+        x, mean = series(frame, "weight", "mean")
+        _, std = series(frame, "weight", "std")
+        style.plot_layers(axes[0, j], x, mean, title=f"{act}: weight mean", xlabel="epoch",
+                          ylabel="mean of W, b", colors=lcolors, scale="linear", legend=j == 0)
+        style.plot_layers(axes[1, j], x, std, title=f"{act}: weight std", xlabel="epoch",
+                          ylabel="std of W, b", colors=lcolors, scale="linear", legend=False)
+    figures["part2_weights"] = fig
+
+    # gradients: mean, std (log), mean |g| (log) per layer per epoch, and the loss
+    fig, axes = style.figure(4, len(acts), size=(4.6 * len(acts) + 0.6, 13.0), sharex=True, title=(
+        f"Part 2 gradients per layer per epoch (first step of each epoch, seed {first_seed})"))
+    grad_std_all = layers[(layers.kind == "grad")]["std"]
+    lo, hi = float(grad_std_all[grad_std_all > 0].min()), float(grad_std_all.max())
+    for j, act in enumerate(acts):
+        frame = one[one.activation == act]
+        x, gmean = series(frame, "grad", "mean")
+        _, gstd = series(frame, "grad", "std")
+        _, gabs = series(frame, "grad", "abs_mean")
+        style.plot_layers(axes[0, j], x, gmean, title=f"{act}: gradient mean", xlabel="",
+                          ylabel="mean ∂ℓ/∂θ", colors=lcolors, scale="linear", legend=j == 0)
+        style.plot_layers(axes[1, j], x, gstd, title=f"{act}: gradient std", xlabel="",
+                          ylabel="std ∂ℓ/∂θ", colors=lcolors, scale="log", legend=False)
+        axes[1, j].set_ylim(lo / 2, hi * 2)
+        style.plot_layers(axes[2, j], x, gabs, title=f"{act}: mean |gradient|", xlabel="",
+                          ylabel="mean |∂ℓ/∂θ|", colors=lcolors, scale="log", legend=False)
+        axes[2, j].set_ylim(lo / 2, hi * 2)
+        lc = curves[(curves.part == 2) & (curves.seed == first_seed)
+                    & curves.model.str.contains(f" {act},", regex=False)]
+        axes[3, j].plot(lc["epoch"], lc["loss"], color="black")
+        style.finish(axes[3, j], title=f"{act}: training loss", xlabel="epoch",
+                     ylabel="binary cross-entropy")
+    figures["part2_gradients"] = fig
+    return figures
+
+
+register(
+    NAME,
+    "two circles: sigmoid vs tanh vs ReLU MLPs, weights and gradients per layer per epoch, "
+    "5 seeds (the tutorial study)",
+    CirclesConfig,
+    run,
+    plot,
+)
