@@ -6,6 +6,7 @@ _MODULES: list[str] = [
     # module names under gradprobe.lab.experiments, in the order `gradprobe lab list` shows them
     "linear_chain",
     "sigmoid_bound",
+    "circles",
     "depth_histograms",
 ]
 
