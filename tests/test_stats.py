@@ -1,0 +1,156 @@
+"""The statistics kernels against the float64 reference loop, merging, derivation, histograms."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from gradprobe import stats as S
+from gradprobe._hooks import first_float_tensor, histogram
+from gradprobe.activations import get
+
+
+def _raw_from_vec(vec: torch.Tensor, count: int, units: float = 0.0) -> dict:
+    v = vec.tolist()
+    return {
+        "count": count, "sum": v[S.SUM], "sumsq": v[S.SUMSQ], "abs_sum": v[S.ABS_SUM],
+        "nonzero": v[S.NONZERO], "nonfinite": v[S.NONFINITE], "saturated": v[S.SATURATED],
+        "dead": v[S.DEAD], "units": units, "ref_sumsq": math.nan, "min": -v[S.NEG_MIN],
+        "max": v[S.MAX],
+    }
+
+
+CASES = {
+    "normal": lambda: torch.randn(7, 13),
+    "with_zeros": lambda: torch.relu(torch.randn(64, 9)),
+    "constant": lambda: torch.full((5, 4), 3.0),
+    "scalar": lambda: torch.tensor(-2.5),
+    "conv": lambda: torch.randn(2, 3, 4, 5),
+    "half": lambda: (torch.randn(33, 17) * 300).half(),  # sum of squares overflows fp16
+    "double": lambda: torch.randn(10, dtype=torch.float64),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_tensor_stats_match_reference(case):
+    torch.manual_seed(0)
+    x = CASES[case]()
+    vec = S.tensor_stats(x)
+    got = S.derive_row(_raw_from_vec(vec, x.numel()))
+    want = S.derive_row(S.reference_stats([x]))
+    for k, w in want.items():
+        if math.isnan(w):
+            assert math.isnan(got[k]) or k in ("saturated_frac", "dead_frac"), k
+        else:
+            assert got[k] == pytest.approx(w, rel=1e-5, abs=1e-6), k
+
+
+def test_nonfinite_counted_and_moments_poisoned():
+    x = torch.tensor([1.0, float("nan"), float("inf"), -2.0, 0.0])
+    raw = _raw_from_vec(S.tensor_stats(x), 5)
+    assert raw["nonfinite"] == 2
+    assert raw["nonzero"] == 4  # NaN and Inf are non-zero
+    assert math.isnan(raw["sum"])
+    ref = S.reference_stats([x])
+    assert ref["nonfinite"] == 2 and ref["nonzero"] == 4
+
+
+def test_saturation_and_dead_units_follow_activation_table():
+    torch.manual_seed(0)
+    sig = get("sigmoid")
+    a = torch.sigmoid(torch.randn(50, 8) * 6)
+    vec = S.tensor_stats(a, sig.saturated)
+    want = float(((a < 0.0127) | (a > 1 - 0.0127)).sum())  # band a(1-a) < 0.0125, by hand
+    assert vec[S.SATURATED].item() == pytest.approx(want, abs=1)
+    assert vec[S.SATURATED].item() == S.reference_stats([a], sig.saturated)["saturated"]
+
+    relu = get("relu")
+    h = torch.relu(torch.randn(6, 10, 3, 3))
+    h[:, 2] = 0.0  # channel 2 dead for the whole batch
+    h[:, 7] = 0.0
+    mask = S.inactive_units(h, relu.inactive)
+    assert mask.shape == (10,)
+    assert sorted(torch.nonzero(mask).flatten().tolist()) == [2, 7]
+    # 2-D and 3-D outputs: the unit is the last dimension
+    h2 = torch.relu(torch.randn(5, 4, 6))
+    h2[..., 1] = 0
+    assert S.inactive_units(h2, relu.inactive).nonzero().flatten().tolist() == [1]
+    ref = S.reference_stats([h], inactive=relu.inactive)
+    assert ref["dead"] == 2 and ref["units"] == 10
+
+
+def test_merge_equals_stats_of_concatenation():
+    torch.manual_seed(0)
+    parts = [torch.randn(4, 6), torch.randn(9, 6) * 3, torch.zeros(2, 6)]
+    acc = S.empty_stats(1)[0]
+    for p in parts:
+        S.merge_(acc, S.tensor_stats(p))
+    whole = S.tensor_stats(torch.cat(parts))
+    assert torch.allclose(acc, whole, rtol=1e-6)
+
+
+def test_param_group_stats_equal_per_tensor_stats():
+    torch.manual_seed(0)
+    ts = [torch.randn(8, 3), torch.zeros(4), torch.randn(2, 2, 2)]
+    ts[0][0, 0] = float("inf")
+    mat = S.param_group_stats(ts)
+    for i, t in enumerate(ts):
+        want = S.tensor_stats(t)
+        assert torch.allclose(mat[i], want, equal_nan=True), i
+
+
+def test_derive_definitions_closed_form():
+    raw = pd.DataFrame([{
+        "kind": "grad", "count": 4, "sum": 2.0, "sumsq": 10.0, "abs_sum": 6.0, "nonzero": 3,
+        "nonfinite": 0, "saturated": math.nan, "dead": math.nan, "units": 0, "ref_sumsq": math.nan,
+        "min": -3.0, "max": 1.0,
+    }, {
+        "kind": "update", "count": 4, "sum": 0.0, "sumsq": 1e-6, "abs_sum": 0, "nonzero": 0,
+        "nonfinite": 0, "saturated": math.nan, "dead": math.nan, "units": 0, "ref_sumsq": 1.0,
+        "min": math.inf, "max": -math.inf,
+    }])
+    d = S.derive(raw)
+    g = d.iloc[0]
+    assert g["mean"] == 0.5
+    assert g["std"] == pytest.approx(math.sqrt(10 / 4 - 0.25))
+    assert g["rms"] == pytest.approx(math.sqrt(2.5))
+    assert g["norm"] == pytest.approx(math.sqrt(10))
+    assert g["abs_mean"] == 1.5 and g["abs_max"] == 3.0 and g["zero_frac"] == 0.25
+    u = d.iloc[1]
+    assert u["norm"] == pytest.approx(1e-3)
+    assert math.isnan(u["mean"]) and math.isnan(u["abs_max"])
+
+
+def test_histogram_matches_numpy_and_counts_nonfinite():
+    torch.manual_seed(0)
+    x = torch.randn(1000)
+    x[:3] = float("nan")
+    x[3] = float("inf")
+    edges, counts, nonfinite = histogram(x, 20)
+    finite = x[torch.isfinite(x)].numpy()
+    want, want_edges = np.histogram(finite, bins=20)
+    np.testing.assert_allclose(edges.numpy(), want_edges, rtol=1e-6, atol=1e-6)
+    assert counts.sum().item() == 996 and nonfinite.item() == 4
+    assert np.abs(counts.numpy() - want).max() <= 1  # float edge rounding may move one value
+    # a second micro-batch reuses the edges; values beyond them land in the end bins
+    _, c2, _ = histogram(torch.tensor([-100.0, 100.0, 0.0]), 20, edges)
+    assert c2[0] == 1 and c2[-1] == 1 and c2.sum() == 3
+
+
+def test_first_float_tensor_of_structured_outputs():
+    from dataclasses import dataclass
+
+    a = torch.randn(2)
+
+    @dataclass
+    class Out:
+        ids: torch.Tensor
+        hidden: torch.Tensor
+
+    assert first_float_tensor((torch.tensor([1, 2]), {"h": a})) is a
+    assert first_float_tensor(Out(torch.tensor([1]), a)) is a
+    assert first_float_tensor([None, "x"]) is None
