@@ -1,6 +1,7 @@
 """Speed of gp.gradcheck against the textbook loop and torch.autograd.gradcheck.
 
-Run by hand:  .venv/bin/python benchmarks/gradcheck_speed.py [--repeats 3] [--big-params 10e6]
+Run by hand:  .venv/bin/python benchmarks/gradcheck_speed.py [--repeats 3] [--threads 1]
+             [--big-params 10e6] [--skip-big]
 
 1. MLP 20-64-64-1, tanh, float64, batch 16 (5,313 parameters), every coordinate checked:
    - gp.gradcheck(mode="full") (perturbed forward passes batched with torch.func.vmap),
@@ -83,8 +84,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--big-params", type=float, default=10e6)
     ap.add_argument("--skip-big", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads; 1 keeps a shared, loaded machine from thrashing")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
 
     torch.manual_seed(0)

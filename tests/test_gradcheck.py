@@ -491,3 +491,22 @@ def test_chunking_does_not_change_the_numbers():
         assert {c.index: c.numeric for c in ra.worst} == pytest.approx(
             {c.index: c.numeric for c in rb.worst}, rel=1e-7, abs=1e-12
         )
+
+
+def test_functional_dropout_detected_and_reseeded():
+    class FunctionalDropout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.b(F.dropout(torch.tanh(self.a(x)), 0.5, training=True))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4), torch.randn(6, 1)
+    for vectorize in (True, False):
+        rep = gp.gradcheck(FunctionalDropout(), F.mse_loss, x, y, vectorize=vectorize)
+        assert rep.ok and rep.vectorized is vectorize, str(rep)
+        assert any("draws random numbers" in n for n in rep.notes)
+    plain = gp.gradcheck(nn.Linear(4, 1), F.mse_loss, x, y)
+    assert not any("random" in n for n in plain.notes)

@@ -438,6 +438,8 @@ class _ModelEvaluator(_Evaluator):
             ) from e
         clone = clone.to(dtype)
         self.seed = seed
+        self.random = True  # reseed until the loss is known not to draw random numbers
+        self.cuda = any(p.device.type == "cuda" for p in clone.parameters())
         self.inputs = _convert(inputs, dtype)
         self.targets = _convert(targets, dtype)
         self.obj = _Objective(clone, loss_fn, regularization)
@@ -501,6 +503,16 @@ class _ModelEvaluator(_Evaluator):
         for h in size_hooks:
             h.remove()
         self.act_numel = int(sum(sizes))
+        # Does the loss draw random numbers at all? (torch.manual_seed costs milliseconds, so
+        # reseed before every evaluation only if it does.)
+        self.random = False
+        j_unseeded = self._plain({})
+        self.random = j_unseeded != self.j0 or self.random_layers_present
+        if self.random and not self.random_layers_present:
+            notes.append(
+                f"the loss draws random numbers (functional dropout?); torch's RNG is reseeded "
+                f"with seed={self.seed} before every evaluation so it draws the same ones"
+            )
         if j_again != self.j0:
             warnings.append(
                 f"the loss is not a deterministic function of the parameters: two evaluations at "
@@ -508,13 +520,14 @@ class _ModelEvaluator(_Evaluator):
                 f"reseeded; numeric gradients of a random function are meaningless (random "
                 f"numbers from numpy or Python's random module?)"
             )
-        self.n_evaluations = 2
+        self.n_evaluations = 3
 
     # -- set-up ---------------------------------------------------------------------------------
     def _setup_modules(self, clone: nn.Module, random_layers: RandomLayers, notes: list[str]) -> None:
         randoms = [
             n for n, m in clone.named_modules() if isinstance(m, _RANDOM_LAYER_TYPES) and m.training
         ]
+        self.random_layers_present = bool(randoms) and random_layers == "reseed"
         if randoms:
             if random_layers == "eval":
                 for n, m in clone.named_modules():
@@ -578,7 +591,10 @@ class _ModelEvaluator(_Evaluator):
 
     # -- evaluation -----------------------------------------------------------------------------
     def _reseed(self) -> None:
-        torch.manual_seed(self.seed)
+        if self.random:
+            torch.default_generator.manual_seed(self.seed)
+            if self.cuda:
+                torch.cuda.manual_seed_all(self.seed)
 
     def _restore_buffers(self) -> None:
         with torch.no_grad():
