@@ -8,6 +8,9 @@ _MODULES: list[str] = [
     "sigmoid_bound",
     "circles",
     "depth_histograms",
+    "init_study",
+    "activation_study",
+    "deep_relu",
 ]
 
 for _name in _MODULES:

@@ -142,6 +142,18 @@ def dead_fraction(spec: activations.ActivationSpec, a: Tensor) -> float:
     return float(spec.inactive(a).all(dim=0).double().mean())
 
 
+def distinct_colors(names: list[str]) -> dict[str, Any]:
+    """One distinct colour per unordered category: the house palette, or tab10 beyond 7 names."""
+    from gradprobe.report import style
+
+    if len(names) <= len(style.CATEGORY_COLORS):
+        return dict(style.category_colors(names))
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {n: cmap(i) for i, n in enumerate(names)}
+
+
 # ------------------------------------------------------------------------------ the experiment
 ROWS: tuple[tuple[str, str, str, dict[str, float]], ...] = (
     # (activation, label, scheme, init_ keyword arguments)

@@ -1,0 +1,212 @@
+"""activations: nine activation functions in the same deep MLP.
+
+Sigmoid, tanh, ReLU, Leaky ReLU (slope 0.01), PReLU, RReLU, ELU, SELU and GELU, each with the
+initialisation the activation table recommends and its gain (sigmoid: Xavier, gain 1; tanh:
+Xavier, gain 5/3; rectifiers and GELU: He, gain √2 or √(2/(1+α²)); SELU: LeCun normal,
+Klambauer et al. 2017), ``depth`` hidden layers of ``width`` units, trained with Adam on
+``load_digits`` (or ``make_moons``). Measured at initialisation and after training, on the
+training set in evaluation mode (RReLU at its mean slope):
+
+* **dead-unit fraction**: units whose activation is inactive (ReLU: output ≤ 0) for *every*
+  example (Lu et al. 2019); ``NaN`` where the activation has a non-zero slope everywhere and so
+  cannot die (leaky variants, ELU, SELU, GELU, sigmoid, tanh);
+* **saturated fraction**: entries whose local derivative is below 5 % of its maximum (the rule of
+  :mod:`gradprobe.activations`; defined for sigmoid and tanh);
+* **first/last gradient ratio**: ``‖∂L/∂W_1‖ / ‖∂L/∂W_L‖`` over the hidden layers: ≪ 1 means the
+  gradient vanishes on its way down;
+* **test accuracy** after ``epochs`` epochs.
+
+Example
+    >>> import gradprobe as gp
+    >>> r = gp.lab.run("activations", depth=4, epochs=2)   # doctest: +SKIP
+    >>> r.table[["activation", "grad_ratio_init", "test_acc"]]   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from gradprobe import activations
+from gradprobe.errors import ConfigError
+from gradprobe.lab import data, train
+from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
+from gradprobe.lab.experiments.depth_histograms import (
+    dead_fraction,
+    distinct_colors,
+    propagate,
+    saturated_fraction,
+    sequential_mlp,
+)
+from gradprobe.remedies.init import init_
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+NAME = "activations"
+
+DEFAULT_ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "prelu", "rrelu", "elu", "selu", "gelu")
+
+
+@dataclass(frozen=True)
+class ActivationStudyConfig:
+    dataset: Literal["digits", "moons"] = "digits"
+    activations: tuple[str, ...] = DEFAULT_ACTIVATIONS
+    depth: int = 20
+    width: int = 64
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.activations:
+            raise ConfigError("activations: give at least one activation",
+                              hint="e.g. activations=relu,tanh")
+        for a in self.activations:
+            activations.get(a)
+        if self.depth < 2 or self.width < 1 or self.batch_size < 1 or self.epochs < 0:
+            raise ConfigError("activations: depth >= 2, width >= 1, batch_size >= 1, epochs >= 0",
+                              hint="e.g. depth=20, width=64")
+        if self.dataset not in ("digits", "moons"):
+            raise ConfigError(f"activations: unknown dataset {self.dataset!r}",
+                              hint="use 'digits' or 'moons'")
+
+
+def measure(model: nn.Sequential, x: Tensor, y: Tensor, loss: str) -> dict[str, float | list[float]]:
+    """Dead and saturated fractions (mean over hidden layers) and the gradient profile, in
+    evaluation mode (the mode is restored)."""
+    lossf = nn.functional.cross_entropy if loss == "cross_entropy" else \
+        nn.functional.binary_cross_entropy_with_logits
+    was = model.training
+    model.eval()
+    try:
+        sig = propagate(model, x, lambda o: lossf(o, y))
+    finally:
+        model.train(was)
+    norms = [float(g.norm()) for g in sig.weight_grads]
+    dead = [dead_fraction(s, a) for s, a in zip(sig.specs, sig.acts)]
+    sat = [saturated_fraction(s, a) for s, a in zip(sig.specs, sig.acts)]
+    return {
+        "dead": float(np.mean(dead)), "saturated": float(np.mean(sat)),
+        "dead_last": dead[-1], "grad_norms": norms,
+        "grad_ratio": norms[0] / norms[-1] if norms[-1] > 0 else math.nan,
+    }
+
+
+def run(config: ActivationStudyConfig, *, progress: Progress = no_progress,
+        out: Path | None = None) -> LabResult:
+    config.validate()
+    if config.dataset == "digits":
+        xtr, ytr, xte, yte = data.digits(seed=config.seed)
+        n_out, loss = 10, "cross_entropy"
+    else:  # moons
+        xtr, ytr, xte, yte = data.moons(1000, noise=0.1, seed=config.seed)
+        n_out, loss = 1, "bce"
+    loss_name: train.LossName = "cross_entropy" if loss == "cross_entropy" else "bce"
+    rows, profiles, curves = [], {}, {}
+    for k, name in enumerate(config.activations):
+        spec = activations.get(name)
+        progress(name, k, len(config.activations))
+        with train.seeded(config.seed):
+            model = sequential_mlp([xtr.shape[1]] + [config.width] * config.depth, spec.name,
+                                   bias=True, head=n_out)
+        record = init_(model, spec.recommended_init,  # type: ignore[arg-type]
+                       generator=torch.Generator().manual_seed(config.seed + 1))
+        before = measure(model, xtr, ytr, loss)
+        fit = train.fit(model, xtr, ytr, loss=loss_name, optimizer="adam", lr=config.lr,
+                        epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
+                        x_test=xte, y_test=yte)
+        after = measure(model, xtr, ytr, loss)
+        profiles[spec.name] = (before["grad_norms"], after["grad_norms"])
+        curves[spec.name] = fit.epoch_losses
+        rows.append({
+            "activation": spec.name, "init": spec.recommended_init, "gain": record.entries[0].gain,
+            "dead_init": before["dead"], "dead_after": after["dead"],
+            "saturated_init": before["saturated"], "saturated_after": after["saturated"],
+            "grad_ratio_init": before["grad_ratio"], "grad_ratio_after": after["grad_ratio"],
+            "loss_after": fit.loss_after, "test_acc": fit.test_accuracy_after,
+        })
+    progress("done", len(config.activations), len(config.activations))
+    table = pd.DataFrame(rows)
+    result = LabResult(NAME, config, {"main": table},
+                       data={"grad_profiles": profiles, "loss_curves": curves})
+    result.claims = _claims(config, table)
+    return result
+
+
+def _claims(config: ActivationStudyConfig, t: pd.DataFrame) -> list[Claim]:
+    claims: list[Claim] = []
+    by = t.set_index("activation")
+    chance = 0.1 if config.dataset == "digits" else 0.5
+    if "sigmoid" in by.index:
+        r, a = by.loc["sigmoid", "grad_ratio_init"], by.loc["sigmoid", "test_acc"]
+        claims.append(Claim(
+            f"sigmoid at depth {config.depth}: the first layer's gradient is below 1e-6 of the last "
+            "layer's at initialisation and the net stays near chance",
+            bool(r < 1e-6 and a < chance + 0.1), f"ratio {r:.3g}, accuracy {a:.3f}"))
+    good = [a for a in ("tanh", "relu", "leaky_relu", "prelu", "rrelu", "elu", "selu", "gelu")
+            if a in by.index]
+    if good:
+        r = by.loc[good, "grad_ratio_init"]
+        acc = by.loc[good, "test_acc"]
+        claims.append(Claim(
+            "tanh, the ReLU family, ELU, SELU and GELU (each with its recommended init): first/last "
+            "gradient ratio between 0.1 and 10 at initialisation, test accuracy above 0.8",
+            bool(r.between(0.1, 10).all() and (acc > 0.8).all()),
+            f"ratio {r.min():.3g}-{r.max():.3g}, accuracy {acc.min():.3f}-{acc.max():.3f}"))
+    cannot_die = [a for a in by.index if activations.get(a).inactive is None]
+    if cannot_die:
+        claims.append(Claim(
+            "only rectifiers with a zero slope (ReLU) can have dead units; the others report none",
+            bool(by.loc[cannot_die, ["dead_init", "dead_after"]].isna().all().all()),
+            "no dead-unit rule for " + ", ".join(cannot_die)))
+    return claims
+
+
+def plot(result: LabResult) -> dict[str, Figure]:
+    from gradprobe.report import style
+
+    t = result.tables["main"]
+    names = list(t["activation"])
+    colors = distinct_colors(names)
+    fig, axes = style.figure(1, 3, size=(17, 4.8), title=(
+        f"{result.config.depth} hidden layers of {result.config.width}, each activation with its "
+        "recommended initialisation"))
+    for name in names:
+        before, _ = result.data["grad_profiles"][name]
+        axes[0, 0].plot(np.arange(1, len(before) + 1), np.maximum(before, 1e-40), "o-",
+                        markersize=3, color=colors[name], label=name)
+        curve = result.data["loss_curves"][name]
+        axes[0, 1].plot(np.arange(1, len(curve) + 1), curve, color=colors[name], label=name)
+    style.finish(axes[0, 0], title="weight-gradient norm per layer at initialisation",
+                 xlabel="hidden layer (depth)", ylabel="‖∂L/∂W_l‖ (log)", scale="log")
+    style.finish(axes[0, 1], title="training loss", xlabel="epoch", ylabel="loss (log)",
+                 scale="log")
+    axes[0, 0].legend(fontsize="x-small", ncol=2)
+    ax = axes[0, 2]
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, t["test_acc"], 0.4, color=[colors[n] for n in names], label="test accuracy")
+    ax.bar(x + 0.2, t["dead_after"].fillna(0.0), 0.4, color="0.3", label="dead-unit fraction (after)")
+    ax.bar(x + 0.2, t["saturated_after"].fillna(0.0), 0.4, bottom=t["dead_after"].fillna(0.0),
+           color="0.7", label="saturated fraction (after)")
+    for i in range(len(names)):
+        if np.isnan(t["dead_after"].iloc[i]) and np.isnan(t["saturated_after"].iloc[i]):
+            ax.text(x[i] + 0.2, 0.01, "no rule", rotation=90, fontsize=7, ha="center", va="bottom")
+    ax.set_xticks(x, names, rotation=45, ha="right")
+    style.finish(ax, title="accuracy, dead and saturated units after training",
+                 xlabel="activation", ylabel="fraction")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize="x-small")
+    return {"activations": fig}
+
+
+register(NAME, "sigmoid, tanh, ReLU, Leaky ReLU, PReLU, RReLU, ELU, SELU, GELU in one deep MLP: "
+         "dead and saturated units, gradient ratio, accuracy", ActivationStudyConfig, run, plot)

@@ -1,0 +1,189 @@
+"""deep-relu: a 30-layer ReLU MLP from Xavier vs He initialisation (He et al. 2015, figure 3).
+
+With ``Var[W] = 1/n`` (Xavier on square layers, gain 1) each ReLU layer halves the second moment
+of the signal, ``E[a_l²] = ½·n·Var[W]·E[a_(l-1)²]`` (He et al. 2015, eq. 10), so after ``L``
+layers the activations have shrunk by ``2^-(L-1)`` in variance -- ``2^-29 ≈ 1.9e-9`` at 30 layers --
+and the backward signal shrinks likewise. He et al. report that their 30-layer network from
+Xavier initialisation "completely stalls" while ``Var[W] = 2/n`` trains. Here: a ``depth``-layer
+ReLU MLP on ``load_digits`` trained with SGD + momentum (as in the paper), recorded with
+:class:`gradprobe.Probe` (one record per epoch).
+
+Example
+    >>> import gradprobe as gp
+    >>> r = gp.lab.run("deep-relu", depth=12, epochs=3)   # doctest: +SKIP
+    >>> r.table[["init", "act_var_ratio", "test_acc"]]   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from gradprobe.errors import ConfigError
+from gradprobe.lab import data, train
+from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
+from gradprobe.lab.experiments.depth_histograms import propagate, sequential_mlp
+from gradprobe.remedies.init import init_
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+NAME = "deep-relu"
+
+INITS: dict[str, tuple[str, dict[str, float]]] = {
+    "Xavier": ("xavier_normal", {"gain": 1.0}),  # Var W = 2/(fi+fo) = 1/n on square layers
+    "He": ("he_normal", {}),  # Var W = 2/fi
+}
+
+
+@dataclass(frozen=True)
+class DeepReluConfig:
+    depth: int = 30
+    width: int = 64
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.depth < 2 or self.width < 1 or self.batch_size < 1 or self.epochs < 1:
+            raise ConfigError("deep-relu: depth >= 2, width >= 1, batch_size >= 1, epochs >= 1",
+                              hint="e.g. depth=30, width=64, epochs=30")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or not 0 <= self.momentum < 1:
+            raise ConfigError(f"deep-relu: lr must be > 0 and 0 <= momentum < 1, got lr={self.lr}, "
+                              f"momentum={self.momentum}", hint="e.g. lr=0.01, momentum=0.9")
+
+
+def run(config: DeepReluConfig, *, progress: Progress = no_progress,
+        out: Path | None = None) -> LabResult:
+    import gradprobe as gp
+
+    config.validate()
+    xtr, ytr, xte, yte = data.digits(seed=config.seed)
+    rows: list[dict[str, Any]] = []
+    act_vars: dict[str, list[float]] = {}
+    curves: dict[str, list[float]] = {}
+    grads: dict[str, pd.DataFrame] = {}
+    runs: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(prefix="gradprobe-deep-relu-") as tmp:
+        for k, (label, (scheme, kwargs)) in enumerate(INITS.items()):
+            progress(label, k, len(INITS))
+            with train.seeded(config.seed):
+                model = sequential_mlp([xtr.shape[1]] + [config.width] * config.depth, "relu",
+                                       bias=True, head=10)
+            init_(model, scheme, generator=torch.Generator().manual_seed(config.seed + 1), **kwargs)  # type: ignore[arg-type]
+            sig = propagate(model, xtr, lambda o: torch.nn.functional.cross_entropy(o, ytr))
+            var = [float(a.var()) for a in sig.acts]
+            act_vars[label] = var
+            norms = [float(g.norm()) for g in sig.weight_grads]
+            run_dir = (out / "runs" / label.lower()) if out is not None else Path(tmp) / label
+            fit = train.fit(
+                model, xtr, ytr, loss="cross_entropy", optimizer="momentum", lr=config.lr,
+                optimizer_options={"momentum": config.momentum}, epochs=config.epochs,
+                batch_size=config.batch_size, seed=config.seed, x_test=xte, y_test=yte,
+                run_dir=run_dir,
+            )
+            scal = gp.Run.open(run_dir).scalars(kinds="grad")
+            grads[label] = scal[scal["layer"].str.startswith("fc")][["step", "layer", "norm"]].copy()
+            curves[label] = fit.epoch_losses
+            if out is not None:
+                runs[label] = run_dir
+            rows.append({
+                "init": label, "act_var_first": var[0], "act_var_last": var[-1],
+                "act_var_ratio": var[-1] / var[0],
+                "theory_ratio": 2.0 ** -(config.depth - 1) if label == "Xavier" else 1.0,
+                "grad_ratio_init": norms[0] / norms[-1] if norms[-1] > 0 else math.nan,
+                "loss_first_epoch": fit.epoch_losses[0], "loss_last_epoch": fit.epoch_losses[-1],
+                "train_acc": fit.accuracy_after, "test_acc": fit.test_accuracy_after,
+            })
+    progress("done", len(INITS), len(INITS))
+    table = pd.DataFrame(rows)
+    result = LabResult(NAME, config, {"main": table},
+                       data={"act_var": act_vars, "loss_curves": curves, "grad_norms": grads},
+                       runs=runs)
+    result.claims = _claims(config, table, curves)
+    return result
+
+
+def _claims(config: DeepReluConfig, t: pd.DataFrame, curves: dict[str, list[float]]) -> list[Claim]:
+    x = t.set_index("init").loc["Xavier"]
+    h = t.set_index("init").loc["He"]
+    L = config.depth
+    theory = 2.0 ** -(L - 1)
+    ln10 = math.log(10.0)
+    half = max(1, config.epochs // 2)
+    k = max(1, config.epochs // 5)
+    cx, ch = curves["Xavier"], curves["He"]
+    stall = max(abs(v - ln10) / ln10 for v in cx[:half])
+    he_end, xa_end = float(np.mean(ch[-k:])), float(np.mean(cx[-k:]))
+    return [
+        Claim(f"Xavier: the activation variance of layer {L} is 2^-{L - 1} = {theory:.2g} of "
+              "layer 1's, within a factor 10", bool(theory / 10 < x["act_var_ratio"] < theory * 10),
+              f"measured {x['act_var_ratio']:.3g}"),
+        Claim(f"He: the activation variance of layer {L} is within a factor 3 of layer 1's",
+              bool(1 / 3 < h["act_var_ratio"] < 3), f"measured {h['act_var_ratio']:.3g}"),
+        Claim(f"Xavier stalls: its training loss stays within 1 % of ln 10 (chance) for the first "
+              f"{half} epochs", bool(stall < 0.01), f"largest deviation {stall:.2%}"),
+        Claim(f"He trains: its mean loss over the last {k} epochs is below 0.75·ln 10 and below "
+              "Xavier's", bool(he_end < 0.75 * ln10 and he_end < xa_end),
+              f"He {he_end:.4f} vs Xavier {xa_end:.4f} (ln 10 = {ln10:.4f})"),
+    ]
+
+
+def plot(result: LabResult) -> dict[str, Figure]:
+    from gradprobe.report import style
+
+    config: DeepReluConfig = result.config
+    colors = style.category_colors(list(INITS))
+    fig, axes = style.figure(1, 2, title=f"{config.depth}-layer ReLU MLP: Xavier (Var W = 1/n) "
+                                          "vs He (Var W = 2/n)")
+    for label, var in result.data["act_var"].items():
+        axes[0, 0].plot(np.arange(1, len(var) + 1), var, "o-", markersize=3, color=colors[label],
+                        label=label)
+    theory = [result.data["act_var"]["Xavier"][0] * 2.0 ** -i for i in range(config.depth)]
+    axes[0, 0].plot(np.arange(1, config.depth + 1), theory, "k--", linewidth=1,
+                    label="Xavier theory: halves per layer")
+    style.finish(axes[0, 0], title="activation variance per layer at initialisation",
+                 xlabel="layer (depth)", ylabel="Var[a_l] (log)", scale="log")
+    axes[0, 0].legend(fontsize="small")
+    for label, curve in result.data["loss_curves"].items():
+        axes[0, 1].plot(np.arange(1, len(curve) + 1), curve, color=colors[label], label=label)
+    axes[0, 1].axhline(math.log(10.0), color="0.5", linestyle=":", label="ln 10 (chance)")
+    style.finish(axes[0, 1], title="training loss (SGD + momentum)", xlabel="epoch",
+                 ylabel="cross-entropy (log)", scale="log")
+    axes[0, 1].legend(fontsize="small")
+
+    gfig, gaxes = style.figure(1, 2, sharex=True,
+                               title="Weight-gradient norm per layer during training (gp.Probe)")
+    for c, (label, frame) in enumerate(result.data["grad_norms"].items()):
+        layers = list(dict.fromkeys(frame["layer"]))
+        series = {n: frame[frame["layer"] == n]["norm"].to_numpy() for n in layers}
+        steps = frame[frame["layer"] == layers[0]]["step"].to_numpy()
+        style.plot_layers(gaxes[0, c], steps, series, title=f"{label}", xlabel="optimizer step",
+                          ylabel="‖∂L/∂W‖", scale="log", legend=False)
+    sm = _depth_colorbar(gfig, gaxes, config.depth)
+    sm.set_label("layer depth (1 = input side)")
+    return {"deep_relu": fig, "grad_norms": gfig}
+
+
+def _depth_colorbar(fig: Figure, axes: Any, depth: int) -> Any:
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    from gradprobe.report import style
+
+    mappable = ScalarMappable(norm=Normalize(1, depth / 0.9), cmap=colormaps[style.LAYER_CMAP])
+    return fig.colorbar(mappable, ax=list(axes.ravel()), ticks=[1, depth // 2, depth])
+
+
+register(NAME, "30-layer ReLU MLP, Xavier vs He (He et al. 2015): activation variance at init and "
+         "loss curves", DeepReluConfig, run, plot)

@@ -1,0 +1,474 @@
+"""init: the initialisation study -- symmetry, variance-preserving gains, and deep MLPs trained
+from every common initialisation.
+
+Three parts:
+
+1. **Symmetry** (zeros). With every weight and bias 0, every hidden unit computes the same
+   function and receives the same gradient, so no optimiser can tell them apart. On a balanced
+   binary task it is stronger still: the logit is 0, ``p = σ(0) = ½``, the loss is
+   ``-½ln½ - ½ln½ = ln 2``, and the output layer's gradient ``mean((p - y)·h)`` is exactly 0
+   (``p - y = ±½`` in equal numbers, ``h`` the same for every example), so nothing moves: the loss
+   stays exactly ln 2 (full batch, float64).
+2. **Gain study.** Which gain ``g`` in ``W ~ N(0, g²/n)`` keeps the forward activation variance
+   and the backward gradient variance constant across depth, for tanh, sigmoid and the centred
+   sigmoid ``σ(x) - ½``? Glorot & Bengio (2010) derive their normalised initialisation for units
+   in the linear regime: ``Var[a_l] = n·Var[W]·φ'(0)²·Var[a_(l-1)]``, so ``g = 1/φ'(0)``: 1 for
+   tanh and 4 for sigmoid (``σ'(0) = ¼``). PyTorch's ``calculate_gain('tanh') = 5/3`` is chosen
+   for the forward fixed point. This part measures what each gain does.
+3. **Deep MLPs** (``depth`` hidden layers) with tanh, sigmoid and ReLU on ``load_digits`` or
+   ``make_moons`` from zeros, N(0, 1), N(0, 0.01²), LeCun, Xavier uniform/normal, He
+   uniform/normal and orthogonal (gains from :mod:`gradprobe.activations`: tanh 5/3, ReLU √2,
+   sigmoid 1): the ratio of the first to the last hidden layer's weight-gradient norm at
+   initialisation, and the test accuracy after a fixed budget of Adam steps.
+
+Findings are written up in ``docs/initialisation.md``.
+
+Example
+    >>> import gradprobe as gp
+    >>> r = gp.lab.run("init", depth=6, epochs=2)          # doctest: +SKIP
+    >>> r.claim("zeros").holds                             # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from gradprobe import activations
+from gradprobe.errors import ConfigError
+from gradprobe.lab import data, train
+from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
+from gradprobe.lab.experiments.depth_histograms import distinct_colors, propagate, sequential_mlp
+from gradprobe.remedies.init import init_
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+NAME = "init"
+
+INITS: dict[str, tuple[str, str, dict[str, float]]] = {
+    # key: (label, init_ scheme, init_ keyword arguments); gains from the activation table
+    "zeros": ("zeros", "zeros", {}),
+    "normal_1": ("N(0, 1)", "normal", {"std": 1.0}),
+    "normal_0.01": ("N(0, 0.01²)", "normal", {"std": 0.01}),
+    "lecun_normal": ("LeCun normal", "lecun_normal", {}),
+    "xavier_uniform": ("Xavier uniform", "xavier_uniform", {}),
+    "xavier_normal": ("Xavier normal", "xavier_normal", {}),
+    "he_uniform": ("He uniform", "he_uniform", {}),
+    "he_normal": ("He normal", "he_normal", {}),
+    "orthogonal": ("orthogonal", "orthogonal", {}),
+}
+"""The initialisations compared (CLI: ``--inits zeros,he_normal``)."""
+
+SCALED = ("lecun_normal", "xavier_uniform", "xavier_normal", "he_uniform", "he_normal", "orthogonal")
+"""The variance-scaled initialisations (std ∝ 1/√fan)."""
+
+def _gain_saturated(name: str, a: Tensor) -> float:
+    """Saturated fraction by the activation table's rule (σ − ½ is shifted back to σ)."""
+    if name == "tanh":
+        rule = activations.get("tanh").saturated
+    else:
+        rule = activations.get("sigmoid").saturated
+        a = a + 0.5 if name != "sigmoid" else a
+    assert rule is not None
+    return float(rule(a).double().mean())
+
+
+GAIN_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "tanh": activations.get("tanh").fn,
+    "sigmoid": activations.get("sigmoid").fn,
+    "sigmoid − ½": lambda x: torch.sigmoid(x) - 0.5,
+}
+"""Activations of the gain study; ``σ(x) − ½ = tanh(x/2)/2`` isolates the effect of sigmoid's mean."""
+
+
+@dataclass(frozen=True)
+class InitStudyConfig:
+    dataset: Literal["digits", "moons"] = "digits"
+    depth: int = 20
+    width: int = 64
+    activations: tuple[str, ...] = ("tanh", "sigmoid", "relu")
+    inits: tuple[str, ...] = tuple(INITS)
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    symmetry_steps: int = 30
+    gain_depth: int = 30
+    gain_width: int = 128
+    gain_samples: int = 256
+    gains: tuple[float, ...] = (0.5, 1.0, 5.0 / 3.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
+    seed: int = 0
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.inits) - set(INITS))
+        if unknown:
+            raise ConfigError(f"init: unknown initialisation(s) {unknown}",
+                              hint="choose from: " + ", ".join(INITS))
+        for a in self.activations:
+            activations.get(a)
+        if self.depth < 2 or self.gain_depth < 2:
+            raise ConfigError("init: depth and gain_depth must be at least 2", hint="e.g. depth=20")
+        if min(self.width, self.gain_width, self.gain_samples, self.batch_size) < 1 or self.epochs < 0:
+            raise ConfigError("init: widths, sample counts and batch_size must be positive, epochs >= 0")
+        if not self.gains or any(not (g > 0 and math.isfinite(g)) for g in self.gains):
+            raise ConfigError(f"init: gains must be positive numbers, got {self.gains}",
+                              hint="e.g. gains=1,1.6667,4")
+
+
+# --------------------------------------------------------------------------------- the parts
+def _load(config: InitStudyConfig) -> tuple[Tensor, Tensor, Tensor, Tensor, int, train.LossName]:
+    if config.dataset == "digits":
+        xtr, ytr, xte, yte = data.digits(seed=config.seed)
+        return xtr, ytr, xte, yte, 10, "cross_entropy"
+    if config.dataset == "moons":
+        xtr, ytr, xte, yte = data.moons(1000, noise=0.1, seed=config.seed)
+        return xtr, ytr, xte, yte, 1, "bce"
+    raise ConfigError(f"init: unknown dataset {config.dataset!r}", hint="use 'digits' or 'moons'")
+
+
+def symmetry(activation: str, depth: int, width: int, steps: int, seed: int) -> dict[str, Any]:
+    """Zero-initialised MLP on a balanced ``make_moons`` set, full-batch Adam in float64.
+
+    Returns the loss at every step, and whether every hidden layer's units (weight rows, biases,
+    activations) stayed identical to each other.
+
+    Note:
+        The set has 128 examples of each class, a power of two, so the output gradients
+        ``±½·h/256`` and all their partial sums are exact binary fractions and cancel to exactly
+        0. With, say, 200 per class the sum would leave a rounding residue of ~1e-19, and Adam,
+        which divides by ``√v``, turns any residue into a full-size step (for sigmoid, whose
+        ``h = ½`` is not 0): symmetry is exact in exact arithmetic only.
+    """
+    x, y, _, _ = data.moons(512, noise=0.1, seed=seed, test_fraction=0.0)
+    pos, neg = (y[:, 0] == 1).nonzero()[:, 0], (y[:, 0] == 0).nonzero()[:, 0]
+    k = 128
+    keep = torch.cat([pos[:k], neg[:k]])
+    x, y = x[keep].double(), y[keep].double()
+    model = sequential_mlp([2] + [width] * depth, activation, bias=True, head=1).double()
+    init_(model, "zeros")
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    losses = []
+    for _ in range(steps + 1):
+        loss = nn.functional.binary_cross_entropy_with_logits(model(x), y)
+        losses.append(loss.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    identical = True
+    h = x
+    with torch.no_grad():
+        for mod in model:
+            h = mod(h)
+            if isinstance(mod, nn.Linear) and mod is not model.out:
+                identical &= bool(torch.equal(mod.weight, mod.weight[:1].expand_as(mod.weight)))
+                identical &= bool(torch.equal(mod.bias, mod.bias[:1].expand_as(mod.bias)))
+            elif activations.spec_for_module(mod) is not None:
+                identical &= bool(torch.equal(h, h[:, :1].expand_as(h)))
+    values = torch.stack(losses).tolist()  # one host transfer, after the loop
+    return {"losses": values, "identical": identical, "n_pos": k, "n_neg": k}
+
+
+def gain_profile(
+    fn: Callable[[Tensor], Tensor], gain: float, x: Tensor, depth: int,
+    generator: torch.Generator,
+) -> dict[str, Any]:
+    """Forward/backward variance per layer of ``a_l = fn(W_l a_(l-1))``, ``W_l ~ N(0, g²/n)``,
+    square layers, no bias; ``∂L/∂a_L ~ N(0, 1)``. Written out by hand (no modules) so that any
+    elementwise function can be studied."""
+    n = x.shape[1]
+    h = x
+    acts: list[Tensor] = []
+    for _ in range(depth):
+        w = (torch.randn(n, n, generator=generator) * (gain / math.sqrt(n))).requires_grad_()
+        h = fn(h @ w.T)
+        h.retain_grad()
+        acts.append(h)
+    g = torch.randn(h.shape, generator=generator)
+    (h * g).sum().backward()
+    return {
+        "acts_last": acts[-1].detach(),
+        "fwd_var": [float(a.detach().var()) for a in acts],
+        "bwd_var": [float(a.grad.var()) for a in acts if a.grad is not None],
+        "mean": [float(a.detach().mean()) for a in acts],
+    }
+
+
+def run(config: InitStudyConfig, *, progress: Progress = no_progress,
+        out: Path | None = None) -> LabResult:
+    config.validate()
+    xtr, ytr, xte, yte, n_out, loss_name = _load(config)
+    total = len(config.activations) * (len(config.inits) + 1) + 1
+    done = 0
+
+    # 1. symmetry
+    sym_rows = []
+    for act in config.activations:
+        progress(f"symmetry {act}", done, total)
+        s = symmetry(act, config.depth, min(config.width, 16), config.symmetry_steps, config.seed)
+        sym_rows.append({"activation": act, "steps": config.symmetry_steps,
+                         "loss_first": s["losses"][0], "loss_last": s["losses"][-1],
+                         "loss_constant": len(set(s["losses"])) == 1,
+                         "loss_minus_ln2": s["losses"][-1] - math.log(2.0),
+                         "units_identical": s["identical"]})
+        done += 1
+
+    # 2. gain study
+    progress("gain study", done, total)
+    x = torch.randn(config.gain_samples, config.gain_width,
+                    generator=torch.Generator().manual_seed(config.seed))
+    gain_rows, profiles = [], {}
+    for fname, fn in GAIN_FUNCTIONS.items():
+        for gain in config.gains:
+            p = gain_profile(fn, gain, x, config.gain_depth,
+                             torch.Generator().manual_seed(config.seed + 1))
+            profiles[(fname, gain)] = p
+            fwd, bwd = p["fwd_var"], p["bwd_var"]
+            ratio_b = bwd[0] / bwd[-1]
+            gain_rows.append({
+                "activation": fname, "gain": gain,
+                "fwd_var_first": fwd[0], "fwd_var_last": fwd[-1], "fwd_ratio": fwd[-1] / fwd[0],
+                "bwd_ratio": ratio_b,
+                "bwd_factor_per_layer": ratio_b ** (1.0 / (len(bwd) - 1)) if ratio_b > 0 else 0.0,
+                "mean_last": p["mean"][-1],
+                "saturated_last": _gain_saturated(fname, p.pop("acts_last")),
+            })
+    done += 1
+
+    # 3. deep MLPs
+    rows, grad_profiles = [], {}
+    for act in config.activations:
+        for key in config.inits:
+            label, scheme, kwargs = INITS[key]
+            progress(f"{act} {label}", done, total)
+            with train.seeded(config.seed):
+                model = sequential_mlp([xtr.shape[1]] + [config.width] * config.depth, act,
+                                       bias=True, head=n_out)
+            init_(model, scheme, generator=torch.Generator().manual_seed(config.seed + 1), **kwargs)  # type: ignore[arg-type]
+            lossf = nn.functional.cross_entropy if loss_name == "cross_entropy" else \
+                nn.functional.binary_cross_entropy_with_logits
+            batch = slice(0, min(256, len(xtr)))
+            sig = propagate(model, xtr[batch], lambda o: lossf(o, ytr[batch]))  # noqa: B023
+            norms = [float(g.norm()) for g in sig.weight_grads]
+            grad_profiles[(act, key)] = norms
+            fit = train.fit(model, xtr, ytr, loss=loss_name, optimizer="adam", lr=config.lr,
+                            epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
+                            x_test=xte, y_test=yte)
+            rows.append({
+                "activation": act, "init": label, "key": key,
+                "grad_first": norms[0], "grad_last": norms[-1],
+                "grad_ratio": norms[0] / norms[-1] if norms[-1] > 0 else math.nan,
+                "loss_before": fit.loss_before, "loss_after": fit.loss_after,
+                "test_acc_before": fit.test_accuracy_before,
+                "test_acc_after": fit.test_accuracy_after,
+            })
+            done += 1
+    progress("done", total, total)
+    main = pd.DataFrame(rows)
+    result = LabResult(
+        NAME, config,
+        {"main": main, "gains": pd.DataFrame(gain_rows), "symmetry": pd.DataFrame(sym_rows)},
+        data={"gain_profiles": profiles, "grad_profiles": grad_profiles},
+    )
+    result.claims = _claims(config, main, pd.DataFrame(gain_rows), pd.DataFrame(sym_rows))
+    return result
+
+
+# ------------------------------------------------------------------------------------- claims
+def _claims(config: InitStudyConfig, main: pd.DataFrame, gains: pd.DataFrame,
+            sym: pd.DataFrame) -> list[Claim]:
+    claims = [Claim(
+        "zeros: on a balanced binary task the loss stays exactly ln 2 and every hidden unit stays "
+        "identical",
+        bool(sym["loss_constant"].all() and sym["units_identical"].all()
+             and (sym["loss_minus_ln2"].abs() < 1e-15).all()),
+        "; ".join(f"{r.activation}: loss {r.loss_last:.17g} after {r.steps} steps"
+                  for r in sym.itertuples()),
+    )]
+
+    def g(act: str, gain: float, col: str) -> float:
+        t = gains[(gains["activation"] == act) & np.isclose(gains["gain"], gain)]
+        return float(t[col].iloc[0]) if len(t) else math.nan
+
+    L = config.gain_depth
+    have = {float(v) for v in config.gains}
+    if {1.0, 4.0} <= have and any(math.isclose(v, 5 / 3) for v in have):
+        t1, t53, t4 = g("tanh", 1.0, "fwd_ratio"), g("tanh", 5 / 3, "fwd_ratio"), g("tanh", 4.0, "bwd_ratio")
+        tanh = gains[gains["activation"] == "tanh"]
+        best_b = float(tanh.iloc[int(np.argmin(np.abs(np.log(tanh["bwd_ratio"].clip(lower=1e-300)))))]["gain"])
+        claims += [
+            Claim(f"tanh, gain 1: the forward activation variance decays with depth (layer {L} "
+                  "below 1/10 of layer 1)", t1 < 0.1, f"ratio {t1:.3g}"),
+            Claim(f"tanh, gain 5/3: the forward activation variance is kept (layer {L} within a "
+                  "factor 2 of layer 1)", 0.5 < t53 < 2.0, f"ratio {t53:.3g}"),
+            Claim("tanh: gain 1 keeps the backward gradient variance best of the gains tried; "
+                  "gain 4 (the copied table's tanh row) explodes it (layer 1 over 1e6 x layer "
+                  f"{L})", math.isclose(best_b, 1.0) and t4 > 1e6,
+                  f"best gain {best_b:.4g}; gain 4 ratio {t4:.3g}"),
+        ]
+        s1, s4 = g("sigmoid", 1.0, "bwd_ratio"), g("sigmoid", 4.0, "bwd_ratio")
+        c4, tb1 = g("sigmoid − ½", 4.0, "bwd_factor_per_layer"), g("tanh", 1.0, "bwd_factor_per_layer")
+        smin = float(gains[gains["activation"] == "sigmoid"]["fwd_ratio"].min())
+        claims += [
+            Claim("sigmoid: gain 4 shrinks the backward gradient far less than gain 1 (by a factor "
+                  f"over 1e6 more surviving at layer 1) but it still vanishes (below 1e-3 over {L} "
+                  "layers): the mean ½ of every layer's input pushes units out of the linear "
+                  "regime", s4 > 1e6 * s1 and s4 < 1e-3, f"gain 1: {s1:.3g}, gain 4: {s4:.3g}"),
+            *_sigmoid_window(gains, L),
+            Claim("sigmoid: the forward activation variance does not vanish for any gain tried "
+                  f"(layer {L} above 1/10 of layer 1): the mean ½ feeds it",
+                  smin > 0.1, f"smallest ratio {smin:.3g}"),
+            Claim("σ(x) − ½ with gain 4 keeps the backward variance like tanh with gain 1 (per-layer "
+                  "factor within 10 %): with the mean removed, Glorot's factor 4 is right for sigmoid",
+                  abs(c4 / tb1 - 1) < 0.1, f"per-layer factors {c4:.3f} vs {tb1:.3f}"),
+        ]
+
+    def cell(act: str, keys: tuple[str, ...], col: str) -> pd.Series:
+        return main[(main["activation"] == act) & main["key"].isin(keys)][col]
+
+    chance = 1.0 / (10 if config.dataset == "digits" else 2)
+    dead = ("zeros", "normal_0.01")
+    if any(k in config.inits for k in dead):
+        accs = main[main["key"].isin(dead)]["test_acc_after"]
+        claims.append(Claim(f"zeros and N(0, 0.01²) do not train at depth {config.depth} (test "
+                            f"accuracy below {chance + 0.1:.2f} for every activation)",
+                            bool((accs < chance + 0.1).all()), f"max {accs.max():.3f}"))
+    scaled = tuple(k for k in SCALED if k in config.inits)
+    for act in ("tanh", "relu"):
+        if act in config.activations and scaled:
+            acc = cell(act, scaled, "test_acc_after")
+            ratio = cell(act, scaled, "grad_ratio")
+            claims.append(Claim(
+                f"{act}: every variance-scaled init (LeCun, Xavier, He, orthogonal) trains (test "
+                "accuracy above 0.8) with first/last-layer gradient ratio between 0.1 and 10",
+                bool((acc > 0.8).all() and ratio.between(0.1, 10).all()),
+                f"accuracy {acc.min():.3f}-{acc.max():.3f}, ratio {ratio.min():.3g}-{ratio.max():.3g}"))
+    if "sigmoid" in config.activations and scaled:
+        acc = cell("sigmoid", scaled, "test_acc_after")
+        ratio = cell("sigmoid", scaled, "grad_ratio")
+        claims.append(Claim(
+            f"sigmoid at depth {config.depth}: with every variance-scaled init the first layer's "
+            "gradient is below 1e-6 of the last layer's and the net stays near chance",
+            bool((ratio < 1e-6).all() and (acc < chance + 0.1).all()),
+            f"ratio up to {ratio.max():.3g}, accuracy up to {acc.max():.3f}"))
+    return claims
+
+
+def _sigmoid_window(gains: pd.DataFrame, L: int) -> list[Claim]:
+    """The smallest tried gain whose backward factor per layer reaches 1, for sigmoid."""
+    sig = gains[gains["activation"] == "sigmoid"].sort_values("gain")
+    above = sig[sig["bwd_factor_per_layer"] >= 1.0]
+    below = sig[sig["bwd_factor_per_layer"] < 1.0]
+    if above.empty or below.empty:
+        return []
+    lo, hi = float(below["gain"].max()), float(above["gain"].min())
+    sat = float(above.iloc[0]["saturated_last"])
+    return [Claim(
+        f"sigmoid: the gain that keeps the backward variance lies between {lo:.3g} and {hi:.3g}, "
+        f"far above 4, and there {sat:.0%} of layer {L}'s units are saturated",
+        bool(lo >= 4.0 and hi > lo), f"per-layer factor below 1 up to gain {lo:.3g}, "
+        f"{float(above.iloc[0]['bwd_factor_per_layer']):.3f} at gain {hi:.3g}")]
+
+
+# ------------------------------------------------------------------------------------ figures
+def _gain_figure(result: LabResult) -> Figure:
+    from gradprobe.report import style
+
+    config: InitStudyConfig = result.config
+    profiles = result.data["gain_profiles"]
+    fig, axes = style.figure(2, len(GAIN_FUNCTIONS), size=(15, 8),
+                             title=f"Gain study: W ~ N(0, g²/n), {config.gain_depth} square "
+                                   f"layers of {config.gain_width}, no bias")
+    names = [f"g = {g:.3g}" for g in config.gains]
+    colors = style.layer_colors(names, cmap="plasma")
+    depth = np.arange(1, config.gain_depth + 1)
+    for c, fname in enumerate(GAIN_FUNCTIONS):
+        for name, gain in zip(names, config.gains):
+            p = profiles[(fname, gain)]
+            axes[0, c].plot(depth, np.maximum(np.asarray(p["fwd_var"]), 1e-45), color=colors[name],
+                            label=name)
+            bwd = np.maximum(np.asarray(p["bwd_var"]), 1e-45)
+            axes[1, c].plot(depth, bwd, color=colors[name], label=name)
+        style.finish(axes[0, c], title=f"{fname}: forward Var[a_l]", xlabel="layer (depth)",
+                     ylabel="activation variance (log)", scale="log")
+        style.finish(axes[1, c], title=f"{fname}: backward Var[∂L/∂a_l] (0 drawn at 1e-45)",
+                     xlabel="layer (depth)",
+                     ylabel="gradient variance (log)", scale="log")
+    axes[0, 0].legend(title="gain (small → large)", fontsize="small", ncol=2)
+    return fig
+
+
+def _heatmap(result: LabResult, col: str, title: str, *, log: bool) -> Figure:
+    from gradprobe.report import style
+
+    main = result.tables["main"]
+    acts = list(dict.fromkeys(main["activation"]))
+    inits = list(dict.fromkeys(main["init"]))
+    grid = main.pivot(index="init", columns="activation", values=col).loc[inits, acts]
+    values = grid.to_numpy(dtype=float)
+    shown = np.log10(np.clip(values, 1e-30, None)) if log else values
+    fig, axes = style.figure(1, 1, size=(2.0 * len(acts) + 3.0, 0.45 * len(inits) + 2.0),
+                             title=title)
+    ax = axes[0, 0]
+    im = ax.imshow(shown, cmap="RdBu_r" if log else "viridis", aspect="auto",
+                   vmin=-8 if log else 0.0, vmax=8 if log else 1.0)
+    for i in range(len(inits)):
+        for j in range(len(acts)):
+            v = values[i, j]
+            text = "n/a" if not np.isfinite(v) else (f"{v:.1e}" if log else f"{v:.2f}")
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                    color="white" if (log and abs(shown[i, j]) > 4) or (not log and v < 0.5) else "black")
+    ax.set_xticks(range(len(acts)), acts)
+    ax.set_yticks(range(len(inits)), inits)
+    ax.set_xlabel("hidden activation")
+    ax.set_ylabel("initialisation")
+    ax.set_title("log10 colour scale, clipped at ±8" if log else "")
+    fig.colorbar(im, ax=ax, label="log10 ratio" if log else "test accuracy")
+    return fig
+
+
+def _profile_figure(result: LabResult) -> Figure:
+    from gradprobe.report import style
+
+    config: InitStudyConfig = result.config
+    profiles = result.data["grad_profiles"]
+    labels = [INITS[k][0] for k in config.inits]
+    colors = distinct_colors(labels)
+    fig, axes = style.figure(1, len(config.activations), size=(5.2 * len(config.activations), 4.4),
+                             title="Weight-gradient norm per hidden layer at initialisation")
+    for c, act in enumerate(config.activations):
+        ax = axes[0, c]
+        for key, label in zip(config.inits, labels):
+            norms = np.maximum(np.asarray(profiles[(act, key)]), 1e-40)
+            ax.plot(np.arange(1, len(norms) + 1), norms, marker="o", markersize=3,
+                    color=colors[label], label=label)
+        style.finish(ax, title=f"{act} (values at 1e-40 are exactly 0)", xlabel="hidden layer (depth)",
+                     ylabel="‖∂L/∂W_l‖ (log)", scale="log")
+    axes[0, 0].legend(fontsize="x-small", ncol=2)
+    return fig
+
+
+def plot(result: LabResult) -> dict[str, Figure]:
+    config: InitStudyConfig = result.config
+    return {
+        "gain_study": _gain_figure(result),
+        "accuracy": _heatmap(result, "test_acc_after",
+                             f"Test accuracy after {config.epochs} epochs of Adam "
+                             f"({config.depth} hidden layers, {config.dataset})", log=False),
+        "grad_ratio": _heatmap(result, "grad_ratio",
+                               "First / last hidden layer weight-gradient norm at initialisation",
+                               log=True),
+        "grad_profiles": _profile_figure(result),
+    }
+
+
+register(NAME, "initialisation study: zero-init symmetry, which gain keeps the variance "
+         "(tanh 1 vs 5/3 vs 4, sigmoid), deep MLPs from 9 initialisations", InitStudyConfig, run, plot)
