@@ -121,9 +121,10 @@ def run(config: ActivationStudyConfig, *, progress: Progress = no_progress,
         record = init_(model, spec.recommended_init,  # type: ignore[arg-type]
                        generator=torch.Generator().manual_seed(config.seed + 1))
         before = measure(model, xtr, ytr, loss)
-        fit = train.fit(model, xtr, ytr, loss=loss_name, optimizer="adam", lr=config.lr,
-                        epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
-                        x_test=xte, y_test=yte)
+        with train.seeded(config.seed + k):  # RReLU draws its slopes from the global RNG
+            fit = train.fit(model, xtr, ytr, loss=loss_name, optimizer="adam", lr=config.lr,
+                            epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
+                            x_test=xte, y_test=yte)
         after = measure(model, xtr, ytr, loss)
         profiles[spec.name] = (before["grad_norms"], after["grad_norms"])
         curves[spec.name] = fit.epoch_losses
