@@ -390,6 +390,9 @@ def test_model_dtype_inputs_and_dict_inputs():
     a, b = torch.randn(4, 3), torch.randn(4, 1)
     assert gp.gradcheck(TwoInputs(), lambda o: o.sum(), (a, b)).ok
     assert gp.gradcheck(TwoInputs(), lambda o: o.sum(), {"a": a, "b": b}).ok
+    labels = torch.tensor([0, 2, 1, 2])  # integer targets stay integers
+    rep = gp.gradcheck(nn.Linear(3, 3), F.cross_entropy, a, labels)
+    assert rep.ok and rep.dtype == "float64"
 
 
 def test_user_model_and_rng_untouched():

@@ -339,6 +339,17 @@ class _Evaluator:
         activation inputs whose kink region differs from the one at θ (or None without hooks)."""
         raise NotImplementedError
 
+    def eval_coords(self, t: int, cols: Tensor, eps: float) -> tuple[Tensor, Tensor | None]:
+        """J at θ_t + ε e_i (rows 0..c-1) and θ_t − ε e_i (rows c..2c-1) for i in ``cols``: the
+        textbook perturbation, every other coordinate bit-identical to θ."""
+        base = self.base[t]
+        c = cols.numel()
+        values = base.repeat(2 * c, 1)
+        ar = torch.arange(c, device=base.device)
+        values[ar, cols] = base[cols] + eps
+        values[ar + c, cols] = base[cols] - eps
+        return self.eval_rows(t, values)
+
 
 class _KinkState:
     def __init__(self) -> None:
@@ -458,6 +469,9 @@ class _ModelEvaluator(_Evaluator):
         self.buffers = [(b, b.detach().clone()) for b in clone.buffers()]
         self.kink = _KinkState()
         self._hook_handles = self._add_kink_hooks(clone)
+        self._fast_state: tuple[nn.Module, str, Tensor, Tensor] | None = None
+        self.fast = self._find_linear_params(clone)  # tensor index -> (module, "weight"/"bias")
+        self.fast_ok: dict[int, bool] = {}
         self.has_hooks = bool(self._hook_handles)
         self.want_vmap = vectorize is not False
         self.force_vmap = vectorize is True
@@ -572,6 +586,108 @@ class _ModelEvaluator(_Evaluator):
             handles.append(m.register_forward_pre_hook(self._make_hook(points)))
         return handles
 
+    def _find_linear_params(self, clone: nn.Module) -> dict[int, tuple[nn.Module, str]]:
+        """Parameters of plain ``nn.Linear`` modules, called once per forward pass.
+
+        Their coordinate perturbations can be applied to the layer's *output*:
+        ``x (W + δE_ij)ᵀ = x Wᵀ + δ x_j e_iᵀ`` and ``b + δe_i``, exact in exact arithmetic, so
+        the perturbed forward pass costs a rank-1 update instead of a copy of ``W`` and a matmul
+        per perturbation. Whether the parameter is used anywhere else (tied weights, a
+        regulariser, a custom Function reading ``module.weight``) is checked numerically before
+        this path is used (:meth:`_validate_fast`)."""
+        calls: dict[int, int] = {}
+        linears = [m for m in clone.modules() if type(m) is nn.Linear]
+        handles = [
+            m.register_forward_pre_hook(
+                lambda mod, _a: calls.__setitem__(id(mod), calls.get(id(mod), 0) + 1)
+            )
+            for m in linears
+        ]
+        self.fast_handles: list[Any] = []
+        out: dict[int, tuple[nn.Module, str]] = {}
+        try:
+            self._reseed()
+            with torch.no_grad():
+                self.obj(self.inputs, self.targets)
+        finally:
+            for h in handles:
+                h.remove()
+            self._restore_buffers()
+        by_id = {id(p): t for t, p in enumerate(self.params)}
+        for m in linears:
+            if calls.get(id(m)) != 1 or m._forward_hooks or m._forward_pre_hooks:
+                continue
+            for kind in ("weight", "bias"):
+                p = getattr(m, kind)
+                if p is not None and id(p) in by_id:
+                    out[by_id[id(p)]] = (m, kind)
+            self.fast_handles.append(m.register_forward_hook(self._fast_hook))
+        return out
+
+    def _fast_hook(self, module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
+        st = self._fast_state
+        if st is None or st[0] is not module:
+            return None
+        _, kind, col, step = st
+        n_out = out.shape[-1]
+        if kind == "bias":
+            row = col
+            delta = step * (torch.arange(n_out, device=out.device) == row).to(out.dtype)
+            return out + delta
+        x = args[0]
+        n_in = x.shape[-1]
+        row, j = col // n_in, col % n_in
+        xj = (x * (torch.arange(n_in, device=x.device) == j).to(x.dtype)).sum(-1, keepdim=True)
+        onehot = (torch.arange(n_out, device=out.device) == row).to(out.dtype)
+        return out + step * xj * onehot
+
+    def _vmapped_fast(self, t: int, cols: Tensor, steps: Tensor) -> tuple[Tensor, Tensor]:
+        module, kind = self.fast[t]
+
+        def one(col: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
+            self.kink.start("compare")
+            self._fast_state = (module, kind, col, step)
+            j = self.obj(self.inputs, self.targets)
+            return j, self.kink.total(j)
+
+        self._reseed()
+        try:
+            with torch.no_grad():
+                js, ks = torch.func.vmap(one, randomness="same")(cols, steps)
+        finally:
+            self._fast_state = None
+            self.kink.start("off")
+            self._restore_buffers()
+        self.n_evaluations += cols.shape[0]
+        return js.detach().to(torch.float64).cpu(), ks.cpu()
+
+    def _fast_inputs(self, t: int, cols: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        # The steps actually taken by θ_i ± ε in floating point, so that the output update
+        # equals the change the textbook perturbation makes.
+        b = self.base[t][cols]
+        return torch.cat([cols, cols]), torch.cat([(b + eps) - b, (b - eps) - b])
+
+    def _validate_fast(self, t: int, eps: float) -> bool:
+        n = self.base[t].numel()
+        cols = torch.unique(torch.tensor([0, n // 2, n - 1], device=self.base[t].device))
+        try:
+            fast, _ = self._vmapped_fast(t, *self._fast_inputs(t, cols, eps))
+        except Exception:  # any failure: the generic path decides
+            return False
+        slow, _ = super().eval_coords(t, cols, eps)
+        tol = 100.0 * _NOISE_SAFETY * _unit_roundoff(self.base[t].dtype) * max(abs(self.j0), 1e-300)
+        return bool(((fast - slow).abs() <= tol).all())
+
+    def eval_coords(self, t: int, cols: Tensor, eps: float) -> tuple[Tensor, Tensor | None]:
+        if self.want_vmap:
+            self._try_vmap(t)
+        if self.vectorized and t in self.fast:
+            if t not in self.fast_ok:
+                self.fast_ok[t] = self._validate_fast(t, eps)
+            if self.fast_ok[t]:
+                return self._vmapped_fast(t, *self._fast_inputs(t, cols, eps))
+        return super().eval_coords(t, cols, eps)
+
     def _make_hook(self, points: tuple[float, ...]) -> Callable[..., None]:
         state = self.kink
 
@@ -680,7 +796,7 @@ class _ModelEvaluator(_Evaluator):
         return self._loop(t, values)
 
     def close(self) -> None:
-        for h in self._hook_handles:
+        for h in self._hook_handles + self.fast_handles:
             h.remove()
 
 
@@ -926,22 +1042,16 @@ def _run(
             b = min(m, a + chunk)
             c = b - a
             if idx is not None:
-                # Row r < c is θ + ε e_i, row c + r is θ − ε e_i: the textbook perturbation
-                # θ_i ± ε, every other coordinate bit-identical to θ.
                 cols = idx[a:b].to(base.device)
-                values = base.repeat(2 * c, 1)
-                ar = torch.arange(c, device=base.device)
-                values[ar, cols] = base[cols] + eps
-                values[ar + c, cols] = base[cols] - eps
                 analytic = grad[cols].to(torch.float64).cpu()
+                js, ks = ev.eval_coords(t, cols, eps)
             else:
                 dirs = torch.randn(c, n, generator=gen, dtype=torch.float64)
                 dirs = dirs / torch.linalg.vector_norm(dirs, dim=1, keepdim=True)
                 dirs = dirs.to(device=base.device, dtype=base.dtype)
                 analytic = (dirs @ grad).to(torch.float64).cpu()
-                values = torch.cat([base + eps * dirs, base - eps * dirs])
-            js, ks = ev.eval_rows(t, values)
-            del values
+                js, ks = ev.eval_rows(t, torch.cat([base + eps * dirs, base - eps * dirs]))
+                del dirs
             jp, jm = js[:c], js[c:]
             finite = torch.isfinite(jp) & torch.isfinite(jm)
             if not bool(finite.all()):
