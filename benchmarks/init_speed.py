@@ -4,8 +4,9 @@ Run by hand:  .venv/bin/python benchmarks/init_speed.py [--repeats 7]
 
 Models:
   1. MLP, 30 hidden layers of 1024, ReLU (31.5M weights): He normal.
-  2. MLP, 30 hidden layers of 64, tanh (small: the fixed cost of tracing and bookkeeping shows).
-  3. LSTM, 2 layers, 1024 hidden units (per-gate orthogonal blocks, 8 QR factorisations a layer).
+  2. MLP, 30 hidden layers of 64, tanh (small: the fixed cost of tracing and bookkeeping shows),
+     with activation="auto" (torch.fx trace) and with activation="tanh" (no trace).
+  3. LSTM, 2 layers, 512 hidden units (per-gate orthogonal blocks, 8 QR factorisations a layer).
 Baseline: ``for m in model.modules(): if isinstance(m, nn.Linear): nn.init.kaiming_normal_(...)``
 (resp. ``orthogonal_`` on each gate block), measured in the same process. The variants alternate
 within each repeat; medians are reported with the ratio init_ / baseline. Both draw the same
@@ -90,10 +91,13 @@ def main() -> None:
     bench("MLP 30 x 64 tanh, he_normal (gain 5/3)", small,
           lambda g: init_(small, "he_normal", generator=g) and None,
           lambda g: baseline_linear(small, "tanh", g), args.repeats)
-    lstm = nn.LSTM(1024, 1024, num_layers=2)
-    bench("LSTM 2 x 1024, orthogonal per gate", lstm,
+    bench("MLP 30 x 64 tanh, he_normal, activation='tanh'", small,
+          lambda g: init_(small, "he_normal", activation="tanh", generator=g) and None,
+          lambda g: baseline_linear(small, "tanh", g), args.repeats)
+    lstm = nn.LSTM(512, 512, num_layers=2)
+    bench("LSTM 2 x 512, orthogonal per gate", lstm,
           lambda g: init_(lstm, "orthogonal", generator=g) and None,
-          lambda g: baseline_lstm(lstm, g), max(3, args.repeats // 2))
+          lambda g: baseline_lstm(lstm, g), args.repeats)
 
 
 if __name__ == "__main__":
