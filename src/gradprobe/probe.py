@@ -98,6 +98,7 @@ class _ParamGroup:
     prev: list[Tensor] = field(default_factory=list)  # scratch: W before the step, then W - W0
     init: list[Tensor] = field(default_factory=list)  # W0
     init_sumsq: Tensor | None = None
+    scratch: Tensor | None = None  # flat, as large as the largest tensor: |x| without allocating
 
 
 def _display_name(name: str) -> str:
@@ -415,10 +416,11 @@ class Probe:
             hist_rows = sum(1 for lay in self._layers for k in lay.rows
                             if k in ("grad", "weight", "act", "act_grad"))
             hist = min(per_flush, self.flush_every) * hist_rows * (2 * self.hist_bins + 2) * 8
-        params = sum(p.numel() * p.element_size() for lay in self._layers for p in lay.params)
+        sizes = [p.numel() * p.element_size() for lay in self._layers for p in lay.params]
         copies = int("update" in self.kinds or "drift" in self.kinds) + int("drift" in self.kinds)
-        return {"buffer": stats + loss + hist, "param_copies": params * copies,
-                "total": stats + loss + hist + params * copies}
+        param_bytes = sum(sizes) * copies + max(sizes, default=0)
+        return {"buffer": stats + loss + hist, "param_copies": param_bytes,
+                "total": stats + loss + hist + param_bytes}
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -446,6 +448,7 @@ class Probe:
                     g.rows[kind] = [self._layers[i].rows[kind] for i in g.layer_ids]
                     g.rows_t[kind] = torch.tensor(g.rows[kind], dtype=torch.long, device=device)
             with torch.no_grad():
+                g.scratch = torch.empty(max(g.numels), dtype=g.params[0].dtype, device=device)
                 if "update" in self.kinds or "drift" in self.kinds:
                     g.prev = [torch.empty_like(p) for p in g.params]
                 if "drift" in self.kinds:
@@ -531,7 +534,7 @@ class Probe:
                     numels.append(gr.numel())
                 if not grads:
                     continue
-                mat = S.param_group_stats(grads)
+                mat = S.param_group_stats(grads, g.scratch)
                 rows_t = (g.rows_t["grad"] if len(rows) == len(g.params)
                           else torch.tensor(rows, dtype=torch.long, device=mat.device))
                 self._recorder.add_many(slot, rows, rows_t, mat, numels)
@@ -556,7 +559,7 @@ class Probe:
             ws = [p.detach() for p in g.params]
             n = len(ws)
             if "weight" in self.kinds:
-                wmat = S.param_group_stats(ws)
+                wmat = S.param_group_stats(ws, g.scratch)
                 rec.add_many(slot, g.rows["weight"], g.rows_t["weight"], wmat, g.numels)
                 wsq = wmat[:, S.SUMSQ]
                 if self._hist_due():
@@ -585,6 +588,7 @@ class Probe:
         events: list[dict[str, Any]] = []
         if slot is not None:
             with torch.no_grad():
+                self._recorder.process_pending()
                 self._record_params(slot, skipped)
             scale = self.scaler._scale if self.scaler is not None else None
             self._recorder.end(slot, skipped=skipped, scale=scale)
@@ -643,7 +647,13 @@ class Probe:
             spec = lay.spec
             with torch.no_grad():
                 x = t.detach()
-                rec.add(slot, row, S.tensor_stats(x, spec.saturated if spec else None), x.numel())
+                sat_rule = spec.saturated if spec is not None else None
+                if x.numel() <= S.SMALL:
+                    # a copy: an in-place activation may overwrite the output later
+                    sat = sat_rule(x).sum() if sat_rule is not None else None
+                    rec.defer(slot, row, x.clone(), sat)
+                else:
+                    rec.add(slot, row, S.tensor_stats(x, sat_rule), x.numel())
                 if spec is not None and spec.inactive is not None:
                     rec.and_units(slot, row, S.inactive_units(x, spec.inactive))
                 if self._hist_due():
@@ -658,7 +668,10 @@ class Probe:
         rec = self._recorder
         assert rec is not None
         with torch.no_grad():
-            rec.add(slot, row, S.tensor_stats(grad), grad.numel())
+            if grad.numel() <= S.SMALL:
+                rec.defer(slot, row, grad.detach().clone(), None)
+            else:
+                rec.add(slot, row, S.tensor_stats(grad), grad.numel())
             if self._hist_due():
                 rec.add_hist(slot, row, grad)
 

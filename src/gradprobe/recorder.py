@@ -28,6 +28,8 @@ from gradprobe.store import RunWriter
 
 PASS_OF_KIND = {"act": "forward", "act_grad": "act_grad", "grad": "grad", "weight": "weight",
                 "update": "weight", "drift": "weight"}
+PENDING_LIMIT = 1 << 22
+"""Elements of small tensors queued at most before they are summarised (32 MiB of float64)."""
 PASS_ORDER = {"forward": 0, "act_grad": 1, "grad": 2, "weight": 3}
 
 
@@ -71,6 +73,9 @@ class Recorder:
         # (slot, row) -> [edges, counts, nonfinite]
         self.hist: dict[tuple[int, int], list[Tensor]] = {}
         self._unit_masks: dict[tuple[int, int], Tensor] = {}
+        # small tensors waiting to be summarised together: (slot, row, tensor, saturated count)
+        self._pending: list[tuple[int, int, Tensor, Tensor | None]] = []
+        self._pending_numel = 0
         self.kind_col = [row.kind for row in rows]
         self._sat = np.array([row.saturation_rule for row in rows], dtype=bool)
         self._dead = np.array([row.dead_rule for row in rows], dtype=bool)
@@ -126,6 +131,32 @@ class Recorder:
         idx = rows_t.unsqueeze(1).expand(-1, S.N_STATS - S.N_ADD)
         target[:, S.N_ADD :].scatter_reduce_(0, idx, mat[:, S.N_ADD :], "amax")
 
+    def defer(self, slot: int, row: int, x: Tensor, saturated: Tensor | None) -> None:
+        """Queue a small tensor (the caller passes a copy) for :meth:`process_pending`."""
+        self._touch(slot, row)
+        self._pending.append((slot, row, x, saturated))
+        self._pending_numel += x.numel()
+        if self._pending_numel > PENDING_LIMIT:
+            self.process_pending()
+
+    def process_pending(self) -> None:
+        """Summarise the queued small tensors with a fixed number of kernels and merge them."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_numel = self._pending, [], 0
+        by_slot: dict[int, list[tuple[int, Tensor, Tensor | None]]] = {}
+        for slot, row, x, sat in pending:
+            by_slot.setdefault(slot, []).append((row, x, sat))
+        for slot, items in by_slot.items():
+            mat = S.batched_stats([x for _, x, _ in items])
+            sat_idx = [i for i, (_, _, sat) in enumerate(items) if sat is not None]
+            if sat_idx:
+                sats = [items[i][2] for i in sat_idx]
+                mat[sat_idx, S.SATURATED] = torch.stack(sats).to(S.STAT_DTYPE)  # type: ignore[arg-type]
+            rows = [row for row, _, _ in items]
+            rows_t = torch.tensor(rows, dtype=torch.long, device=mat.device)
+            self.add_many(slot, rows, rows_t, mat, [x.numel() for _, x, _ in items])
+
     def and_units(self, slot: int, row: int, mask: Tensor) -> None:
         """AND a per-unit ``inactive`` mask of one micro-batch into the step's mask."""
         key = (slot, row)
@@ -153,6 +184,7 @@ class Recorder:
 
     def discard_open(self, slot: int) -> None:
         """Drop an unfinished step (detached between forward and optimizer step)."""
+        self._pending = [p for p in self._pending if p[0] != slot]
         if slot == len(self.steps) - 1:
             self.steps.pop()
             self.skipped.pop()
@@ -239,8 +271,9 @@ class Recorder:
         losses = host[off : off + n_loss]
         off += n_loss
         events: list[dict[str, Any]] = []
+        index = self.writer.next_flush()
+        scalars = self._scalars_frame(n, stats, scale)
         if n:
-            self._write_scalars(n, stats, scale)
             for slot in range(n):
                 if not self.checked[slot]:
                     ev = self.event_for(slot, stats[slot, :, S.NONFINITE])
@@ -253,7 +286,7 @@ class Recorder:
                 "loss": losses / np.maximum(self.loss_count[:n_loss], 1),
                 "count": self.loss_count[:n_loss].copy(),
             })
-            self.writer.write_part("losses", frame)
+            self.writer.write_part("losses", frame, index)
         if hist_items:
             b = self.hist_bins
             recs = []
@@ -269,7 +302,10 @@ class Recorder:
                     "kind": self.rows[row].kind, "bin_edges": h_edges.tolist(),
                     "counts": h_counts.astype(np.int64).tolist(), "nonfinite": int(h_nonfinite),
                 })
-            self.writer.write_part("hist", pd.DataFrame(recs))
+            self.writer.write_part("hist", pd.DataFrame(recs), index)
+        # The scalars part is written last: it commits the flush (readers ignore loss and
+        # histogram parts whose scalars part is missing, e.g. after a SIGKILL in between).
+        self.writer.write_part("scalars", scalars, index)
         self.steps.clear()
         self.skipped.clear()
         self.checked.clear()
@@ -278,11 +314,9 @@ class Recorder:
         self.hist.clear()
         return events
 
-    def _write_scalars(self, n: int, stats: np.ndarray, scale: np.ndarray) -> None:
+    def _scalars_frame(self, n: int, stats: np.ndarray, scale: np.ndarray) -> pd.DataFrame:
         touched = self.touched[:n]
         slot_idx, row_idx = np.nonzero(touched)
-        if slot_idx.size == 0:
-            return
         st = stats[slot_idx, row_idx]  # [k, N_STATS]
         sc = scale[slot_idx]
         ag = self._act_grad[row_idx]
@@ -308,7 +342,7 @@ class Recorder:
             "skipped": np.asarray(self.skipped, dtype=bool)[slot_idx],
             "scale": sc,
         })
-        self.writer.write_part("scalars", frame)
+        return frame
 
 
 __all__ = ["Recorder", "RowInfo"]

@@ -17,7 +17,11 @@ Example
     >>> import tempfile, pandas as pd
     >>> d = tempfile.mkdtemp()
     >>> w = RunWriter.create(d + "/run", config={}, overwrite=False)
-    >>> _ = w.write_part("losses", pd.DataFrame({"step": [0], "loss": [1.5], "count": [1]}))
+    >>> i = w.next_flush()
+    >>> _ = w.write_part("losses", pd.DataFrame({"step": [0], "loss": [1.5], "count": [1]}), i)
+    >>> read_parts(w.path, "losses").empty   # not committed until its scalars part exists
+    True
+    >>> _ = w.write_part("scalars", pd.DataFrame({"step": [0]}), i)
     >>> read_parts(w.path, "losses")["loss"].tolist()
     [1.5]
 """
@@ -74,7 +78,7 @@ class RunWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._parts = dict.fromkeys(PART_DIRS, 0)
+        self._flushes = 0
         self.meta: dict[str, Any] = {}
 
     @classmethod
@@ -139,10 +143,18 @@ class RunWriter:
         except OSError as exc:
             raise RunDirError(f"cannot write {self.path / META}: {exc}") from exc
 
-    def write_part(self, kind: str, frame: pd.DataFrame) -> Path:
-        """Write ``frame`` as the next part of ``kind`` (one of ``PART_DIRS``), atomically."""
-        index = self._parts[kind]
-        self._parts[kind] = index + 1
+    def next_flush(self) -> int:
+        """Index of the next flush; its parts share it (``part-{index:05d}.parquet``)."""
+        index = self._flushes
+        self._flushes += 1
+        return index
+
+    def write_part(self, kind: str, frame: pd.DataFrame, index: int) -> Path:
+        """Write ``frame`` as part ``index`` of ``kind`` (one of ``PART_DIRS``), atomically.
+
+        A flush writes its ``losses`` and ``hist`` parts first and its ``scalars`` part last:
+        the scalars part commits the flush.
+        """
         target = self.path / kind / f"part-{index:05d}.parquet"
         tmp = target.with_name("." + target.name + ".tmp")
         table = pa.Table.from_pandas(frame, preserve_index=False)
@@ -190,11 +202,15 @@ def part_files(path: Path, kind: str) -> list[Path]:
 
 
 def read_parts(path: Path, kind: str) -> pd.DataFrame:
-    """Concatenate the finished parts of ``kind`` (an empty frame when there are none)."""
+    """Concatenate the committed parts of ``kind`` (an empty frame when there are none)."""
     files = part_files(path, kind)
+    if kind != "scalars":
+        committed = {p.name for p in part_files(path, "scalars")}
+        files = [f for f in files if f.name in committed]
     if not files:
         return pd.DataFrame()
     frames = [pq.read_table(f).to_pandas() for f in files]
+    frames = [f for f in frames if len(f)] or frames[:1]
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 
