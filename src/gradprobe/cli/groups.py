@@ -13,3 +13,6 @@ def register(app: typer.Typer) -> None:
     from gradprobe.cli import preflight
 
     preflight.register(app)
+    from gradprobe.cli import runs
+
+    runs.register(app)

@@ -1,0 +1,115 @@
+"""``gradprobe runs ls DIR`` (the runs under a directory) and ``gradprobe runs show RUN``.
+
+Other ``runs`` subcommands (e.g. ``compare``) attach to :data:`app` with ``@app.command``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from gradprobe.errors import RunDirError
+
+app = typer.Typer(name="runs", help="List and inspect recorded runs.", no_args_is_help=True)
+
+
+def find_runs(root: Path, max_depth: int = 3) -> list[Path]:
+    """Run directories (holding ``meta.json``) at or below ``root``, sorted by path."""
+    if not root.is_dir():
+        raise RunDirError(f"{str(root)!r} is not a directory", hint="pass a folder of runs")
+    found: list[Path] = []
+
+    def walk(d: Path, depth: int) -> None:
+        if (d / "meta.json").is_file():
+            found.append(d)
+            return
+        if depth >= max_depth:
+            return
+        for child in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            walk(child, depth + 1)
+
+    walk(root, 0)
+    return found
+
+
+def summary(path: Path) -> dict[str, Any]:
+    """One line of ``runs ls``: steps, layers, status, last loss, non-finite events."""
+    from gradprobe.run import Run
+
+    run = Run.open(path)
+    meta = run.meta
+    losses = run.losses()
+    scalars = run.raw_scalars()
+    return {
+        "run": str(path),
+        "status": meta.get("status", "?"),
+        "steps": int(scalars["step"].max()) + 1 if len(scalars) else 0,
+        "layers": len(meta.get("layers", [])),
+        "last_loss": float(losses["loss"].iloc[-1]) if len(losses) else math.nan,
+        "events": len(run.events()),
+        "model": meta.get("config", {}).get("model", "?"),
+    }
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "-" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+@app.command("ls")
+def ls(directory: Path = typer.Argument(Path("runs"), help="Folder holding run directories.")) -> None:
+    """List the runs under DIRECTORY with their status, steps, layers and last loss."""
+    runs = find_runs(directory)
+    if not runs:
+        typer.echo(f"no runs under {directory}")
+        return
+    rows = [summary(p) for p in runs]
+    cols = ["run", "status", "steps", "layers", "last_loss", "events", "model"]
+    widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols}
+    typer.echo("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        typer.echo("  ".join(_fmt(r[c]).ljust(widths[c]) for c in cols))
+
+
+@app.command("show")
+def show(
+    run_dir: Path = typer.Argument(..., help="A run directory."),
+    kind: str = typer.Option("grad", help="Kind whose last recorded step is tabulated."),
+) -> None:
+    """Show a run: its configuration, and one line per layer with the last step's statistics."""
+    from gradprobe.errors import ConfigError
+    from gradprobe.run import Run
+    from gradprobe.stats import KINDS
+
+    if kind not in KINDS:
+        raise ConfigError(f"unknown kind {kind!r}", hint=f"choose from {', '.join(KINDS)}")
+    run = Run.open(run_dir)
+    info = summary(run_dir)
+    typer.echo(f"run {run_dir}: {info['status']}, {info['steps']} steps, {info['layers']} layers, "
+               f"model {info['model']}, {info['events']} non-finite events")
+    cfg = run.meta.get("config", {})
+    typer.echo("config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
+    df = run.scalars(kinds=kind)
+    if df.empty:
+        typer.echo(f"no {kind} statistics recorded yet")
+        return
+    last = df[df["step"] == df["step"].max()]
+    cols = ["layer", "count", "norm", "rms", "abs_max", "zero_frac", "saturated_frac",
+            "dead_frac", "nonfinite"]
+    typer.echo(f"{kind} at step {int(last['step'].iloc[0])}:")
+    table = [[_fmt(v) for v in row] for row in last[cols].itertuples(index=False)]
+    widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(cols)]
+    typer.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in table:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="runs")
+
+
+__all__ = ["app", "find_runs", "register", "summary"]
