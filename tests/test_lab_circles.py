@@ -18,7 +18,8 @@ SMALL = {"epochs": 6, "seeds": 5}
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("circles")
-    return gp.lab.run("circles", out=out, **SMALL), out
+    config = gp.lab.make_config("circles", **SMALL)
+    return gp.lab.get("circles").run(config, out=out), out
 
 
 def test_every_claim_holds_at_reduced_size(result):
@@ -49,8 +50,9 @@ def test_tables_runs_and_figures(result):
     assert set(res.runs) == {f"{a}-seed{s}" for a in ("sigmoid", "tanh", "relu") for s in range(5)}
     for name, path in res.runs.items():
         assert path == out / "runs" / name and (path / "meta.json").exists()
+    written = gp.lab.write(res, out, formats=("png",))
     for fig in ("accuracy_loss", "part2_weights", "part2_gradients"):
-        assert (out / f"{fig}.png").stat().st_size > 20_000
+        assert out / f"{fig}.png" in written and (out / f"{fig}.png").stat().st_size > 20_000
     curves = res.tables["curves"]
     assert curves.groupby(["model", "seed"]).size().eq(SMALL["epochs"]).all()
 

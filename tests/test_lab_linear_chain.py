@@ -54,7 +54,8 @@ def test_measured_equals_formula_and_numpy(depth):
 
 
 def test_explodes_and_vanishes_claim_and_figure(tmp_path):
-    result = gp.lab.run("linear-chain", depth=30, out=tmp_path)
+    result = gp.lab.run("linear-chain", depth=30)
+    gp.lab.write(result, tmp_path, formats=("png",))
     claim = result.claim("a > 1 explodes")
     assert claim.holds
     main = result.table.set_index("a")

@@ -63,7 +63,8 @@ def test_deterministic(result):
 
 
 def test_figure_is_drawn(tmp_path):
-    gp.lab.run("sigmoid-bound", depth=3, width=8, batch=16, out=tmp_path)
+    result = gp.lab.run("sigmoid-bound", depth=3, width=8, batch=16)
+    gp.lab.write(result, tmp_path, formats=("png",))
     assert (tmp_path / "sigmoid_bound.png").stat().st_size > 10_000
 
 

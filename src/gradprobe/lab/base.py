@@ -247,7 +247,10 @@ def _write_text(text: str, path: Path) -> None:
 
 
 def _save_figure(fig: Figure, fmt: str, path: Path) -> None:
-    fig.savefig(path, format=fmt, dpi=130, bbox_inches="tight")
+    # A figure with a layout engine (constrained layout, as report.style makes them) is already
+    # laid out; "tight" would draw it a second time just to measure it.
+    tight = None if fig.get_layout_engine() is not None else "tight"
+    fig.savefig(path, format=fmt, dpi=130, bbox_inches=tight)
 
 
 def _markdown(frame: pd.DataFrame) -> str:

@@ -265,7 +265,7 @@ def _claims(cfg: CirclesConfig, seeds_table: pd.DataFrame, ratio: pd.DataFrame) 
     if "sigmoid" in mean2.index and len(mean2) > 1:
         others = [a for a in mean2.index if a != "sigmoid"]
         claims.append(Claim(
-            f"part 2: the deep sigmoid network ends far less accurate than {' and '.join(others)} "
+            f"part 2: the deep sigmoid network ends less accurate than {' and '.join(others)} "
             f"({n}-seed mean)",
             all(mean2["sigmoid"] < mean2[a] for a in others),
             "; ".join(f"{a} {mean2[a]:.3f} ± {std2[a]:.3f}" for a in mean2.index),
@@ -293,6 +293,8 @@ def _claims(cfg: CirclesConfig, seeds_table: pd.DataFrame, ratio: pd.DataFrame) 
 
 def plot(result: LabResult) -> dict[str, Figure]:
     """Accuracy over seeds; loss curves; Part 2 weights and gradients per layer per epoch."""
+    from matplotlib.ticker import MaxNLocator
+
     from gradprobe.report import style
 
     cfg: CirclesConfig = result.config
@@ -320,9 +322,15 @@ def plot(result: LabResult) -> dict[str, Figure]:
     ax.set_xticks(range(len(models)), [m.replace(", ", "\n") for m in models], fontsize="small",
                   rotation=20, ha="right")
     ax.axhline(0.5, color="grey", linewidth=0.8)
+    parts = list(dict.fromkeys(seeds_table["part"]))
+    if len(parts) == 2:  # separate and name the two studies
+        n1 = int((seeds_table.drop_duplicates("model")["part"] == 1).sum())
+        ax.axvline(n1 - 0.5, color="black", linewidth=0.8)
+        ax.text(-0.4, 1.005, "part 1: Glorot init, Adam", fontsize="small", va="bottom")
+        ax.text(n1 - 0.4, 1.005, f"part 2: N(0,{cfg.weight_std:g}²) init, RMSprop", fontsize="small", va="bottom")
     style.finish(ax, title="training accuracy after training (bar: mean ± std)", xlabel="",
                  ylabel="accuracy")
-    ax.set_ylim(0.4, 1.02)
+    ax.set_ylim(0.4, 1.06)
     ax.legend(fontsize="small", loc="lower left")
 
     ax = axes[0, 1]
@@ -333,6 +341,7 @@ def plot(result: LabResult) -> dict[str, Figure]:
     style.finish(ax, title="training loss per epoch (mean ± std over seeds)", xlabel="epoch",
                  ylabel="binary cross-entropy",
                  scale=style.choose_scale(curves["loss"]))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize="small")
     figures["accuracy_loss"] = fig
 
@@ -361,6 +370,8 @@ def plot(result: LabResult) -> dict[str, Figure]:
                           ylabel="mean of W, b", colors=lcolors, scale="linear", legend=j == 0)
         style.plot_layers(axes[1, j], x, std, title=f"{act}: weight std", xlabel="epoch",
                           ylabel="std of W, b", colors=lcolors, scale="linear", legend=False)
+    for ax in axes.ravel():
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     figures["part2_weights"] = fig
 
     # gradients: mean, std (log), mean |g| (log) per layer per epoch, and the loss
@@ -386,6 +397,7 @@ def plot(result: LabResult) -> dict[str, Figure]:
         axes[3, j].plot(lc["epoch"], lc["loss"], color="black")
         style.finish(axes[3, j], title=f"{act}: training loss", xlabel="epoch",
                      ylabel="binary cross-entropy")
+        axes[3, j].xaxis.set_major_locator(MaxNLocator(integer=True))
     figures["part2_gradients"] = fig
     return figures
 
