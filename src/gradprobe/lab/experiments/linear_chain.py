@@ -205,7 +205,8 @@ def run(config: LinearChainConfig, *, progress: Progress = no_progress, out: Pat
             f"a > 1 explodes and a < 1 vanishes: over {L} layers the input gradient is scaled by "
             f"{growth[big]:.3g} (a={big:g}) and {growth[small]:.3g} (a={small:g})",
             growth[big] > 1.0 > growth[small],
-            f"a = 1 keeps it at {growth.get(1.0, float('nan')):.3g}; largest relative error {max_err:.2e}",
+            (f"a = 1 keeps it at {growth[1.0]:.3g}; " if 1.0 in growth else "")
+            + f"largest relative error {max_err:.2e}",
         ))
     return LabResult(
         name=NAME, config=config, tables={"main": main, "layers": layers},
