@@ -83,6 +83,12 @@ def test_propagate_matches_autograd():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_rerun_gives_identical_numbers(result):
+    torch.manual_seed(123)  # the global RNG state must not matter
+    again = dh.run(SMALL)
+    assert again.tables["main"].equals(result.tables["main"])
+
+
 def test_bad_config_is_one_clear_error():
     with pytest.raises(ConfigError, match="leaves no units"):
         dh.DepthHistogramsConfig(width=100, step=50, depth=10).validate()

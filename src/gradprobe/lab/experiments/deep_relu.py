@@ -89,7 +89,7 @@ def run(config: DeepReluConfig, *, progress: Progress = no_progress,
                 model, xtr, ytr, loss="cross_entropy", optimizer="momentum", lr=config.lr,
                 optimizer_options={"momentum": config.momentum}, epochs=config.epochs,
                 batch_size=config.batch_size, seed=config.seed, x_test=xte, y_test=yte,
-                run_dir=run_dir,
+                run_dir=run_dir, probe_options={"kinds": ("grad",), "overwrite": True},
             )
             scal = gp.Run.open(run_dir).scalars(kinds="grad")
             grads[label] = scal[scal["layer"].str.startswith("fc")][["step", "layer", "norm"]].copy()

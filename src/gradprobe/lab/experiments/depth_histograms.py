@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from gradprobe import activations
 from gradprobe.errors import ConfigError
+from gradprobe.lab import train
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
 from gradprobe.remedies.init import init_
 
@@ -200,8 +201,8 @@ def run(config: DepthHistogramsConfig, *, progress: Progress = no_progress,
     hists: dict[tuple[str, int, str], tuple[np.ndarray, np.ndarray]] = {}
     for k, (act, label, scheme, kwargs) in enumerate(ROWS):
         progress(f"{act} {label}", k, len(ROWS))
-        torch.manual_seed(config.seed)
-        model = sequential_mlp(config.sizes, act)
+        with train.seeded(config.seed):  # init_ redraws every weight from its own generator
+            model = sequential_mlp(config.sizes, act)
         init_(model, scheme, generator=torch.Generator().manual_seed(config.seed + 1), **kwargs)  # type: ignore[arg-type]
         sig = propagate(model, x, generator=torch.Generator().manual_seed(config.seed + 2))
         key = f"{act} {label}"
