@@ -154,3 +154,25 @@ def test_first_float_tensor_of_structured_outputs():
     assert first_float_tensor((torch.tensor([1, 2]), {"h": a})) is a
     assert first_float_tensor(Out(torch.tensor([1]), a)) is a
     assert first_float_tensor([None, "x"]) is None
+
+
+@pytest.mark.parametrize("accelerator_path", [False, True])
+def test_both_device_paths_agree_with_reference(accelerator_path, monkeypatch):
+    """The branch-free path used on accelerators (exact counts always) and the CPU path."""
+    if accelerator_path:
+        monkeypatch.setattr(S, "_cpu", lambda device: False)
+    torch.manual_seed(0)
+    ts = [torch.relu(torch.randn(40, 30)), torch.randn(9000), torch.zeros(3),
+          torch.tensor([0.0, math.nan, math.inf, 2.0])]
+    mat = S.param_group_stats(ts, torch.empty(9000))
+    for i, t in enumerate(ts):
+        ref = S.reference_stats([t])
+        raw = _raw_from_vec(mat[i], t.numel())
+        for k in ("nonzero", "nonfinite"):
+            assert raw[k] == ref[k], (i, k)
+        if ref["nonfinite"] == 0:
+            for k in ("sum", "sumsq", "abs_sum", "min", "max"):
+                assert raw[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), (i, k)
+        vec = S.tensor_stats(t)
+        assert vec[S.NONFINITE].item() == ref["nonfinite"]
+        assert vec[S.NONZERO].item() == ref["nonzero"]

@@ -116,10 +116,16 @@ def _float(x: Tensor) -> Tensor:
 _EXACT_FLOAT_COUNT = 1 << 24  # float32 sums of 0/1 are exact below 2^24 elements
 
 
+def _cpu(device: torch.device) -> bool:
+    """True where reading a value costs no host-device synchronisation (tests patch this to
+    run the accelerator path on CPU)."""
+    return device.type == "cpu"
+
+
 def _counts_fast(device: torch.device, numel: int) -> bool:
     # On CPU, torch.count_nonzero is ~20x slower than summing sign(|x|) (0 or 1 per element);
     # on accelerators it is fast, and no branch on values may be taken there.
-    return device.type == "cpu" and numel < _EXACT_FLOAT_COUNT
+    return _cpu(device) and numel < _EXACT_FLOAT_COUNT
 
 
 def _abs_stats(t: Tensor, scratch: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -144,12 +150,12 @@ def _fix_nonfinite_(ts: Sequence[Tensor], mat: Tensor) -> Tensor:
     (a branch there would synchronise).
     """
     sums = mat[:, SUM]
-    if sums.device.type == "cpu" and bool(torch.isfinite(sums).all()):
+    if _cpu(sums.device) and bool(torch.isfinite(sums).all()):
         return mat
     mat[:, NONFINITE] = torch.stack(
         [t.numel() - torch.count_nonzero(torch.isfinite(t)) for t in ts]
     ).to(STAT_DTYPE)
-    if sums.device.type == "cpu":  # the sign trick gave NaN counts: count exactly
+    if _cpu(sums.device):  # the sign trick gave NaN counts: count exactly
         mat[:, NONZERO] = torch.stack([torch.count_nonzero(t) for t in ts]).to(STAT_DTYPE)
     return mat
 
@@ -222,7 +228,7 @@ def batched_stats(tensors: Sequence[Tensor]) -> Tensor:
     k = len(flats)
     seg = _segment_ids(tuple(f.numel() for f in flats), flat.device)
     a = flat.abs()
-    rows = torch.stack([flat, flat * flat, a, a.sign()])
+    rows = torch.stack([flat, flat * flat, a, flat.ne(0).to(STAT_DTYPE)])
     add = torch.zeros(4, k, dtype=STAT_DTYPE, device=flat.device).index_add_(1, seg, rows)
     ext = torch.full((2, k), -math.inf, dtype=STAT_DTYPE, device=flat.device)
     ext.scatter_reduce_(1, seg.expand(2, -1), torch.stack([-flat, flat]), "amax")
