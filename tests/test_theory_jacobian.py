@@ -17,6 +17,15 @@ from gradprobe.theory.jacobian import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Small problems: one thread avoids oversubscribing a shared CPU.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _chain(kind, n=100, depth=50, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     layers = []

@@ -193,10 +193,10 @@ def preflight_cmd(
         net = build_mlp(sizes, activation)
         shape: tuple[int, ...] = (batch, sizes[0])
     else:
+        factory = load_factory(model)
         if input_shape is None:
             raise ConfigError("--model needs --input-shape", hint="e.g. --input-shape 32,3,32,32")
         shape = parse_shape(input_shape)
-        factory = load_factory(model)
         try:
             net = factory()
         except TypeError as exc:

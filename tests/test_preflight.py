@@ -1,0 +1,274 @@
+"""preflight: measurement against autograd, theory against measurement, verdict against training."""
+
+import copy
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradprobe as gp
+from gradprobe.errors import ConfigError, NonFiniteError, UnsupportedModelError
+from gradprobe.lab.data import circles
+from gradprobe.lab.zoo import mlp
+from gradprobe.theory import meanfield as mf
+
+
+def _init(net, s2, b2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen)
+                               * math.sqrt(s2 / m.weight[0].numel()))
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * math.sqrt(b2))
+    return net
+
+
+def _reference_stats(net, x, seed):
+    """Mean squares of every Linear output and of its gradient, by retain_grad (slow path)."""
+    outs = []
+    h = x
+    for m in net:
+        h = m(h)
+        if isinstance(m, nn.Linear):
+            h.retain_grad()
+            outs.append(h)
+    gen = torch.Generator().manual_seed(seed)
+    h.backward(torch.randn(h.shape, generator=gen))
+    return ([float(o.detach().double().pow(2).mean()) for o in outs],
+            [float(o.grad.double().pow(2).mean()) for o in outs])
+
+
+def test_measurements_match_autograd_reference_with_inplace_relu():
+    torch.manual_seed(0)
+    net = mlp([30, 40, 40, 40, 5], "relu")
+    for m in net:
+        if isinstance(m, nn.ReLU):
+            m.inplace = True
+    x = torch.randn(64, 30)
+    report = gp.preflight(net, x, seed=7)
+    ref_net = copy.deepcopy(net)
+    for m in ref_net:
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    q_ref, g_ref = _reference_stats(ref_net, x, seed=7)
+    rows = report.table().set_index("name").loc[["fc1", "fc2", "fc3", "out"]]
+    np.testing.assert_allclose(rows["q_measured"].to_numpy(), q_ref, rtol=1e-5)
+    np.testing.assert_allclose(rows["grad_ms"].to_numpy(), g_ref, rtol=1e-5)
+    np.testing.assert_allclose(rows["ratio_measured"].to_numpy()[:3],
+                               np.array(g_ref[:3]) / np.array(g_ref[1:]), rtol=1e-5)
+
+
+def test_model_is_left_exactly_as_it_was():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(inplace=True),
+                        nn.Dropout(0.3), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2))
+    net.train()
+    net[0].weight.grad = torch.ones_like(net[0].weight)  # an existing gradient stays
+    state = copy.deepcopy(net.state_dict())
+    x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+    rng = torch.get_rng_state()
+    report = gp.preflight(net, x, F.cross_entropy, y)
+    assert report.verdict in {"vanishing", "exploding", "fine"}
+    after = net.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state)  # BN running stats restored
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(net[0].weight.grad, torch.ones_like(net[0].weight))
+    assert all(p.grad is None for n, p in net.named_parameters() if n != "0.weight")
+    assert all(not m._forward_hooks for m in net.modules())
+    assert net.training and net[3].training
+
+
+def test_predictions_follow_the_mean_field_trajectory_and_agree_with_measurement():
+    width, depth, s2, b2 = 200, 15, 1.5, 0.05
+    logs_meas, logs_pred = [], []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        net = _init(mlp([width] * (depth + 1) + [10], "tanh"), s2, b2, seed)
+        x = torch.randn(128, width)
+        table = gp.preflight(net, x, seed=seed).table().set_index("name")
+        # Slow reference: the recursion by hand from the weights actually drawn.
+        linears = [m for m in net if isinstance(m, nn.Linear)]
+        q = None
+        for i, lin in enumerate(linears[:-1]):
+            s_w2 = lin.in_features * float(lin.weight.double().pow(2).mean())
+            s_b2 = float(lin.bias.double().pow(2).mean())
+            if q is None:
+                q = s_w2 * float(x.double().pow(2).mean()) + s_b2
+            else:
+                q = s_w2 * mf.second_moment("tanh", q) + s_b2
+            nxt = linears[i + 1]
+            pred = nxt.out_features * float(nxt.weight.double().pow(2).mean()) * \
+                mf.derivative_second_moment("tanh", q)
+            name = f"fc{i + 1}"
+            assert table.loc[name, "q_predicted"] == pytest.approx(q, rel=1e-9)
+            assert table.loc[name, "ratio_predicted"] == pytest.approx(pred, rel=1e-9)
+        rows = table[table["ratio_predicted"].notna()].iloc[:-1]  # the narrow out layer apart
+        logs_meas.append(np.log(rows["ratio_measured"].to_numpy(float)))
+        logs_pred.append(np.log(rows["ratio_predicted"].to_numpy(float)))
+    assert math.exp(np.mean(logs_meas) - np.mean(logs_pred)) == pytest.approx(1.0, abs=0.03)
+
+
+def test_unsupported_layers_are_measured_and_marked():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 16)
+            self.act = nn.Tanh()
+
+        def forward(self, x):
+            return x + self.act(self.lin(x))
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), Residual(),
+                        nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 3))
+    report = gp.preflight(net, torch.randn(16, 8))
+    t = report.table().set_index("name")
+    assert len(t) == 8  # every leaf module that ran has a row
+    assert not t.loc["0", "theory"] and "LayerNorm" in t.loc["0", "note"]
+    assert not t.loc["1", "theory"]
+    assert not t.loc["2", "theory"] and "not preceded" in t.loc["2", "note"]
+    # The residual's Linear feeds tanh, but the sum, not a weight layer, consumes tanh's output.
+    assert t.loc["3.lin", "theory"] and math.isnan(t.loc["3.lin", "ratio_predicted"])
+    assert t.loc["4", "theory"] and t.loc["4", "activation"] == "gelu"
+    assert t.loc["6", "activation"] == "identity"
+    assert np.isfinite(t["grad_ms"].to_numpy(float)).all()
+    assert "no theory" in str(report)
+
+
+def test_conv_layers_are_supported_with_fan_out_per_input_element():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 64, 10),
+    )
+    _init(net, 2.0, 0.0)
+    t = gp.preflight(net, torch.randn(32, 16, 8, 8)).table().set_index("name")
+    assert t.loc["0", "fan_in"] == 16 * 9 and t.loc["2", "fan_out"] == 32 * 9
+    assert t.loc["2", "ratio_predicted"] == pytest.approx(1.0, rel=0.1)  # He init: critical
+    # Zero padding loses the border: on 8x8 maps the measured ratio is somewhat below 1.
+    assert 0.7 < t.loc["2", "ratio_measured"] < 1.1
+    assert t.loc["4", "next_layer"] == "7"  # through Flatten
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny nets: one thread avoids oversubscribing a shared CPU (10x faster there).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _final_loss(net, x, y, steps=150):
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(steps):
+        loss = F.binary_cross_entropy_with_logits(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return float(loss)
+
+
+def test_verdict_agrees_with_what_training_shows():
+    x, y, _, _ = circles(400, seed=0)
+    bce = F.binary_cross_entropy_with_logits
+    crit_s2 = mf.critical_sigma_w2("tanh", 0.05)
+    ordered_losses, critical_losses = [], []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        ordered = _init(mlp([2] + [32] * 20 + [1], "tanh"), 0.5, 0.05, seed)
+        critical = _init(mlp([2] + [32] * 20 + [1], "tanh"), crit_s2, 0.05, seed)
+        r_ord = gp.preflight(ordered, x, bce, y)
+        r_crit = gp.preflight(critical, x, bce, y)
+        assert r_ord.verdict == "vanishing" and r_ord.phase == "ordered"
+        assert r_ord.max_depth is not None and r_ord.max_depth < 20
+        # The fix uses the biases actually drawn (32 of them: σ_b² within ~25 % of 0.05).
+        fix = r_ord.fix
+        assert fix is not None and fix.sigma_w2 == pytest.approx(1.76, abs=0.1)
+        assert mf.chi1("tanh", fix.sigma_w2, fix.sigma_b2) == pytest.approx(1.0, abs=1e-6)
+        assert r_crit.verdict == "fine" and r_crit.meanfield is not None
+        assert r_crit.meanfield.chi1 == pytest.approx(1.0, abs=0.05)  # drawn weights: near 1
+        ordered_losses.append(_final_loss(ordered, x, y))
+        critical_losses.append(_final_loss(critical, x, y))
+    # Ordered: every seed stays at the constant predictor's loss ln 2 = 0.693.
+    assert min(ordered_losses) > 0.69
+    # Critical: most seeds fit the circles (one seed in three may still sit on a plateau).
+    assert sorted(critical_losses)[1] < 0.5
+
+
+def test_bad_inputs_give_one_clear_error():
+    net = mlp([4, 8, 2], "tanh")
+    with pytest.raises(UnsupportedModelError, match="nn.Module"):
+        gp.preflight(lambda x: x, torch.randn(8, 4))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="tensor or a tuple"):
+        gp.preflight(net, [[1.0, 2.0]])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="at least 2"):
+        gp.preflight(net, torch.randn(1, 4))
+    with pytest.raises(ConfigError, match="scalar"):
+        gp.preflight(net, torch.randn(8, 4), lambda out: out)
+    with pytest.raises(ConfigError, match="threshold"):
+        gp.preflight(net, torch.randn(8, 4), threshold=-1.0)
+    huge = _init(mlp([4, 8, 8, 2], "relu"), 1e80, 0.0)
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        gp.preflight(huge, torch.randn(8, 4))
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "gradprobe.cli.main", "preflight", *args],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+def _cli_inproc(capsys, *args):
+    """The same entry point in this process (no interpreter start-up per case)."""
+    from gradprobe.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["preflight", *args])
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+def test_cli_mlp_verdicts_and_csv(tmp_path, capsys):
+    out = _cli("--mlp", "64,64x16,10", "--activation", "tanh", "--init", "sigma_w2:0.5",
+               "--sigma-b2", "0.05", "--csv", str(tmp_path / "t.csv"))
+    assert out.returncode == 0, out.stderr
+    assert "VANISHING" in out.stdout and (tmp_path / "t.csv").exists()
+    code, stdout, _ = _cli_inproc(capsys, "--mlp", "64,64x16,10", "--activation", "tanh",
+                                  "--init", "critical", "--sigma-b2", "0.05")
+    assert code == 0 and "FINE" in stdout
+
+
+def test_cli_model_factory_and_errors(tmp_path, capsys, monkeypatch):
+    (tmp_path / "mynets.py").write_text(textwrap.dedent("""
+        import torch
+        def make():
+            return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
+                                       torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4))
+    """))
+    out = _cli("--model", "mynets:make", "--input-shape", "8,3,8,8", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "Conv2d" in out.stdout
+    for args, message in [
+        (["--mlp", "10,ax3"], "not a list of widths"),
+        (["--mlp", "10,10", "--init", "bogus"], "unknown --init"),
+        (["--mlp", "10,10", "--init", "normal:abc"], "must be a number"),
+        (["--model", "mynets"], "module.path:factory"),
+        (["--model", "mynets:make"], "--input-shape"),
+        (["--model", "mynets:make", "--input-shape", "8,3,5,5"], "failed on inputs"),
+        (["--model", "mynets:nothing", "--input-shape", "8,3,8,8"], "no callable"),
+        ([], "exactly one of"),
+    ]:
+        monkeypatch.chdir(tmp_path)
+        code, _, err = _cli_inproc(capsys, *args)
+        assert code == 2, (args, err)
+        assert message in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 2  # error + hint
