@@ -38,6 +38,7 @@ def test_list_shows_experiments_and_defaults(capsys):
     code, out, _ = _cli(capsys, "lab", "list")
     assert code == 0
     assert "linear-chain" in out and "sigmoid-bound" in out and "--depth 50" in out
+    assert "--part1 true" in out
 
 
 def test_run_writes_outputs_and_prints_table_and_claims(capsys, tmp_path):

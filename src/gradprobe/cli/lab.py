@@ -63,6 +63,8 @@ def _console() -> Any:
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, bool):  # as the option is typed: --part1 false
+        return "true" if value else "false"
     if isinstance(value, float):
         if value == 0 or 1e-3 <= abs(value) < 1e5:
             return f"{value:.4g}"
