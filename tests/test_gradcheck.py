@@ -177,6 +177,8 @@ def test_full_mode_numbers_match_textbook_loop_vectorised_and_not():
     for vectorize in (True, False):
         rep = gp.gradcheck(model, F.mse_loss, x, y, n_worst=100, vectorize=vectorize)
         assert rep.vectorized is vectorize and rep.ok
+        # The vectorised check uses the rank-1 path for every nn.Linear tensor.
+        assert any("rank-1" in n and "2.weight" in n for n in rep.notes) is vectorize
         for row in rep.rows:
             got = _numeric_from_worst(row)
             assert len(got) == row.n_checked == ref[row.name].numel()
@@ -362,6 +364,8 @@ def test_regularisation_sees_perturbed_parameters():
 
     rep = gp.gradcheck(model, F.mse_loss, x, y, regularization=l2)
     assert rep.ok
+    # The regulariser also reads the weights: the rank-1 output shortcut must have been refused.
+    assert not any("rank-1" in n for n in rep.notes)
     plain = gp.gradcheck(model, F.mse_loss, x, y)
     # The regulariser changes the gradient a lot, so agreement means the numeric side saw it.
     assert rep.rows[0].analytic_norm > 1.5 * plain.rows[0].analytic_norm
@@ -375,6 +379,7 @@ def test_tied_parameters_checked_once():
     x = torch.randn(5, 4)
     rep = gp.gradcheck(model, lambda out: out.pow(2).mean(), x)
     assert [r.name for r in rep.rows] == ["0.weight"] and rep.ok
+    assert not any("rank-1" in n for n in rep.notes)  # used by two layers
 
 
 def test_model_dtype_inputs_and_dict_inputs():
@@ -513,3 +518,17 @@ def test_functional_dropout_detected_and_reseeded():
         assert any("draws random numbers" in n for n in rep.notes)
     plain = gp.gradcheck(nn.Linear(4, 1), F.mse_loss, x, y)
     assert not any("random" in n for n in plain.notes)
+
+
+def test_rank1_path_with_inplace_activation_matches_loop():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.SiLU(),
+                          nn.Linear(8, 1))
+    x, y = torch.randn(6, 5), torch.randn(6, 1)
+    fast = gp.gradcheck(model, F.mse_loss, x, y, n_worst=100)
+    slow = gp.gradcheck(model, F.mse_loss, x, y, n_worst=100, vectorize=False)
+    assert fast.ok and slow.ok and fast.vectorized
+    for rf, rs in zip(fast.rows, slow.rows):
+        nf = {c.index: c.numeric for c in rf.worst}
+        ns = {c.index: c.numeric for c in rs.worst}
+        assert nf == pytest.approx(ns, rel=1e-6, abs=1e-8), rf.name

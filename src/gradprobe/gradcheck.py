@@ -333,6 +333,7 @@ class _Evaluator:
     fallback_reason: str | None = None
     n_evaluations: int = 0
     has_hooks: bool = False
+    fast_used: tuple[str, ...] = ()
 
     def eval_rows(self, t: int, values: Tensor) -> tuple[Tensor, Tensor | None]:
         """J with tensor t set to values[r] (flat) for every row r, and per row the number of
@@ -470,6 +471,8 @@ class _ModelEvaluator(_Evaluator):
         self.kink = _KinkState()
         self._hook_handles = self._add_kink_hooks(clone)
         self._fast_state: tuple[nn.Module, str, Tensor, Tensor] | None = None
+        self._sparse: list[tuple[Tensor, Tensor, Tensor, Tensor, int]] | None = None
+        self.patched: list[nn.Module] = []
         self.fast = self._find_linear_params(clone)  # tensor index -> (module, "weight"/"bias")
         self.fast_ok: dict[int, bool] = {}
         self.has_hooks = bool(self._hook_handles)
@@ -590,11 +593,13 @@ class _ModelEvaluator(_Evaluator):
         """Parameters of plain ``nn.Linear`` modules, called once per forward pass.
 
         Their coordinate perturbations can be applied to the layer's *output*:
-        ``x (W + δE_ij)ᵀ = x Wᵀ + δ x_j e_iᵀ`` and ``b + δe_i``, exact in exact arithmetic, so
-        the perturbed forward pass costs a rank-1 update instead of a copy of ``W`` and a matmul
-        per perturbation. Whether the parameter is used anywhere else (tied weights, a
-        regulariser, a custom Function reading ``module.weight``) is checked numerically before
-        this path is used (:meth:`_validate_fast`)."""
+        ``x (W + δE_ij)ᵀ = x Wᵀ + δ x_j e_iᵀ`` and ``b + δe_i``, exact in exact arithmetic. The
+        change stays in one output column through elementwise activations (``a_i' = φ(z_i')``,
+        only that column recomputed) and becomes a rank-1 update at the next ``nn.Linear``
+        (``z' = z + Δa_i W[:, i]ᵀ``), so a perturbed forward pass costs a few column updates
+        instead of a copy of ``W`` and full matmuls. Whether the parameter is used anywhere else
+        (tied weights, a regulariser, a custom Function reading ``module.weight``) is checked
+        numerically before this path is used (:meth:`_validate_fast`)."""
         calls: dict[int, int] = {}
         linears = [m for m in clone.modules() if type(m) is nn.Linear]
         handles = [
@@ -603,8 +608,6 @@ class _ModelEvaluator(_Evaluator):
             )
             for m in linears
         ]
-        self.fast_handles: list[Any] = []
-        out: dict[int, tuple[nn.Module, str]] = {}
         try:
             self._reseed()
             with torch.no_grad():
@@ -614,32 +617,90 @@ class _ModelEvaluator(_Evaluator):
                 h.remove()
             self._restore_buffers()
         by_id = {id(p): t for t, p in enumerate(self.params)}
+        out: dict[int, tuple[nn.Module, str]] = {}
         for m in linears:
-            if calls.get(id(m)) != 1 or m._forward_hooks or m._forward_pre_hooks:
+            if m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m):
+                continue
+            self._patch(m, self._linear_forward(m))
+            if calls.get(id(m)) != 1:
                 continue
             for kind in ("weight", "bias"):
                 p = getattr(m, kind)
                 if p is not None and id(p) in by_id:
                     out[by_id[id(p)]] = (m, kind)
-            self.fast_handles.append(m.register_forward_hook(self._fast_hook))
+        for act in clone.modules():
+            spec = activations.spec_for_module(act)
+            if (
+                spec is None
+                or type(act) not in spec.module_types
+                or spec.name in ("prelu", "rrelu")  # per-channel parameters; random
+                or getattr(act, "inplace", False)
+                or act._forward_hooks
+                or "forward" in vars(act)
+            ):
+                continue
+            self._patch(act, self._elementwise_forward(act))
         return out
 
-    def _fast_hook(self, module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
-        st = self._fast_state
-        if st is None or st[0] is not module:
+    def _patch(self, m: nn.Module, forward: Callable[..., Tensor]) -> None:
+        m.forward = forward  # type: ignore[method-assign]
+        self.patched.append(m)
+
+    def _track(self, t: Tensor, col: Tensor, delta: Tensor, base: Tensor) -> Tensor:
+        """Remember that ``t`` equals ``base`` except for ``delta`` added in column ``col``."""
+        assert self._sparse is not None
+        self._sparse.append((t, col, delta, base, t._version))
+        return t
+
+    def _tracked(self, x: Any) -> tuple[Tensor, Tensor, Tensor] | None:
+        if self._sparse is None:
             return None
-        _, kind, col, step = st
-        n_out = out.shape[-1]
-        if kind == "bias":
-            row = col
-            delta = step * (torch.arange(n_out, device=out.device) == row).to(out.dtype)
-            return out + delta
-        x = args[0]
-        n_in = x.shape[-1]
-        row, j = col // n_in, col % n_in
-        xj = (x * (torch.arange(n_in, device=x.device) == j).to(x.dtype)).sum(-1, keepdim=True)
-        onehot = (torch.arange(n_out, device=out.device) == row).to(out.dtype)
-        return out + step * xj * onehot
+        for t, col, delta, base, version in self._sparse:
+            if t is x and t._version == version:  # not modified in place since
+                return col, delta, base
+        return None
+
+    def _linear_forward(self, m: nn.Module) -> Callable[[Tensor], Tensor]:
+        plain = type(m).forward.__get__(m)
+
+        def forward(x: Tensor) -> Tensor:
+            st = self._fast_state
+            if st is not None and st[0] is m:  # this layer's own parameter is perturbed
+                _, kind, col, step = st
+                out = plain(x)
+                row = col if kind == "bias" else col // x.shape[-1]
+                if kind == "bias":
+                    delta = step * torch.ones_like(out[..., :1])
+                else:
+                    delta = step * torch.index_select(x, -1, (col % x.shape[-1]).reshape(1))
+                onehot = (torch.arange(out.shape[-1], device=out.device) == row).to(out.dtype)
+                return self._track(torch.addcmul(out, delta, onehot), row, delta, out)
+            tracked = self._tracked(x)
+            if tracked is None:
+                return plain(x)
+            col, delta, base = tracked  # x = base + delta in column col: a rank-1 update
+            w = m.weight
+            assert isinstance(w, Tensor)
+            return torch.addcmul(plain(base), delta, torch.index_select(w, 1, col.reshape(1)).T)
+
+        return forward
+
+    def _elementwise_forward(self, m: nn.Module) -> Callable[[Tensor], Tensor]:
+        plain = type(m).forward.__get__(m)
+
+        def forward(z: Tensor) -> Tensor:
+            tracked = self._tracked(z)
+            if tracked is None:
+                return plain(z)
+            col, delta, zbase = tracked
+            abase = plain(zbase)
+            zcol = torch.index_select(zbase, -1, col.reshape(1))
+            acol = torch.index_select(abase, -1, col.reshape(1))
+            da = plain(zcol + delta) - acol
+            onehot = (torch.arange(z.shape[-1], device=z.device) == col).to(z.dtype)
+            return self._track(torch.addcmul(abase, da, onehot), col, da, abase)
+
+        return forward
 
     def _vmapped_fast(self, t: int, cols: Tensor, steps: Tensor) -> tuple[Tensor, Tensor]:
         module, kind = self.fast[t]
@@ -647,7 +708,9 @@ class _ModelEvaluator(_Evaluator):
         def one(col: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
             self.kink.start("compare")
             self._fast_state = (module, kind, col, step)
+            self._sparse = []
             j = self.obj(self.inputs, self.targets)
+            self._sparse = None
             return j, self.kink.total(j)
 
         self._reseed()
@@ -656,6 +719,7 @@ class _ModelEvaluator(_Evaluator):
                 js, ks = torch.func.vmap(one, randomness="same")(cols, steps)
         finally:
             self._fast_state = None
+            self._sparse = None
             self.kink.start("off")
             self._restore_buffers()
         self.n_evaluations += cols.shape[0]
@@ -685,6 +749,8 @@ class _ModelEvaluator(_Evaluator):
             if t not in self.fast_ok:
                 self.fast_ok[t] = self._validate_fast(t, eps)
             if self.fast_ok[t]:
+                if self.names[t] not in self.fast_used:
+                    self.fast_used = (*self.fast_used, self.names[t])
                 return self._vmapped_fast(t, *self._fast_inputs(t, cols, eps))
         return super().eval_coords(t, cols, eps)
 
@@ -796,8 +862,10 @@ class _ModelEvaluator(_Evaluator):
         return self._loop(t, values)
 
     def close(self) -> None:
-        for h in self._hook_handles + self.fast_handles:
+        for h in self._hook_handles:
             h.remove()
+        for m in self.patched:
+            vars(m).pop("forward", None)
 
 
 ParamsLike = Mapping[str, Any] | Sequence[Any]
@@ -1140,6 +1208,12 @@ def _run(
                 )
         all_num.append(num)
         all_ana.append(ana)
+    if ev.fast_used:
+        notes.append(
+            f"coordinates of {', '.join(ev.fast_used)} (nn.Linear) perturbed as rank-1 updates of "
+            f"the layer output, propagated column-wise through elementwise activations "
+            f"(checked against full perturbed forward passes first)"
+        )
     return GradCheckReport(
         rows=tuple(rows),
         rel_error=_rel(torch.cat(all_num), torch.cat(all_ana)),
