@@ -91,6 +91,7 @@ def main() -> None:
         fn()
     for _ in range(args.repeats):
         for name, (fn, _) in variants.items():
+            time.sleep(0.3)  # let idle OpenMP workers of the previous variant stop spinning
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
