@@ -532,3 +532,18 @@ def test_rank1_path_with_inplace_activation_matches_loop():
         nf = {c.index: c.numeric for c in rf.worst}
         ns = {c.index: c.numeric for c in rs.worst}
         assert nf == pytest.approx(ns, rel=1e-6, abs=1e-8), rf.name
+
+
+def test_randomness_outside_torch_is_warned():
+    rng = np.random.default_rng(0)
+
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.lin(x) * float(1.0 + 0.1 * rng.standard_normal())
+
+    rep = gp.gradcheck(Noisy(), lambda o: o.sum(), torch.randn(4, 3), vectorize=False)
+    assert any("not a deterministic function" in w for w in rep.warnings)

@@ -273,3 +273,12 @@ def test_non_scalar_function_is_refused():
     assert "sum" in (info.value.hint or "")
     with pytest.raises(ConfigError, match="scalar"):
         gp.gradcheck_fn(lambda p: "one", [w], [2 * w])
+
+
+def test_non_finite_perturbed_loss_names_the_coordinate():
+    w = np.array([1.0, 5e-8])  # log(w - eps) is nan
+    with np.errstate(invalid="ignore"), pytest.raises(
+        NonFiniteError, match=r"params\[0\] \[1\]"
+    ) as info:
+        gp.gradcheck_fn(lambda p: float(np.sum(np.log(p[0]))), [w], [1 / w])
+    assert "eps" in (info.value.hint or "")

@@ -524,20 +524,21 @@ class _ModelEvaluator(_Evaluator):
         # reseed before every evaluation only if it does.)
         self.random = False
         j_unseeded = self._plain({})
-        self.random = j_unseeded != self.j0 or self.random_layers_present
+        same = 64.0 * _unit_roundoff(dtype) * abs(self.j0)  # GPU reductions may reorder sums
+        self.random = abs(j_unseeded - self.j0) > same or self.random_layers_present
         if self.random and not self.random_layers_present:
             notes.append(
                 f"the loss draws random numbers (functional dropout?); torch's RNG is reseeded "
                 f"with seed={self.seed} before every evaluation so it draws the same ones"
             )
-        if j_again != self.j0:
+        if abs(j_again - self.j0) > same:
             warnings.append(
                 f"the loss is not a deterministic function of the parameters: two evaluations at "
                 f"the same point gave {self.j0!r} and {j_again!r} although torch's RNG was "
                 f"reseeded; numeric gradients of a random function are meaningless (random "
                 f"numbers from numpy or Python's random module?)"
             )
-        self.n_evaluations = 3
+        self.n_evaluations = 4
 
     # -- set-up ---------------------------------------------------------------------------------
     def _setup_modules(self, clone: nn.Module, random_layers: RandomLayers, notes: list[str]) -> None:
