@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import typer
@@ -69,9 +66,12 @@ def test_runs_show(recorded):
         assert norm == pytest.approx(want[layer], rel=1e-3)
 
 
-def test_runs_show_not_a_run_is_one_line_error(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "gradprobe.cli.main", "runs", "show",
-                          str(tmp_path)], capture_output=True, text=True)
-    assert out.returncode == 2
-    assert out.stderr.startswith("error: ") and "not a gradprobe run" in out.stderr
-    assert "hint: " in out.stderr
+def test_runs_show_not_a_run_is_one_line_error(tmp_path, capsys):
+    from gradprobe.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["runs", "show", str(tmp_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not a gradprobe run" in err
+    assert "hint: " in err

@@ -70,6 +70,8 @@ def _train(make, shape, steps, run_dir=None, accum=1, **kw):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_parameters_bit_identical_with_probe(arch, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: avoid thread start-up cost on a busy machine
     torch.use_deterministic_algorithms(True)
     try:
         make, shape = ARCHS[arch]
@@ -77,6 +79,7 @@ def test_parameters_bit_identical_with_probe(arch, tmp_path):
         probed = _train(make, shape, 50, run_dir=tmp_path / "r")
     finally:
         torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)
     for (n, a), b in zip(plain.named_parameters(), probed.parameters()):
         assert torch.equal(a, b), n
     for a, b in zip(plain.buffers(), probed.buffers()):

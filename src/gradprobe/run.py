@@ -74,6 +74,7 @@ class Run:
         )
         frame["layer_id"] = frame["layer_id"].astype("int64")
         frame["depth"] = pd.array(frame["depth"].tolist(), dtype="Int64")
+        frame["activation"] = pd.Series([r.get("activation") for r in rows], dtype=object)
         return frame
 
     def raw_scalars(self) -> pd.DataFrame:
