@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -310,3 +311,30 @@ def test_histograms_match_numpy(tmp_path):
         want, _ = np.histogram(v, bins=np.asarray(row.bin_edges))
         assert list(want) == row.counts, kind
         assert row.nonfinite == 0
+
+
+class _Unused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(3, 4)
+        self.unused = nn.Linear(3, 4)  # gets no gradient, never runs
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_parameters_without_gradient(tmp_path):
+    torch.manual_seed(0)
+    model = _Unused()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gp.Probe(model, opt, run_dir=tmp_path / "r") as probe:
+        for _ in range(2):
+            model(torch.randn(2, 3)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    df = probe.run.scalars()
+    unused = df[df.layer == "unused"]
+    assert set(unused.kind) == {"weight", "update", "drift"}
+    assert (unused[unused.kind == "update"]["norm"] == 0).all()
+    layers = probe.run.layers.set_index("name")
+    assert pd.isna(layers.loc["unused", "depth"]) and layers.loc["used", "depth"] == 0
