@@ -13,7 +13,12 @@ SMALL = dh.DepthHistogramsConfig(n_samples=300, width=200, step=10, depth=10, bi
 
 @pytest.fixture(scope="module")
 def result():
-    return dh.run(SMALL)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread avoids contention on a shared CPU
+    try:
+        yield dh.run(SMALL)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_every_displayed_claim_holds_at_small_size(result):
