@@ -20,3 +20,24 @@ def test_unknown_command_is_a_usage_error():
     out = _cli("no-such-command")
     assert out.returncode != 0
     assert "No such command" in out.stderr
+
+
+def test_typer_exit_code_is_kept():
+    import typer
+
+    from gradprobe.cli import main as cli_main
+
+    @cli_main.app.command("_exit-three", hidden=True)
+    def _exit_three() -> None:
+        raise typer.Exit(3)
+
+    try:
+        import pytest
+
+        with pytest.raises(SystemExit) as info:
+            cli_main.main(["_exit-three"])
+        assert info.value.code == 3
+    finally:
+        cli_main.app.registered_commands = [
+            c for c in cli_main.app.registered_commands if c.name != "_exit-three"
+        ]

@@ -21,7 +21,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-_state = {"debug": False}
+_state = {"debug": False, "registered": False}
 
 
 @app.callback()
@@ -56,9 +56,12 @@ def env() -> None:
 
 def _register() -> None:
     """Attach the command groups. Each import is cheap: heavy work happens inside commands."""
+    if _state.get("registered"):
+        return
     from gradprobe.cli import groups
 
     groups.register(app)
+    _state["registered"] = True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,7 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        app(args=args, standalone_mode=False)
+        # In non-standalone mode click returns typer.Exit's code instead of exiting.
+        code = app(args=args, standalone_mode=False)
+        if isinstance(code, int) and code != 0:
+            sys.exit(code)
     except GradprobeError as err:
         if debug:
             raise
