@@ -76,6 +76,7 @@ class Recorder:
         # small tensors waiting to be summarised together: (slot, row, tensor, saturated count)
         self._pending: list[tuple[int, int, Tensor, Tensor | None]] = []
         self._pending_numel = 0
+        self._vectors: list[tuple[int, int, Tensor]] = []
         self.kind_col = [row.kind for row in rows]
         self._sat = np.array([row.saturation_rule for row in rows], dtype=bool)
         self._dead = np.array([row.dead_rule for row in rows], dtype=bool)
@@ -113,12 +114,13 @@ class Recorder:
         return first
 
     def add(self, slot: int, row: int, vec: Tensor, count: int) -> None:
-        """Merge one statistics vector (``[N_STATS]``) into ``(slot, row)``."""
+        """Queue one statistics vector (``[N_STATS]``) for ``(slot, row)``; the queued vectors
+        are merged into the buffer together by :meth:`process_pending` (three kernels)."""
         self.counts[slot, row] += count
-        if self._touch(slot, row):
-            self.buf[slot, row].copy_(vec)
-        else:
-            S.merge_(self.buf[slot, row], vec)
+        self._touch(slot, row)
+        self._vectors.append((slot, row, vec))
+        if len(self._vectors) >= 4096:
+            self.process_pending()
 
     def add_many(self, slot: int, rows: list[int], rows_t: Tensor, mat: Tensor,
                  counts: list[int]) -> None:
@@ -126,6 +128,9 @@ class Recorder:
         for row, c in zip(rows, counts):
             self.counts[slot, row] += c
             self._touch(slot, row)
+        self._merge_rows(slot, rows_t, mat)
+
+    def _merge_rows(self, slot: int, rows_t: Tensor, mat: Tensor) -> None:
         target = self.buf[slot]
         target[:, : S.N_ADD].index_add_(0, rows_t, mat[:, : S.N_ADD])
         idx = rows_t.unsqueeze(1).expand(-1, S.N_STATS - S.N_ADD)
@@ -140,7 +145,18 @@ class Recorder:
             self.process_pending()
 
     def process_pending(self) -> None:
-        """Summarise the queued small tensors with a fixed number of kernels and merge them."""
+        """Summarise the queued small tensors with a fixed number of kernels and merge them,
+        with the queued statistics vectors."""
+        if self._vectors:
+            vectors, self._vectors = self._vectors, []
+            by_slot_v: dict[int, list[tuple[int, Tensor]]] = {}
+            for slot, row, vec in vectors:
+                by_slot_v.setdefault(slot, []).append((row, vec))
+            for slot, items_v in by_slot_v.items():
+                mat = torch.stack([v for _, v in items_v])
+                rows_t = torch.tensor([r for r, _ in items_v], dtype=torch.long,
+                                      device=mat.device)
+                self._merge_rows(slot, rows_t, mat)
         if not self._pending:
             return
         pending, self._pending, self._pending_numel = self._pending, [], 0
@@ -185,6 +201,7 @@ class Recorder:
     def discard_open(self, slot: int) -> None:
         """Drop an unfinished step (detached between forward and optimizer step)."""
         self._pending = [p for p in self._pending if p[0] != slot]
+        self._vectors = [v for v in self._vectors if v[0] != slot]
         if slot == len(self.steps) - 1:
             self.steps.pop()
             self.skipped.pop()
