@@ -584,7 +584,7 @@ class _ModelEvaluator(_Evaluator):
         handles = []
         for m in clone.modules():
             spec = activations.spec_for_module(m)
-            points = tuple(getattr(spec, "kinks", ()) or ()) if spec is not None else ()
+            points = tuple(spec.kinks) if spec is not None else ()
             if not points:
                 continue
             handles.append(m.register_forward_pre_hook(self._make_hook(points)))
