@@ -141,6 +141,7 @@ def test_unsupported_layers_are_measured_and_marked():
     assert t.loc["6", "activation"] == "identity"
     assert np.isfinite(t["grad_ms"].to_numpy(float)).all()
     assert "no theory" in str(report)
+    assert report.verdict_basis == "measurement"  # theory does not cover the whole chain
 
 
 def test_conv_layers_are_supported_with_fan_out_per_input_element():
@@ -189,6 +190,9 @@ def test_verdict_agrees_with_what_training_shows():
         r_ord = gp.preflight(ordered, x, bce, y)
         r_crit = gp.preflight(critical, x, bce, y)
         assert r_ord.verdict == "vanishing" and r_ord.phase == "ordered"
+        assert r_ord.verdict_basis == "theory" and r_ord.predicted_log_gain is not None
+        # Theory's gain and the measured one agree to well within the ±6 verdict band.
+        assert abs(r_ord.predicted_log_gain - r_ord.measured_log_gain) < 3
         assert r_ord.max_depth is not None and r_ord.max_depth < 20
         # The fix uses the biases actually drawn (32 of them: σ_b² within ~25 % of 0.05).
         fix = r_ord.fix

@@ -24,8 +24,11 @@ Verdict (scale-free)
     through the network. Schoenholz et al. (2017) found that networks train
     only up to about ``6 ξ`` layers, ``ξ = 1/|ln χ₁|`` being the depth over which gradient variance
     changes by a factor ``e``: that is ``|G| ≲ 6``, a factor ``e⁶ ≈ 400`` in variance (≈ 20 in
-    gradient norm). ``G < −6`` is "vanishing", ``G > 6`` "exploding", otherwise "fine". The
-    theory's own prediction of ``G`` (product of predicted ratios) is reported beside it.
+    gradient norm). ``G < −6`` is "vanishing", ``G > 6`` "exploding", otherwise "fine".
+    Where theory covers every step between weight layers, the verdict uses theory's ``G`` (the
+    product of the predicted ratios, with the drawn weights' ``σ_w²``): it does not carry one
+    batch's finite-width noise (about ``√(2/n)`` per layer, 25 % at width 32). Elsewhere it uses
+    the measured ``G``; both are reported and ``verdict_basis`` says which decided.
 
 Note
     Without ``loss_fn`` the backward pass starts from a fixed standard-normal cotangent at the
@@ -134,6 +137,7 @@ class PreflightReport:
     fix: Fix | None
     threshold: float = mf.DEPTH_FACTOR
     notes: tuple[str, ...] = field(default_factory=tuple)
+    verdict_basis: Literal["theory", "measurement"] = "measurement"
 
     @property
     def phase(self) -> str | None:
@@ -150,7 +154,7 @@ class PreflightReport:
         return pd.DataFrame([vars(layer) for layer in self.layers])
 
     def __str__(self) -> str:
-        lines = [f"preflight: {self.verdict.upper()}"]
+        lines = [f"preflight: {self.verdict.upper()} (from {self.verdict_basis})"]
         lines.append(
             f"  measured gradient-variance gain first/last weight layer: "
             f"e^{self.measured_log_gain:+.2f} over {self.depth} weight layers "
@@ -516,14 +520,21 @@ def preflight(
     else:
         gain = 0.0
         notes.append("fewer than two measured layers: nothing to compare")
-    verdict = _verdict(gain, threshold)
     # Per-element ratios times width ratios n_l / n_k give the sum-of-squares gain.
-    pred_gain = float(np.sum(np.log(ratios_pred)) + np.sum(np.log(width_ratios))) if ratios_pred else None
+    pred_gain = (
+        float(np.sum(np.log(ratios_pred)) + np.sum(np.log(width_ratios))) if ratios_pred else None
+    )
     pred_verdict = None if pred_gain is None else _verdict(pred_gain, threshold)
-    if ratios_pred and len(ratios_pred) < len(weight_idx) - 1:
-        notes.append(
-            f"theory covers {len(ratios_pred)} of {len(weight_idx) - 1} layer-to-layer steps"
-        )
+    full_cover = bool(ratios_pred) and len(ratios_pred) == len(weight_idx) - 1
+    basis: Literal["theory", "measurement"]
+    if full_cover and pred_verdict is not None:
+        verdict, basis = pred_verdict, "theory"
+    else:
+        verdict, basis = _verdict(gain, threshold), "measurement"
+        if ratios_pred:
+            notes.append(
+                f"theory covers {len(ratios_pred)} of {len(weight_idx) - 1} layer-to-layer steps"
+            )
 
     # Typical hidden layer -> phase, depth scale, fix.
     hidden = [(act_of[i][0].name, fans[i][0] * moments[i][0], moments[i][1])
@@ -548,7 +559,7 @@ def preflight(
         notes.append("no chain of weight layer -> activation -> weight layer: no mean-field phase")
     return PreflightReport(
         tuple(rows), verdict, gain, pred_gain, pred_verdict, len(weight_idx), meanfield, fix,
-        threshold, tuple(notes),
+        threshold, tuple(notes), basis,
     )
 
 
