@@ -452,24 +452,48 @@ def critical_sigma_w2(
     def f(s2: float) -> float:
         return chi1(spec, s2, sigma_b2, q=_clamp_q(fixed_point(spec, s2, sigma_b2))) - 1.0
 
-    f_lo, f_hi = f(lo), f(hi)
-    if f_lo * f_hi > 0:
+    # Bracket from a narrow start (most activations are critical near σ_w² ≈ 1..3), widening
+    # geometrically to [lo, hi]; then the Illinois variant of regula falsi in ln σ_w².
+    a, b = max(lo, 0.5), min(hi, 8.0)
+    f_a, f_b = f(a), f(b)
+    while f_a * f_b > 0 and (a > lo or b < hi):
+        if f_a > 0 and a > lo:
+            a, b, f_b = max(lo, a / 8.0), a, f_a
+            f_a = f(a)
+        elif f_b < 0 and b < hi:
+            a, b, f_a = b, min(hi, b * 8.0), f_b
+            f_b = f(b)
+        else:
+            break
+    if f_a * f_b > 0:
         raise ConfigError(
             f"{spec.name} with sigma_b2={sigma_b2} has no critical sigma_w2 in [{lo}, {hi}]",
             hint="use the activation's recommended initialiser instead",
         )
-    for _ in range(60):
-        mid = math.sqrt(lo * hi)
-        f_mid = f(mid)
-        if f_mid == 0:
-            return mid
-        if (f_mid < 0) == (f_lo < 0):
-            lo, f_lo = mid, f_mid
+    if f_a == 0:
+        return a
+    if f_b == 0:
+        return b
+    ta, tb = math.log(a), math.log(b)
+    side = 0
+    for _ in range(100):
+        t = (ta * f_b - tb * f_a) / (f_b - f_a)
+        f_t = f(math.exp(t))
+        if f_t == 0 or abs(tb - ta) < 1e-12:
+            return math.exp(t)
+        if (f_t < 0) == (f_a < 0):
+            ta, f_a = t, f_t
+            if side == -1:
+                f_b /= 2.0
+            side = -1
         else:
-            hi = mid
-        if hi / lo - 1 < 1e-10:
-            break
-    return math.sqrt(lo * hi)
+            tb, f_b = t, f_t
+            if side == 1:
+                f_a /= 2.0
+            side = 1
+        if abs(f_t) < 1e-12:
+            return math.exp(t)
+    return math.exp(0.5 * (ta + tb))
 
 
 __all__ = [
