@@ -23,8 +23,10 @@ import typer
 from gradprobe.errors import ConfigError, UnsupportedModelError
 
 INIT_HELP = (
-    "default (PyTorch's), xavier_normal, xavier_uniform, he_normal, he_uniform, lecun_normal, "
-    "orthogonal, normal:STD, uniform:A, sigma_w2:V (std = sqrt(V/fan_in)), critical"
+    "default (PyTorch's), xavier_normal, xavier_uniform, orthogonal (these three with the "
+    "activation's gain), he_normal, he_uniform, lecun_normal, normal:STD, uniform:A, "
+    "sigma_w2:V (std = sqrt(V/fan_in)), critical (sigma_w2 at chi1 = 1 for --activation and "
+    "--sigma-b2)"
 )
 
 

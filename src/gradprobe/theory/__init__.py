@@ -17,6 +17,12 @@
 
 from __future__ import annotations
 
+from gradprobe.theory.jacobian import (
+    JacobianSpectrum,
+    block_spectra,
+    jacobian_spectrum,
+    largest_singular_value,
+)
 from gradprobe.theory.meanfield import (
     MeanField,
     analyse,
@@ -27,14 +33,23 @@ from gradprobe.theory.meanfield import (
     q_map,
     q_trajectory,
 )
+from gradprobe.theory.preflight import Fix, LayerCheck, PreflightReport, preflight
 
 __all__ = [
+    "Fix",
+    "JacobianSpectrum",
+    "LayerCheck",
     "MeanField",
+    "PreflightReport",
     "analyse",
+    "block_spectra",
     "chi1",
     "critical_sigma_w2",
     "fixed_point",
     "gradient_ratio",
+    "jacobian_spectrum",
+    "largest_singular_value",
+    "preflight",
     "q_map",
     "q_trajectory",
 ]
