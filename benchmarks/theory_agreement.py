@@ -149,7 +149,7 @@ def table_verdicts(seeds=3, steps=150):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             with torch.no_grad():
                 accs.append(float(((net(xt) > 0).float() == yt).float().mean()))
         assert rep is not None and rep.meanfield is not None
