@@ -575,8 +575,12 @@ class Probe:
                 rec.add_many(slot, g.rows["update"], g.rows_t["update"],
                              _ratio_mat(dsq, wsq, n), g.numels)
             if "drift" in self.kinds:
-                torch._foreach_copy_(g.prev, ws)
-                torch._foreach_sub_(g.prev, g.init)
+                if n <= 64:  # few tensors: one pass each, writing W - W0 straight into scratch
+                    for w, w0, out in zip(ws, g.init, g.prev):
+                        torch.sub(w, w0, out=out)
+                else:  # many (small) tensors: two foreach calls beat a Python loop
+                    torch._foreach_copy_(g.prev, ws)
+                    torch._foreach_sub_(g.prev, g.init)
                 dsq = S.sumsq_group(g.prev)
                 assert g.init_sumsq is not None
                 rec.add_many(slot, g.rows["drift"], g.rows_t["drift"],

@@ -198,43 +198,30 @@ def inactive_units(x: Tensor, inactive: Callable[[Tensor], Tensor]) -> Tensor:
 SMALL = 8192
 """Tensors with at most this many elements are summarised together (:func:`batched_stats`)."""
 
-_SEGMENTS: dict[tuple[Any, tuple[int, ...]], Tensor] = {}
-
-
-def _segment_ids(lengths: tuple[int, ...], device: torch.device) -> Tensor:
-    key = (device, lengths)
-    seg = _SEGMENTS.get(key)
-    if seg is None:
-        if len(_SEGMENTS) > 64:
-            _SEGMENTS.clear()
-        seg = torch.repeat_interleave(
-            torch.arange(len(lengths), device=device),
-            torch.tensor(lengths, device=device),
-        )
-        _SEGMENTS[key] = seg
-    return seg
-
-
 def batched_stats(tensors: Sequence[Tensor]) -> Tensor:
     """Statistics of many small tensors at once: ``[len(tensors), N_STATS]``.
 
-    The tensors are concatenated into one float64 vector and reduced per segment with one
-    ``index_add_`` (sum, Σx², Σ|x|, non-zero count) and one ``scatter_reduce_`` (−min, max):
-    a fixed dozen kernels however many tensors there are, where per-tensor reductions would
-    cost a dozen each (tiny tensors are dominated by per-kernel overhead).
+    Tensors with the same number of elements are stacked into one ``[k, n]`` matrix and reduced
+    along its rows (sum, 2-norm, ``|x|`` sum, non-zero count, min/max): a handful of kernels per
+    distinct size however many tensors there are, where per-tensor reductions would cost a
+    handful each (tiny tensors are dominated by per-kernel overhead).
     """
-    flats = [t.detach().reshape(-1) for t in tensors]
-    flat = torch.cat(flats).to(STAT_DTYPE)
-    k = len(flats)
-    seg = _segment_ids(tuple(f.numel() for f in flats), flat.device)
-    a = flat.abs()
-    rows = torch.stack([flat, flat * flat, a, flat.ne(0).to(STAT_DTYPE)])
-    add = torch.zeros(4, k, dtype=STAT_DTYPE, device=flat.device).index_add_(1, seg, rows)
-    ext = torch.full((2, k), -math.inf, dtype=STAT_DTYPE, device=flat.device)
-    ext.scatter_reduce_(1, seg.expand(2, -1), torch.stack([-flat, flat]), "amax")
-    mat = torch.zeros(k, N_STATS, dtype=STAT_DTYPE, device=flat.device)
-    mat[:, SUM:NONZERO + 1] = add.T
-    mat[:, NEG_MIN:] = ext.T
+    flats = [_float(t.detach()).reshape(-1) for t in tensors]
+    device = flats[0].device
+    mat = torch.zeros(len(flats), N_STATS, dtype=STAT_DTYPE, device=device)
+    by_size: dict[int, list[int]] = {}
+    for i, f in enumerate(flats):
+        by_size.setdefault(f.numel(), []).append(i)
+    for idx in by_size.values():
+        m = torch.stack([flats[i] for i in idx]) if len(idx) > 1 else flats[idx[0]].unsqueeze(0)
+        mn, mx = torch.aminmax(m, dim=1)
+        a = m.abs()
+        cols = torch.stack([
+            m.sum(1), torch.linalg.vector_norm(m, 2, dim=1).square(), a.sum(1),
+            torch.count_nonzero(m, dim=1).to(m.dtype), -mn, mx,
+        ], dim=1).to(STAT_DTYPE)
+        mat[idx, SUM:NONZERO + 1] = cols[:, :4]
+        mat[idx, NEG_MIN:] = cols[:, 4:]
     return _fix_nonfinite_(flats, mat)
 
 
