@@ -176,3 +176,20 @@ def test_both_device_paths_agree_with_reference(accelerator_path, monkeypatch):
         vec = S.tensor_stats(t)
         assert vec[S.NONFINITE].item() == ref["nonfinite"]
         assert vec[S.NONZERO].item() == ref["nonzero"]
+
+
+@pytest.mark.parametrize("path", ["segments", "size_groups", "mixed_large"])
+def test_batched_paths_equal_per_tensor_stats(path):
+    torch.manual_seed(1)
+    if path == "segments":  # tiny tensors of many sizes
+        ts = [torch.randn(n) for n in (1, 2, 3, 5, 8, 13)]
+    elif path == "size_groups":  # many tensors of two sizes, beyond TINY_TOTAL
+        ts = [torch.relu(torch.randn(64, 64)) for _ in range(6)] + [torch.randn(64)] * 3
+    else:  # large tensors (per-tensor path) and small ones in one call
+        ts = [torch.randn(100, 100), torch.randn(7), torch.randn(S.SMALL + 1), torch.zeros(9)]
+    ts[0].view(-1)[0] = math.nan
+    got = S.param_group_stats(ts, torch.empty(S.SMALL + 10_000))
+    for i, t in enumerate(ts):
+        want = S.tensor_stats(t)
+        assert torch.allclose(got[i], want, rtol=1e-5, atol=1e-4, equal_nan=True), (path, i)
+    assert got[0, S.NONFINITE] == 1 and got[0, S.NONZERO] == S.reference_stats([ts[0]])["nonzero"]

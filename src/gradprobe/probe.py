@@ -381,7 +381,7 @@ class Probe:
             self._flush()
         finally:
             self._writer.write_meta(layers=[lay.record() for lay in self._layers],
-                                    status="closed", steps=self._step)
+                                    status="closed", steps=self._step, fsync=True)
             for g in self._groups:
                 g.prev.clear()
                 g.init.clear()

@@ -198,11 +198,41 @@ def inactive_units(x: Tensor, inactive: Callable[[Tensor], Tensor]) -> Tensor:
 SMALL = 8192
 """Tensors with at most this many elements are summarised together (:func:`batched_stats`)."""
 
+_SEGMENTS: dict[tuple[Any, tuple[int, ...]], Tensor] = {}
+TINY_TOTAL = 16384
+"""Below this many elements in all, many sizes are reduced as segments of one vector."""
+
+
+def _segment_ids(lengths: tuple[int, ...], device: torch.device) -> Tensor:
+    key = (device, lengths)
+    seg = _SEGMENTS.get(key)
+    if seg is None:
+        if len(_SEGMENTS) > 64:
+            _SEGMENTS.clear()
+        seg = torch.repeat_interleave(
+            torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device)
+        )
+        _SEGMENTS[key] = seg
+    return seg
+
+
+def _segment_stats(flats: list[Tensor], mat: Tensor) -> None:
+    flat = torch.cat(flats).to(STAT_DTYPE)
+    seg = _segment_ids(tuple(f.numel() for f in flats), flat.device)
+    a = flat.abs()
+    vals = torch.stack([flat, flat * flat, a, flat.ne(0).to(STAT_DTYPE)], dim=1)
+    mat[:, SUM:NONZERO + 1].index_add_(0, seg, vals)
+    ext = torch.full((len(flats), 2), -math.inf, dtype=STAT_DTYPE, device=flat.device)
+    ext.scatter_reduce_(0, seg.unsqueeze(1).expand(-1, 2), torch.stack([-flat, flat], 1), "amax")
+    mat[:, NEG_MIN:] = ext
+
+
 def batched_stats(tensors: Sequence[Tensor]) -> Tensor:
     """Statistics of many small tensors at once: ``[len(tensors), N_STATS]``.
 
     Tensors with the same number of elements are stacked into one ``[k, n]`` matrix and reduced
-    along its rows (sum, 2-norm, ``|x|`` sum, non-zero count, min/max): a handful of kernels per
+    along its rows (tiny tensors of many sizes, fewer than ``TINY_TOTAL`` elements in all, are
+    instead concatenated and reduced per segment) (sum, 2-norm, ``|x|`` sum, non-zero count, min/max): a handful of kernels per
     distinct size however many tensors there are, where per-tensor reductions would cost a
     handful each (tiny tensors are dominated by per-kernel overhead).
     """
@@ -212,6 +242,11 @@ def batched_stats(tensors: Sequence[Tensor]) -> Tensor:
     by_size: dict[int, list[int]] = {}
     for i, f in enumerate(flats):
         by_size.setdefault(f.numel(), []).append(i)
+    if len(by_size) > 2 and sum(f.numel() for f in flats) <= TINY_TOTAL:
+        # tiny tensors of many sizes: one vector, reduced per segment (index_add_ and
+        # scatter_reduce_ are fast on short vectors, slow on long ones)
+        _segment_stats(flats, mat)
+        return _fix_nonfinite_(flats, mat)
     for idx in by_size.values():
         m = torch.stack([flats[i] for i in idx]) if len(idx) > 1 else flats[idx[0]].unsqueeze(0)
         mn, mx = torch.aminmax(m, dim=1)

@@ -11,7 +11,9 @@ Layout::
 
 Every file is written under a hidden temporary name (``.NAME.tmp``) and renamed into place, so a
 process killed at any instant leaves only complete files behind; readers ignore the temporary
-names. The Parquet files are plain pyarrow tables, readable by pandas, polars and DuckDB.
+names. Parts are not fsync'ed (that would cost milliseconds per flush): they survive the death
+of the process, and ``meta.json`` at close and every event line are fsync'ed. The Parquet
+files are plain pyarrow tables, readable by pandas, polars and DuckDB.
 
 Example
     >>> import tempfile, pandas as pd
@@ -63,13 +65,19 @@ def environment() -> dict[str, Any]:
     }
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary name, fsync, rename."""
+def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> None:
+    """Write ``data`` to ``path`` through a temporary name, then rename it into place.
+
+    The rename makes the file appear whole or not at all to readers and survives the death of
+    the writing process (SIGKILL, OOM); ``fsync`` also makes it survive a crash of the machine
+    (power loss), at a cost of milliseconds per file.
+    """
     tmp = path.with_name("." + path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -135,11 +143,11 @@ class RunWriter:
         writer.write_meta()
         return writer
 
-    def write_meta(self, **updates: Any) -> None:
+    def write_meta(self, *, fsync: bool = False, **updates: Any) -> None:
         self.meta.update(updates)
         data = json.dumps(self.meta, indent=1, default=str).encode()
         try:
-            atomic_write_bytes(self.path / META, data)
+            atomic_write_bytes(self.path / META, data, fsync=fsync)
         except OSError as exc:
             raise RunDirError(f"cannot write {self.path / META}: {exc}") from exc
 
@@ -158,9 +166,7 @@ class RunWriter:
         target = self.path / kind / f"part-{index:05d}.parquet"
         tmp = target.with_name("." + target.name + ".tmp")
         table = pa.Table.from_pandas(frame, preserve_index=False)
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        pq.write_table(table, tmp)  # no fsync: see atomic_write_bytes
         os.replace(tmp, target)
         return target
 
