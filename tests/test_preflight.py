@@ -87,12 +87,13 @@ def test_model_is_left_exactly_as_it_was():
 
 
 def test_predictions_follow_the_mean_field_trajectory_and_agree_with_measurement():
-    width, depth, s2, b2 = 200, 15, 1.5, 0.05
+    # Widths change from layer to layer: the prediction carries n_{l+1}/n_l.
+    widths, s2, b2 = [200, 300, 150, 250, 200, 400, 200, 200, 300, 150, 200, 250, 200], 1.5, 0.05
     logs_meas, logs_pred = [], []
     for seed in range(3):
         torch.manual_seed(seed)
-        net = _init(mlp([width] * (depth + 1) + [10], "tanh"), s2, b2, seed)
-        x = torch.randn(128, width)
+        net = _init(mlp(widths + [10], "tanh"), s2, b2, seed)
+        x = torch.randn(128, widths[0])
         table = gp.preflight(net, x, seed=seed).table().set_index("name")
         # Slow reference: the recursion by hand from the weights actually drawn.
         linears = [m for m in net if isinstance(m, nn.Linear)]
@@ -114,6 +115,10 @@ def test_predictions_follow_the_mean_field_trajectory_and_agree_with_measurement
         logs_meas.append(np.log(rows["ratio_measured"].to_numpy(float)))
         logs_pred.append(np.log(rows["ratio_predicted"].to_numpy(float)))
     assert math.exp(np.mean(logs_meas) - np.mean(logs_pred)) == pytest.approx(1.0, abs=0.03)
+    # Per layer too (an inverted width ratio would cancel in the mean): three seeds, 10 %.
+    per_layer = np.mean(logs_meas, axis=0) - np.mean(logs_pred, axis=0)
+    assert np.ptp(np.mean(logs_pred, axis=0)) > 0.5  # the widths really move the ratios
+    assert np.max(np.abs(per_layer)) < 0.1
 
 
 def test_unsupported_layers_are_measured_and_marked():
