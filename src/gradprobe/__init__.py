@@ -5,7 +5,7 @@
 ['ConfigError', 'GradprobeError']
 
 Heavy or optional parts (the lab, figures, integrations) are imported on first use, so
-``import gradprobe`` imports torch, numpy and nothing of the plotting stack.
+``import gradprobe`` imports torch and numpy and nothing of the plotting stack.
 """
 
 from __future__ import annotations
@@ -22,13 +22,16 @@ from gradprobe.errors import (
     UnsupportedModelError,
 )
 
+# `gradprobe.gradcheck` is both a submodule and the function `gp.gradcheck`. Importing it here,
+# once, binds the package attribute to the function for good: a later `import gradprobe.gradcheck`
+# finds the module in sys.modules and does not rebind the attribute. (A lazy export could not
+# guarantee that: the first import of the submodule would overwrite it.)
+from gradprobe.gradcheck import GradCheckReport, gradcheck, gradcheck_fn
+
 # name -> (module, attribute or None for the module itself)
 _LAZY: dict[str, tuple[str, str | None]] = {
     "Probe": ("gradprobe.probe", "Probe"),
     "Run": ("gradprobe.run", "Run"),
-    "gradcheck": ("gradprobe.gradcheck", "gradcheck"),
-    "gradcheck_fn": ("gradprobe.gradcheck", "gradcheck_fn"),
-    "GradCheckReport": ("gradprobe.gradcheck", "GradCheckReport"),
     "preflight": ("gradprobe.theory.preflight", "preflight"),
     "theory": ("gradprobe.theory", None),
     "lab": ("gradprobe.lab", None),

@@ -61,9 +61,7 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
-import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -1428,19 +1426,3 @@ def gradcheck_fn(
 
 
 __all__ = ["CoordinateCheck", "GradCheckReport", "TensorCheck", "gradcheck", "gradcheck_fn"]
-
-
-class _CallableModule(types.ModuleType):
-    """``gradprobe.gradcheck`` is both this module and the function ``gp.gradcheck``.
-
-    Importing a submodule binds it as an attribute of its package *after* the submodule has run,
-    so once ``gradprobe.gradcheck`` (the module) is imported, ``gp.gradcheck`` is the module
-    whatever the package's lazy exports say. Making the module callable keeps
-    ``gp.gradcheck(model, loss_fn, inputs, targets)`` working in every import order.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> GradCheckReport:
-        return gradcheck(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
