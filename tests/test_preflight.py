@@ -18,6 +18,9 @@ from gradprobe.lab.data import circles
 from gradprobe.lab.zoo import mlp
 from gradprobe.theory import meanfield as mf
 
+# torch.func's first use imports torch.jit helpers that warn about their own deprecation.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
 
 def _init(net, s2, b2, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -99,14 +102,14 @@ def test_predictions_follow_the_mean_field_trajectory_and_agree_with_measurement
         linears = [m for m in net if isinstance(m, nn.Linear)]
         q = None
         for i, lin in enumerate(linears[:-1]):
-            s_w2 = lin.in_features * float(lin.weight.double().pow(2).mean())
-            s_b2 = float(lin.bias.double().pow(2).mean())
+            s_w2 = lin.in_features * float(lin.weight.detach().double().pow(2).mean())
+            s_b2 = float(lin.bias.detach().double().pow(2).mean())
             if q is None:
                 q = s_w2 * float(x.double().pow(2).mean()) + s_b2
             else:
                 q = s_w2 * mf.second_moment("tanh", q) + s_b2
             nxt = linears[i + 1]
-            pred = nxt.out_features * float(nxt.weight.double().pow(2).mean()) * \
+            pred = nxt.out_features * float(nxt.weight.detach().double().pow(2).mean()) * \
                 mf.derivative_second_moment("tanh", q)
             name = f"fc{i + 1}"
             assert table.loc[name, "q_predicted"] == pytest.approx(q, rel=1e-9)

@@ -16,6 +16,9 @@ from gradprobe.theory.jacobian import (
     largest_singular_value,
 )
 
+# torch.func's first use imports torch.jit helpers that warn about their own deprecation.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
