@@ -183,7 +183,7 @@ def _final_loss(net, x, y, steps=150):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def test_verdict_agrees_with_what_training_shows():
