@@ -173,7 +173,8 @@ class PreflightReport:
                 f"xi_grad={m.xi_grad:.3g}, xi_c={m.xi_c:.3g}, trainable depth ~{m.max_depth:.3g}"
             )
         if self.fix is not None:
-            lines.append(f"  fix: {self.fix}")
+            label = "critical init" if self.verdict == "fine" else "fix"
+            lines.append(f"  {label}: {self.fix}")
         for note in self.notes:
             lines.append(f"  note: {note}")
         header = f"  {'layer':<16} {'kind':<10} {'act':<10} {'sigma_w2':>9} {'q meas':>10} "
