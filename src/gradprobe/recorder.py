@@ -118,7 +118,7 @@ class Recorder:
         are merged into the buffer together by :meth:`process_pending` (three kernels)."""
         self.counts[slot, row] += count
         self._touch(slot, row)
-        self._vectors.append((slot, row, vec))
+        self._vectors.append((slot, row, vec.to(self.device, non_blocking=True)))
         if len(self._vectors) >= 4096:
             self.process_pending()
 
@@ -131,6 +131,9 @@ class Recorder:
         self._merge_rows(slot, rows_t, mat)
 
     def _merge_rows(self, slot: int, rows_t: Tensor, mat: Tensor) -> None:
+        # parameters or activations on another device (model parallel): copy the few numbers
+        mat = mat.to(self.device, non_blocking=True)
+        rows_t = rows_t.to(self.device, non_blocking=True)
         target = self.buf[slot]
         target[:, : S.N_ADD].index_add_(0, rows_t, mat[:, : S.N_ADD])
         idx = rows_t.unsqueeze(1).expand(-1, S.N_STATS - S.N_ADD)
@@ -160,10 +163,10 @@ class Recorder:
         if not self._pending:
             return
         pending, self._pending, self._pending_numel = self._pending, [], 0
-        by_slot: dict[int, list[tuple[int, Tensor, Tensor | None]]] = {}
-        for slot, row, x, sat in pending:
-            by_slot.setdefault(slot, []).append((row, x, sat))
-        for slot, items in by_slot.items():
+        by_slot: dict[tuple[int, torch.device], list[tuple[int, Tensor, Tensor | None]]] = {}
+        for slot, row, x, sat in pending:  # batched per (slot, device)
+            by_slot.setdefault((slot, x.device), []).append((row, x, sat))
+        for (slot, _), items in by_slot.items():
             mat = S.batched_stats([x for _, x, _ in items])
             sat_idx = [i for i, (_, _, sat) in enumerate(items) if sat is not None]
             if sat_idx:
@@ -185,7 +188,7 @@ class Recorder:
             prev.logical_and_(mask)
 
     def _close_units(self, slot: int, row: int, mask: Tensor) -> None:
-        self.buf[slot, row, S.DEAD] += mask.sum()
+        self.buf[slot, row, S.DEAD] += mask.sum().to(self.device, non_blocking=True)
         self.units[slot, row] += mask.numel()
 
     def end(self, slot: int, *, skipped: bool, scale: Tensor | None) -> None:
@@ -218,7 +221,8 @@ class Recorder:
         prev = self.hist.get(key)
         edges, counts, nonfinite = histogram(x, self.hist_bins, None if prev is None else prev[0])
         if prev is None:
-            self.hist[key] = [edges, counts, nonfinite]
+            self.hist[key] = [t.to(self.device, non_blocking=True)
+                              for t in (edges, counts, nonfinite)]
         else:
             prev[1].add_(counts)
             prev[2].add_(nonfinite)
