@@ -248,3 +248,21 @@ def test_step_and_observe_outside_probe(tmp_path):
 def test_open_not_a_run(tmp_path):
     with pytest.raises(RunDirError, match="not a gradprobe run"):
         gp.Run.open(tmp_path)
+
+
+def test_non_zero_rank_records_nothing(tmp_path, monkeypatch):
+    import gradprobe.distributed as dist
+
+    monkeypatch.setattr(dist, "rank", lambda: 1)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = _hook_count(model)
+    with gp.Probe(model, opt, run_dir=tmp_path / "r") as probe:
+        assert _hook_count(model) == before and not opt._optimizer_step_pre_hooks
+        loss = model(torch.randn(2, 5)).sum()
+        probe.observe_loss(loss)
+        loss.backward()
+        opt.step()
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(RunDirError, match="non-zero torch.distributed rank"):
+        _ = probe.run

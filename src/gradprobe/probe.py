@@ -219,6 +219,7 @@ class Probe:
         self._gen = 0
         self._stepped = False
         self._orig_update: Any = None
+        self._passive = False  # attached on a non-zero rank: records nothing
 
     # ------------------------------------------------------------------ selection
 
@@ -314,6 +315,11 @@ class Probe:
         if self._used:
             raise ConfigError("this Probe has already recorded a run and was detached",
                               hint="create a new gp.Probe with a new run_dir")
+        from gradprobe.distributed import rank
+
+        if rank() != 0:  # only rank 0 records: see gradprobe.distributed
+            self._attached = self._used = self._passive = True
+            return self
         rows: list[RowInfo] = []
         for lay in self._layers:
             for kind in lay.rows:
@@ -364,6 +370,8 @@ class Probe:
         if not self._attached:
             return
         self._attached = False
+        if self._passive:
+            return
         self._gen += 1
         for h in self._handles:
             h.remove()
@@ -395,6 +403,9 @@ class Probe:
         """The :class:`gradprobe.Run` of ``run_dir`` (readable while still being written)."""
         from gradprobe.run import Run
 
+        if self._passive:
+            raise RunDirError("this Probe runs on a non-zero torch.distributed rank and records "
+                              "nothing", hint="read the run on rank 0")
         if self._writer is None:
             raise RunDirError("the Probe has not been attached yet: no run to read",
                               hint="use `with probe:` around the training loop first")
@@ -477,6 +488,8 @@ class Probe:
         if self.optimizer is not None:
             raise ConfigError("probe.step() is for probes without an optimizer",
                               hint="steps are counted by optimizer.step() already")
+        if self._passive:
+            return
         if self._slot is not None:
             self._record_grads(self._slot)
         self._end_step(skipped=False)
@@ -489,6 +502,8 @@ class Probe:
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ConfigError("observe_loss expects a scalar loss tensor",
                               hint="pass the tensor you call .backward() on")
+        if self._passive:
+            return
         assert self._recorder is not None
         with torch.no_grad():
             self._recorder.add_loss(self._step, loss)
