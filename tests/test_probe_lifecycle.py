@@ -266,3 +266,43 @@ def test_non_zero_rank_records_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "r").exists()
     with pytest.raises(RunDirError, match="non-zero torch.distributed rank"):
         _ = probe.run
+
+
+def _ddp_worker(rank: int, run_dir: str, port: int) -> None:
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                             world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(_mlp())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with gp.Probe(model, opt, run_dir=run_dir) as probe:
+            for step in range(3):
+                g = torch.Generator().manual_seed(10 * step + rank)
+                loss = model(torch.randn(4, 5, generator=g)).pow(2).mean()
+                probe.observe_loss(loss)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+        if rank == 0:
+            grads = probe.run.scalars(kinds="grad")
+            assert sorted(grads.step.unique()) == [0, 1, 2]
+            # DDP's layers are found under the wrapper's name
+            assert set(grads.layer) == {"module.0", "module.2", "module.4"}
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_ddp_two_ranks_only_rank0_writes(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "r"), port), nprocs=2, join=True)
+    run = gp.Run.open(tmp_path / "r")
+    assert run.meta["status"] == "closed"
+    assert len(run.losses()) == 3
