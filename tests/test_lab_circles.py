@@ -3,6 +3,8 @@ reruns, the stacked Part 1 against separate training, bad options."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -109,9 +111,12 @@ def test_rerun_gives_identical_numbers(tmp_path):
 def test_without_out_runs_go_to_a_temporary_folder():
     res = gp.lab.run("circles", epochs=1, seeds=1, part1=False, activations=("tanh",))
     (path,) = res.runs.values()
-    assert path.exists() and "gradprobe-circles-" in str(path)
-    assert list(res.table["model"]) == ["2-5-5-5-5-1 tanh, N(0,1²)"]
-    assert np.isnan(res.table["tutorial"]).sum() == 0
+    try:
+        assert path.exists() and "gradprobe-circles-" in str(path)
+        assert list(res.table["model"]) == ["2-5-5-5-5-1 tanh, N(0,1²)"]
+        assert np.isnan(res.table["tutorial"]).sum() == 0
+    finally:
+        shutil.rmtree(path.parent, ignore_errors=True)
 
 
 @pytest.mark.parametrize(
