@@ -9,7 +9,8 @@ Prints markdown tables:
 2. Linear chain depth 50, width 100: orthogonal vs Gaussian 1/√n Jacobian singular values.
 3. Glorot & Bengio (2010) width 1000: mean singular value of W and of the tanh layer Jacobian
    diag(φ'(h)) W for the normalised and the standard initialisation.
-4. preflight's verdict against what 150 steps of SGD then show on 20-layer networks.
+4. preflight's verdict against what training then shows on 20-, 24- and 30-layer networks (SGD
+   and Adam), judged by the gradient phenomenon itself as the Probe records it during training.
 5. Timings (median of repeats, variants alternated in one process): preflight against one plain
    forward+backward; Lanczos (top 10) against materialising the Jacobian.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import tempfile
 import time
 
 import numpy as np
@@ -115,48 +117,157 @@ def table_glorot(n=1000):
 
 
 def init_(net, s2, b2, seed):
+    """Gaussian weights with fan-in second moment ``s2``, biases N(0, b2); ``s2="xavier"``:
+    ``xavier_normal_`` weights and zero biases."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.Linear):
+                if s2 == "xavier":
+                    nn.init.xavier_normal_(m.weight, generator=gen)
+                    m.bias.zero_()
+                    continue
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen)
                                * math.sqrt(s2 / m.in_features))
                 m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * math.sqrt(b2))
     return net
 
 
-def table_verdicts(seeds=3, steps=150):
-    x, y, xt, yt = circles(400, seed=0)
+# What training shows, in preflight's own scale-free quantity. At every step the Probe records
+# the back-propagated gradient ∂L/∂h at each Linear output (kind "act_grad"); its sum of squares
+# between the first and last weight layers gives G_t = ln(‖δ_first‖² / ‖δ_last‖²), the quantity
+# preflight thresholds at ±6 before training. The window is the learning phase: the steps before
+# the training loss first falls below FIT_LOSS (at least MIN_STEPS; the whole run if it never
+# does). After the fit the backward signal comes from a few residual examples through growing
+# logits, and G_t drifts upwards in most nets that fitted, critical ones included (column "G at
+# last step"), which is the learned function's steepness, not gradient propagation.
+FIT_LOSS = 0.1 * math.log(2)
+MIN_STEPS = 10
+
+
+def train_with_probe(net, opt, x, y, steps):
+    """Full-batch training under gp.Probe (Linear layers: grad, drift, act_grad); scalars, losses."""
     bce = F.binary_cross_entropy_with_logits
-    print(f"\n## preflight verdict vs training (circles, 20 x 32 MLP, SGD momentum 0.9, "
-          f"lr 0.05, {steps} steps, {seeds} seeds)\n")
-    print("| net | phase | chi1 | verdicts | predicted depth limit | final loss (per seed) "
-          "| test acc (per seed) |")
-    print("|---|---|---|---|---|---|---|")
-    cases = [("tanh", 0.5, 0.05), ("tanh", mf.critical_sigma_w2("tanh", 0.05), 0.05),
-             ("tanh", 4.0, 0.05), ("relu", 1.0, 0.0), ("relu", 2.0, 0.0), ("relu", 3.0, 0.0)]
-    for act, s2, b2 in cases:
-        verdicts, losses, accs = [], [], []
-        rep = None
-        for seed in range(seeds):
-            torch.manual_seed(seed)
-            net = init_(mlp([2] + [32] * 20 + [1], act), s2, b2, seed)
-            rep = gp.preflight(net, x, bce, y)
-            verdicts.append(rep.verdict)
-            opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    with tempfile.TemporaryDirectory() as d:
+        with gp.Probe(net, opt, run_dir=d, kinds=("grad", "drift", "act_grad"),
+                      layer_types=(nn.Linear,)) as probe:
             for _ in range(steps):
                 loss = bce(net(x), y)
+                probe.observe_loss(loss)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            losses.append(float(loss.detach()))
-            with torch.no_grad():
-                accs.append(float(((net(xt) > 0).float() == yt).float().mean()))
-        assert rep is not None and rep.meanfield is not None
-        m = rep.meanfield
-        print(f"| {act} sigma_w2={s2:.3g} sigma_b2={b2} | {m.phase} | {m.chi1:.3f} | "
-              f"{', '.join(verdicts)} | {m.max_depth:.3g} | "
-              f"{', '.join(f'{v:.3g}' for v in losses)} | {', '.join(f'{a:.2f}' for a in accs)} |")
+        run = gp.Run.open(d)
+        return run.scalars(), run.losses()
+
+
+def training_verdict(scalars, losses, first="fc1", last="out", threshold=6.0):
+    """"vanishing" / "exploding" / "fine" from what the Probe recorded (see FIT_LOSS above).
+
+    exploding: a non-finite loss or gradient anywhere in the run, or median G_t > threshold over
+    the learning phase; vanishing: median G_t < -threshold; fine: neither. Also returns the
+    learning phase's length, the median log ratio of the first to the last layer's weight-gradient
+    sum of squares, ln(drift_first / drift_last) at the end of the learning phase, and G at the
+    last step when the net fitted before it (outside the window, for comparison).
+    """
+    loss = losses.set_index("step")["loss"].astype(float)
+    nonfinite = not np.isfinite(loss.to_numpy()).all() or bool(scalars["nonfinite"].gt(0).any())
+    below = loss.index[(loss < FIT_LOSS).to_numpy()]
+    t_fit = int(below[0]) if len(below) else len(loss)
+    window = scalars["step"] < max(t_fit, MIN_STEPS)
+    s = scalars[window]
+
+    def norm(layer, kind, frame=s):
+        rows = frame[(frame["layer"] == layer) & (frame["kind"] == kind)]
+        return rows.set_index("step")["norm"].astype(float)
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        g = (2 * np.log(norm(first, "act_grad") / norm(last, "act_grad"))).to_numpy()
+        gw = (2 * np.log(norm(first, "grad") / norm(last, "grad"))).to_numpy()
+        drift = np.log(norm(first, "drift") / norm(last, "drift")).to_numpy()
+        after = scalars[~window]
+        g_after = (2 * np.log(norm(first, "act_grad", after) / norm(last, "act_grad", after)))
+    g = g[np.isfinite(g)]
+    g_med = float(np.median(g)) if len(g) else math.nan
+    g_after = g_after[np.isfinite(g_after.to_numpy())]
+    if nonfinite or g_med > threshold:
+        verdict = "exploding"
+    elif g_med < -threshold:
+        verdict = "vanishing"
+    else:
+        verdict = "fine"
+    gw = gw[np.isfinite(gw)]
+    return {"verdict": verdict, "G": g_med, "Gw": float(np.median(gw)) if len(gw) else math.nan,
+            "drift": float(drift[-1]), "t_fit": t_fit,
+            "G_after": float(g_after.iloc[-1]) if len(g_after) else math.nan, "nonfinite": nonfinite,
+            "loss": float(loss.iloc[-1])}
+
+
+def verdict_cases():
+    return [("tanh", 0.5, 0.05), ("tanh", mf.critical_sigma_w2("tanh", 0.05), 0.05),
+            ("tanh", 4.0, 0.05), ("relu", 1.0, 0.0), ("relu", 2.0, 0.0), ("relu", 3.0, 0.0),
+            ("sigmoid", "xavier", 0.0)]
+
+
+def table_verdicts(seeds=3, steps=200, depth=24, width=64):
+    x, y, _, _ = circles(1000, seed=0)
+    bce = F.binary_cross_entropy_with_logits
+    optimisers = [("SGD 0.01 m0.9", lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)),
+                  ("Adam 1e-3", lambda p: torch.optim.Adam(p, lr=1e-3))]
+    print(f"\n## preflight verdict vs what training shows (circles, {depth} hidden layers x "
+          f"{width}, full batch, {steps} steps, {seeds} seeds; G = ln sum-of-squares gain of "
+          "dL/dh from the last to the first weight layer)\n")
+    print("| net | optimiser | preflight (G) per seed | training: median G over learning steps "
+          "per seed | verdict from training | ln drift first/last | steps to fit | G at last step "
+          "(after fit) | final loss | agree |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    total = agree_total = 0
+    counts = {}
+    for act, s2, b2 in verdict_cases():
+        label = (f"{act} Xavier" if s2 == "xavier" else f"{act} sigma_w2={s2:.3g} sigma_b2={b2}")
+        for opt_name, make_opt in optimisers:
+            pre, tr = [], []
+            for seed in range(seeds):
+                torch.manual_seed(seed)
+                net = init_(mlp([2] + [width] * depth + [1], act), s2, b2, seed)
+                pre.append(gp.preflight(net, x, bce, y))
+                tr.append(training_verdict(*train_with_probe(net, make_opt(net.parameters()),
+                                                             x, y, steps)))
+            agree = sum(p.verdict == t["verdict"] for p, t in zip(pre, tr))
+            total += seeds
+            agree_total += agree
+            counts[(label, opt_name)] = agree
+            print(f"| {label} | {opt_name} | "
+                  + ", ".join(f"{p.verdict} ({_gain(p):+.1f})" for p in pre) + " | "
+                  + ", ".join(f"{t['G']:+.1f}" for t in tr) + " | "
+                  + ", ".join(t["verdict"] for t in tr) + " | "
+                  + ", ".join(f"{t['drift']:+.1f}" for t in tr) + " | "
+                  + ", ".join(str(t["t_fit"]) if t["t_fit"] < steps else "-" for t in tr) + " | "
+                  + ", ".join(f"{t['G_after']:+.1f}" if t["t_fit"] < steps else "-"
+                              for t in tr) + " | "
+                  + ", ".join(f"{t['loss']:.2g}" for t in tr) + f" | {agree}/{seeds} |")
+    print(f"\nAgreement: {agree_total} of {total} runs.")
+    return counts, seeds
+
+
+def table_verdict_depths(depths, seeds=3, width=64):
+    """The verdict table at each depth, then the agreement counts side by side."""
+    per_depth = {d: table_verdicts(seeds=seeds, depth=d, width=width)[0] for d in depths}
+    print(f"\n## Agreement (runs of {seeds}) by depth, width {width}\n")
+    print("| net | optimiser | " + " | ".join(f"depth {d}" for d in depths) + " |")
+    print("|---|---|" + "---|" * len(depths))
+    for key in per_depth[depths[0]]:
+        print(f"| {key[0]} | {key[1]} | "
+              + " | ".join(f"{per_depth[d][key]}/{seeds}" for d in depths) + " |")
+    for d in depths:
+        n_agree = sum(per_depth[d].values())
+        print(f"\ndepth {d}: {n_agree} of {seeds * len(per_depth[d])} runs agree", end="")
+    print()
+
+
+def _gain(report):
+    return report.predicted_log_gain if report.verdict_basis == "theory" else (
+        report.measured_log_gain)
 
 
 def median_time(fn, repeats):
@@ -231,7 +342,7 @@ def main():
     table_chi1(width, depth, batch)
     table_chain()
     table_glorot(300 if args.quick else 1000)
-    table_verdicts(seeds=2 if args.quick else 3)
+    table_verdict_depths((20,) if args.quick else (20, 24, 30), seeds=2 if args.quick else 3)
     table_timings(width=300 if args.quick else 1000, depth=10)
     print(f"\n(total {time.time() - t0:.0f} s; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads)")
