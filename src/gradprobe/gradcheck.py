@@ -1212,7 +1212,6 @@ def _run(
             chunk = -(-m // -(-m // chunk))
         num, ana, fwd, bwd, jscale = (torch.empty(m, dtype=torch.float64) for _ in range(5))
         hook_crossed = torch.zeros(m, dtype=torch.bool)
-        # J(θ) through the same path as the perturbed values, for the one-sided differences.
         j0 = 0.0
         for a in range(0, m, chunk):
             b = min(m, a + chunk)
