@@ -3,7 +3,7 @@
 Run by hand:  .venv/bin/python benchmarks/gradcheck_speed.py [--repeats 3] [--threads 1]
              [--big-params 10e6] [--skip-big]
 
-1. MLP 20-64-64-1, tanh, float64, batch 16 (5,313 parameters), every coordinate checked:
+1. MLP 20-64-64-1, tanh, float64, batch 16 (5,569 parameters), every coordinate checked:
    - gp.gradcheck(mode="full") (perturbed forward passes batched with torch.func.vmap),
    - the same with vectorize=False (gradprobe's own loop),
    - the textbook loop: one coordinate at a time, θ_i ± ε in place, two forward passes each,

@@ -547,3 +547,40 @@ def test_randomness_outside_torch_is_warned():
 
     rep = gp.gradcheck(Noisy(), lambda o: o.sum(), torch.randn(4, 3), vectorize=False)
     assert any("not a deterministic function" in w for w in rep.warnings)
+
+
+class _Residual(nn.Module):
+    """The first activation's output is read by the next Linear *and* by an addition."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.act, self.l2, self.l3 = nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = self.act(self.l1(x))
+        return self.l3(torch.tanh(self.l2(h)) + h)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["sequential", "residual"])
+def test_unmaterialised_outputs_match_loop_numbers_and_kinks(residual):
+    # A large eps makes the ReLU kinks crossed often: the hooks count them from the compressed
+    # (column) form of the perturbed pre-activations, the loop from the dense ones.
+    torch.manual_seed(3)
+    if residual:
+        model = _Residual()
+    else:
+        model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    x, y = torch.randn(6, 5), torch.randn(6, 1)
+    fast = gp.gradcheck(model, F.mse_loss, x, y, eps=0.1, n_worst=100)
+    slow = gp.gradcheck(model, F.mse_loss, x, y, eps=0.1, n_worst=100, vectorize=False)
+    assert fast.vectorized and not slow.vectorized
+    lean = [n for n in fast.notes if "unmaterialised" in n]
+    first = "l1.weight" if residual else "0.weight"
+    # The residual addition reads the first ReLU's output: it must have been materialised.
+    assert bool(lean and first in lean[0]) is (not residual), fast.notes
+    assert sum(r.kinks_crossed for r in slow.rows) > 0
+    for rf, rs in zip(fast.rows, slow.rows):
+        assert rf.kinks_crossed == rs.kinks_crossed and rf.verdict == rs.verdict, rf.name
+        nf = {c.index: c.numeric for c in rf.worst}
+        ns = {c.index: c.numeric for c in rs.worst}
+        assert nf == pytest.approx(ns, rel=1e-6, abs=1e-8), rf.name

@@ -86,6 +86,8 @@ _NOISE_SAFETY = 10.0
 roundoff): sums inside a forward pass lose a few more digits than one rounding."""
 _KINK_SHARE = 0.6
 """A kink crossed on one side makes ``|g̃ − g| = |fwd − bwd| / 2``; allow 20 % slack."""
+_MAX_CHUNK = 512
+"""Most coordinates evaluated by one vectorised call when ``chunk_size`` is not given."""
 _RANDOM_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.modules.dropout._DropoutNd, nn.RReLU)
 
 
@@ -332,22 +334,29 @@ class _Evaluator:
     n_evaluations: int = 0
     has_hooks: bool = False
     fast_used: tuple[str, ...] = ()
+    fast_lean: tuple[str, ...] = ()
 
     def eval_rows(self, t: int, values: Tensor) -> tuple[Tensor, Tensor | None]:
         """J with tensor t set to values[r] (flat) for every row r, and per row the number of
         activation inputs whose kink region differs from the one at θ (or None without hooks)."""
         raise NotImplementedError
 
-    def eval_coords(self, t: int, cols: Tensor, eps: float) -> tuple[Tensor, Tensor | None]:
+    def eval_coords(
+        self, t: int, cols: Tensor, eps: float, center: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
         """J at θ_t + ε e_i (rows 0..c-1) and θ_t − ε e_i (rows c..2c-1) for i in ``cols``: the
-        textbook perturbation, every other coordinate bit-identical to θ."""
+        textbook perturbation, every other coordinate bit-identical to θ; with ``center`` a last
+        row J(θ), evaluated the same way."""
+        return self.eval_rows(t, self._coord_values(t, cols, eps, center))
+
+    def _coord_values(self, t: int, cols: Tensor, eps: float, center: bool = False) -> Tensor:
         base = self.base[t]
         c = cols.numel()
-        values = base.repeat(2 * c, 1)
+        values = base.repeat(2 * c + int(center), 1)
         ar = torch.arange(c, device=base.device)
         values[ar, cols] = base[cols] + eps
         values[ar + c, cols] = base[cols] - eps
-        return self.eval_rows(t, values)
+        return values
 
 
 class _KinkState:
@@ -469,10 +478,14 @@ class _ModelEvaluator(_Evaluator):
         self.kink = _KinkState()
         self._hook_handles = self._add_kink_hooks(clone)
         self._fast_state: tuple[nn.Module, str, Tensor, Tensor] | None = None
-        self._sparse: list[tuple[Tensor, Tensor, Tensor, Tensor, int]] | None = None
+        self._sparse: list[tuple[nn.Module, Tensor, Tensor, Tensor, Tensor, int]] | None = None
+        # Modules whose column-tracked outputs are left as NaN placeholders in this call, and
+        # (while validating) the modules whose tracked outputs a patched module picked up.
+        self._stub: frozenset[nn.Module] = frozenset()
+        self._consumed: set[nn.Module] | None = None
         self.patched: list[nn.Module] = []
         self.fast = self._find_linear_params(clone)  # tensor index -> (module, "weight"/"bias")
-        self.fast_ok: dict[int, bool] = {}
+        self.fast_ok: dict[int, frozenset[nn.Module] | None] = {}  # None: generic path
         self.has_hooks = bool(self._hook_handles)
         self.want_vmap = vectorize is not False
         self.force_vmap = vectorize is True
@@ -645,19 +658,41 @@ class _ModelEvaluator(_Evaluator):
         m.forward = forward  # type: ignore[method-assign]
         self.patched.append(m)
 
-    def _track(self, t: Tensor, col: Tensor, delta: Tensor, base: Tensor) -> Tensor:
-        """Remember that ``t`` equals ``base`` except for ``delta`` added in column ``col``."""
+    def _track(self, m: nn.Module, base: Tensor, col: Tensor, delta: Tensor) -> Tensor:
+        """The output of ``m``: ``base`` plus ``delta`` (shape ``base[..., :1]``) in column
+        ``col``, remembered in that compressed form for the patched modules downstream.
+
+        The dense tensor is materialised unless ``m`` is in ``self._stub``: modules whose
+        output, in a validated run, went only to patched modules that read the compressed form.
+        Their output is then a NaN placeholder of the right shape, so that a reader which is
+        not a patched module turns ``J`` into NaN instead of reading a wrong value (the
+        validation and the non-finite re-run in :meth:`eval_coords` rely on that)."""
         assert self._sparse is not None
-        self._sparse.append((t, col, delta, base, t._version))
+        if m in self._stub:
+            t = torch.full((), math.nan, dtype=base.dtype, device=base.device).expand(base.shape)
+        else:
+            onehot = (torch.arange(base.shape[-1], device=base.device) == col).to(base.dtype)
+            t = torch.addcmul(base, delta, onehot)
+        self._sparse.append((m, t, col, delta, base, t._version))
         return t
 
-    def _tracked(self, x: Any) -> tuple[Tensor, Tensor, Tensor] | None:
+    def _lookup(self, x: Any) -> tuple[nn.Module, Tensor, Tensor, Tensor] | None:
         if self._sparse is None:
             return None
-        for t, col, delta, base, version in self._sparse:
+        for m, t, col, delta, base, version in self._sparse:
             if t is x and t._version == version:  # not modified in place since
-                return col, delta, base
+                return m, col, delta, base
         return None
+
+    def _tracked(self, x: Any) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(col, delta, base)`` if ``x`` is a tracked output; records that it was read so."""
+        found = self._lookup(x)
+        if found is None:
+            return None
+        m, col, delta, base = found
+        if self._consumed is not None:
+            self._consumed.add(m)
+        return col, delta, base
 
     def _linear_forward(self, m: nn.Module) -> Callable[[Tensor], Tensor]:
         plain = type(m).forward.__get__(m)
@@ -672,8 +707,7 @@ class _ModelEvaluator(_Evaluator):
                     delta = step * torch.ones_like(out[..., :1])
                 else:
                     delta = step * torch.index_select(x, -1, (col % x.shape[-1]).reshape(1))
-                onehot = (torch.arange(out.shape[-1], device=out.device) == row).to(out.dtype)
-                return self._track(torch.addcmul(out, delta, onehot), row, delta, out)
+                return self._track(m, out, row, delta)
             tracked = self._tracked(x)
             if tracked is None:
                 return plain(x)
@@ -696,12 +730,13 @@ class _ModelEvaluator(_Evaluator):
             zcol = torch.index_select(zbase, -1, col.reshape(1))
             acol = torch.index_select(abase, -1, col.reshape(1))
             da = plain(zcol + delta) - acol
-            onehot = (torch.arange(z.shape[-1], device=z.device) == col).to(z.dtype)
-            return self._track(torch.addcmul(abase, da, onehot), col, da, abase)
+            return self._track(m, abase, col, da)
 
         return forward
 
-    def _vmapped_fast(self, t: int, cols: Tensor, steps: Tensor) -> tuple[Tensor, Tensor]:
+    def _vmapped_fast(
+        self, t: int, cols: Tensor, steps: Tensor, stub: frozenset[nn.Module]
+    ) -> tuple[Tensor, Tensor]:
         module, kind = self.fast[t]
 
         def one(col: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
@@ -713,45 +748,85 @@ class _ModelEvaluator(_Evaluator):
             return j, self.kink.total(j)
 
         self._reseed()
+        self._stub = stub
         try:
             with torch.no_grad():
                 js, ks = torch.func.vmap(one, randomness="same")(cols, steps)
         finally:
             self._fast_state = None
             self._sparse = None
+            self._stub = frozenset()
             self.kink.start("off")
             self._restore_buffers()
         self.n_evaluations += cols.shape[0]
         return js.detach().to(torch.float64).cpu(), ks.cpu()
 
-    def _fast_inputs(self, t: int, cols: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    def _fast_inputs(
+        self, t: int, cols: Tensor, eps: float, center: bool = False
+    ) -> tuple[Tensor, Tensor]:
         # The steps actually taken by θ_i ± ε in floating point, so that the output update
-        # equals the change the textbook perturbation makes.
+        # equals the change the textbook perturbation makes; a zero step gives J(θ).
         b = self.base[t][cols]
-        return torch.cat([cols, cols]), torch.cat([(b + eps) - b, (b - eps) - b])
+        extra = [cols[:1], torch.zeros_like(b[:1])] if center else [cols[:0], b[:0]]
+        return torch.cat([cols, cols, extra[0]]), torch.cat([(b + eps) - b, (b - eps) - b, extra[1]])
 
-    def _validate_fast(self, t: int, eps: float) -> bool:
+    def _validate_fast(self, t: int, eps: float) -> frozenset[nn.Module] | None:
+        """Whether the rank-1 path reproduces full perturbed forward passes (``J`` and kink
+        counts) for three coordinates: ``None`` if not (generic path), else the modules whose
+        outputs may stay NaN placeholders (empty: materialise every output).
+
+        Tried in turn, the first that agrees is kept: every patched module's output a
+        placeholder; only the outputs that patched modules read in compressed form in that run;
+        every output materialised. A reader of a placeholder other than a patched module makes
+        ``J`` NaN, so a configuration that agrees has none on this path."""
         n = self.base[t].numel()
         cols = torch.unique(torch.tensor([0, n // 2, n - 1], device=self.base[t].device))
-        try:
-            fast, _ = self._vmapped_fast(t, *self._fast_inputs(t, cols, eps))
-        except Exception:  # any failure: the generic path decides
-            return False
-        slow, _ = super().eval_coords(t, cols, eps)
+        steps = self._fast_inputs(t, cols, eps)
+        # The reference: plain forward passes with the parameter itself moved by ±ε.
+        slow, slow_ks = self._loop(t, self._coord_values(t, cols, eps))
         tol = 100.0 * _NOISE_SAFETY * _unit_roundoff(self.base[t].dtype) * max(abs(self.j0), 1e-300)
-        return bool(((fast - slow).abs() <= tol).all())
 
-    def eval_coords(self, t: int, cols: Tensor, eps: float) -> tuple[Tensor, Tensor | None]:
+        def agrees(stub: frozenset[nn.Module]) -> bool:
+            try:
+                fast, fast_ks = self._vmapped_fast(t, *steps, stub)
+            except Exception:  # any failure (e.g. an in-place write into a placeholder)
+                return False
+            same_kinks = slow_ks is None or bool((fast_ks == slow_ks).all())
+            return same_kinks and bool(((fast - slow).abs() <= tol).all())
+
+        every = frozenset(self.patched)
+        self._consumed = set()
+        try:
+            if agrees(every):
+                return every
+        finally:
+            consumed, self._consumed = frozenset(self._consumed), None
+        if consumed and consumed != every and agrees(consumed):
+            return consumed
+        return frozenset() if agrees(frozenset()) else None
+
+    def eval_coords(
+        self, t: int, cols: Tensor, eps: float, center: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
         if self.want_vmap:
             self._try_vmap(t)
         if self.vectorized and t in self.fast:
             if t not in self.fast_ok:
                 self.fast_ok[t] = self._validate_fast(t, eps)
-            if self.fast_ok[t]:
+            stub = self.fast_ok[t]
+            if stub is not None:
                 if self.names[t] not in self.fast_used:
                     self.fast_used = (*self.fast_used, self.names[t])
-                return self._vmapped_fast(t, *self._fast_inputs(t, cols, eps))
-        return super().eval_coords(t, cols, eps)
+                    if stub:
+                        self.fast_lean = (*self.fast_lean, self.names[t])
+                steps = self._fast_inputs(t, cols, eps, center)
+                js, ks = self._vmapped_fast(t, *steps, stub)
+                if stub and not bool(torch.isfinite(js).all()):
+                    # A placeholder reached J on a path the validation did not take: redo
+                    # this chunk with every output materialised (a real non-finite J stays).
+                    js, ks = self._vmapped_fast(t, *steps, frozenset())
+                return js, ks
+        return super().eval_coords(t, cols, eps, center)
 
     def _make_hook(self, points: tuple[float, ...]) -> Callable[..., None]:
         state = self.kink
@@ -759,14 +834,29 @@ class _ModelEvaluator(_Evaluator):
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
             if state.mode == "off" or not args or not isinstance(args[0], Tensor):
                 return
-            region = _region(args[0].detach(), points)
             if state.mode == "record":
-                state.base.append(region)
+                state.base.append(_region(args[0].detach(), points))
                 return
             i = state.i
             state.i += 1
-            if i < len(state.base) and state.base[i].shape == region.shape:
-                state.counts.append((region != state.base[i]).sum())
+            if i >= len(state.base) or state.base[i].shape != args[0].shape:
+                return
+            ref = state.base[i]
+            found = self._lookup(args[0])
+            if found is None:
+                state.counts.append((_region(args[0].detach(), points) != ref).sum())
+                return
+            # The input is base + delta in column col (perhaps a placeholder): count the
+            # changed regions of base outside that column and of base + delta inside it.
+            _, col, delta, base = found
+            c = col.reshape(1)
+            ref_c = torch.index_select(ref, -1, c)
+            base_c = torch.index_select(base, -1, c)
+            state.counts.append(
+                (_region(base, points) != ref).sum()
+                - (_region(base_c, points) != ref_c).sum()
+                + (_region(base_c + delta, points) != ref_c).sum()
+            )
 
         return hook
 
@@ -778,6 +868,8 @@ class _ModelEvaluator(_Evaluator):
                 torch.cuda.manual_seed_all(self.seed)
 
     def _restore_buffers(self) -> None:
+        if not self.buffers:
+            return
         with torch.no_grad():
             for b, saved in self.buffers:
                 b.copy_(saved)
@@ -1112,26 +1204,36 @@ def _run(
         else:
             m, idx = n_directions, None
         per_row = 2 * (n + ev.act_numel) * itemsize * 3
-        chunk = chunk_size or int(max(1, min(1024, max_memory_mb * 2**20 // max(per_row, 1))))
+        # Coordinates per vectorised call: within max_memory_mb, and at most _MAX_CHUNK (past a
+        # few hundred the per-call overhead is amortised and bigger batches only spill caches),
+        # split evenly so that no call is a small remainder.
+        chunk = chunk_size or int(max(1, min(_MAX_CHUNK, max_memory_mb * 2**20 // max(per_row, 1))))
+        if chunk_size is None:
+            chunk = -(-m // -(-m // chunk))
         num, ana, fwd, bwd, jscale = (torch.empty(m, dtype=torch.float64) for _ in range(5))
         hook_crossed = torch.zeros(m, dtype=torch.bool)
-        # J(θ) through the same path as the perturbed values, for the one-sided differences.
-        j0 = float(ev.eval_rows(t, base[None])[0][0])
+        j0 = 0.0
         for a in range(0, m, chunk):
             b = min(m, a + chunk)
             c = b - a
+            # The first call also evaluates J(θ) (last row) through the same path as the
+            # perturbed values, for the one-sided differences.
+            center = a == 0
             if idx is not None:
                 cols = idx[a:b].to(base.device)
                 analytic = grad[cols].to(torch.float64).cpu()
-                js, ks = ev.eval_coords(t, cols, eps)
+                js, ks = ev.eval_coords(t, cols, eps, center=center)
             else:
                 dirs = torch.randn(c, n, generator=gen, dtype=torch.float64)
                 dirs = dirs / torch.linalg.vector_norm(dirs, dim=1, keepdim=True)
                 dirs = dirs.to(device=base.device, dtype=base.dtype)
                 analytic = (dirs @ grad).to(torch.float64).cpu()
-                js, ks = ev.eval_rows(t, torch.cat([base + eps * dirs, base - eps * dirs]))
+                batch = [base + eps * dirs, base - eps * dirs] + ([base[None]] if center else [])
+                js, ks = ev.eval_rows(t, torch.cat(batch))
                 del dirs
-            jp, jm = js[:c], js[c:]
+            if center:
+                j0 = float(js[2 * c])
+            jp, jm = js[:c], js[c : 2 * c]
             finite = torch.isfinite(jp) & torch.isfinite(jm)
             if not bool(finite.all()):
                 bad = int((~finite).nonzero()[0, 0]) + a
@@ -1149,7 +1251,7 @@ def _run(
             bwd[a:b] = (j0 - jm) / eps
             jscale[a:b] = torch.maximum(jp.abs(), jm.abs()).clamp_min(abs(j0))
             if ks is not None:
-                hook_crossed[a:b] = (ks[:c] > 0) | (ks[c:] > 0)
+                hook_crossed[a:b] = (ks[:c] > 0) | (ks[c : 2 * c] > 0)
         # Roundoff of one centred difference: two evaluations, each ≈ _NOISE_SAFETY·u·|J|.
         noise = _NOISE_SAFETY * u * jscale / eps
         err = (num - ana).abs()
@@ -1224,6 +1326,12 @@ def _run(
             f"coordinates of {', '.join(ev.fast_used)} (nn.Linear) perturbed as rank-1 updates of "
             f"the layer output, propagated column-wise through elementwise activations "
             f"(checked against full perturbed forward passes first)"
+        )
+    if ev.fast_lean:
+        notes.append(
+            f"for {', '.join(ev.fast_lean)}, layer outputs that differ from θ in one column and "
+            f"are read only by such layers were left unmaterialised (NaN placeholders; checked "
+            f"against full perturbed forward passes first)"
         )
     return GradCheckReport(
         rows=tuple(rows),
