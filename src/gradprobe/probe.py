@@ -99,6 +99,8 @@ class _ParamGroup:
     init: list[Tensor] = field(default_factory=list)  # W0
     init_sumsq: Tensor | None = None
     scratch: Tensor | None = None  # flat, as large as the largest tensor: |x| without allocating
+    small: list[int] = field(default_factory=list)  # tensors of at most stats.SMALL elements
+    large: list[int] = field(default_factory=list)
 
 
 def _display_name(name: str) -> str:
@@ -458,6 +460,10 @@ class Probe:
                 if kind in self.kinds:
                     g.rows[kind] = [self._layers[i].rows[kind] for i in g.layer_ids]
                     g.rows_t[kind] = torch.tensor(g.rows[kind], dtype=torch.long, device=device)
+            g.small = [i for i, n in enumerate(g.numels) if n <= S.SMALL]
+            g.large = [i for i, n in enumerate(g.numels) if n > S.SMALL]
+            for kind in list(g.rows):
+                g.rows_t[kind + "_large"] = g.rows_t[kind][g.large]
             with torch.no_grad():
                 g.scratch = torch.empty(max(g.numels), dtype=g.params[0].dtype, device=device)
                 if "update" in self.kinds or "drift" in self.kinds:
@@ -535,26 +541,38 @@ class Probe:
         if "grad" not in self.kinds:
             return
         assert self._recorder is not None
+        rec = self._recorder
         with torch.no_grad():
             for g in self._groups:
-                grads, rows, numels = [], [], []
+                small: list[Tensor] = []
+                small_rows: list[int] = []
+                large: list[Tensor] = []
+                large_rows: list[int] = []
                 for p, row in zip(g.params, g.rows["grad"]):
                     gr = p.grad
                     if gr is None:
                         continue
                     if gr.is_sparse:
                         gr = gr.coalesce().values()
-                    grads.append(gr)
-                    rows.append(row)
-                    numels.append(gr.numel())
-                if not grads:
-                    continue
-                mat = S.param_group_stats(grads, g.scratch)
-                rows_t = (g.rows_t["grad"] if len(rows) == len(g.params)
-                          else torch.tensor(rows, dtype=torch.long, device=mat.device))
-                self._recorder.add_many(slot, rows, rows_t, mat, numels)
+                    if gr.numel() <= S.SMALL:
+                        small.append(gr)
+                        small_rows.append(row)
+                    else:
+                        large.append(gr)
+                        large_rows.append(row)
+                if small:
+                    # one copy of all small gradients (the optimizer step must not change
+                    # them under us), summarised with the step's other small tensors
+                    flat = torch.cat([t.reshape(-1) for t in small])
+                    for v, row in zip(flat.split([t.numel() for t in small]), small_rows):
+                        rec.defer(slot, row, v)
+                if large:
+                    mat = S.param_group_stats(large, g.scratch)
+                    rows_t = (g.rows_t["grad_large"] if len(large) == len(g.large)
+                              else torch.tensor(large_rows, dtype=torch.long, device=mat.device))
+                    rec.add_many(slot, large_rows, rows_t, mat, [t.numel() for t in large])
                 if self._hist_due():
-                    self._param_hist(slot, grads, rows)
+                    self._param_hist(slot, small + large, small_rows + large_rows)
 
     def _hist_due(self) -> bool:
         return self.hist_every > 0 and self._step % self.hist_every == 0
@@ -574,32 +592,38 @@ class Probe:
             ws = [p.detach() for p in g.params]
             n = len(ws)
             if "weight" in self.kinds:
-                wmat = S.param_group_stats(ws, g.scratch)
-                rec.add_many(slot, g.rows["weight"], g.rows_t["weight"], wmat, g.numels)
-                wsq = wmat[:, S.SUMSQ]
+                rows = g.rows["weight"]
+                for i in g.small:  # summarised with the step's other small tensors
+                    rec.defer(slot, rows[i], ws[i])
+                if g.large:
+                    wmat = S.param_group_stats([ws[i] for i in g.large], g.scratch)
+                    rec.add_many(slot, [rows[i] for i in g.large], g.rows_t["weight_large"],
+                                 wmat, [g.numels[i] for i in g.large])
                 if self._hist_due():
-                    self._param_hist(slot, ws, g.rows["weight"])
-            elif "update" in self.kinds:
-                wsq = S.sumsq_group(ws)
+                    self._param_hist(slot, ws, rows)
             if "update" in self.kinds:
                 if skipped:
+                    wsq = S.sumsq_group(ws)
                     dsq = torch.zeros_like(wsq)
                 else:
                     torch._foreach_sub_(g.prev, ws)  # W_before - W_after
-                    dsq = S.sumsq_group(g.prev)
+                    both = S.sumsq_group(ws + g.prev)
+                    wsq, dsq = both[:n], both[n:]
                 rec.add_many(slot, g.rows["update"], g.rows_t["update"],
-                             _ratio_mat(dsq, wsq, n), g.numels)
+                             _ratio_mat(dsq, wsq), g.numels)
             if "drift" in self.kinds:
-                if n <= 64:  # few tensors: one pass each, writing W - W0 straight into scratch
-                    for w, w0, out in zip(ws, g.init, g.prev):
-                        torch.sub(w, w0, out=out)
-                else:  # many (small) tensors: two foreach calls beat a Python loop
-                    torch._foreach_copy_(g.prev, ws)
-                    torch._foreach_sub_(g.prev, g.init)
-                dsq = S.sumsq_group(g.prev)
+                dsq = torch.empty(n, dtype=S.STAT_DTYPE, device=ws[0].device)
+                if g.small:  # many small tensors: two foreach calls beat a Python loop
+                    d = [g.prev[i] for i in g.small]
+                    torch._foreach_copy_(d, [ws[i] for i in g.small])
+                    torch._foreach_sub_(d, [g.init[i] for i in g.small])
+                    dsq[g.small] = S.sumsq_group(d)
+                if g.large:  # one pass each, writing W - W0 straight into scratch
+                    d = [torch.sub(ws[i], g.init[i], out=g.prev[i]) for i in g.large]
+                    dsq[g.large] = S.sumsq_group(d)
                 assert g.init_sumsq is not None
                 rec.add_many(slot, g.rows["drift"], g.rows_t["drift"],
-                             _ratio_mat(dsq, g.init_sumsq, n), g.numels)
+                             _ratio_mat(dsq, g.init_sumsq), g.numels)
 
     def _end_step(self, *, skipped: bool) -> None:
         assert self._recorder is not None and self._writer is not None
@@ -607,8 +631,8 @@ class Probe:
         events: list[dict[str, Any]] = []
         if slot is not None:
             with torch.no_grad():
-                self._recorder.process_pending()
                 self._record_params(slot, skipped)
+                self._recorder.process_pending()
             scale = self.scaler._scale if self.scaler is not None else None
             self._recorder.end(slot, skipped=skipped, scale=scale)
             if self._recorder.device.type == "cpu" or self.on_nonfinite == "raise":
@@ -667,14 +691,14 @@ class Probe:
             with torch.no_grad():
                 x = t.detach()
                 sat_rule = spec.saturated if spec is not None else None
+                dead_rule = spec.inactive if spec is not None else None
                 if x.numel() <= S.SMALL:
                     # a copy: an in-place activation may overwrite the output later
-                    sat = sat_rule(x).sum() if sat_rule is not None else None
-                    rec.defer(slot, row, x.clone(), sat)
+                    rec.defer(slot, row, x.clone(), sat_rule, dead_rule)
                 else:
                     rec.add(slot, row, S.tensor_stats(x, sat_rule), x.numel())
-                if spec is not None and spec.inactive is not None:
-                    rec.and_units(slot, row, S.inactive_units(x, spec.inactive))
+                    if dead_rule is not None:
+                        rec.and_units(slot, row, S.inactive_units(x, dead_rule))
                 if self._hist_due():
                     rec.add_hist(slot, row, x)
         row = lay.rows.get("act_grad")
@@ -695,13 +719,12 @@ class Probe:
                 rec.add_hist(slot, row, grad)
 
 
-def _ratio_mat(sumsq: Tensor, ref_sumsq: Tensor, n: int) -> Tensor:
+def _ratio_mat(sumsq: Tensor, ref_sumsq: Tensor) -> Tensor:
     """Stats rows holding only ``sumsq`` and ``ref_sumsq`` (kinds update and drift)."""
-    mat = S.empty_stats(n, sumsq.device)
-    mat[:, S.SUMSQ] = sumsq
-    mat[:, S.REF_SUMSQ] = ref_sumsq
-    mat[:, S.NONFINITE] = (~torch.isfinite(sumsq)).to(S.STAT_DTYPE)
-    return mat
+    zero = torch.zeros_like(sumsq)
+    ninf = torch.full_like(sumsq, -math.inf)
+    nonfinite = (~torch.isfinite(sumsq)).to(S.STAT_DTYPE)
+    return torch.stack([zero, sumsq, zero, zero, nonfinite, zero, zero, ref_sumsq, ninf, ninf], 1)
 
 
 __all__ = ["Probe"]

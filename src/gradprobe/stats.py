@@ -195,6 +195,15 @@ def inactive_units(x: Tensor, inactive: Callable[[Tensor], Tensor]) -> Tensor:
     return inactive(xf.amax(dim=dims) if dims else xf)
 
 
+def inactive_units_batched(xs: Tensor, inactive: Callable[[Tensor], Tensor]) -> Tensor:
+    """:func:`inactive_units` of each ``xs[i]`` (a stack of equally shaped outputs): ``[k, units]``."""
+    xf = _float(xs.detach())
+    if xf.ndim == 1:
+        return inactive(xf.reshape(-1, 1))
+    dims = tuple(d + 1 for d in unit_dims(xf.ndim - 1))
+    return inactive(xf.amax(dim=dims) if dims else xf)
+
+
 SMALL = 8192
 """Tensors with at most this many elements are summarised together (:func:`batched_stats`)."""
 
@@ -235,40 +244,42 @@ def _layout(numels: tuple[int, ...], dtypes: tuple[Any, ...]) -> list[tuple[list
 def _padded_stats(flats: list[Tensor], width: int, exact: bool) -> Tensor:
     """``[k, N_STATS]`` statistics of ``k`` flat tensors of at most ``width`` elements, sorted by
     decreasing size, as the rows of one zero-padded matrix (zeros change no sum and no non-zero
-    count; the extrema of the padded rows mask the padding out).
+    count). Tensors of equal size are stacked into one block; the extrema are row reductions of
+    each block, so the padding never enters them.
 
-    Row reductions of a matrix are vectorised; ``aminmax``, ``count_nonzero`` and a broadcast
-    ``masked_fill`` along rows are not on CPU (10-30x slower), hence ``amin``/``amax``, the
-    ``sign(|x|)`` count and ``where`` on the padded rows only. ``exact``: count non-zero and
-    non-finite values exactly (accelerators; no branch on values there).
+    Row reductions of a matrix are vectorised; ``aminmax`` and ``count_nonzero`` along a
+    dimension are not on CPU (10-30x slower), hence ``amin``/``amax`` and the ``sign(|x|)``
+    count. ``exact``: count non-zero and non-finite values exactly (accelerators, where no
+    branch on values may be taken).
     """
     k = len(flats)
-    full = next((i for i, f in enumerate(flats) if f.numel() < width), k)
-    m = torch.empty(k, width, dtype=flats[0].dtype, device=flats[0].device)
-    if full == 1:
-        m[0].copy_(flats[0])
-    elif full > 1:
-        torch.stack(flats[:full], out=m[:full])
-    if full < k:
-        m[full:].zero_()
-        for i in range(full, k):
-            m[i, : flats[i].numel()].copy_(flats[i])
+    runs: list[tuple[int, int]] = []
+    for i in range(k):
+        if i == 0 or flats[i].numel() != flats[i - 1].numel():
+            runs.append((i, i + 1))
+        else:
+            runs[-1] = (runs[-1][0], i + 1)
+    blocks = [torch.stack(flats[a:b]) if b - a > 1 else flats[a].unsqueeze(0) for a, b in runs]
+    if len(blocks) == 1:
+        m = blocks[0]
+    else:
+        m = torch.zeros(k, width, dtype=flats[0].dtype, device=flats[0].device)
+        for (a, b), blk in zip(runs, blocks):
+            m[a:b, : blk.shape[1]].copy_(blk)
+    mx = torch.cat([blk.amax(1) for blk in blocks]) if len(blocks) > 1 else m.amax(1)
+    mn = torch.cat([blk.amin(1) for blk in blocks]) if len(blocks) > 1 else m.amin(1)
     s = m.sum(1)
     ss = torch.linalg.vector_norm(m, 2, dim=1).square()
-    mx, mn = m.amax(1), m.amin(1)
-    if full < k:
-        lens = torch.tensor([f.numel() for f in flats[full:]], device=m.device)
-        pad = torch.arange(width, device=m.device) >= lens[:, None]
-        mx[full:] = torch.where(pad, -math.inf, m[full:]).amax(1)
-        mn[full:] = torch.where(pad, math.inf, m[full:]).amin(1)
     if exact:
         nnz = torch.count_nonzero(m, dim=1).to(m.dtype)
         nonfinite = (~torch.isfinite(m)).sum(1).to(m.dtype)
     else:
         nonfinite = torch.zeros_like(s)
-    l1 = m.abs_().sum(1)
+    owned = k > 1  # m is a new matrix, not a view of the caller's tensor: |x| in place
+    a_ = m.abs_() if owned else m.abs()
+    l1 = a_.sum(1)
     if not exact:
-        nnz = m.sign_().sum(1)
+        nnz = a_.sign_().sum(1)
     zero = torch.zeros_like(s)
     return torch.stack([s, ss, l1, nnz, nonfinite, zero, zero, zero, -mn, mx], 1).to(STAT_DTYPE)
 
