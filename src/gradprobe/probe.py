@@ -612,13 +612,18 @@ class Probe:
                 rec.add_many(slot, g.rows["update"], g.rows_t["update"],
                              _ratio_mat(dsq, wsq), g.numels)
             if "drift" in self.kinds:
-                dsq = torch.empty(n, dtype=S.STAT_DTYPE, device=ws[0].device)
-                if g.small:  # many small tensors: two foreach calls beat a Python loop
-                    d = [g.prev[i] for i in g.small]
-                    torch._foreach_copy_(d, [ws[i] for i in g.small])
-                    torch._foreach_sub_(d, [g.init[i] for i in g.small])
-                    dsq[g.small] = S.sumsq_group(d)
-                if g.large:  # one pass each, writing W - W0 straight into scratch
+                if not g.large:  # small tensors: two foreach calls beat a Python loop
+                    torch._foreach_copy_(g.prev, ws)
+                    torch._foreach_sub_(g.prev, g.init)
+                    dsq = S.sumsq_group(g.prev)
+                else:
+                    dsq = torch.empty(n, dtype=S.STAT_DTYPE, device=ws[0].device)
+                    if g.small:
+                        d = [g.prev[i] for i in g.small]
+                        torch._foreach_copy_(d, [ws[i] for i in g.small])
+                        torch._foreach_sub_(d, [g.init[i] for i in g.small])
+                        dsq[g.small] = S.sumsq_group(d)
+                    # large tensors: one pass each, writing W - W0 straight into scratch
                     d = [torch.sub(ws[i], g.init[i], out=g.prev[i]) for i in g.large]
                     dsq[g.large] = S.sumsq_group(d)
                 assert g.init_sumsq is not None
@@ -688,18 +693,19 @@ class Probe:
         row = lay.rows.get("act")
         if row is not None:
             spec = lay.spec
-            with torch.no_grad():
-                x = t.detach()
-                sat_rule = spec.saturated if spec is not None else None
-                dead_rule = spec.inactive if spec is not None else None
-                if x.numel() <= S.SMALL:
-                    # a copy: an in-place activation may overwrite the output later
-                    rec.defer(slot, row, x.clone(), sat_rule, dead_rule)
-                else:
+            x = t.detach()  # nothing below records autograd history
+            sat_rule = spec.saturated if spec is not None else None
+            dead_rule = spec.inactive if spec is not None else None
+            if x.numel() <= S.SMALL:
+                # a copy: an in-place activation may overwrite the output later
+                rec.defer(slot, row, x.clone(), sat_rule, dead_rule)
+            else:
+                with torch.no_grad():
                     rec.add(slot, row, S.tensor_stats(x, sat_rule), x.numel())
                     if dead_rule is not None:
                         rec.and_units(slot, row, S.inactive_units(x, dead_rule))
-                if self._hist_due():
+            if self._hist_due():
+                with torch.no_grad():
                     rec.add_hist(slot, row, x)
         row = lay.rows.get("act_grad")
         if row is not None and t.requires_grad:

@@ -132,9 +132,12 @@ class Recorder:
                  counts: list[int]) -> None:
         """Queue ``mat[i]`` for ``(slot, rows[i])`` for all ``i``; :meth:`process_pending`
         merges every queued matrix of a slot into the buffer in two kernels."""
-        for row, c in zip(rows, counts):
-            self.counts[slot, row] += c
-            self._touch(slot, row)
+        r = np.asarray(rows, dtype=np.int64)
+        np.add.at(self.counts[slot], r, counts)
+        fresh = ~self.touched[slot, r]
+        if fresh.any():
+            for row in r[fresh]:
+                self._touch(slot, int(row))
         self._mats.append((slot, rows_t, mat))
 
     def _merge_rows(self, slot: int, rows_t: Tensor, mat: Tensor) -> None:
@@ -288,10 +291,16 @@ class Recorder:
                 self.loss_count = np.concatenate([self.loss_count, np.zeros_like(self.loss_count)])
             self._loss_index[step] = i
             self.loss_steps.append(step)
-            self.loss_sum[i] = 0.0
             self.loss_count[i] = 0
+        v = loss.detach().reshape(1)
+        if v.device != self.loss_sum.device:
+            v = v.to(self.loss_sum.device, non_blocking=True)
+        target = self.loss_sum[i : i + 1]  # float64: the sum is exact in the float32 losses
+        if self.loss_count[i] == 0:
+            target.copy_(v)
+        else:
+            target.add_(v)
         self.loss_count[i] += 1
-        self.loss_sum[i] += loss.detach().reshape(()).to(self.loss_sum.device, torch.float64)
 
     # ------------------------------------------------------------------ non-finite events
 

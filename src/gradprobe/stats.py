@@ -416,9 +416,23 @@ def _large_stats(tensors: Sequence[Tensor], scratch: Tensor | None) -> Tensor:
 
 
 def sumsq_group(tensors: Sequence[Tensor]) -> Tensor:
-    """``Σ x²`` of each tensor (one ``_foreach_norm`` call), as a float64 vector."""
-    ts = [_float(t.detach()) for t in tensors]
-    return torch.stack(torch._foreach_norm(ts, 2)).to(STAT_DTYPE).square()
+    """``Σ x²`` of each tensor as a float64 vector: one ``_foreach_norm`` call, or for few
+    elements in all (where ``_foreach_norm`` costs a kernel per tensor) one concatenation
+    gathered into a zero-padded matrix whose rows are summed."""
+    with torch.no_grad():
+        if sum(t.numel() for t in tensors) <= TINY_TOTAL:
+            dtype = tensors[0].dtype
+            pad = _PAD_VALUES.get((tensors[0].device, dtype))
+            if pad is None:
+                pad = torch.tensor([0.0, -math.inf, math.inf], dtype=dtype,
+                                   device=tensors[0].device)
+                _PAD_VALUES[(tensors[0].device, dtype)] = pad
+            ext = torch._C._nn.flatten_dense_tensors([*tensors, pad]).to(STAT_DTYPE)
+            i0 = _gather_index(tuple(t.numel() for t in tensors), ext.device)[0]
+            m = ext.index_select(0, i0).view(len(tensors), -1)
+            return (m * m).sum(1)
+        ts = [_float(t) for t in tensors]
+        return torch.stack(torch._foreach_norm(ts, 2)).to(STAT_DTYPE).square()
 
 
 # ----------------------------------------------------------------------------------- reference
