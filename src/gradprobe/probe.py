@@ -588,44 +588,74 @@ class Probe:
     def _record_params(self, slot: int, skipped: bool) -> None:
         assert self._recorder is not None
         rec = self._recorder
+        want_w, want_u, want_d = ("weight" in self.kinds, "update" in self.kinds,
+                                  "drift" in self.kinds)
         for g in self._groups:
             ws = [p.detach() for p in g.params]
             n = len(ws)
-            if "weight" in self.kinds:
+            if want_w:
                 rows = g.rows["weight"]
                 for i in g.small:  # summarised with the step's other small tensors
                     rec.defer(slot, rows[i], ws[i])
-                if g.large:
-                    wmat = S.param_group_stats([ws[i] for i in g.large], g.scratch)
-                    rec.add_many(slot, [rows[i] for i in g.large], g.rows_t["weight_large"],
-                                 wmat, [g.numels[i] for i in g.large])
                 if self._hist_due():
                     self._param_hist(slot, ws, rows)
-            if "update" in self.kinds:
+            # Large tensors one at a time, so that the weight statistics, W_before - W and
+            # W - W0 find W in cache; differences go through the scratch buffer.
+            vecs: list[Tensor] = []
+            up_w: list[Tensor] = []
+            up_d: list[Tensor] = []
+            dr_d: list[Tensor] = []
+            for i in g.large:
+                w = ws[i]
+                if want_w:
+                    vecs.append(S.large_param_stats(w))
+                if want_u:
+                    up_w.append(vecs[-1][S.SUMSQ] if want_w else _sumsq(w))
+                    if not skipped:
+                        up_d.append(_diff_sumsq(g.prev[i], w, g.scratch))
+                if want_d:
+                    dr_d.append(_diff_sumsq(w, g.init[i], g.scratch))
+            if vecs:
+                wl = [ws[i] for i in g.large]
+                wmat = S.fix_nonfinite_(wl, torch.stack(vecs))
+                rec.add_many(slot, [g.rows["weight"][i] for i in g.large],
+                             g.rows_t["weight_large"], wmat, [g.numels[i] for i in g.large])
+            if want_u:
                 if skipped:
                     wsq = S.sumsq_group(ws)
                     dsq = torch.zeros_like(wsq)
-                else:
+                elif not g.large:
                     torch._foreach_sub_(g.prev, ws)  # W_before - W_after
                     both = S.sumsq_group(ws + g.prev)
                     wsq, dsq = both[:n], both[n:]
-                rec.add_many(slot, g.rows["update"], g.rows_t["update"],
-                             _ratio_mat(dsq, wsq), g.numels)
-            if "drift" in self.kinds:
-                if not g.large:  # small tensors: two foreach calls beat a Python loop
-                    torch._foreach_copy_(g.prev, ws)
-                    torch._foreach_sub_(g.prev, g.init)
-                    dsq = S.sumsq_group(g.prev)
                 else:
-                    dsq = torch.empty(n, dtype=S.STAT_DTYPE, device=ws[0].device)
+                    wsq = torch.empty(n, dtype=S.STAT_DTYPE, device=ws[0].device)
+                    dsq = torch.empty_like(wsq)
                     if g.small:
                         d = [g.prev[i] for i in g.small]
-                        torch._foreach_copy_(d, [ws[i] for i in g.small])
-                        torch._foreach_sub_(d, [g.init[i] for i in g.small])
-                        dsq[g.small] = S.sumsq_group(d)
-                    # large tensors: one pass each, writing W - W0 straight into scratch
-                    d = [torch.sub(ws[i], g.init[i], out=g.prev[i]) for i in g.large]
-                    dsq[g.large] = S.sumsq_group(d)
+                        torch._foreach_sub_(d, [ws[i] for i in g.small])
+                        both = S.sumsq_group([ws[i] for i in g.small] + d)
+                        wsq[g.small] = both[: len(d)]
+                        dsq[g.small] = both[len(d):]
+                    wsq[g.large] = torch.stack(up_w).to(S.STAT_DTYPE)
+                    dsq[g.large] = torch.stack(up_d).to(S.STAT_DTYPE)
+                rec.add_many(slot, g.rows["update"], g.rows_t["update"],
+                             _ratio_mat(dsq, wsq), g.numels)
+            if want_d:
+                small_sq = None
+                if g.small:  # small tensors: W - W0 into g.prev with two foreach calls
+                    d = [g.prev[i] for i in g.small]
+                    torch._foreach_copy_(d, [ws[i] for i in g.small])
+                    torch._foreach_sub_(d, [g.init[i] for i in g.small])
+                    small_sq = S.sumsq_group(d)
+                if not g.large:
+                    assert small_sq is not None
+                    dsq = small_sq
+                else:
+                    dsq = torch.empty(n, dtype=S.STAT_DTYPE, device=ws[0].device)
+                    if small_sq is not None:
+                        dsq[g.small] = small_sq
+                    dsq[g.large] = torch.stack(dr_d).to(S.STAT_DTYPE)
                 assert g.init_sumsq is not None
                 rec.add_many(slot, g.rows["drift"], g.rows_t["drift"],
                              _ratio_mat(dsq, g.init_sumsq), g.numels)
@@ -723,6 +753,20 @@ class Probe:
                 rec.add(slot, row, S.tensor_stats(grad), grad.numel())
             if self._hist_due():
                 rec.add_hist(slot, row, grad)
+
+
+def _sumsq(x: Tensor) -> Tensor:
+    """``Σ x²`` of one tensor (float32 accumulation for half precision)."""
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    return torch.linalg.vector_norm(x, dtype=torch.float32 if half else None).square()
+
+
+def _diff_sumsq(a: Tensor, b: Tensor, scratch: Tensor | None) -> Tensor:
+    """``Σ (a − b)²``, the difference written into ``scratch`` (as large as the largest
+    parameter) and reduced while it is in cache, rather than into a fresh tensor."""
+    assert scratch is not None
+    out = scratch[: a.numel()].view_as(a)
+    return _sumsq(torch.sub(a, b, out=out))
 
 
 def _ratio_mat(sumsq: Tensor, ref_sumsq: Tensor) -> Tensor:

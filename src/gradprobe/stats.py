@@ -113,32 +113,10 @@ def _float(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-_EXACT_FLOAT_COUNT = 1 << 24  # float32 sums of 0/1 are exact below 2^24 elements
-
-
 def _cpu(device: torch.device) -> bool:
     """True where reading a value costs no host-device synchronisation (tests patch this to
     run the accelerator path on CPU)."""
     return device.type == "cpu"
-
-
-def _counts_fast(device: torch.device, numel: int) -> bool:
-    # On CPU, torch.count_nonzero is ~20x slower than summing sign(|x|) (0 or 1 per element);
-    # on accelerators it is fast, and no branch on values may be taken there.
-    return _cpu(device) and numel < _EXACT_FLOAT_COUNT
-
-
-def _abs_stats(t: Tensor, scratch: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``(Σ|x|, #nonzero)`` of ``t``; the count from ``sign(|x|)`` on CPU (NaN when ``t`` holds a
-    NaN, fixed by :func:`_fix_nonfinite_`)."""
-    if scratch is not None:
-        a = torch.abs(t, out=scratch[: t.numel()].view_as(t))
-    else:
-        a = t.abs()
-    l1 = a.sum()
-    if _counts_fast(t.device, t.numel()):
-        return l1, a.sign_().sum()
-    return l1, torch.count_nonzero(t)
 
 
 def _fix_nonfinite_(ts: Sequence[Tensor], mat: Tensor) -> Tensor:
@@ -169,16 +147,75 @@ def tensor_stats(
     A handful of reductions (sum, 2-norm, ``|x|`` and its non-zero count, min/max in one kernel)
     stacked into one vector; ``dead`` and ``ref_sumsq`` are zero here.
     """
-    xf = _float(x.detach())
-    mn, mx = torch.aminmax(xf)
-    s = xf.sum()
-    l1, nnz = _abs_stats(xf, None)
-    zero = s.new_zeros(())
-    sat = saturated(xf).sum() if saturated is not None else zero
-    vec = torch.stack([
-        s, torch.linalg.vector_norm(xf, 2).square(), l1, nnz, zero, sat, zero, zero, -mn, mx,
+    with torch.no_grad():
+        xf = _float(x.detach())
+        return _fix_nonfinite_([xf], _chunked_stats([xf], saturated))[0]
+
+
+CHUNK = 1 << 18
+"""On CPU, large tensors are reduced in chunks of this many elements (1 MiB of float32): the
+first reduction of a chunk reads it from memory, the other five find it in cache."""
+
+_CHUNK_SCRATCH: dict[tuple[Any, Any], Tensor] = {}
+
+
+def _chunk_scratch(f: Tensor) -> Tensor:
+    scratch = _CHUNK_SCRATCH.get((f.device, f.dtype))
+    if scratch is None:
+        scratch = torch.empty(CHUNK, dtype=f.dtype, device=f.device)
+        _CHUNK_SCRATCH[(f.device, f.dtype)] = scratch
+    return scratch
+
+
+def _chunk_vec(c: Tensor, scratch: Tensor | None,
+               saturated: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """The ``[N_STATS]`` vector of one flat chunk (``nonfinite`` left 0)."""
+    mn, mx = torch.aminmax(c)
+    if scratch is not None:  # CPU: |x| into the scratch, count from sign(|x|) (exact < 2^24)
+        a = torch.abs(c, out=scratch[: c.numel()])
+        l1 = a.sum()
+        nnz = a.sign_().sum()
+    else:
+        l1 = torch.linalg.vector_norm(c, 1)
+        nnz = torch.count_nonzero(c).to(c.dtype)
+    zero = l1.new_zeros(())
+    sat = saturated(c).sum().to(c.dtype) if saturated is not None else zero
+    return torch.stack([
+        c.sum(), torch.linalg.vector_norm(c, 2).square(), l1, nnz, zero, sat, zero, zero, -mn, mx,
     ]).to(STAT_DTYPE)
-    return _fix_nonfinite_([xf], vec.unsqueeze(0))[0]
+
+
+def _chunked_stats(ts: Sequence[Tensor], saturated: Callable[[Tensor], Tensor] | None = None
+                   ) -> Tensor:
+    """``[len(ts), N_STATS]`` (``nonfinite`` left 0 for :func:`_fix_nonfinite_`): sum, 2-norm,
+    min/max, and ``|x|`` in a scratch buffer for its sum and non-zero count, chunk by chunk on
+    CPU (one pass over memory instead of six; a fresh ``|x|`` of a large activation also costs
+    page faults), whole tensors on accelerators (where each kernel streams anyway)."""
+    out = []
+    for t in ts:
+        f = t.reshape(-1)
+        n = f.numel()
+        if not _cpu(f.device):
+            out.append(_chunk_vec(f, None, saturated))
+            continue
+        scratch = _chunk_scratch(f)
+        if n <= CHUNK:
+            out.append(_chunk_vec(f, scratch, saturated))
+            continue
+        p = torch.stack([_chunk_vec(f[i : i + CHUNK], scratch, saturated)
+                         for i in range(0, n, CHUNK)])
+        out.append(torch.cat([p[:, :N_ADD].sum(0), p[:, N_ADD:].amax(0)]))
+    return torch.stack(out)
+
+
+def large_param_stats(x: Tensor) -> Tensor:
+    """:func:`tensor_stats` of a large tensor without the non-finite count (fill it with
+    :func:`fix_nonfinite_` over a stack of such vectors, one check for all)."""
+    with torch.no_grad():
+        return _chunked_stats([_float(x.detach())])[0]
+
+
+fix_nonfinite_ = _fix_nonfinite_
 
 
 def inactive_units(x: Tensor, inactive: Callable[[Tensor], Tensor]) -> Tensor:
@@ -399,20 +436,9 @@ def param_group_stats(tensors: Sequence[Tensor], scratch: Tensor | None = None) 
 
 
 def _large_stats(tensors: Sequence[Tensor], scratch: Tensor | None) -> Tensor:
-    ts = [_float(t.detach()) for t in tensors]
-    if scratch is not None and scratch.dtype != ts[0].dtype:
-        scratch = None
-    sq = torch.stack(torch._foreach_norm(ts, 2)).to(STAT_DTYPE).square()
-    sums = torch.stack([t.sum() for t in ts]).to(STAT_DTYPE)
-    ab = [_abs_stats(t, scratch) for t in ts]
-    l1 = torch.stack([a[0] for a in ab]).to(STAT_DTYPE)
-    nnz = torch.stack([a[1] for a in ab]).to(STAT_DTYPE)
-    mm = [torch.aminmax(t) for t in ts]
-    mins = torch.stack([m[0] for m in mm]).to(STAT_DTYPE)
-    maxs = torch.stack([m[1] for m in mm]).to(STAT_DTYPE)
-    zero = torch.zeros_like(sq)
-    mat = torch.stack([sums, sq, l1, nnz, zero, zero, zero, zero, -mins, maxs], dim=1)
-    return _fix_nonfinite_(ts, mat)
+    with torch.no_grad():
+        ts = [_float(t.detach()) for t in tensors]
+        return _fix_nonfinite_(ts, _chunked_stats(ts))
 
 
 def sumsq_group(tensors: Sequence[Tensor]) -> Tensor:
