@@ -563,7 +563,7 @@ class Probe:
                 if small:
                     # one copy of all small gradients (the optimizer step must not change
                     # them under us), summarised with the step's other small tensors
-                    flat = torch.cat([t.reshape(-1) for t in small])
+                    flat = torch._C._nn.flatten_dense_tensors(small)
                     for v, row in zip(flat.split([t.numel() for t in small]), small_rows):
                         rec.defer(slot, row, v)
                 if large:
@@ -746,10 +746,12 @@ class Probe:
             return
         rec = self._recorder
         assert rec is not None
+        if grad.numel() <= S.SMALL:
+            rec.defer(slot, row, grad.detach().clone())  # detached: records no history
+            if not self._hist_due():
+                return
         with torch.no_grad():
-            if grad.numel() <= S.SMALL:
-                rec.defer(slot, row, grad.detach().clone(), None)
-            else:
+            if grad.numel() > S.SMALL:
                 rec.add(slot, row, S.tensor_stats(grad), grad.numel())
             if self._hist_due():
                 rec.add_hist(slot, row, grad)

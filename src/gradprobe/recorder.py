@@ -142,8 +142,9 @@ class Recorder:
 
     def _merge_rows(self, slot: int, rows_t: Tensor, mat: Tensor) -> None:
         # parameters or activations on another device (model parallel): copy the few numbers
-        mat = mat.to(self.device, non_blocking=True)
-        rows_t = rows_t.to(self.device, non_blocking=True)
+        if mat.device != self.device:
+            mat = mat.to(self.device, non_blocking=True)
+            rows_t = rows_t.to(self.device, non_blocking=True)
         target = self.buf[slot]
         target[:, : S.N_ADD].index_add_(0, rows_t, mat[:, : S.N_ADD])
         idx = rows_t.unsqueeze(1).expand(-1, S.N_STATS - S.N_ADD)
@@ -188,8 +189,8 @@ class Recorder:
                 if len(part) == 1:
                     self._merge_rows(slot, part[0][1], part[0][2])
                 else:
-                    self._merge_rows(slot, torch.cat([m[1].to(self.device) for m in part]),
-                                     torch.cat([m[2].to(self.device) for m in part]))
+                    self._merge_rows(slot, torch.cat([_to(m[1], self.device) for m in part]),
+                                     torch.cat([_to(m[2], self.device) for m in part]))
 
     def _summarise(self, slot: int, items: list[tuple[int, Tensor, Any, Any]]) -> None:
         xs = [x for _, x, _, _ in items]
@@ -425,6 +426,10 @@ class Recorder:
             "scale": sc,
         })
         return frame
+
+
+def _to(x: Tensor, device: torch.device) -> Tensor:
+    return x if x.device == device else x.to(device, non_blocking=True)
 
 
 __all__ = ["Recorder", "RowInfo"]
