@@ -211,3 +211,17 @@ def test_padded_buckets_equal_reference(accelerator_path, monkeypatch):
         raw = _raw_from_vec(mat[i], t.numel())
         for k in ("sum", "sumsq", "abs_sum", "nonzero", "nonfinite", "min", "max"):
             assert raw[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-5), (i, k)
+
+
+def test_tiny_batch_with_one_wide_tensor_is_not_padded_to_its_width():
+    """Many tiny tensors next to one of SMALL elements: equal to the reference either way."""
+    torch.manual_seed(3)
+    ts = [torch.randn(S.SMALL)] + [torch.randn(5) - 3 for _ in range(1000)]
+    mat = S.batched_stats(ts)
+    sq = S.sumsq_group(ts)
+    for i in (0, 1, 1000):
+        ref = S.reference_stats([ts[i]])
+        raw = _raw_from_vec(mat[i], ts[i].numel())
+        for k in ("sum", "sumsq", "abs_sum", "nonzero", "min", "max"):
+            assert raw[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-5), (i, k)
+        assert float(sq[i]) == pytest.approx(ref["sumsq"], rel=1e-5)

@@ -323,7 +323,13 @@ def _padded_stats(flats: list[Tensor], width: int, exact: bool) -> Tensor:
 
 TINY_TOTAL = 16384
 """Below this many elements in all, :func:`batched_stats` gathers one padded matrix from a
-single concatenation (a fixed number of kernels, whatever the sizes)."""
+single concatenation (a fixed number of kernels, whatever the sizes), as long as the padded
+matrix holds at most ``4 · TINY_TOTAL`` elements (:func:`_tiny`)."""
+
+
+def _tiny(tensors: Sequence[Tensor]) -> bool:
+    numels = [t.numel() for t in tensors]
+    return sum(numels) <= TINY_TOTAL and len(numels) * max(numels) <= 4 * TINY_TOTAL
 
 _GATHERS: dict[tuple[tuple[int, ...], Any], tuple[Tensor, Tensor, Tensor]] = {}
 _PAD_VALUES: dict[tuple[Any, Any], Tensor] = {}
@@ -335,14 +341,15 @@ def _gather_index(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor
     key = (numels, device)
     out = _GATHERS.get(key)
     if out is None:
-        if len(_GATHERS) > 64:
+        if len(_GATHERS) >= 8:  # at most 8 x 3 x 4 * TINY_TOTAL int32 indices (6 MiB)
             _GATHERS.clear()
         total, width = sum(numels), max(numels)
         start = torch.tensor([0, *numels[:-1]]).cumsum(0)[:, None]
         col = torch.arange(width)[None, :]
         real = col < torch.tensor(numels)[:, None]
         pos = start + col
-        out = tuple(torch.where(real, pos, total + j).reshape(-1).to(device) for j in range(3))  # type: ignore[assignment]
+        out = tuple(torch.where(real, pos, total + j).reshape(-1).to(device, torch.int32)
+                    for j in range(3))  # type: ignore[assignment]
         _GATHERS[key] = out  # type: ignore[assignment]
     return out  # type: ignore[return-value]
 
@@ -393,7 +400,7 @@ def batched_stats(tensors: Sequence[Tensor]) -> Tensor:
 def _batched_stats(tensors: Sequence[Tensor]) -> Tensor:
     device = tensors[0].device
     exact = not _cpu(device)
-    if sum(t.numel() for t in tensors) <= TINY_TOTAL:
+    if _tiny(tensors):
         mat = _tiny_stats(tensors, exact)
         return mat if exact else _fix_nonfinite_(tensors, mat)
     flats = [_float(t).reshape(-1) for t in tensors]
@@ -446,7 +453,7 @@ def sumsq_group(tensors: Sequence[Tensor]) -> Tensor:
     elements in all (where ``_foreach_norm`` costs a kernel per tensor) one concatenation
     gathered into a zero-padded matrix whose rows are summed."""
     with torch.no_grad():
-        if sum(t.numel() for t in tensors) <= TINY_TOTAL:
+        if _tiny(tensors):
             dtype = tensors[0].dtype
             pad = _PAD_VALUES.get((tensors[0].device, dtype))
             if pad is None:
