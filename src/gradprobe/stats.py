@@ -423,11 +423,10 @@ def _batched_stats(tensors: Sequence[Tensor]) -> Tensor:
 def param_group_stats(tensors: Sequence[Tensor], scratch: Tensor | None = None) -> Tensor:
     """Statistics of many tensors of one device and dtype: ``[len(tensors), N_STATS]``.
 
-    Tensors of at most :data:`SMALL` elements go through :func:`batched_stats`; for the large
-    ones the 2-norms come from one ``torch._foreach_norm`` call (as
-    ``torch.nn.utils.clip_grad_norm_`` does) and sums, extrema, ``|x|`` sums and counts are one
-    kernel per tensor, all without host synchronisation. ``scratch`` (a flat buffer at least as
-    large as the largest tensor) avoids allocating ``|x|``.
+    Tensors of at most :data:`SMALL` elements go through :func:`batched_stats`; the large ones
+    are reduced one at a time in cache-sized chunks (:func:`_chunked_stats`: sum, 2-norm,
+    min/max, ``|x|`` in a fixed scratch for its sum and non-zero count), all without host
+    synchronisation. ``scratch`` is accepted for compatibility and unused.
     """
     small = [i for i, t in enumerate(tensors) if t.numel() <= SMALL]
     if len(small) == len(tensors):
