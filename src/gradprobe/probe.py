@@ -202,7 +202,11 @@ class Probe:
         if not isinstance(self.run_dir, Path):
             raise RunDirError(f"run_dir must be a path, got {type(run_dir).__name__}",
                               hint='pass run_dir="runs/my-run"')
-        if self.run_dir.is_dir() and any(self.run_dir.iterdir()) and not overwrite:
+        from gradprobe.distributed import rank
+
+        # Only rank 0 writes run_dir; on other ranks it may already hold rank 0's files.
+        if (rank() == 0 and self.run_dir.is_dir() and any(self.run_dir.iterdir())
+                and not overwrite):
             raise RunDirError(
                 f"run_dir {str(self.run_dir)!r} is not empty",
                 hint="choose a new directory, or pass overwrite=True to replace a previous run",
