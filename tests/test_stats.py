@@ -183,7 +183,7 @@ def test_batched_paths_equal_per_tensor_stats(path):
     torch.manual_seed(1)
     if path == "segments":  # tiny tensors of many sizes
         ts = [torch.randn(n) for n in (1, 2, 3, 5, 8, 13)]
-    elif path == "size_groups":  # many tensors of two sizes, beyond TINY_TOTAL
+    elif path == "size_groups":  # many tensors of two sizes, zero-padded rows of one matrix
         ts = [torch.relu(torch.randn(64, 64)) for _ in range(6)] + [torch.randn(64)] * 3
     else:  # large tensors (per-tensor path) and small ones in one call
         ts = [torch.randn(100, 100), torch.randn(7), torch.randn(S.SMALL + 1), torch.zeros(9)]
@@ -193,3 +193,35 @@ def test_batched_paths_equal_per_tensor_stats(path):
         want = S.tensor_stats(t)
         assert torch.allclose(got[i], want, rtol=1e-5, atol=1e-4, equal_nan=True), (path, i)
     assert got[0, S.NONFINITE] == 1 and got[0, S.NONZERO] == S.reference_stats([ts[0]])["nonzero"]
+
+
+@pytest.mark.parametrize("accelerator_path", [False, True])
+def test_padded_buckets_equal_reference(accelerator_path, monkeypatch):
+    """Rows of several sizes, dtypes and buckets: the zero padding changes no statistic, in
+    particular not the extrema of all-negative or all-positive short rows."""
+    if accelerator_path:
+        monkeypatch.setattr(S, "_cpu", lambda device: False)
+    torch.manual_seed(2)
+    ts = [torch.randn(64, 64), -torch.rand(5) - 1, torch.rand(3) + 2, torch.randn(1),
+          torch.randn(S.SMALL), torch.randn(700, dtype=torch.float64), torch.zeros(4),
+          torch.randn(30).half(), torch.randn(2, 3).abs()]
+    mat = S.batched_stats(ts)
+    for i, t in enumerate(ts):
+        ref = S.reference_stats([t.float()])
+        raw = _raw_from_vec(mat[i], t.numel())
+        for k in ("sum", "sumsq", "abs_sum", "nonzero", "nonfinite", "min", "max"):
+            assert raw[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-5), (i, k)
+
+
+def test_tiny_batch_with_one_wide_tensor_is_not_padded_to_its_width():
+    """Many tiny tensors next to one of SMALL elements: equal to the reference either way."""
+    torch.manual_seed(3)
+    ts = [torch.randn(S.SMALL)] + [torch.randn(5) - 3 for _ in range(1000)]
+    mat = S.batched_stats(ts)
+    sq = S.sumsq_group(ts)
+    for i in (0, 1, 1000):
+        ref = S.reference_stats([ts[i]])
+        raw = _raw_from_vec(mat[i], ts[i].numel())
+        for k in ("sum", "sumsq", "abs_sum", "nonzero", "min", "max"):
+            assert raw[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-5), (i, k)
+        assert float(sq[i]) == pytest.approx(ref["sumsq"], rel=1e-5)

@@ -99,6 +99,8 @@ class _ParamGroup:
     init: list[Tensor] = field(default_factory=list)  # W0
     init_sumsq: Tensor | None = None
     scratch: Tensor | None = None  # flat, as large as the largest tensor: |x| without allocating
+    small: list[int] = field(default_factory=list)  # tensors of at most stats.SMALL elements
+    large: list[int] = field(default_factory=list)
 
 
 def _display_name(name: str) -> str:
@@ -200,7 +202,11 @@ class Probe:
         if not isinstance(self.run_dir, Path):
             raise RunDirError(f"run_dir must be a path, got {type(run_dir).__name__}",
                               hint='pass run_dir="runs/my-run"')
-        if self.run_dir.is_dir() and any(self.run_dir.iterdir()) and not overwrite:
+        from gradprobe.distributed import rank
+
+        # Only rank 0 writes run_dir; on other ranks it may already hold rank 0's files.
+        if (rank() == 0 and self.run_dir.is_dir() and any(self.run_dir.iterdir())
+                and not overwrite):
             raise RunDirError(
                 f"run_dir {str(self.run_dir)!r} is not empty",
                 hint="choose a new directory, or pass overwrite=True to replace a previous run",
@@ -458,6 +464,10 @@ class Probe:
                 if kind in self.kinds:
                     g.rows[kind] = [self._layers[i].rows[kind] for i in g.layer_ids]
                     g.rows_t[kind] = torch.tensor(g.rows[kind], dtype=torch.long, device=device)
+            g.small = [i for i, n in enumerate(g.numels) if n <= S.SMALL]
+            g.large = [i for i, n in enumerate(g.numels) if n > S.SMALL]
+            for kind in list(g.rows):
+                g.rows_t[kind + "_large"] = g.rows_t[kind][g.large]
             with torch.no_grad():
                 g.scratch = torch.empty(max(g.numels), dtype=g.params[0].dtype, device=device)
                 if "update" in self.kinds or "drift" in self.kinds:
@@ -535,26 +545,38 @@ class Probe:
         if "grad" not in self.kinds:
             return
         assert self._recorder is not None
+        rec = self._recorder
         with torch.no_grad():
             for g in self._groups:
-                grads, rows, numels = [], [], []
+                small: list[Tensor] = []
+                small_rows: list[int] = []
+                large: list[Tensor] = []
+                large_rows: list[int] = []
                 for p, row in zip(g.params, g.rows["grad"]):
                     gr = p.grad
                     if gr is None:
                         continue
                     if gr.is_sparse:
                         gr = gr.coalesce().values()
-                    grads.append(gr)
-                    rows.append(row)
-                    numels.append(gr.numel())
-                if not grads:
-                    continue
-                mat = S.param_group_stats(grads, g.scratch)
-                rows_t = (g.rows_t["grad"] if len(rows) == len(g.params)
-                          else torch.tensor(rows, dtype=torch.long, device=mat.device))
-                self._recorder.add_many(slot, rows, rows_t, mat, numels)
+                    if gr.numel() <= S.SMALL:
+                        small.append(gr)
+                        small_rows.append(row)
+                    else:
+                        large.append(gr)
+                        large_rows.append(row)
+                if small:
+                    # one copy of all small gradients (the optimizer step must not change
+                    # them under us), summarised with the step's other small tensors
+                    flat = torch._C._nn.flatten_dense_tensors(small)
+                    for v, row in zip(flat.split([t.numel() for t in small]), small_rows):
+                        rec.defer(slot, row, v)
+                if large:
+                    mat = S.param_group_stats(large, g.scratch)
+                    rows_t = (g.rows_t["grad_large"] if len(large) == len(g.large)
+                              else torch.tensor(large_rows, dtype=torch.long, device=mat.device))
+                    rec.add_many(slot, large_rows, rows_t, mat, [t.numel() for t in large])
                 if self._hist_due():
-                    self._param_hist(slot, grads, rows)
+                    self._param_hist(slot, small + large, small_rows + large_rows)
 
     def _hist_due(self) -> bool:
         return self.hist_every > 0 and self._step % self.hist_every == 0
@@ -570,36 +592,77 @@ class Probe:
     def _record_params(self, slot: int, skipped: bool) -> None:
         assert self._recorder is not None
         rec = self._recorder
+        want_w, want_u, want_d = ("weight" in self.kinds, "update" in self.kinds,
+                                  "drift" in self.kinds)
         for g in self._groups:
             ws = [p.detach() for p in g.params]
             n = len(ws)
-            if "weight" in self.kinds:
-                wmat = S.param_group_stats(ws, g.scratch)
-                rec.add_many(slot, g.rows["weight"], g.rows_t["weight"], wmat, g.numels)
-                wsq = wmat[:, S.SUMSQ]
+            if want_w:
+                rows = g.rows["weight"]
+                for i in g.small:  # summarised with the step's other small tensors
+                    rec.defer(slot, rows[i], ws[i])
                 if self._hist_due():
-                    self._param_hist(slot, ws, g.rows["weight"])
-            elif "update" in self.kinds:
-                wsq = S.sumsq_group(ws)
-            if "update" in self.kinds:
+                    self._param_hist(slot, ws, rows)
+            # Large tensors one at a time, so that the weight statistics, W_before - W and
+            # W - W0 find W in cache; differences go through the scratch buffer.
+            vecs: list[Tensor] = []
+            up_w: list[Tensor] = []
+            up_d: list[Tensor] = []
+            dr_d: list[Tensor] = []
+            for i in g.large:
+                w = ws[i]
+                if want_w:
+                    vecs.append(S.large_param_stats(w))
+                if want_u:
+                    up_w.append(vecs[-1][S.SUMSQ] if want_w else _sumsq(w))
+                    if not skipped:
+                        up_d.append(_diff_sumsq(g.prev[i], w, g.scratch))
+                if want_d:
+                    dr_d.append(_diff_sumsq(w, g.init[i], g.scratch))
+            if vecs:
+                wl = [ws[i] for i in g.large]
+                wmat = S.fix_nonfinite_(wl, torch.stack(vecs))
+                rec.add_many(slot, [g.rows["weight"][i] for i in g.large],
+                             g.rows_t["weight_large"], wmat, [g.numels[i] for i in g.large])
+            if want_u:
                 if skipped:
+                    wsq = S.sumsq_group(ws)
                     dsq = torch.zeros_like(wsq)
-                else:
+                elif not g.large:
                     torch._foreach_sub_(g.prev, ws)  # W_before - W_after
-                    dsq = S.sumsq_group(g.prev)
+                    both = S.sumsq_group(ws + g.prev)
+                    wsq, dsq = both[:n], both[n:]
+                else:
+                    wsq = torch.empty(n, dtype=S.STAT_DTYPE, device=ws[0].device)
+                    dsq = torch.empty_like(wsq)
+                    if g.small:
+                        d = [g.prev[i] for i in g.small]
+                        torch._foreach_sub_(d, [ws[i] for i in g.small])
+                        both = S.sumsq_group([ws[i] for i in g.small] + d)
+                        wsq[g.small] = both[: len(d)]
+                        dsq[g.small] = both[len(d):]
+                    wsq[g.large] = torch.stack(up_w).to(S.STAT_DTYPE)
+                    dsq[g.large] = torch.stack(up_d).to(S.STAT_DTYPE)
                 rec.add_many(slot, g.rows["update"], g.rows_t["update"],
-                             _ratio_mat(dsq, wsq, n), g.numels)
-            if "drift" in self.kinds:
-                if n <= 64:  # few tensors: one pass each, writing W - W0 straight into scratch
-                    for w, w0, out in zip(ws, g.init, g.prev):
-                        torch.sub(w, w0, out=out)
-                else:  # many (small) tensors: two foreach calls beat a Python loop
-                    torch._foreach_copy_(g.prev, ws)
-                    torch._foreach_sub_(g.prev, g.init)
-                dsq = S.sumsq_group(g.prev)
+                             _ratio_mat(dsq, wsq), g.numels)
+            if want_d:
+                small_sq = None
+                if g.small:  # small tensors: W - W0 into g.prev with two foreach calls
+                    d = [g.prev[i] for i in g.small]
+                    torch._foreach_copy_(d, [ws[i] for i in g.small])
+                    torch._foreach_sub_(d, [g.init[i] for i in g.small])
+                    small_sq = S.sumsq_group(d)
+                if not g.large:
+                    assert small_sq is not None
+                    dsq = small_sq
+                else:
+                    dsq = torch.empty(n, dtype=S.STAT_DTYPE, device=ws[0].device)
+                    if small_sq is not None:
+                        dsq[g.small] = small_sq
+                    dsq[g.large] = torch.stack(dr_d).to(S.STAT_DTYPE)
                 assert g.init_sumsq is not None
                 rec.add_many(slot, g.rows["drift"], g.rows_t["drift"],
-                             _ratio_mat(dsq, g.init_sumsq, n), g.numels)
+                             _ratio_mat(dsq, g.init_sumsq), g.numels)
 
     def _end_step(self, *, skipped: bool) -> None:
         assert self._recorder is not None and self._writer is not None
@@ -607,8 +670,8 @@ class Probe:
         events: list[dict[str, Any]] = []
         if slot is not None:
             with torch.no_grad():
-                self._recorder.process_pending()
                 self._record_params(slot, skipped)
+                self._recorder.process_pending()
             scale = self.scaler._scale if self.scaler is not None else None
             self._recorder.end(slot, skipped=skipped, scale=scale)
             if self._recorder.device.type == "cpu" or self.on_nonfinite == "raise":
@@ -664,18 +727,19 @@ class Probe:
         row = lay.rows.get("act")
         if row is not None:
             spec = lay.spec
-            with torch.no_grad():
-                x = t.detach()
-                sat_rule = spec.saturated if spec is not None else None
-                if x.numel() <= S.SMALL:
-                    # a copy: an in-place activation may overwrite the output later
-                    sat = sat_rule(x).sum() if sat_rule is not None else None
-                    rec.defer(slot, row, x.clone(), sat)
-                else:
+            x = t.detach()  # nothing below records autograd history
+            sat_rule = spec.saturated if spec is not None else None
+            dead_rule = spec.inactive if spec is not None else None
+            if x.numel() <= S.SMALL:
+                # a copy: an in-place activation may overwrite the output later
+                rec.defer(slot, row, x.clone(), sat_rule, dead_rule)
+            else:
+                with torch.no_grad():
                     rec.add(slot, row, S.tensor_stats(x, sat_rule), x.numel())
-                if spec is not None and spec.inactive is not None:
-                    rec.and_units(slot, row, S.inactive_units(x, spec.inactive))
-                if self._hist_due():
+                    if dead_rule is not None:
+                        rec.and_units(slot, row, S.inactive_units(x, dead_rule))
+            if self._hist_due():
+                with torch.no_grad():
                     rec.add_hist(slot, row, x)
         row = lay.rows.get("act_grad")
         if row is not None and t.requires_grad:
@@ -686,22 +750,37 @@ class Probe:
             return
         rec = self._recorder
         assert rec is not None
+        if grad.numel() <= S.SMALL:
+            rec.defer(slot, row, grad.detach().clone())  # detached: records no history
+            if not self._hist_due():
+                return
         with torch.no_grad():
-            if grad.numel() <= S.SMALL:
-                rec.defer(slot, row, grad.detach().clone(), None)
-            else:
+            if grad.numel() > S.SMALL:
                 rec.add(slot, row, S.tensor_stats(grad), grad.numel())
             if self._hist_due():
                 rec.add_hist(slot, row, grad)
 
 
-def _ratio_mat(sumsq: Tensor, ref_sumsq: Tensor, n: int) -> Tensor:
+def _sumsq(x: Tensor) -> Tensor:
+    """``Σ x²`` of one tensor (float32 accumulation for half precision)."""
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    return torch.linalg.vector_norm(x, dtype=torch.float32 if half else None).square()
+
+
+def _diff_sumsq(a: Tensor, b: Tensor, scratch: Tensor | None) -> Tensor:
+    """``Σ (a − b)²``, the difference written into ``scratch`` (as large as the largest
+    parameter) and reduced while it is in cache, rather than into a fresh tensor."""
+    assert scratch is not None
+    out = scratch[: a.numel()].view_as(a)
+    return _sumsq(torch.sub(a, b, out=out))
+
+
+def _ratio_mat(sumsq: Tensor, ref_sumsq: Tensor) -> Tensor:
     """Stats rows holding only ``sumsq`` and ``ref_sumsq`` (kinds update and drift)."""
-    mat = S.empty_stats(n, sumsq.device)
-    mat[:, S.SUMSQ] = sumsq
-    mat[:, S.REF_SUMSQ] = ref_sumsq
-    mat[:, S.NONFINITE] = (~torch.isfinite(sumsq)).to(S.STAT_DTYPE)
-    return mat
+    zero = torch.zeros_like(sumsq)
+    ninf = torch.full_like(sumsq, -math.inf)
+    nonfinite = (~torch.isfinite(sumsq)).to(S.STAT_DTYPE)
+    return torch.stack([zero, sumsq, zero, zero, nonfinite, zero, zero, ref_sumsq, ninf, ninf], 1)
 
 
 __all__ = ["Probe"]

@@ -15,6 +15,7 @@ the raw sums to :class:`gradprobe.store.RunWriter`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ PASS_OF_KIND = {"act": "forward", "act_grad": "act_grad", "grad": "grad", "weigh
 PENDING_LIMIT = 1 << 22
 """Elements of small tensors queued at most before they are summarised (32 MiB of float64)."""
 PASS_ORDER = {"forward": 0, "act_grad": 1, "grad": 2, "weight": 3}
+Rule = Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -73,10 +75,14 @@ class Recorder:
         # (slot, row) -> [edges, counts, nonfinite]
         self.hist: dict[tuple[int, int], list[Tensor]] = {}
         self._unit_masks: dict[tuple[int, int], Tensor] = {}
-        # small tensors waiting to be summarised together: (slot, row, tensor, saturated count)
-        self._pending: list[tuple[int, int, Tensor, Tensor | None]] = []
+        # small tensors waiting to be summarised together: (slot, row, tensor, saturation rule,
+        # inactive rule)
+        self._pending: list[tuple[int, int, Tensor, Rule | None, Rule | None]] = []
         self._pending_numel = 0
         self._vectors: list[tuple[int, int, Tensor]] = []
+        # statistics matrices waiting to be merged into the buffer: (slot, rows, [k, N_STATS])
+        self._mats: list[tuple[int, Tensor, Tensor]] = []
+        self._unit_segments: dict[tuple[Any, ...], Tensor] = {}
         self.kind_col = [row.kind for row in rows]
         self._sat = np.array([row.saturation_rule for row in rows], dtype=bool)
         self._dead = np.array([row.dead_rule for row in rows], dtype=bool)
@@ -124,32 +130,40 @@ class Recorder:
 
     def add_many(self, slot: int, rows: list[int], rows_t: Tensor, mat: Tensor,
                  counts: list[int]) -> None:
-        """Merge ``mat[i]`` into ``(slot, rows[i])`` for all ``i`` in two kernels."""
-        for row, c in zip(rows, counts):
-            self.counts[slot, row] += c
-            self._touch(slot, row)
-        self._merge_rows(slot, rows_t, mat)
+        """Queue ``mat[i]`` for ``(slot, rows[i])`` for all ``i``; :meth:`process_pending`
+        merges every queued matrix of a slot into the buffer in two kernels."""
+        r = np.asarray(rows, dtype=np.int64)
+        np.add.at(self.counts[slot], r, counts)
+        fresh = ~self.touched[slot, r]
+        if fresh.any():
+            for row in r[fresh]:
+                self._touch(slot, int(row))
+        self._mats.append((slot, rows_t, mat))
 
     def _merge_rows(self, slot: int, rows_t: Tensor, mat: Tensor) -> None:
         # parameters or activations on another device (model parallel): copy the few numbers
-        mat = mat.to(self.device, non_blocking=True)
-        rows_t = rows_t.to(self.device, non_blocking=True)
+        if mat.device != self.device:
+            mat = mat.to(self.device, non_blocking=True)
+            rows_t = rows_t.to(self.device, non_blocking=True)
         target = self.buf[slot]
         target[:, : S.N_ADD].index_add_(0, rows_t, mat[:, : S.N_ADD])
         idx = rows_t.unsqueeze(1).expand(-1, S.N_STATS - S.N_ADD)
         target[:, S.N_ADD :].scatter_reduce_(0, idx, mat[:, S.N_ADD :], "amax")
 
-    def defer(self, slot: int, row: int, x: Tensor, saturated: Tensor | None) -> None:
-        """Queue a small tensor (the caller passes a copy) for :meth:`process_pending`."""
+    def defer(self, slot: int, row: int, x: Tensor, saturated: Rule | None = None,
+              inactive: Rule | None = None) -> None:
+        """Queue a small tensor for :meth:`process_pending`, with the activation's saturation
+        and dead-unit rules. ``x`` must not change before then (the hooks pass copies)."""
         self._touch(slot, row)
-        self._pending.append((slot, row, x, saturated))
+        self._pending.append((slot, row, x, saturated, inactive))
         self._pending_numel += x.numel()
         if self._pending_numel > PENDING_LIMIT:
             self.process_pending()
 
     def process_pending(self) -> None:
-        """Summarise the queued small tensors with a fixed number of kernels and merge them,
-        with the queued statistics vectors."""
+        """Summarise the queued small tensors together (:func:`gradprobe.stats.batched_stats`,
+        saturation and unit rules once per group of equal shape) and merge every queued
+        statistics vector and matrix into the buffer: a fixed number of kernels per step."""
         if self._vectors:
             vectors, self._vectors = self._vectors, []
             by_slot_v: dict[int, list[tuple[int, Tensor]]] = {}
@@ -159,31 +173,55 @@ class Recorder:
                 mat = torch.stack([v for _, v in items_v])
                 rows_t = torch.tensor([r for r, _ in items_v], dtype=torch.long,
                                       device=mat.device)
-                self._merge_rows(slot, rows_t, mat)
-        if not self._pending:
-            return
-        pending, self._pending, self._pending_numel = self._pending, [], 0
-        by_slot: dict[tuple[int, torch.device], list[tuple[int, Tensor, Tensor | None]]] = {}
-        for slot, row, x, sat in pending:  # batched per (slot, device)
-            by_slot.setdefault((slot, x.device), []).append((row, x, sat))
-        for (slot, _), items in by_slot.items():
-            mat = S.batched_stats([x for _, x, _ in items])
-            sat_idx = [i for i, (_, _, sat) in enumerate(items) if sat is not None]
-            if sat_idx:
-                sats = [items[i][2] for i in sat_idx]
-                mat[sat_idx, S.SATURATED] = torch.stack(sats).to(S.STAT_DTYPE)  # type: ignore[arg-type]
-            rows = [row for row, _, _ in items]
-            rows_t = torch.tensor(rows, dtype=torch.long, device=mat.device)
-            self.add_many(slot, rows, rows_t, mat, [x.numel() for _, x, _ in items])
+                self._mats.append((slot, rows_t, mat))
+        if self._pending:
+            pending, self._pending, self._pending_numel = self._pending, [], 0
+            by_slot: dict[tuple[int, torch.device], list[tuple[int, Tensor, Any, Any]]] = {}
+            for slot, row, x, sat, ina in pending:  # batched per (slot, device)
+                by_slot.setdefault((slot, x.device), []).append((row, x, sat, ina))
+            for (slot, _), items in by_slot.items():
+                self._summarise(slot, items)
+        if self._mats:
+            mats, self._mats = self._mats, []
+            slots = dict.fromkeys(m[0] for m in mats)
+            for slot in slots:
+                part = [m for m in mats if m[0] == slot]
+                if len(part) == 1:
+                    self._merge_rows(slot, part[0][1], part[0][2])
+                else:
+                    self._merge_rows(slot, torch.cat([_to(m[1], self.device) for m in part]),
+                                     torch.cat([_to(m[2], self.device) for m in part]))
 
-    def and_units(self, slot: int, row: int, mask: Tensor) -> None:
-        """AND a per-unit ``inactive`` mask of one micro-batch into the step's mask."""
+    def _summarise(self, slot: int, items: list[tuple[int, Tensor, Any, Any]]) -> None:
+        xs = [x for _, x, _, _ in items]
+        mat = S.batched_stats(xs)
+        sat_groups: dict[tuple[Any, int], list[int]] = {}
+        unit_groups: dict[tuple[Any, tuple[int, ...]], list[int]] = {}
+        for i, (_, x, sat, ina) in enumerate(items):
+            if sat is not None:
+                sat_groups.setdefault((sat, x.numel()), []).append(i)
+            if ina is not None:
+                unit_groups.setdefault((ina, tuple(x.shape)), []).append(i)
+        for (rule, _), idx in sat_groups.items():
+            blk = torch.stack([xs[i].reshape(-1) for i in idx])
+            mat[idx, S.SATURATED] = rule(blk).sum(1).to(S.STAT_DTYPE)
+        for (rule, _), idx in unit_groups.items():
+            masks = S.inactive_units_batched(torch.stack([xs[i] for i in idx]), rule)
+            for j, i in enumerate(idx):
+                self.and_units(slot, items[i][0], masks[j], owned=True)
+        rows = [row for row, _, _, _ in items]
+        rows_t = torch.tensor(rows, dtype=torch.long, device=mat.device)
+        self.add_many(slot, rows, rows_t, mat, [x.numel() for x in xs])
+
+    def and_units(self, slot: int, row: int, mask: Tensor, owned: bool = False) -> None:
+        """AND a per-unit ``inactive`` mask of one micro-batch into the step's mask (``owned``:
+        the caller hands ``mask`` over, no copy needed)."""
         key = (slot, row)
         prev = self._unit_masks.get(key)
         if prev is None or prev.shape != mask.shape:
             if prev is not None:  # unit count changed inside a step: count both populations
                 self._close_units(slot, row, prev)
-            self._unit_masks[key] = mask.clone()
+            self._unit_masks[key] = mask if owned else mask.clone()
         else:
             prev.logical_and_(mask)
 
@@ -193,10 +231,27 @@ class Recorder:
 
     def end(self, slot: int, *, skipped: bool, scale: Tensor | None) -> None:
         """Finish a recorded step: turn unit masks into dead counts, store the AMP scale."""
-        for (s, row), mask in list(self._unit_masks.items()):
-            if s == slot:
-                self._close_units(slot, row, mask)
-                del self._unit_masks[(s, row)]
+        keys = [k for k in self._unit_masks if k[0] == slot]
+        if len(keys) == 1:
+            self._close_units(slot, keys[0][1], self._unit_masks.pop(keys[0]))
+        elif keys:  # all layers at once: one concatenation, one segment sum
+            masks = [self._unit_masks.pop(k).reshape(-1) for k in keys]
+            rows = tuple(k[1] for k in keys)
+            lens = tuple(m.numel() for m in masks)
+            seg_key = (rows, lens, masks[0].device)
+            seg = self._unit_segments.get(seg_key)
+            if seg is None:
+                if len(self._unit_segments) > 64:
+                    self._unit_segments.clear()
+                seg = torch.repeat_interleave(
+                    torch.tensor(rows, device=masks[0].device),
+                    torch.tensor(lens, device=masks[0].device))
+                self._unit_segments[seg_key] = seg
+            dead = torch.zeros(len(self.rows), dtype=S.STAT_DTYPE, device=masks[0].device)
+            dead.index_add_(0, seg, torch.cat(masks).to(S.STAT_DTYPE))
+            self.buf[slot, :, S.DEAD] += dead.to(self.device, non_blocking=True)
+            for row, n in zip(rows, lens):
+                self.units[slot, row] += n
         self.skipped[slot] = skipped
         if scale is not None:
             self.scale[slot].copy_(scale.reshape(()))
@@ -205,6 +260,7 @@ class Recorder:
         """Drop an unfinished step (detached between forward and optimizer step)."""
         self._pending = [p for p in self._pending if p[0] != slot]
         self._vectors = [v for v in self._vectors if v[0] != slot]
+        self._mats = [m for m in self._mats if m[0] != slot]
         if slot == len(self.steps) - 1:
             self.steps.pop()
             self.skipped.pop()
@@ -236,10 +292,16 @@ class Recorder:
                 self.loss_count = np.concatenate([self.loss_count, np.zeros_like(self.loss_count)])
             self._loss_index[step] = i
             self.loss_steps.append(step)
-            self.loss_sum[i] = 0.0
             self.loss_count[i] = 0
+        v = loss.detach().reshape(1)
+        if v.device != self.loss_sum.device:
+            v = v.to(self.loss_sum.device, non_blocking=True)
+        target = self.loss_sum[i : i + 1]  # float64: the sum is exact in the float32 losses
+        if self.loss_count[i] == 0:
+            target.copy_(v)
+        else:
+            target.add_(v)
         self.loss_count[i] += 1
-        self.loss_sum[i] += loss.detach().reshape(()).to(self.loss_sum.device, torch.float64)
 
     # ------------------------------------------------------------------ non-finite events
 
@@ -364,6 +426,10 @@ class Recorder:
             "scale": sc,
         })
         return frame
+
+
+def _to(x: Tensor, device: torch.device) -> Tensor:
+    return x if x.device == device else x.to(device, non_blocking=True)
 
 
 __all__ = ["Recorder", "RowInfo"]

@@ -113,32 +113,10 @@ def _float(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-_EXACT_FLOAT_COUNT = 1 << 24  # float32 sums of 0/1 are exact below 2^24 elements
-
-
 def _cpu(device: torch.device) -> bool:
     """True where reading a value costs no host-device synchronisation (tests patch this to
     run the accelerator path on CPU)."""
     return device.type == "cpu"
-
-
-def _counts_fast(device: torch.device, numel: int) -> bool:
-    # On CPU, torch.count_nonzero is ~20x slower than summing sign(|x|) (0 or 1 per element);
-    # on accelerators it is fast, and no branch on values may be taken there.
-    return _cpu(device) and numel < _EXACT_FLOAT_COUNT
-
-
-def _abs_stats(t: Tensor, scratch: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``(Σ|x|, #nonzero)`` of ``t``; the count from ``sign(|x|)`` on CPU (NaN when ``t`` holds a
-    NaN, fixed by :func:`_fix_nonfinite_`)."""
-    if scratch is not None:
-        a = torch.abs(t, out=scratch[: t.numel()].view_as(t))
-    else:
-        a = t.abs()
-    l1 = a.sum()
-    if _counts_fast(t.device, t.numel()):
-        return l1, a.sign_().sum()
-    return l1, torch.count_nonzero(t)
 
 
 def _fix_nonfinite_(ts: Sequence[Tensor], mat: Tensor) -> Tensor:
@@ -169,16 +147,75 @@ def tensor_stats(
     A handful of reductions (sum, 2-norm, ``|x|`` and its non-zero count, min/max in one kernel)
     stacked into one vector; ``dead`` and ``ref_sumsq`` are zero here.
     """
-    xf = _float(x.detach())
-    mn, mx = torch.aminmax(xf)
-    s = xf.sum()
-    l1, nnz = _abs_stats(xf, None)
-    zero = s.new_zeros(())
-    sat = saturated(xf).sum() if saturated is not None else zero
-    vec = torch.stack([
-        s, torch.linalg.vector_norm(xf, 2).square(), l1, nnz, zero, sat, zero, zero, -mn, mx,
+    with torch.no_grad():
+        xf = _float(x.detach())
+        return _fix_nonfinite_([xf], _chunked_stats([xf], saturated))[0]
+
+
+CHUNK = 1 << 18
+"""On CPU, large tensors are reduced in chunks of this many elements (1 MiB of float32): the
+first reduction of a chunk reads it from memory, the other five find it in cache."""
+
+_CHUNK_SCRATCH: dict[tuple[Any, Any], Tensor] = {}
+
+
+def _chunk_scratch(f: Tensor) -> Tensor:
+    scratch = _CHUNK_SCRATCH.get((f.device, f.dtype))
+    if scratch is None:
+        scratch = torch.empty(CHUNK, dtype=f.dtype, device=f.device)
+        _CHUNK_SCRATCH[(f.device, f.dtype)] = scratch
+    return scratch
+
+
+def _chunk_vec(c: Tensor, scratch: Tensor | None,
+               saturated: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """The ``[N_STATS]`` vector of one flat chunk (``nonfinite`` left 0)."""
+    mn, mx = torch.aminmax(c)
+    if scratch is not None:  # CPU: |x| into the scratch, count from sign(|x|) (exact < 2^24)
+        a = torch.abs(c, out=scratch[: c.numel()])
+        l1 = a.sum()
+        nnz = a.sign_().sum()
+    else:
+        l1 = torch.linalg.vector_norm(c, 1)
+        nnz = torch.count_nonzero(c).to(c.dtype)
+    zero = l1.new_zeros(())
+    sat = saturated(c).sum().to(c.dtype) if saturated is not None else zero
+    return torch.stack([
+        c.sum(), torch.linalg.vector_norm(c, 2).square(), l1, nnz, zero, sat, zero, zero, -mn, mx,
     ]).to(STAT_DTYPE)
-    return _fix_nonfinite_([xf], vec.unsqueeze(0))[0]
+
+
+def _chunked_stats(ts: Sequence[Tensor], saturated: Callable[[Tensor], Tensor] | None = None
+                   ) -> Tensor:
+    """``[len(ts), N_STATS]`` (``nonfinite`` left 0 for :func:`_fix_nonfinite_`): sum, 2-norm,
+    min/max, and ``|x|`` in a scratch buffer for its sum and non-zero count, chunk by chunk on
+    CPU (one pass over memory instead of six; a fresh ``|x|`` of a large activation also costs
+    page faults), whole tensors on accelerators (where each kernel streams anyway)."""
+    out = []
+    for t in ts:
+        f = t.reshape(-1)
+        n = f.numel()
+        if not _cpu(f.device):
+            out.append(_chunk_vec(f, None, saturated))
+            continue
+        scratch = _chunk_scratch(f)
+        if n <= CHUNK:
+            out.append(_chunk_vec(f, scratch, saturated))
+            continue
+        p = torch.stack([_chunk_vec(f[i : i + CHUNK], scratch, saturated)
+                         for i in range(0, n, CHUNK)])
+        out.append(torch.cat([p[:, :N_ADD].sum(0), p[:, N_ADD:].amax(0)]))
+    return torch.stack(out)
+
+
+def large_param_stats(x: Tensor) -> Tensor:
+    """:func:`tensor_stats` of a large tensor without the non-finite count (fill it with
+    :func:`fix_nonfinite_` over a stack of such vectors, one check for all)."""
+    with torch.no_grad():
+        return _chunked_stats([_float(x.detach())])[0]
+
+
+fix_nonfinite_ = _fix_nonfinite_
 
 
 def inactive_units(x: Tensor, inactive: Callable[[Tensor], Tensor]) -> Tensor:
@@ -195,79 +232,201 @@ def inactive_units(x: Tensor, inactive: Callable[[Tensor], Tensor]) -> Tensor:
     return inactive(xf.amax(dim=dims) if dims else xf)
 
 
+def inactive_units_batched(xs: Tensor, inactive: Callable[[Tensor], Tensor]) -> Tensor:
+    """:func:`inactive_units` of each ``xs[i]`` (a stack of equally shaped outputs): ``[k, units]``."""
+    xf = _float(xs.detach())
+    if xf.ndim == 1:
+        return inactive(xf.reshape(-1, 1))
+    dims = tuple(d + 1 for d in unit_dims(xf.ndim - 1))
+    return inactive(xf.amax(dim=dims) if dims else xf)
+
+
 SMALL = 8192
 """Tensors with at most this many elements are summarised together (:func:`batched_stats`)."""
 
-_SEGMENTS: dict[tuple[Any, tuple[int, ...]], Tensor] = {}
+PAD_SLACK = 1 << 16
+"""Zero elements a padded matrix of :func:`batched_stats` may hold beyond its real elements."""
+
+_LAYOUTS: dict[tuple[tuple[int, ...], Any], list[tuple[list[int], int]]] = {}
+
+
+def _layout(numels: tuple[int, ...], dtypes: tuple[Any, ...]) -> list[tuple[list[int], int]]:
+    """Buckets ``(indices, width)`` of tensors reduced together as the rows of one zero-padded
+    ``[len(indices), width]`` matrix: one dtype per bucket, and at most twice as many elements
+    (plus :data:`PAD_SLACK`) as the bucket's tensors hold. Cached per step shape."""
+    key = (numels, dtypes)
+    out = _LAYOUTS.get(key)
+    if out is None:
+        if len(_LAYOUTS) > 256:
+            _LAYOUTS.clear()
+        out = []
+        for dt in dict.fromkeys(dtypes):
+            order = sorted((i for i, d in enumerate(dtypes) if d == dt), key=lambda i: -numels[i])
+            # decreasing size: the rows of full width come first
+            idx: list[int] = []
+            width = total = 0
+            for i in order:
+                if idx and (len(idx) + 1) * width > 2 * (total + numels[i]) + PAD_SLACK:
+                    out.append((idx, width))
+                    idx, total = [], 0
+                if not idx:
+                    width = numels[i]
+                idx.append(i)
+                total += numels[i]
+            out.append((idx, width))
+        _LAYOUTS[key] = out
+    return out
+
+
+def _padded_stats(flats: list[Tensor], width: int, exact: bool) -> Tensor:
+    """``[k, N_STATS]`` statistics of ``k`` flat tensors of at most ``width`` elements, sorted by
+    decreasing size, as the rows of one zero-padded matrix (zeros change no sum and no non-zero
+    count). Tensors of equal size are stacked into one block; the extrema are row reductions of
+    each block, so the padding never enters them.
+
+    Row reductions of a matrix are vectorised; ``aminmax`` and ``count_nonzero`` along a
+    dimension are not on CPU (10-30x slower), hence ``amin``/``amax`` and the ``sign(|x|)``
+    count. ``exact``: count non-zero and non-finite values exactly (accelerators, where no
+    branch on values may be taken).
+    """
+    k = len(flats)
+    runs: list[tuple[int, int]] = []
+    for i in range(k):
+        if i == 0 or flats[i].numel() != flats[i - 1].numel():
+            runs.append((i, i + 1))
+        else:
+            runs[-1] = (runs[-1][0], i + 1)
+    blocks = [torch.stack(flats[a:b]) if b - a > 1 else flats[a].unsqueeze(0) for a, b in runs]
+    if len(blocks) == 1:
+        m = blocks[0]
+    else:
+        m = torch.zeros(k, width, dtype=flats[0].dtype, device=flats[0].device)
+        for (a, b), blk in zip(runs, blocks):
+            m[a:b, : blk.shape[1]].copy_(blk)
+    mx = torch.cat([blk.amax(1) for blk in blocks]) if len(blocks) > 1 else m.amax(1)
+    mn = torch.cat([blk.amin(1) for blk in blocks]) if len(blocks) > 1 else m.amin(1)
+    s = m.sum(1)
+    ss = torch.linalg.vector_norm(m, 2, dim=1).square()
+    if exact:
+        nnz = torch.count_nonzero(m, dim=1).to(m.dtype)
+        nonfinite = (~torch.isfinite(m)).sum(1).to(m.dtype)
+    else:
+        nonfinite = torch.zeros_like(s)
+    owned = k > 1  # m is a new matrix, not a view of the caller's tensor: |x| in place
+    a_ = m.abs_() if owned else m.abs()
+    l1 = a_.sum(1)
+    if not exact:
+        nnz = a_.sign_().sum(1)
+    zero = torch.zeros_like(s)
+    return torch.stack([s, ss, l1, nnz, nonfinite, zero, zero, zero, -mn, mx], 1).to(STAT_DTYPE)
+
+
 TINY_TOTAL = 16384
-"""Below this many elements in all, many sizes are reduced as segments of one vector."""
+"""Below this many elements in all, :func:`batched_stats` gathers one padded matrix from a
+single concatenation (a fixed number of kernels, whatever the sizes), as long as the padded
+matrix holds at most ``4 · TINY_TOTAL`` elements (:func:`_tiny`)."""
 
 
-def _segment_ids(lengths: tuple[int, ...], device: torch.device) -> Tensor:
-    key = (device, lengths)
-    seg = _SEGMENTS.get(key)
-    if seg is None:
-        if len(_SEGMENTS) > 64:
-            _SEGMENTS.clear()
-        seg = torch.repeat_interleave(
-            torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device)
-        )
-        _SEGMENTS[key] = seg
-    return seg
+def _tiny(tensors: Sequence[Tensor]) -> bool:
+    numels = [t.numel() for t in tensors]
+    return sum(numels) <= TINY_TOTAL and len(numels) * max(numels) <= 4 * TINY_TOTAL
+
+_GATHERS: dict[tuple[tuple[int, ...], Any], tuple[Tensor, Tensor, Tensor]] = {}
+_PAD_VALUES: dict[tuple[Any, Any], Tensor] = {}
 
 
-def _segment_stats(flats: list[Tensor], mat: Tensor) -> None:
-    flat = torch.cat(flats).to(STAT_DTYPE)
-    seg = _segment_ids(tuple(f.numel() for f in flats), flat.device)
-    a = flat.abs()
-    vals = torch.stack([flat, flat * flat, a, flat.ne(0).to(STAT_DTYPE)], dim=1)
-    mat[:, SUM:NONZERO + 1].index_add_(0, seg, vals)
-    ext = torch.full((len(flats), 2), -math.inf, dtype=STAT_DTYPE, device=flat.device)
-    ext.scatter_reduce_(0, seg.unsqueeze(1).expand(-1, 2), torch.stack([-flat, flat], 1), "amax")
-    mat[:, NEG_MIN:] = ext
+def _gather_index(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Flat indices ``[k · max(numels)]`` into ``cat(flats) ++ [0, -inf, +inf]`` laying tensor ``i``
+    out as row ``i``, padded with 0, -inf and +inf respectively (cached per step shape)."""
+    key = (numels, device)
+    out = _GATHERS.get(key)
+    if out is None:
+        if len(_GATHERS) >= 8:  # at most 8 x 3 x 4 * TINY_TOTAL int32 indices (6 MiB)
+            _GATHERS.clear()
+        total, width = sum(numels), max(numels)
+        start = torch.tensor([0, *numels[:-1]]).cumsum(0)[:, None]
+        col = torch.arange(width)[None, :]
+        real = col < torch.tensor(numels)[:, None]
+        pos = start + col
+        out = tuple(torch.where(real, pos, total + j).reshape(-1).to(device, torch.int32)
+                    for j in range(3))  # type: ignore[assignment]
+        _GATHERS[key] = out  # type: ignore[assignment]
+    return out  # type: ignore[return-value]
+
+
+def _tiny_stats(flats: Sequence[Tensor], exact: bool) -> Tensor:
+    """:func:`batched_stats` of few elements in all: one concatenation (float64), three gathers
+    into padded matrices (padding 0 for the sums, -inf/+inf for the extrema), row reductions."""
+    device = flats[0].device
+    dtype = flats[0].dtype  # mixed dtypes make cat promote, on a slower path
+    pad = _PAD_VALUES.get((device, dtype))
+    if pad is None:
+        pad = torch.tensor([0.0, -math.inf, math.inf], dtype=dtype, device=device)
+        _PAD_VALUES[(device, dtype)] = pad
+    # one C++ call flattening and concatenating (a Python reshape per tensor costs more)
+    ext = torch._C._nn.flatten_dense_tensors([*flats, pad]).to(STAT_DTYPE)
+    i0, i_lo, i_hi = _gather_index(tuple(f.numel() for f in flats), device)
+    k = len(flats)
+    m = ext.index_select(0, i0).view(k, -1)  # index_select: advanced indexing is ~5x slower
+    s = m.sum(1)
+    ss = (m * m).sum(1)
+    if exact:
+        nnz = torch.count_nonzero(m, dim=1).to(STAT_DTYPE)
+        nonfinite = (~torch.isfinite(m)).sum(1).to(STAT_DTYPE)
+    else:
+        nonfinite = torch.zeros_like(s)
+    a = m.abs_()
+    l1 = a.sum(1)
+    if not exact:
+        nnz = a.sign_().sum(1)
+    mx = ext.index_select(0, i_lo).view(k, -1).amax(1)
+    mn = ext.index_select(0, i_hi).view(k, -1).amin(1)
+    zero = torch.zeros_like(s)
+    return torch.stack([s, ss, l1, nnz, nonfinite, zero, zero, zero, -mn, mx], 1)
 
 
 def batched_stats(tensors: Sequence[Tensor]) -> Tensor:
     """Statistics of many small tensors at once: ``[len(tensors), N_STATS]``.
 
-    Tensors with the same number of elements are stacked into one ``[k, n]`` matrix and reduced
-    along its rows (tiny tensors of many sizes, fewer than ``TINY_TOTAL`` elements in all, are
-    instead concatenated and reduced per segment) (sum, 2-norm, ``|x|`` sum, non-zero count, min/max): a handful of kernels per
-    distinct size however many tensors there are, where per-tensor reductions would cost a
-    handful each (tiny tensors are dominated by per-kernel overhead).
+    The tensors are flattened and reduced as the zero-padded rows of a few matrices (one per
+    dtype and size bucket, see :func:`_layout`): about a dozen kernels per bucket however many
+    tensors there are, where per-tensor reductions would cost a handful each (tiny tensors are
+    dominated by per-kernel overhead).
     """
-    flats = [_float(t.detach()).reshape(-1) for t in tensors]
-    device = flats[0].device
-    mat = torch.zeros(len(flats), N_STATS, dtype=STAT_DTYPE, device=device)
-    by_size: dict[int, list[int]] = {}
-    for i, f in enumerate(flats):
-        by_size.setdefault(f.numel(), []).append(i)
-    if len(by_size) > 2 and sum(f.numel() for f in flats) <= TINY_TOTAL:
-        # tiny tensors of many sizes: one vector, reduced per segment (index_add_ and
-        # scatter_reduce_ are fast on short vectors, slow on long ones)
-        _segment_stats(flats, mat)
-        return _fix_nonfinite_(flats, mat)
-    for idx in by_size.values():
-        m = torch.stack([flats[i] for i in idx]) if len(idx) > 1 else flats[idx[0]].unsqueeze(0)
-        mn, mx = torch.aminmax(m, dim=1)
-        a = m.abs()
-        cols = torch.stack([
-            m.sum(1), torch.linalg.vector_norm(m, 2, dim=1).square(), a.sum(1),
-            torch.count_nonzero(m, dim=1).to(m.dtype), -mn, mx,
-        ], dim=1).to(STAT_DTYPE)
-        mat[idx, SUM:NONZERO + 1] = cols[:, :4]
-        mat[idx, NEG_MIN:] = cols[:, 4:]
+    with torch.no_grad():
+        return _batched_stats(tensors)
+
+
+def _batched_stats(tensors: Sequence[Tensor]) -> Tensor:
+    device = tensors[0].device
+    exact = not _cpu(device)
+    if _tiny(tensors):
+        mat = _tiny_stats(tensors, exact)
+        return mat if exact else _fix_nonfinite_(tensors, mat)
+    flats = [_float(t).reshape(-1) for t in tensors]
+    layout = _layout(tuple(f.numel() for f in flats), tuple(f.dtype for f in flats))
+    if len(layout) == 1:
+        idx, width = layout[0]
+        mat = _padded_stats([flats[i] for i in idx], width, exact)
+        if idx != sorted(idx):
+            mat = torch.empty_like(mat).index_copy_(
+                0, torch.tensor(idx, device=device), mat)
+    else:
+        mat = torch.empty(len(flats), N_STATS, dtype=STAT_DTYPE, device=device)
+        for idx, width in layout:
+            mat[idx] = _padded_stats([flats[i] for i in idx], width, exact)
+    if exact:
+        return mat
     return _fix_nonfinite_(flats, mat)
 
 
 def param_group_stats(tensors: Sequence[Tensor], scratch: Tensor | None = None) -> Tensor:
     """Statistics of many tensors of one device and dtype: ``[len(tensors), N_STATS]``.
 
-    Tensors of at most :data:`SMALL` elements go through :func:`batched_stats`; for the large
-    ones the 2-norms come from one ``torch._foreach_norm`` call (as
-    ``torch.nn.utils.clip_grad_norm_`` does) and sums, extrema, ``|x|`` sums and counts are one
-    kernel per tensor, all without host synchronisation. ``scratch`` (a flat buffer at least as
-    large as the largest tensor) avoids allocating ``|x|``.
+    Tensors of at most :data:`SMALL` elements go through :func:`batched_stats`; the large ones
+    are reduced one at a time in cache-sized chunks (:func:`_chunked_stats`: sum, 2-norm,
+    min/max, ``|x|`` in a fixed scratch for its sum and non-zero count), all without host
+    synchronisation. ``scratch`` is accepted for compatibility and unused.
     """
     small = [i for i, t in enumerate(tensors) if t.numel() <= SMALL]
     if len(small) == len(tensors):
@@ -283,26 +442,29 @@ def param_group_stats(tensors: Sequence[Tensor], scratch: Tensor | None = None) 
 
 
 def _large_stats(tensors: Sequence[Tensor], scratch: Tensor | None) -> Tensor:
-    ts = [_float(t.detach()) for t in tensors]
-    if scratch is not None and scratch.dtype != ts[0].dtype:
-        scratch = None
-    sq = torch.stack(torch._foreach_norm(ts, 2)).to(STAT_DTYPE).square()
-    sums = torch.stack([t.sum() for t in ts]).to(STAT_DTYPE)
-    ab = [_abs_stats(t, scratch) for t in ts]
-    l1 = torch.stack([a[0] for a in ab]).to(STAT_DTYPE)
-    nnz = torch.stack([a[1] for a in ab]).to(STAT_DTYPE)
-    mm = [torch.aminmax(t) for t in ts]
-    mins = torch.stack([m[0] for m in mm]).to(STAT_DTYPE)
-    maxs = torch.stack([m[1] for m in mm]).to(STAT_DTYPE)
-    zero = torch.zeros_like(sq)
-    mat = torch.stack([sums, sq, l1, nnz, zero, zero, zero, zero, -mins, maxs], dim=1)
-    return _fix_nonfinite_(ts, mat)
+    with torch.no_grad():
+        ts = [_float(t.detach()) for t in tensors]
+        return _fix_nonfinite_(ts, _chunked_stats(ts))
 
 
 def sumsq_group(tensors: Sequence[Tensor]) -> Tensor:
-    """``Σ x²`` of each tensor (one ``_foreach_norm`` call), as a float64 vector."""
-    ts = [_float(t.detach()) for t in tensors]
-    return torch.stack(torch._foreach_norm(ts, 2)).to(STAT_DTYPE).square()
+    """``Σ x²`` of each tensor as a float64 vector: one ``_foreach_norm`` call, or for few
+    elements in all (where ``_foreach_norm`` costs a kernel per tensor) one concatenation
+    gathered into a zero-padded matrix whose rows are summed."""
+    with torch.no_grad():
+        if _tiny(tensors):
+            dtype = tensors[0].dtype
+            pad = _PAD_VALUES.get((tensors[0].device, dtype))
+            if pad is None:
+                pad = torch.tensor([0.0, -math.inf, math.inf], dtype=dtype,
+                                   device=tensors[0].device)
+                _PAD_VALUES[(tensors[0].device, dtype)] = pad
+            ext = torch._C._nn.flatten_dense_tensors([*tensors, pad]).to(STAT_DTYPE)
+            i0 = _gather_index(tuple(t.numel() for t in tensors), ext.device)[0]
+            m = ext.index_select(0, i0).view(len(tensors), -1)
+            return (m * m).sum(1)
+        ts = [_float(t) for t in tensors]
+        return torch.stack(torch._foreach_norm(ts, 2)).to(STAT_DTYPE).square()
 
 
 # ----------------------------------------------------------------------------------- reference
