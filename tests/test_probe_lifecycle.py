@@ -269,10 +269,13 @@ def test_non_zero_rank_records_nothing(tmp_path, monkeypatch):
 
 
 def _ddp_worker(rank: int, run_dir: str, port: int) -> None:
+    from datetime import timedelta
+
     import torch.distributed as tdist
 
+    # A bounded timeout: a rank that died must fail the test, not hang it at a collective.
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                             world_size=2)
+                             world_size=2, timeout=timedelta(seconds=60))
     try:
         torch.manual_seed(0)
         model = nn.parallel.DistributedDataParallel(_mlp())
@@ -291,6 +294,10 @@ def _ddp_worker(rank: int, run_dir: str, port: int) -> None:
             # DDP's layers are found under the wrapper's name
             assert set(grads.layer) == {"module.0", "module.2", "module.4"}
     finally:
+        # Both ranks reach teardown together: a rank that destroys its gloo group while its peer
+        # still holds the connection can abort the peer ("terminate called without an active
+        # exception").
+        tdist.barrier()
         tdist.destroy_process_group()
 
 
