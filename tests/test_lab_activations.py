@@ -7,6 +7,7 @@ import torch
 
 from gradprobe import activations as A
 from gradprobe.errors import ConfigError
+from gradprobe.lab import train
 from gradprobe.lab.experiments import activation_study as S
 from gradprobe.lab.experiments.depth_histograms import dead_fraction, saturated_fraction
 
@@ -15,12 +16,8 @@ SMALL = S.ActivationStudyConfig(depth=12, width=32, epochs=7, lr=3e-3)
 
 @pytest.fixture(scope="module")
 def result():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread avoids contention on a shared CPU
-    try:
+    with train.threads(1):  # tiny matrices: one thread avoids contention on a shared CPU
         yield S.run(SMALL)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_every_displayed_claim_holds_at_small_size(result):

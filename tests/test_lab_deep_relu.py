@@ -3,10 +3,10 @@
 import math
 
 import pytest
-import torch
 
 import gradprobe as gp
 from gradprobe.errors import ConfigError
+from gradprobe.lab import train
 from gradprobe.lab.experiments import deep_relu as D
 
 SMALL = D.DeepReluConfig(depth=30, width=32, epochs=10, batch_size=64)
@@ -15,12 +15,8 @@ SMALL = D.DeepReluConfig(depth=30, width=32, epochs=10, batch_size=64)
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("deep-relu")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread avoids contention on a shared CPU
-    try:
+    with train.threads(1):  # tiny matrices: one thread avoids contention on a shared CPU
         yield D.run(SMALL, out=out)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_every_displayed_claim_holds_at_small_size(result):

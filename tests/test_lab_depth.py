@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gradprobe.errors import ConfigError
+from gradprobe.lab import train
 from gradprobe.lab.experiments import depth_histograms as dh
 
 SMALL = dh.DepthHistogramsConfig(n_samples=300, width=200, step=10, depth=10, bins=20)
@@ -13,12 +14,8 @@ SMALL = dh.DepthHistogramsConfig(n_samples=300, width=200, step=10, depth=10, bi
 
 @pytest.fixture(scope="module")
 def result():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread avoids contention on a shared CPU
-    try:
+    with train.threads(1):  # tiny matrices: one thread avoids contention on a shared CPU
         yield dh.run(SMALL)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_every_displayed_claim_holds_at_small_size(result):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gradprobe.errors import ConfigError
+from gradprobe.lab import train
 from gradprobe.lab.experiments import init_study as S
 
 SMALL = S.InitStudyConfig(
@@ -16,12 +17,8 @@ SMALL = S.InitStudyConfig(
 
 @pytest.fixture(scope="module")
 def result():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread avoids contention on a shared CPU
-    try:
+    with train.threads(1):  # tiny matrices: one thread avoids contention on a shared CPU
         yield S.run(SMALL)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_every_displayed_claim_holds_at_small_size(result):

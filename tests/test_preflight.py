@@ -15,6 +15,7 @@ from torch import nn
 
 import gradprobe as gp
 from gradprobe.errors import ConfigError, NonFiniteError, UnsupportedModelError
+from gradprobe.lab import train
 from gradprobe.lab.data import circles
 from gradprobe.lab.zoo import mlp
 from gradprobe.theory import meanfield as mf
@@ -171,10 +172,8 @@ def test_conv_layers_are_supported_with_fan_out_per_input_element():
 @pytest.fixture(autouse=True)
 def one_thread():
     # Tiny nets: one thread avoids oversubscribing a shared CPU (10x faster there).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with train.threads(1):
+        yield
 
 
 def _training_shows(net, x, y, steps=60, threshold=6.0):

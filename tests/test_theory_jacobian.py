@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from gradprobe.errors import ConfigError, UnsupportedModelError
+from gradprobe.lab import train
 from gradprobe.lab.zoo import mlp
 from gradprobe.theory import closed_form as cf
 from gradprobe.theory.jacobian import (
@@ -23,10 +24,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated
 @pytest.fixture(autouse=True)
 def _one_thread():
     # Small problems: one thread avoids oversubscribing a shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with train.threads(1):
+        yield
 
 
 def _chain(kind, n=100, depth=50, dtype=torch.float32, seed=0):

@@ -9,6 +9,7 @@ from torch import nn
 
 from gradprobe.activations import ACTIVATIONS
 from gradprobe.errors import ConfigError
+from gradprobe.lab import train
 from gradprobe.theory import closed_form as cf
 from gradprobe.theory import meanfield as mf
 
@@ -20,10 +21,8 @@ _PDF = np.exp(-0.5 * _Z**2) / math.sqrt(2 * math.pi)
 @pytest.fixture(autouse=True)
 def _one_thread():
     # Small problems: one thread avoids oversubscribing a shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with train.threads(1):
+        yield
 
 
 # Smooth integrands: the trapezoid rule converges geometrically, a coarse grid is plenty.
