@@ -31,7 +31,7 @@ from torch import nn
 import gradprobe as gp
 from gradprobe.activations import ACTIVATIONS
 from gradprobe.lab.data import circles
-from gradprobe.lab.zoo import mlp
+from gradprobe.lab.zoo import linear_chain, mlp
 from gradprobe.theory import closed_form as cf
 from gradprobe.theory import meanfield as mf
 from gradprobe.theory.jacobian import jacobian_spectrum
@@ -68,26 +68,13 @@ def table_chi1(width, depth, batch):
         print(f"| {act} | {s2} | {b2} | {chi:.4f} | {meas:.4f} | {meas / chi - 1:+.2%} |")
 
 
-def chain(kind, n, depth, seed=0):
-    torch.manual_seed(seed)
-    layers = []
-    for _ in range(depth):
-        lin = nn.Linear(n, n, bias=False)
-        if kind == "orthogonal":
-            nn.init.orthogonal_(lin.weight)
-        else:
-            nn.init.normal_(lin.weight, std=n**-0.5)
-        layers.append(lin)
-    return nn.Sequential(*layers)
-
-
 def table_chain(n=100, depth=50):
     print(f"\n## Linear chain, depth {depth}, width {n}: Jacobian singular values (float32)\n")
     print("| weights | max abs(s - 1) | median s | predicted median (Lyapunov) | spread |")
     print("|---|---|---|---|---|")
     pred = math.exp(float(np.median(cf.gaussian_product_log_singular_values(n, depth))))
     for kind in ("orthogonal", "gaussian"):
-        s = jacobian_spectrum(chain(kind, n, depth), torch.randn(1, n), k=n)
+        s = jacobian_spectrum(linear_chain(n, depth, kind), torch.randn(1, n), k=n)
         dev = float(np.max(np.abs(s.singular_values - 1)))
         p = "1" if kind == "orthogonal" else f"{pred:.2e}"
         print(f"| {kind} | {dev:.2e} | {s.median:.2e} | {p} | {s.spread:.3g} |")

@@ -231,3 +231,20 @@ def test_fit_stacked_rejects_mismatches():
     with pytest.raises(ConfigError, match="differ in size"):
         train.fit_stacked([zoo.mlp([2, 3, 1]), zoo.mlp([2, 3, 1])], [(x, y), (x[:10], y[:10])],
                           seeds=[0, 1])
+
+
+def test_linear_chain_builder_inits_and_rejects_unknown():
+    import torch
+
+    from gradprobe.errors import ConfigError
+    from gradprobe.lab.zoo import linear_chain
+
+    net = linear_chain(16, 3, "orthogonal", dtype=torch.float64)
+    for layer in net:
+        w = layer.weight
+        torch.testing.assert_close(w @ w.T, torch.eye(16, dtype=torch.float64), atol=1e-5, rtol=0)  # drawn in float32
+        assert layer.bias is None
+    wide = linear_chain(400, 1, "gaussian")
+    assert abs(wide[0].weight.std().item() - 400**-0.5) < 0.02 * 400**-0.5
+    with pytest.raises(ConfigError, match="unknown linear-chain init 'identity'"):
+        linear_chain(4, 2, "identity")

@@ -9,7 +9,7 @@ from torch import nn
 
 from gradprobe.errors import ConfigError, UnsupportedModelError
 from gradprobe.lab import train
-from gradprobe.lab.zoo import mlp
+from gradprobe.lab.zoo import linear_chain, mlp
 from gradprobe.theory import closed_form as cf
 from gradprobe.theory.jacobian import (
     block_spectra,
@@ -26,19 +26,6 @@ def _one_thread():
     # Small problems: one thread avoids oversubscribing a shared CPU.
     with train.threads(1):
         yield
-
-
-def _chain(kind, n=100, depth=50, dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    layers = []
-    for _ in range(depth):
-        lin = nn.Linear(n, n, bias=False)
-        if kind == "orthogonal":
-            nn.init.orthogonal_(lin.weight)
-        else:
-            nn.init.normal_(lin.weight, std=n**-0.5)
-        layers.append(lin)
-    return nn.Sequential(*layers).to(dtype)
 
 
 def _reference_svd(model, x):
@@ -73,7 +60,7 @@ def test_partial_lanczos_gets_the_top_and_bounds_the_bottom():
 
 
 def test_orthogonal_linear_chain_keeps_every_singular_value_at_one():
-    net = _chain("orthogonal")
+    net = linear_chain(100, 50, "orthogonal")
     spec = jacobian_spectrum(net, torch.randn(1, 100), k=100)
     assert spec.exact and len(spec.singular_values) == 100
     assert np.max(np.abs(spec.singular_values - 1)) < 1e-5
@@ -81,11 +68,11 @@ def test_orthogonal_linear_chain_keeps_every_singular_value_at_one():
 
 
 def test_gaussian_linear_chain_spectrum_collapses_as_lyapunov_exponents_predict():
-    net32 = _chain("gaussian")
+    net32 = linear_chain(100, 50, "gaussian")
     assert jacobian_spectrum(net32, torch.randn(1, 100), k=100).median < 1e-4
     # In float64 the median is resolved: compare with exp(L λ_median) (Newman 1986), whose
     # finite-depth fluctuation is O(√L) in the log; allow a factor e^{±4}.
-    net64 = _chain("gaussian", dtype=torch.float64)
+    net64 = linear_chain(100, 50, "gaussian", dtype=torch.float64)
     med = jacobian_spectrum(net64, torch.randn(1, 100, dtype=torch.float64), k=100).median
     predicted = np.median(cf.gaussian_product_log_singular_values(100, 50))
     assert abs(math.log(med) - predicted) < 4.0

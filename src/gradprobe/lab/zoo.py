@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from gradprobe import activations
@@ -61,3 +62,31 @@ def mlp(
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """The model's Linear layers in registration order, with their qualified names."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def linear_chain(
+    width: int,
+    depth: int,
+    init: str = "gaussian",
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Sequential:
+    """``depth`` bias-free square Linear layers with no activation (Saxe et al. 2014).
+
+    ``init="orthogonal"``: every weight orthogonal, so every singular value of the input-output
+    Jacobian is exactly 1. ``init="gaussian"``: weights N(0, 1/width), the variance-preserving
+    choice whose Jacobian spectrum nevertheless spreads with depth (Pennington et al. 2017).
+    """
+    if init not in ("gaussian", "orthogonal"):
+        raise ConfigError(f"unknown linear-chain init {init!r}", hint="use 'gaussian' or 'orthogonal'")
+    torch.manual_seed(seed)
+    layers = []
+    for _ in range(depth):
+        lin = nn.Linear(width, width, bias=False)
+        if init == "orthogonal":
+            nn.init.orthogonal_(lin.weight)
+        else:
+            nn.init.normal_(lin.weight, std=width**-0.5)
+        layers.append(lin)
+    return nn.Sequential(*layers).to(dtype)
