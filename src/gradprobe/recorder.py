@@ -192,6 +192,10 @@ class Recorder:
                     self._merge_rows(slot, torch.cat([_to(m[1], self.device) for m in part]),
                                      torch.cat([_to(m[2], self.device) for m in part]))
 
+    def settle(self) -> None:
+        """Finish every queued computation so that :attr:`buf` is complete (before a flush)."""
+        self.process_pending()
+
     def _summarise(self, slot: int, items: list[tuple[int, Tensor, Any, Any]]) -> None:
         xs = [x for _, x, _, _ in items]
         mat = S.batched_stats(xs)
@@ -337,6 +341,7 @@ class Recorder:
 
         Returns the non-finite events found in slots not checked before (already written).
         """
+        self.settle()
         n = len(self.steps)
         n_loss = len(self.loss_steps)
         hist_items = sorted(self.hist.items())
