@@ -55,8 +55,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from gradprobe import _stage
 from gradprobe import stats as S
 from gradprobe._hooks import first_float_tensor
+from gradprobe._stage import ParamSet
 from gradprobe.activations import ActivationSpec, spec_for_module
 from gradprobe.errors import ConfigError, NonFiniteError, RunDirError, UnsupportedModelError
 from gradprobe.recorder import Recorder, RowInfo
@@ -101,6 +103,10 @@ class _ParamGroup:
     scratch: Tensor | None = None  # flat, as large as the largest tensor: |x| without allocating
     small: list[int] = field(default_factory=list)  # tensors of at most stats.SMALL elements
     large: list[int] = field(default_factory=list)
+    staged: list[int] = field(default_factory=list)  # small tensors of the recorder's stage
+    own: list[int] = field(default_factory=list)  # small + large: summarised by the Probe
+    own_params: list[Tensor] = field(default_factory=list)
+    own_prev: list[Tensor] = field(default_factory=list)
 
 
 def _display_name(name: str) -> str:
@@ -225,6 +231,9 @@ class Probe:
         self._gen = 0
         self._stepped = False
         self._orig_update: Any = None
+        self._stage_group: _ParamGroup | None = None
+        self._stage_params: list[Tensor] = []
+        self._want_post = False
         self._passive = False  # attached on a non-zero rank: records nothing
 
     # ------------------------------------------------------------------ selection
@@ -341,6 +350,7 @@ class Probe:
             rows, capacity=self.flush_every, loss_capacity=self.flush_every * self.every,
             device=device, writer=self._writer, hist_bins=self.hist_bins,
         )
+        self._setup_stage(self._groups)
         self._writer.write_meta(layers=[lay.record() for lay in self._layers],
                                 memory_bytes=self.memory_bytes())
         want_act = any(k in S.ACT_KINDS for k in self.kinds)
@@ -436,8 +446,11 @@ class Probe:
         sizes = [p.numel() * p.element_size() for lay in self._layers for p in lay.params]
         copies = int("update" in self.kinds or "drift" in self.kinds) + int("drift" in self.kinds)
         param_bytes = sum(sizes) * copies + max(sizes, default=0)
-        return {"buffer": stats + loss + hist, "param_copies": param_bytes,
-                "total": stats + loss + hist + param_bytes}
+        # the stage of small tensors (gradprobe._stage), in the first parameters' precision
+        first = next((p for lay in self._layers for p in lay.params), None)
+        stage = _stage.MAX_ELEMS * (first.element_size() if first is not None else 4)
+        return {"buffer": stats + loss + hist, "param_copies": param_bytes, "stage": stage,
+                "total": stats + loss + hist + param_bytes + stage}
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -477,6 +490,67 @@ class Probe:
                     g.init_sumsq = S.sumsq_group(g.init)
         return groups
 
+    def _setup_stage(self, groups: list[_ParamGroup]) -> None:
+        """Hand the small parameters of the first group (and the small activations of its
+        device and dtype) to the recorder's stage: one buffer row per step, summarised for
+        many steps at once (:mod:`gradprobe._stage`)."""
+        assert self._recorder is not None
+        g = groups[0]
+        g.staged, g.small = g.small, []
+        for grp in groups:
+            grp.own = sorted(grp.small + grp.large)
+            grp.own_params = [grp.params[i] for i in grp.own]
+            grp.own_prev = [grp.prev[i] for i in grp.own] if grp.prev else []
+            dev = grp.params[0].device
+            pos = {i: k for k, i in enumerate(grp.own)}
+            grp.rows_t["own"] = torch.tensor(grp.own, dtype=torch.long, device=dev)
+            grp.rows_t["small_pos"] = torch.tensor([pos[i] for i in grp.small], dtype=torch.long,
+                                                   device=dev)
+            grp.rows_t["large_pos"] = torch.tensor([pos[i] for i in grp.large], dtype=torch.long,
+                                                   device=dev)
+            for kind in ("update", "drift"):
+                if kind in grp.rows:
+                    grp.rows_t[kind + "_own"] = torch.tensor(
+                        [grp.rows[kind][i] for i in grp.own], dtype=torch.long,
+                        device=self._recorder.device)
+        params: list[Tensor] = [g.params[i] for i in g.staged]
+
+        def rows(kind: str) -> list[int]:
+            return [g.rows[kind][i] if kind in g.rows else -1 for i in g.staged]
+
+        init = init_sumsq = None
+        if "drift" in self.kinds and params:
+            order = sorted(range(len(params)), key=lambda j: params[j].numel())
+            init = torch.cat([g.init[g.staged[j]].reshape(-1) for j in order])
+            assert g.init_sumsq is not None
+            init_sumsq = g.init_sumsq[g.staged]
+        pset = ParamSet([p.numel() for p in params], rows("update"), rows("drift"), init,
+                        init_sumsq)
+        self._recorder.stage_setup(g.params[0].device, g.params[0].dtype, params,
+                                   rows("grad"), rows("weight"), pset)
+        self._stage_group = g
+        self._stage_params = params
+        self._want_post = bool(set(self.kinds) & {"weight", "update", "drift"})
+
+    def _stage_pre(self, slot: int, wpre: str) -> None:
+        """Stage the step's small gradients and the weights before the update (``wpre``:
+        ``"live"`` the parameters now, ``"prev"`` the copy taken when the step began,
+        ``"none"`` the optimizer skipped the step)."""
+        assert self._recorder is not None and self._stage_group is not None
+        g = self._stage_group
+        params = self._stage_params
+        grads = [p.grad for p in params] if "grad" in self.kinds else None
+        before: list[Tensor] | None = None
+        if "update" in self.kinds and params:
+            if wpre == "live":
+                before = params
+            elif wpre == "prev":
+                before = [g.prev[i] for i in g.staged]
+        self._recorder.stage_pre(slot, grads, before)
+        if grads is not None and self._hist_due():
+            have = [(gr, g.rows["grad"][i]) for gr, i in zip(grads, g.staged) if gr is not None]
+            self._param_hist(slot, [gr for gr, _ in have], [r for _, r in have])
+
     # ------------------------------------------------------------------ steps
 
     def _begin_step(self) -> None:
@@ -501,7 +575,9 @@ class Probe:
         if self._passive:
             return
         if self._slot is not None:
-            self._record_grads(self._slot)
+            with torch.no_grad():
+                self._record_grads(self._slot)
+                self._stage_pre(self._slot, "prev")
         self._end_step(skipped=False)
 
     def observe_loss(self, loss: Tensor) -> None:
@@ -523,9 +599,11 @@ class Probe:
             return
         with torch.no_grad():
             self._record_grads(self._slot)
+            self._stage_pre(self._slot, "live")
             if "update" in self.kinds:
                 for g in self._groups:
-                    torch._foreach_copy_(g.prev, [p.detach() for p in g.params])
+                    if g.own:
+                        torch._foreach_copy_(g.own_prev, g.own_params)
 
     def _post_step_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._stepped = True
@@ -538,6 +616,7 @@ class Probe:
             if self._slot is not None:
                 with torch.no_grad():
                     self._record_grads(self._slot)
+                    self._stage_pre(self._slot, "none")
             self._end_step(skipped=True)
         self._stepped = False
 
@@ -552,7 +631,8 @@ class Probe:
                 small_rows: list[int] = []
                 large: list[Tensor] = []
                 large_rows: list[int] = []
-                for p, row in zip(g.params, g.rows["grad"]):
+                for i in g.own:
+                    p, row = g.params[i], g.rows["grad"][i]
                     gr = p.grad
                     if gr is None:
                         continue
@@ -596,7 +676,6 @@ class Probe:
                                   "drift" in self.kinds)
         for g in self._groups:
             ws = [p.detach() for p in g.params]
-            n = len(ws)
             if want_w:
                 rows = g.rows["weight"]
                 for i in g.small:  # summarised with the step's other small tensors
@@ -624,57 +703,58 @@ class Probe:
                 wmat = S.fix_nonfinite_(wl, torch.stack(vecs))
                 rec.add_many(slot, [g.rows["weight"][i] for i in g.large],
                              g.rows_t["weight_large"], wmat, [g.numels[i] for i in g.large])
+            own = g.own  # the group's parameters not handed to the stage
+            if not own:
+                continue
             if want_u:
                 if skipped:
-                    wsq = S.sumsq_group(ws)
+                    wsq = S.sumsq_group([ws[i] for i in own])
                     dsq = torch.zeros_like(wsq)
-                elif not g.large:
-                    torch._foreach_sub_(g.prev, ws)  # W_before - W_after
-                    both = S.sumsq_group(ws + g.prev)
-                    wsq, dsq = both[:n], both[n:]
                 else:
-                    wsq = torch.empty(n, dtype=S.STAT_DTYPE, device=ws[0].device)
+                    wsq = torch.empty(len(own), dtype=S.STAT_DTYPE, device=ws[0].device)
                     dsq = torch.empty_like(wsq)
-                    if g.small:
+                    if g.small:  # W_before - W_after into g.prev
                         d = [g.prev[i] for i in g.small]
                         torch._foreach_sub_(d, [ws[i] for i in g.small])
                         both = S.sumsq_group([ws[i] for i in g.small] + d)
-                        wsq[g.small] = both[: len(d)]
-                        dsq[g.small] = both[len(d):]
-                    wsq[g.large] = torch.stack(up_w).to(S.STAT_DTYPE)
-                    dsq[g.large] = torch.stack(up_d).to(S.STAT_DTYPE)
-                rec.add_many(slot, g.rows["update"], g.rows_t["update"],
-                             _ratio_mat(dsq, wsq), g.numels)
+                        wsq[g.rows_t["small_pos"]] = both[: len(d)]
+                        dsq[g.rows_t["small_pos"]] = both[len(d):]
+                    if g.large:
+                        wsq[g.rows_t["large_pos"]] = torch.stack(up_w).to(S.STAT_DTYPE)
+                        dsq[g.rows_t["large_pos"]] = torch.stack(up_d).to(S.STAT_DTYPE)
+                rec.add_many(slot, [g.rows["update"][i] for i in own], g.rows_t["update_own"],
+                             _ratio_mat(dsq, wsq), [g.numels[i] for i in own])
             if want_d:
-                small_sq = None
+                dsq = torch.empty(len(own), dtype=S.STAT_DTYPE, device=ws[0].device)
                 if g.small:  # small tensors: W - W0 into g.prev with two foreach calls
                     d = [g.prev[i] for i in g.small]
                     torch._foreach_copy_(d, [ws[i] for i in g.small])
                     torch._foreach_sub_(d, [g.init[i] for i in g.small])
-                    small_sq = S.sumsq_group(d)
-                if not g.large:
-                    assert small_sq is not None
-                    dsq = small_sq
-                else:
-                    dsq = torch.empty(n, dtype=S.STAT_DTYPE, device=ws[0].device)
-                    if small_sq is not None:
-                        dsq[g.small] = small_sq
-                    dsq[g.large] = torch.stack(dr_d).to(S.STAT_DTYPE)
+                    dsq[g.rows_t["small_pos"]] = S.sumsq_group(d)
+                if g.large:
+                    dsq[g.rows_t["large_pos"]] = torch.stack(dr_d).to(S.STAT_DTYPE)
                 assert g.init_sumsq is not None
-                rec.add_many(slot, g.rows["drift"], g.rows_t["drift"],
-                             _ratio_mat(dsq, g.init_sumsq), g.numels)
+                rec.add_many(slot, [g.rows["drift"][i] for i in own], g.rows_t["drift_own"],
+                             _ratio_mat(dsq, g.init_sumsq[g.rows_t["own"]]),
+                             [g.numels[i] for i in own])
 
     def _end_step(self, *, skipped: bool) -> None:
         assert self._recorder is not None and self._writer is not None
         slot = self._slot
         events: list[dict[str, Any]] = []
         if slot is not None:
+            check = self._recorder.device.type == "cpu" or self.on_nonfinite == "raise"
             with torch.no_grad():
                 self._record_params(slot, skipped)
+                complete = self._recorder.stage_post(
+                    slot, self._stage_params if self._want_post else None, check)
                 self._recorder.process_pending()
             scale = self.scaler._scale if self.scaler is not None else None
             self._recorder.end(slot, skipped=skipped, scale=scale)
-            if self._recorder.device.type == "cpu" or self.on_nonfinite == "raise":
+            if complete and check:
+                # the staged row was finite and nothing else was recorded: nothing to read
+                self._recorder.checked[slot] = True
+            elif check:
                 # Host read of one slot's non-finite counts: free on CPU (no device to wait
                 # for); with on_nonfinite="raise" the user asked for it (one sync per step).
                 nonfinite = self._recorder.slot_nonfinite(slot)
@@ -730,7 +810,9 @@ class Probe:
             x = t.detach()  # nothing below records autograd history
             sat_rule = spec.saturated if spec is not None else None
             dead_rule = spec.inactive if spec is not None else None
-            if x.numel() <= S.SMALL:
+            if rec.stage_accepts(x):
+                rec.stage_add(slot, row, x, sat_rule, dead_rule, row)
+            elif x.numel() <= S.SMALL:
                 # a copy: an in-place activation may overwrite the output later
                 rec.defer(slot, row, x.clone(), sat_rule, dead_rule)
             else:
@@ -750,7 +832,11 @@ class Probe:
             return
         rec = self._recorder
         assert rec is not None
-        if grad.numel() <= S.SMALL:
+        if rec.stage_accepts(grad):
+            rec.stage_add(slot, row, grad.detach(), None, None, row)
+            if not self._hist_due():
+                return
+        elif grad.numel() <= S.SMALL:
             rec.defer(slot, row, grad.detach().clone())  # detached: records no history
             if not self._hist_due():
                 return

@@ -15,7 +15,7 @@ the raw sums to :class:`gradprobe.store.RunWriter`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from gradprobe import stats as S
+from gradprobe._stage import STATS, WPRE, Entry, ParamSet, Stage
 from gradprobe.store import RunWriter
 
 PASS_OF_KIND = {"act": "forward", "act_grad": "act_grad", "grad": "grad", "weight": "weight",
@@ -88,6 +89,19 @@ class Recorder:
         self._dead = np.array([row.dead_rule for row in rows], dtype=bool)
         self._ratio = np.array([row.kind in S.RATIO_KINDS for row in rows], dtype=bool)
         self._act_grad = np.array([row.kind == "act_grad" for row in rows], dtype=bool)
+        # staged small tensors (see gradprobe._stage): the open step's entries
+        self.stage: Stage | None = None
+        self._open: list[tuple[Any, ...]] = []  # (row, shape, sat, ina, tensor, source, version, key, seq)
+        self._open_slot: int | None = None
+        self._staged_row = False  # the open step has a row in the stage
+        self._immediate = False  # the open step has statistics outside the stage
+        self._copy_keys: set[Any] = set()  # hook sites whose tensors change in place later
+        self._seen_keys: set[Any] = set()
+        self._stage_params: list[Tensor] = []
+        self._grad_rows: list[int] = []
+        self._weight_rows: list[int] = []
+        self._n_pre = 0
+        self._plan: Any = None
 
     @property
     def nbytes(self) -> int:
@@ -124,6 +138,7 @@ class Recorder:
         are merged into the buffer together by :meth:`process_pending` (three kernels)."""
         self.counts[slot, row] += count
         self._touch(slot, row)
+        self._immediate = True
         self._vectors.append((slot, row, vec.to(self.device, non_blocking=True)))
         if len(self._vectors) >= 4096:
             self.process_pending()
@@ -133,6 +148,7 @@ class Recorder:
         """Queue ``mat[i]`` for ``(slot, rows[i])`` for all ``i``; :meth:`process_pending`
         merges every queued matrix of a slot into the buffer in two kernels."""
         r = np.asarray(rows, dtype=np.int64)
+        self._immediate = True
         np.add.at(self.counts[slot], r, counts)
         fresh = ~self.touched[slot, r]
         if fresh.any():
@@ -155,6 +171,7 @@ class Recorder:
         """Queue a small tensor for :meth:`process_pending`, with the activation's saturation
         and dead-unit rules. ``x`` must not change before then (the hooks pass copies)."""
         self._touch(slot, row)
+        self._immediate = True
         self._pending.append((slot, row, x, saturated, inactive))
         self._pending_numel += x.numel()
         if self._pending_numel > PENDING_LIMIT:
@@ -192,9 +209,209 @@ class Recorder:
                     self._merge_rows(slot, torch.cat([_to(m[1], self.device) for m in part]),
                                      torch.cat([_to(m[2], self.device) for m in part]))
 
+    # ------------------------------------------------------------------ staged small tensors
+
+    def stage_setup(self, device: torch.device, dtype: torch.dtype, params: list[Tensor],
+                    grad_rows: list[int], weight_rows: list[int], param_set: ParamSet) -> None:
+        """Stage the small tensors of ``device`` and ``dtype``: activations, activation
+        gradients, and the gradients and weights of ``params`` (rows ``-1``: kind not
+        recorded). ``param_set`` carries the update/drift rows and W0."""
+        self.stage = Stage(device, dtype, param_set if params else None)
+        self._stage_params = params
+        self._grad_rows = grad_rows
+        self._weight_rows = weight_rows
+
+    def stage_accepts(self, x: Tensor) -> bool:
+        st = self.stage
+        return (st is not None and x.dtype == st.dtype and x.device == st.device
+                and x.numel() <= S.SMALL and x.layout == torch.strided)
+
+    def stage_add(self, slot: int, row: int, x: Tensor, saturated: Rule | None,
+                  inactive: Rule | None, key: Any) -> None:
+        """Stage a small activation (or activation gradient) of the open step. ``key`` names
+        the hook site: the first time a site is seen its tensor is copied, and if the tensor
+        was changed in place before the step ended (an in-place activation after it), the site
+        is copied from then on; otherwise later steps keep a reference until the step's row
+        is written."""
+        if self._open_slot != slot:
+            self._open.clear()
+            self._open_slot = slot
+        self._seq_counter += 1
+        t = x.clone() if key in self._copy_keys or key not in self._seen_keys else x
+        self._open.append((row, tuple(x.shape), saturated, inactive, t, x, x._version, key,
+                           self._seq_counter))
+
+    def stage_pre(self, slot: int, grads: Sequence[Tensor | None] | None,
+                  wpre: Sequence[Tensor] | None) -> None:
+        """Write the open step's activations, the parameters' gradients and the weights before
+        the update (``None``: not recorded, or the optimizer skipped the step) into its row."""
+        st = self.stage
+        assert st is not None
+        if self._staged_row:  # a step whose optimizer step never finished: drop its row
+            st.slots.pop()
+            self._staged_row = False
+        if self._open_slot != slot:
+            self._open.clear()
+            self._open_slot = slot
+        opened = self._open
+        ok: list[tuple[Any, ...]] = []
+        for e in opened:
+            if e[4] is e[5] and e[5]._version != e[6]:
+                # changed in place since the hook: this step's value is lost; copy from now on
+                self._copy_keys.add(e[7])
+                continue
+            if e[4] is not e[5] and e[5]._version != e[6]:
+                self._copy_keys.add(e[7])
+            self._seen_keys.add(e[7])
+            ok.append(e)
+        self._open = []
+        self._open_slot = None
+        params = self._stage_params
+        gmask: tuple[bool, ...] = ()
+        gl: list[Tensor] = []
+        if grads is not None:
+            gmask = tuple(g is not None and g.layout == torch.strided and g.dtype == st.dtype
+                          for g in grads)
+            gl = [g for g, m in zip(grads, gmask) if m]  # type: ignore[misc]
+        key = (tuple(e[:4] for e in ok), gmask, wpre is not None)
+        plan = st.plan_for(key, lambda: self._entries(ok, gmask, wpre is not None))
+        if not st.ready(plan):
+            self._summarise_stage()
+            st.start(plan)
+        s = len(st.slots)
+        st.slots.append(slot)
+        self._staged_row = True
+        assert st.buf is not None
+        n_pre = len(ok) + len(gl) + (len(params) if wpre is not None else 0)
+        src = [e[4] for e in ok] + gl + (list(wpre) if wpre is not None else [])
+        if src:
+            torch._foreach_copy_(plan.views(st.buf, s, 0, n_pre), src)
+        self._pre_seqs = [e[8] for e in ok]
+        self._n_pre = n_pre
+        self._plan = plan
+
+    def stage_post(self, slot: int, wpost: Sequence[Tensor] | None, check: bool) -> bool:
+        """Write the weights after the update into the open step's row and close it. With
+        ``check`` (CPU, or ``on_nonfinite="raise"``), a row holding non-finite values is
+        summarised at once so the step's events can be found; returns True when the step's
+        statistics are complete in the buffer without further work."""
+        st = self.stage
+        assert st is not None and st.buf is not None
+        plan = self._plan
+        s = len(st.slots) - 1
+        if wpost is not None and plan.width > 0:
+            n = len(plan.shapes)
+            torch._foreach_copy_(plan.views(st.buf, s, self._n_pre, n), list(wpost))
+        # counts, and the order in which rows were first touched (for events)
+        book = self._bookkeeping(plan, wpost is not None)
+        if book is not None:
+            self.counts[slot] += book[0]
+            uniq, first, n_act = book[1], book[2], len(self._pre_seqs)
+            seqs = np.empty(len(first), dtype=np.int64)
+            from_hooks = first < n_act
+            seqs[from_hooks] = np.asarray(self._pre_seqs, dtype=np.int64)[first[from_hooks]]
+            seqs[~from_hooks] = self._seq_counter + first[~from_hooks]
+            self._seq_counter += book[3]
+            touched = self.touched[slot]
+            seq = self.seq[slot]
+            seq[uniq] = np.where(touched[uniq], np.minimum(seq[uniq], seqs), seqs)
+            touched[uniq] = True
+        self._staged_row = False
+        immediate, self._immediate = self._immediate, False
+        if check:
+            finite = math.isfinite(float(st.buf[s, : plan.width].sum()))
+            if not finite:
+                st.exact = True
+                self._summarise_stage()
+                return False
+        if not _cpu_device(st.device):
+            st.exact = True
+        if len(st.slots) >= st.capacity:
+            self._summarise_stage()
+        return not immediate
+
+    def _bookkeeping(self, plan: Any, post: bool) -> Any:
+        """Per-step row bookkeeping of a plan, cached on it: ``(counts[R], unique rows, their
+        first position in the step's order, number of positions)``; the step's order is the
+        hooks', then gradients, weights, update and drift rows."""
+        key = ("book", post)
+        book = plan.rows_t.get(key)
+        if book is None:
+            st = self.stage
+            assert st is not None
+            stats_entries = plan.entries
+            rows = [e.row for e in stats_entries if e.role == STATS and e.param < 0]
+            numels = [float(e.numel) for e in stats_entries if e.role == STATS and e.param < 0]
+            ps = st.params
+            if post and ps is not None:
+                for kind_rows in (self._weight_rows, ps.update_rows, ps.drift_rows):
+                    for r, n in zip(kind_rows, ps.numels):
+                        if r >= 0:
+                            rows.append(r)
+                            numels.append(float(n))
+            if not rows:
+                plan.rows_t[key] = False
+                return None
+            arr = np.asarray(rows, dtype=np.int64)
+            counts = np.zeros(len(self.rows))
+            np.add.at(counts, arr, np.asarray(numels))
+            uniq, first = np.unique(arr, return_index=True)
+            book = (counts, uniq, first.astype(np.int64), len(rows))
+            plan.rows_t[key] = book
+        return book if book is not False else None
+
+    def _entries(self, ok: list[tuple[Any, ...]], gmask: tuple[bool, ...],
+                 pre: bool) -> list[Entry]:
+        st = self.stage
+        assert st is not None
+        out = [Entry(e[0], e[1], e[2], e[3]) for e in ok]
+        params = self._stage_params
+        for p, r, m in zip(params, self._grad_rows, gmask):
+            if m:
+                out.append(Entry(r, tuple(p.shape)))
+        if pre:
+            out += [Entry(-1, tuple(p.shape), role=WPRE, param=j) for j, p in enumerate(params)]
+        out += [Entry(r, tuple(p.shape), role=STATS, param=j)
+                for j, (p, r) in enumerate(zip(params, self._weight_rows))]
+        return out
+
+    def _summarise_stage(self) -> None:
+        st = self.stage
+        if st is None or not st.slots or self._staged_row:
+            return
+        slots, rows_t, mat, dead = st.summarise()
+        r = len(self.rows)
+        dev = self.device
+        slots_t = torch.tensor(slots, dtype=torch.long, device=mat.device)
+        if mat.shape[1]:
+            flat_idx = (slots_t[:, None] * r + rows_t[None, :]).reshape(-1)
+            flat = mat.reshape(-1, S.N_STATS)
+            if flat.device != dev:
+                flat, flat_idx = flat.to(dev), flat_idx.to(dev)
+            target = self.buf.view(-1, S.N_STATS)
+            target[:, : S.N_ADD].index_add_(0, flat_idx, flat[:, : S.N_ADD])
+            idx = flat_idx.unsqueeze(1).expand(-1, S.N_STATS - S.N_ADD)
+            target[:, S.N_ADD :].scatter_reduce_(0, idx, flat[:, S.N_ADD :], "amax")
+        if dead:
+            by_row: dict[int, list[Tensor]] = {}
+            for _, row, mask, _ in dead:
+                by_row.setdefault(row, []).append(mask)
+            slots_np = np.asarray(slots, dtype=np.int64)
+            for row, masks in by_row.items():
+                same = all(m.shape == masks[0].shape for m in masks)
+                groups = [masks] if same else [[m] for m in masks]
+                for grp in groups:
+                    m = grp[0]
+                    for other in grp[1:]:
+                        m = m & other  # micro-batches of one step: dead on every one
+                    count = m.sum(-1).to(S.STAT_DTYPE)
+                    self.buf[slots_t.to(dev), row, S.DEAD] += count.to(dev)
+                    self.units[slots_np, row] += m.shape[-1]
+
     def settle(self) -> None:
         """Finish every queued computation so that :attr:`buf` is complete (before a flush)."""
         self.process_pending()
+        self._summarise_stage()
 
     def _summarise(self, slot: int, items: list[tuple[int, Tensor, Any, Any]]) -> None:
         xs = [x for _, x, _, _ in items]
@@ -262,6 +479,12 @@ class Recorder:
 
     def discard_open(self, slot: int) -> None:
         """Drop an unfinished step (detached between forward and optimizer step)."""
+        if self._open_slot == slot:
+            self._open.clear()
+            self._open_slot = None
+        if self._staged_row and self.stage is not None and self.stage.slots[-1:] == [slot]:
+            self.stage.slots.pop()
+        self._staged_row = False
         self._pending = [p for p in self._pending if p[0] != slot]
         self._vectors = [v for v in self._vectors if v[0] != slot]
         self._mats = [m for m in self._mats if m[0] != slot]
@@ -431,6 +654,10 @@ class Recorder:
             "scale": sc,
         })
         return frame
+
+
+def _cpu_device(device: torch.device) -> bool:
+    return S._cpu(device)
 
 
 def _to(x: Tensor, device: torch.device) -> Tensor:

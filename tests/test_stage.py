@@ -1,0 +1,130 @@
+"""The stage (gradprobe._stage): small tensors of many steps summarised at once must give the
+statistics of summarising each step alone, through layout changes and in-place activations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from tests.test_probe import train_and_compare
+from torch import nn
+
+import gradprobe as gp
+import gradprobe._stage as stage_mod
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 12), nn.Tanh(), nn.Linear(12, 12), nn.ReLU(),
+                         nn.Linear(12, 12), nn.Sigmoid(), nn.Linear(12, 2))
+
+
+def _train(tmp, steps: int, batch_sizes: list[int], **kw) -> pd.DataFrame:
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(3)
+    with gp.Probe(model, opt, run_dir=tmp, **kw) as probe:
+        for i in range(steps):
+            n = batch_sizes[i % len(batch_sizes)]
+            x = torch.randn(n, 4, generator=g)
+            y = torch.randint(0, 2, (n,), generator=g)
+            loss = nn.functional.cross_entropy(model(x), y)
+            probe.observe_loss(loss)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    return gp.Run.open(tmp).scalars().sort_values(["step", "layer_id", "kind"]).reset_index(
+        drop=True)
+
+
+def test_many_steps_at_once_equal_one_step_at_a_time(tmp_path, monkeypatch):
+    batched = _train(tmp_path / "a", 12, [8], flush_every=50)
+    monkeypatch.setattr(stage_mod, "MAX_ELEMS", 1)  # capacity 1: each step summarised alone
+    single = _train(tmp_path / "b", 12, [8], flush_every=50)
+    assert len(batched) == len(single) == 12 * len(batched[batched.step == 0])
+    num = batched.select_dtypes("number").columns
+    pd.testing.assert_frame_equal(batched[num], single[num], rtol=1e-6, atol=1e-9)
+
+
+def test_layout_changes_between_steps(tmp_path):
+    """Batch sizes alternate, so consecutive steps have different layouts: each layout is
+    summarised apart, and every statistic still matches the slow reference."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
+               for n in [8, 8, 5, 8, 3, 3, 8] * 3]
+    train_and_compare(model, batches, nn.functional.cross_entropy, tmp_path=tmp_path, steps=7)
+
+
+def test_activation_that_turns_in_place_is_never_recorded_wrong(tmp_path):
+    """A ReLU that becomes in-place after two steps overwrites the Linear output the stage holds
+    by reference: that step's Linear activation is dropped, later ones are copied in the hook."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    want: dict[int, float] = {}
+    with gp.Probe(model, opt, run_dir=tmp_path / "r", kinds=("act",)) as probe:
+        for step in range(6):
+            model[1].inplace = step >= 2
+            x = torch.randn(16, 5, generator=g)
+            with torch.no_grad():
+                want[step] = float(model[0](x).double().pow(2).sum().sqrt())
+            loss = model(x).pow(2).mean()
+            probe.observe_loss(loss)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    df = gp.Run.open(tmp_path / "r").scalars(kinds="act")
+    lin = df[df.layer == "0"].set_index("step")["norm"]
+    assert 2 not in lin.index  # overwritten before it was copied: not recorded
+    for step in (0, 1, 3, 4, 5):
+        assert math.isclose(lin[step], want[step], rel_tol=1e-5), step
+
+
+def test_stage_memory_is_bounded_and_stated(tmp_path):
+    model = _mlp()
+    probe = gp.Probe(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=tmp_path / "r")
+    with probe:
+        mem = probe.memory_bytes()
+        assert mem["stage"] == stage_mod.MAX_ELEMS * 4
+        assert mem["total"] >= mem["stage"] + mem["buffer"]
+        loss = model(torch.randn(4, 4)).sum()
+        loss.backward()
+        probe.optimizer.step()
+        stage = probe._recorder.stage
+        assert stage.buf.numel() <= stage_mod.MAX_ELEMS
+
+
+@pytest.mark.parametrize("kinds", [("grad",), ("weight", "drift"), ("update",), ("act_grad",)])
+def test_kind_subsets_match_reference(tmp_path, kinds):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g))
+               for _ in range(8)]
+    full = train_and_compare(model, batches, nn.functional.cross_entropy,
+                             tmp_path=tmp_path / "all", steps=5)[0].scalars()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with gp.Probe(model, opt, run_dir=tmp_path / "sub", kinds=kinds, flush_every=3) as probe:
+        for x, y in batches[:5]:
+            loss = nn.functional.cross_entropy(model(x), y)
+            probe.observe_loss(loss)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    sub = gp.Run.open(tmp_path / "sub").scalars()
+    assert set(sub.kind) == set(kinds)
+    key = ["step", "layer", "kind"]
+    merged = sub.merge(full, on=key, suffixes=("", "_full"))
+    assert len(merged) == len(sub)
+    for col in ("norm", "mean", "max", "zero_frac", "dead_frac", "saturated_frac"):
+        np.testing.assert_allclose(merged[col].to_numpy(float),
+                                   merged[col + "_full"].to_numpy(float),
+                                   rtol=1e-6, atol=1e-12, equal_nan=True, err_msg=col)
