@@ -674,7 +674,10 @@ class Probe:
         rec = self._recorder
         want_w, want_u, want_d = ("weight" in self.kinds, "update" in self.kinds,
                                   "drift" in self.kinds)
+        hist = self._hist_due()
         for g in self._groups:
+            if not g.own and not (want_w and hist):
+                continue  # every parameter of the group is staged
             ws = [p.detach() for p in g.params]
             if want_w:
                 rows = g.rows["weight"]
@@ -833,7 +836,8 @@ class Probe:
         rec = self._recorder
         assert rec is not None
         if rec.stage_accepts(grad):
-            rec.stage_add(slot, row, grad.detach(), None, None, row)
+            rec.stage_add(slot, row, grad.detach() if grad.requires_grad else grad, None, None,
+                          row)
             if not self._hist_due():
                 return
         elif grad.numel() <= S.SMALL:

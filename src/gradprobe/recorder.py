@@ -92,6 +92,7 @@ class Recorder:
         # staged small tensors (see gradprobe._stage): the open step's entries
         self.stage: Stage | None = None
         self._open: list[tuple[Any, ...]] = []  # (row, shape, sat, ina, tensor, source, version, key, seq)
+        self._open_keys: list[tuple[Any, ...]] = []
         self._open_slot: int | None = None
         self._staged_row = False  # the open step has a row in the stage
         self._immediate = False  # the open step has statistics outside the stage
@@ -102,6 +103,8 @@ class Recorder:
         self._weight_rows: list[int] = []
         self._n_pre = 0
         self._plan: Any = None
+        self._pre_seqs: list[int] = []
+        self._books: list[tuple[int, list[int], int, Any]] = []
 
     @property
     def nbytes(self) -> int:
@@ -235,11 +238,13 @@ class Recorder:
         is written."""
         if self._open_slot != slot:
             self._open.clear()
+            self._open_keys.clear()
             self._open_slot = slot
         self._seq_counter += 1
         t = x.clone() if key in self._copy_keys or key not in self._seen_keys else x
-        self._open.append((row, tuple(x.shape), saturated, inactive, t, x, x._version, key,
-                           self._seq_counter))
+        entry = (row, tuple(x.shape), saturated, inactive)
+        self._open_keys.append(entry)
+        self._open.append((*entry, t, x, x._version, key, self._seq_counter))
 
     def stage_pre(self, slot: int, grads: Sequence[Tensor | None] | None,
                   wpre: Sequence[Tensor] | None) -> None:
@@ -252,19 +257,14 @@ class Recorder:
             self._staged_row = False
         if self._open_slot != slot:
             self._open.clear()
+            self._open_keys.clear()
             self._open_slot = slot
-        opened = self._open
-        ok: list[tuple[Any, ...]] = []
-        for e in opened:
-            if e[4] is e[5] and e[5]._version != e[6]:
-                # changed in place since the hook: this step's value is lost; copy from now on
-                self._copy_keys.add(e[7])
-                continue
-            if e[4] is not e[5] and e[5]._version != e[6]:
-                self._copy_keys.add(e[7])
-            self._seen_keys.add(e[7])
-            ok.append(e)
+        ok = self._open
+        keys = tuple(self._open_keys)
+        if any(e[5]._version != e[6] or e[4] is not e[5] for e in ok):
+            ok, keys = self._check_versions(ok)
         self._open = []
+        self._open_keys = []
         self._open_slot = None
         params = self._stage_params
         gmask: tuple[bool, ...] = ()
@@ -273,7 +273,7 @@ class Recorder:
             gmask = tuple(g is not None and g.layout == torch.strided and g.dtype == st.dtype
                           for g in grads)
             gl = [g for g, m in zip(grads, gmask) if m]  # type: ignore[misc]
-        key = (tuple(e[:4] for e in ok), gmask, wpre is not None)
+        key = (keys, gmask, wpre is not None)
         plan = st.plan_for(key, lambda: self._entries(ok, gmask, wpre is not None))
         if not st.ready(plan):
             self._summarise_stage()
@@ -302,20 +302,12 @@ class Recorder:
         if wpost is not None and plan.width > 0:
             n = len(plan.shapes)
             torch._foreach_copy_(plan.views(st.buf, s, self._n_pre, n), list(wpost))
-        # counts, and the order in which rows were first touched (for events)
+        # counts, and the order in which rows were first touched (for events): applied to
+        # the bookkeeping arrays when the stage is summarised
         book = self._bookkeeping(plan, wpost is not None)
         if book is not None:
-            self.counts[slot] += book[0]
-            uniq, first, n_act = book[1], book[2], len(self._pre_seqs)
-            seqs = np.empty(len(first), dtype=np.int64)
-            from_hooks = first < n_act
-            seqs[from_hooks] = np.asarray(self._pre_seqs, dtype=np.int64)[first[from_hooks]]
-            seqs[~from_hooks] = self._seq_counter + first[~from_hooks]
+            self._books.append((slot, self._pre_seqs, self._seq_counter, book))
             self._seq_counter += book[3]
-            touched = self.touched[slot]
-            seq = self.seq[slot]
-            seq[uniq] = np.where(touched[uniq], np.minimum(seq[uniq], seqs), seqs)
-            touched[uniq] = True
         self._staged_row = False
         immediate, self._immediate = self._immediate, False
         if check:
@@ -329,6 +321,49 @@ class Recorder:
         if len(st.slots) >= st.capacity:
             self._summarise_stage()
         return not immediate
+
+    def _check_versions(self, opened: list[tuple[Any, ...]]
+                        ) -> tuple[list[tuple[Any, ...]], tuple[Any, ...]]:
+        """Learn which hook sites need a copy: a tensor changed in place after its hook (an
+        in-place activation after the module) is copied in the hook from then on; held by
+        reference, its value of this step is lost and dropped."""
+        ok: list[tuple[Any, ...]] = []
+        for e in opened:
+            changed = e[5]._version != e[6]
+            if changed:
+                self._copy_keys.add(e[7])
+                if e[4] is e[5]:
+                    continue
+            self._seen_keys.add(e[7])
+            ok.append(e)
+        return ok, tuple(e[:4] for e in ok)
+
+    def _apply_books(self) -> None:
+        """Counts, touched rows and first-touch order of the staged steps, a run of steps of
+        one plan at a time."""
+        books, self._books = self._books, []
+        i = 0
+        while i < len(books):
+            j = i
+            book = books[i][3]
+            while j < len(books) and books[j][3] is book:
+                j += 1
+            run = books[i:j]
+            i = j
+            counts, uniq, first, _ = book
+            slots = np.array([b[0] for b in run], dtype=np.int64)
+            self.counts[slots] += counts
+            base = np.array([b[2] for b in run], dtype=np.int64)[:, None]
+            seqs = base + 1 + first[None, :]
+            n_act = len(run[0][1])
+            hooked = first < n_act
+            if hooked.any():
+                pre = np.array([b[1] for b in run], dtype=np.int64).reshape(len(run), n_act)
+                seqs[:, hooked] = pre[:, first[hooked]]
+            grid = np.ix_(slots, uniq)
+            touched = self.touched[grid]
+            self.seq[grid] = np.where(touched, np.minimum(self.seq[grid], seqs), seqs)
+            self.touched[grid] = True
 
     def _bookkeeping(self, plan: Any, post: bool) -> Any:
         """Per-step row bookkeeping of a plan, cached on it: ``(counts[R], unique rows, their
@@ -379,6 +414,7 @@ class Recorder:
         st = self.stage
         if st is None or not st.slots or self._staged_row:
             return
+        self._apply_books()
         slots, rows_t, mat, dead = st.summarise()
         r = len(self.rows)
         dev = self.device
@@ -481,10 +517,12 @@ class Recorder:
         """Drop an unfinished step (detached between forward and optimizer step)."""
         if self._open_slot == slot:
             self._open.clear()
+            self._open_keys.clear()
             self._open_slot = None
         if self._staged_row and self.stage is not None and self.stage.slots[-1:] == [slot]:
             self.stage.slots.pop()
         self._staged_row = False
+        self._books = [b for b in self._books if b[0] != slot]
         self._pending = [p for p in self._pending if p[0] != slot]
         self._vectors = [v for v in self._vectors if v[0] != slot]
         self._mats = [m for m in self._mats if m[0] != slot]
