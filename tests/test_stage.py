@@ -40,10 +40,9 @@ def _train(tmp, steps: int, batch_sizes: list[int], **kw) -> pd.DataFrame:
         drop=True)
 
 
-def test_many_steps_at_once_equal_one_step_at_a_time(tmp_path, monkeypatch):
+def test_many_steps_at_once_equal_one_step_at_a_time(tmp_path):
     batched = _train(tmp_path / "a", 12, [8], flush_every=50)
-    monkeypatch.setattr(stage_mod, "MAX_ELEMS", 1)  # capacity 1: each step summarised alone
-    single = _train(tmp_path / "b", 12, [8], flush_every=50)
+    single = _train(tmp_path / "b", 12, [8], flush_every=1)  # each step summarised alone
     assert len(batched) == len(single) == 12 * len(batched[batched.step == 0])
     num = batched.select_dtypes("number").columns
     pd.testing.assert_frame_equal(batched[num], single[num], rtol=1e-6, atol=1e-9)
@@ -84,6 +83,17 @@ def test_activation_that_turns_in_place_is_never_recorded_wrong(tmp_path):
     assert 2 not in lin.index  # overwritten before it was copied: not recorded
     for step in (0, 1, 3, 4, 5):
         assert math.isclose(lin[step], want[step], rel_tol=1e-5), step
+
+
+def test_row_beyond_the_bound_goes_to_the_per_step_path(tmp_path, monkeypatch):
+    """With a bound smaller than one step's small tensors, those past it are summarised at the
+    step; the statistics are the same."""
+    monkeypatch.setattr(stage_mod, "MAX_ELEMS", 600)
+    small = _train(tmp_path / "a", 6, [8], flush_every=4)
+    monkeypatch.undo()
+    full = _train(tmp_path / "b", 6, [8], flush_every=4)
+    num = full.select_dtypes("number").columns
+    pd.testing.assert_frame_equal(small[num], full[num], rtol=1e-6, atol=1e-7)
 
 
 def test_stage_memory_is_bounded_and_stated(tmp_path):

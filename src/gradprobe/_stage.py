@@ -38,9 +38,11 @@ Rule = Callable[[Tensor], Tensor]
 
 STATS, WPRE = 0, 1
 
-MAX_ELEMS = 1 << 21
-"""Elements the stage buffer holds at most (8 MiB of float32): ``capacity = MAX_ELEMS // width``
-steps are staged before they are summarised (at least one)."""
+MAX_ELEMS = 1 << 23
+"""Elements the stage buffer holds at most (32 MiB of float32). A step's small tensors are
+staged while their row fits (the rest are summarised at the step as before); rows of
+``width`` elements are staged for ``min(MAX_ELEMS // width, steps between flushes)`` steps
+before they are summarised, so a small model's buffer is far below the bound."""
 
 
 @dataclass(frozen=True)
@@ -180,8 +182,10 @@ class ParamSet:
 class Stage:
     """A ``[capacity, width]`` buffer of staged step rows of one layout (see the module doc)."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, params: ParamSet | None) -> None:
+    def __init__(self, device: torch.device, dtype: torch.dtype, params: ParamSet | None,
+                 max_steps: int) -> None:
         self.device = device
+        self.max_steps = max_steps
         self.dtype = dtype
         self.params = params
         self.plan: Plan | None = None
@@ -209,7 +213,7 @@ class Stage:
         assert not self.slots
         self.plan = plan
         width = max(plan.width, 1)
-        self.capacity = max(1, MAX_ELEMS // width)
+        self.capacity = max(1, min(MAX_ELEMS // width, self.max_steps))
         if self.buf is None or self.buf.shape[1] < width or self.buf.shape[0] < self.capacity:
             rows = self.capacity
             self.buf = torch.empty(rows, width, dtype=self.dtype, device=self.device)

@@ -449,6 +449,10 @@ class Probe:
         # the stage of small tensors (gradprobe._stage), in the first parameters' precision
         first = next((p for lay in self._layers for p in lay.params), None)
         stage = _stage.MAX_ELEMS * (first.element_size() if first is not None else 4)
+        if self._recorder is not None and self._recorder.stage is not None:
+            buf = self._recorder.stage.buf  # allocated at the first step, at most MAX_ELEMS
+            if buf is not None:
+                stage = buf.numel() * buf.element_size()
         return {"buffer": stats + loss + hist, "param_copies": param_bytes, "stage": stage,
                 "total": stats + loss + hist + param_bytes + stage}
 
@@ -496,7 +500,8 @@ class Probe:
         many steps at once (:mod:`gradprobe._stage`)."""
         assert self._recorder is not None
         g = groups[0]
-        g.staged, g.small = g.small, []
+        if 3 * sum(g.numels[i] for i in g.small) <= _stage.MAX_ELEMS // 2:
+            g.staged, g.small = g.small, []  # else the stage keeps only activations
         for grp in groups:
             grp.own = sorted(grp.small + grp.large)
             grp.own_params = [grp.params[i] for i in grp.own]

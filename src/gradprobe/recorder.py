@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from gradprobe import _stage
 from gradprobe import stats as S
 from gradprobe._stage import STATS, WPRE, Entry, ParamSet, Stage
 from gradprobe.store import RunWriter
@@ -103,6 +104,8 @@ class Recorder:
         self._weight_rows: list[int] = []
         self._n_pre = 0
         self._plan: Any = None
+        self._open_numel = 0
+        self._param_width = 0
         self._pre_seqs: list[int] = []
         self._books: list[tuple[int, list[int], int, Any]] = []
 
@@ -219,15 +222,21 @@ class Recorder:
         """Stage the small tensors of ``device`` and ``dtype``: activations, activation
         gradients, and the gradients and weights of ``params`` (rows ``-1``: kind not
         recorded). ``param_set`` carries the update/drift rows and W0."""
-        self.stage = Stage(device, dtype, param_set if params else None)
+        self.stage = Stage(device, dtype, param_set if params else None, self.capacity)
         self._stage_params = params
         self._grad_rows = grad_rows
         self._weight_rows = weight_rows
+        # the parameters' share of a row: gradients, weights before and after the step
+        self._open_numel = 3 * sum(p.numel() for p in params)
+        self._param_width = self._open_numel
 
     def stage_accepts(self, x: Tensor) -> bool:
+        """True when ``x`` goes to the stage: the stage's device and dtype, at most
+        :data:`gradprobe.stats.SMALL` elements, and room left in the step's row."""
         st = self.stage
         return (st is not None and x.dtype == st.dtype and x.device == st.device
-                and x.numel() <= S.SMALL and x.layout == torch.strided)
+                and x.numel() <= S.SMALL and x.layout == torch.strided
+                and self._open_numel + x.numel() <= _stage.MAX_ELEMS)
 
     def stage_add(self, slot: int, row: int, x: Tensor, saturated: Rule | None,
                   inactive: Rule | None, key: Any) -> None:
@@ -240,6 +249,8 @@ class Recorder:
             self._open.clear()
             self._open_keys.clear()
             self._open_slot = slot
+            self._open_numel = self._param_width
+        self._open_numel += x.numel()
         self._seq_counter += 1
         t = x.clone() if key in self._copy_keys or key not in self._seen_keys else x
         entry = (row, tuple(x.shape), saturated, inactive)
@@ -266,6 +277,7 @@ class Recorder:
         self._open = []
         self._open_keys = []
         self._open_slot = None
+        self._open_numel = self._param_width
         params = self._stage_params
         gmask: tuple[bool, ...] = ()
         gl: list[Tensor] = []
@@ -299,12 +311,12 @@ class Recorder:
         assert st is not None and st.buf is not None
         plan = self._plan
         s = len(st.slots) - 1
-        if wpost is not None and plan.width > 0:
+        if wpost and plan.width > 0:
             n = len(plan.shapes)
             torch._foreach_copy_(plan.views(st.buf, s, self._n_pre, n), list(wpost))
         # counts, and the order in which rows were first touched (for events): applied to
         # the bookkeeping arrays when the stage is summarised
-        book = self._bookkeeping(plan, wpost is not None)
+        book = self._bookkeeping(plan, bool(wpost))
         if book is not None:
             self._books.append((slot, self._pre_seqs, self._seq_counter, book))
             self._seq_counter += book[3]
@@ -519,6 +531,7 @@ class Recorder:
             self._open.clear()
             self._open_keys.clear()
             self._open_slot = None
+            self._open_numel = self._param_width
         if self._staged_row and self.stage is not None and self.stage.slots[-1:] == [slot]:
             self.stage.slots.pop()
         self._staged_row = False
