@@ -84,7 +84,18 @@ class Plan:
         self.params = params
         self.entries = list(entries)
         stats = [e for e in entries if e.role == STATS]
-        order = sorted(range(len(stats)), key=lambda i: (stats[i].numel, stats[i].shape))
+        # weights after the step last, in the parameter set's order (one contiguous region for
+        # the update and drift differences); everything else by shape, so that runs are long
+        rank = {j: k for k, j in enumerate(params.order)} if params is not None else {}
+
+        def sort_key(i: int) -> tuple[Any, ...]:
+            e = stats[i]
+            if e.param >= 0:
+                return (1, rank[e.param])
+            # entries with the same rules next to each other: their block is a slice of the run
+            return (0, e.numel, e.shape, _name(e.ina), _name(e.sat))
+
+        order = sorted(range(len(stats)), key=sort_key)
         self.stats = [stats[i] for i in order]
         # the caller copies its tensors in `entries` order: where each one goes
         offset_of: dict[int, int] = {}
@@ -261,14 +272,14 @@ class Stage:
         if run.sat:
             sat = zero.clone()
             for rule, pos in run.sat:
-                sub = v if len(pos) == run.m else v[:, pos]
+                sub = _pick(v, pos)
                 counts = rule(sub).sum(-1).to(S.STAT_DTYPE)
                 if len(pos) == run.m:
                     sat = counts
                 else:
                     sat[:, pos] = counts
         for rule, pos in run.ina:
-            sub = (v if len(pos) == run.m else v[:, pos]).view(n_steps, len(pos), *run.shape)
+            sub = _pick(v, pos).reshape(n_steps, len(pos), *run.shape)
             units = _inactive(sub, rule)  # [S, len(pos), units]
             for i, p in enumerate(pos):
                 row = plan.stats[run.entries[p]].row
@@ -300,26 +311,26 @@ class Stage:
         if not (want_u or want_d):
             return None
         n_steps = x.shape[0]
-        # W after the step in the parameter set's size order, as one [S, P] matrix
-        post = _gather_cols(plan, x, "post", [plan.offset_of_stats(plan.post_of_param[p])
-                                              for p in ps.order],
-                            [ps.numels[p] for p in ps.order])
-        wsq = _segment_sumsq(post, [ps.numels[p] for p in ps.order])  # [S, P_params] (ordered)
+        # W after the step: one contiguous [S, P] region, in the parameter set's size order
+        order = ps.order
+        lens = [ps.numels[p] for p in order]
+        lo = plan.offset_of_stats(plan.post_of_param[order[0]])
+        post = x[:, lo : lo + sum(lens)]
+        wsq = _segment_sumsq(post, lens)  # [S, len(order)]
         mats: list[Tensor] = []
         rows: list[int] = []
-        order = ps.order
+        pre = x[:, plan.stats_width : plan.stats_width + post.shape[1]] if plan.has_pre else None
         if want_u:
-            if plan.has_pre:
-                lo = plan.stats_width
-                pre = x[:, lo : lo + post.shape[1]]
-                dsq = _segment_sumsq(post - pre, [ps.numels[p] for p in order])
+            if pre is not None:
+                dsq = _segment_sumsq(pre.sub_(post), lens)  # the W_before region is consumed
             else:  # a step the optimizer skipped: the weights did not move
                 dsq = torch.zeros_like(wsq)
             mats.append(_ratio_rows(dsq, wsq))
             rows += [ps.update_rows[p] for p in order]
         if want_d:
             assert ps.init is not None and ps.init_sumsq is not None
-            dsq = _segment_sumsq(post - ps.init, [ps.numels[p] for p in order])
+            diff = torch.sub(post, ps.init, out=pre) if pre is not None else post - ps.init
+            dsq = _segment_sumsq(diff, lens)
             ref = ps.init_sumsq[order].expand(n_steps, -1)
             mats.append(_ratio_rows(dsq, ref))
             rows += [ps.drift_rows[p] for p in order]
@@ -331,13 +342,16 @@ class Stage:
         return _rows_tensor(plan, ("ratio", want_u, want_d), np.array(rows), x.device), mat
 
 
-def _gather_cols(plan: Plan, x: Tensor, key: str, starts: list[int], lens: list[int]) -> Tensor:
-    """Columns ``start:start+len`` of each step row, concatenated: ``[S, Σ lens]``."""
-    idx = plan.rows_t.get(("cols", key))  # type: ignore[call-overload]
-    if idx is None:
-        idx = torch.cat([torch.arange(a, a + n) for a, n in zip(starts, lens)]).to(x.device)
-        plan.rows_t[("cols", key)] = idx
-    return x.index_select(1, idx)
+def _name(rule: Rule | None) -> str:
+    return "" if rule is None else f"{getattr(rule, '__module__', '')}.{rule.__qualname__}"
+
+
+def _pick(v: Tensor, pos: list[int]) -> Tensor:
+    """``v[:, pos]`` as a view when ``pos`` is a contiguous range (the plan sorts entries with
+    the same rules next to each other), a copy otherwise."""
+    if pos == list(range(pos[0], pos[0] + len(pos))):
+        return v[:, pos[0] : pos[0] + len(pos)]
+    return v[:, pos]
 
 
 def _segment_sumsq(d: Tensor, lens: list[int]) -> Tensor:
