@@ -232,6 +232,7 @@ class Probe:
         self._stepped = False
         self._orig_update: Any = None
         self._stage_group: _ParamGroup | None = None
+        self._depth_handles: dict[int, Any] = {}
         self._stage_params: list[Tensor] = []
         self._want_post = False
         self._passive = False  # attached on a non-zero rank: records nothing
@@ -359,10 +360,10 @@ class Probe:
                 self._handles.append(
                     lay.module.register_forward_hook(partial(self._forward_hook, lay))
                 )
-            else:
-                self._handles.append(
-                    lay.module.register_forward_hook(partial(self._depth_hook, lay))
-                )
+            else:  # removed once the layer has run (see _depth_hook)
+                h = lay.module.register_forward_hook(partial(self._depth_hook, lay))
+                self._handles.append(h)
+                self._depth_handles[lay.layer_id] = h
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._pre_step_hook))
             self._handles.append(self.optimizer.register_step_post_hook(self._post_step_hook))
@@ -799,6 +800,9 @@ class Probe:
         if lay.depth is None:
             lay.depth = self._depth_counter
             self._depth_counter += 1
+        h = self._depth_handles.pop(lay.layer_id, None)
+        if h is not None:  # the depth is known: no hook left on the forward pass
+            h.remove()
 
     def _forward_hook(self, lay: _Layer, module: nn.Module, args: Any, output: Any) -> None:
         if lay.depth is None:

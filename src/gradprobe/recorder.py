@@ -61,6 +61,7 @@ class Recorder:
         r = len(rows)
         self._identity = S.empty_stats(r, device)
         self.buf = S.empty_stats(capacity * r, device).view(capacity, r, S.N_STATS)
+        self._clean_from = 0  # slots from here on hold the identity and zero counts
         self.scale = torch.ones(capacity, dtype=torch.float64, device=device)
         self.counts = np.zeros((capacity, r))
         self.units = np.zeros((capacity, r))
@@ -118,11 +119,20 @@ class Recorder:
     def begin(self, step: int) -> int:
         """Start a recorded step; returns its slot (the caller flushes before it is full)."""
         slot = len(self.steps)
-        self.buf[slot].copy_(self._identity)
-        self.scale[slot] = 1.0
-        self.counts[slot] = 0.0
-        self.units[slot] = 0.0
-        self.touched[slot] = False
+        if slot < self._clean_from:  # slots from _clean_from on are untouched since a reset
+            if slot == 0:  # the first step after a flush: reset every slot at once
+                self.buf.copy_(self._identity.expand_as(self.buf))
+                self.scale.fill_(1.0)
+                self.counts[:] = 0.0
+                self.units[:] = 0.0
+                self.touched[:] = False
+            else:  # a slot reused after discard_open
+                self.buf[slot].copy_(self._identity)
+                self.scale[slot] = 1.0
+                self.counts[slot] = 0.0
+                self.units[slot] = 0.0
+                self.touched[slot] = False
+        self._clean_from = max(self._clean_from, slot + 1) if slot else 1
         self.steps.append(step)
         self.skipped.append(False)
         self.checked.append(False)
