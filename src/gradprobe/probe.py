@@ -76,6 +76,11 @@ class _Layer:
     params: list[nn.Parameter] = field(default_factory=list)
     rows: dict[str, int] = field(default_factory=dict)
     depth: int | None = None
+    # read by the hooks on every call (set when the probe attaches)
+    act_row: int | None = None
+    act_grad_row: int | None = None
+    sat_rule: Any = None
+    dead_rule: Any = None
 
     def record(self) -> dict[str, Any]:
         return {
@@ -233,6 +238,7 @@ class Probe:
         self._orig_update: Any = None
         self._stage_group: _ParamGroup | None = None
         self._depth_handles: dict[int, Any] = {}
+        self._hist_now = False
         self._stage_params: list[Tensor] = []
         self._want_post = False
         self._passive = False  # attached on a non-zero rank: records nothing
@@ -343,6 +349,10 @@ class Probe:
                 sat = kind == "act" and lay.spec is not None and lay.spec.saturated is not None
                 dead = kind == "act" and lay.spec is not None and lay.spec.inactive is not None
                 rows.append(RowInfo(lay.layer_id, lay.name, kind, sat, dead))
+            lay.act_row = lay.rows.get("act")
+            lay.act_grad_row = lay.rows.get("act_grad")
+            lay.sat_rule = lay.spec.saturated if lay.spec is not None else None
+            lay.dead_rule = lay.spec.inactive if lay.spec is not None else None
         device = next(self.model.parameters()).device
         self._groups = self._make_groups(device)
         config = self._config()
@@ -561,6 +571,7 @@ class Probe:
 
     def _begin_step(self) -> None:
         assert self._recorder is not None
+        self._hist_now = self._hist_due()
         if self._step % self.every == 0:
             self._slot = self._recorder.begin(self._step)
             if self.optimizer is None and "update" in self.kinds:
@@ -816,26 +827,23 @@ class Probe:
             return
         rec = self._recorder
         assert rec is not None
-        row = lay.rows.get("act")
+        row = lay.act_row
         if row is not None:
-            spec = lay.spec
             x = t.detach()  # nothing below records autograd history
-            sat_rule = spec.saturated if spec is not None else None
-            dead_rule = spec.inactive if spec is not None else None
-            if rec.stage_accepts(x):
-                rec.stage_add(slot, row, x, sat_rule, dead_rule, row)
-            elif x.numel() <= S.SMALL:
-                # a copy: an in-place activation may overwrite the output later
-                rec.defer(slot, row, x.clone(), sat_rule, dead_rule)
-            else:
-                with torch.no_grad():
-                    rec.add(slot, row, S.tensor_stats(x, sat_rule), x.numel())
-                    if dead_rule is not None:
-                        rec.and_units(slot, row, S.inactive_units(x, dead_rule))
-            if self._hist_due():
+            if not rec.stage_add(slot, row, x, lay.sat_rule, lay.dead_rule, row):
+                sat_rule, dead_rule = lay.sat_rule, lay.dead_rule
+                if x.numel() <= S.SMALL:
+                    # a copy: an in-place activation may overwrite the output later
+                    rec.defer(slot, row, x.clone(), sat_rule, dead_rule)
+                else:
+                    with torch.no_grad():
+                        rec.add(slot, row, S.tensor_stats(x, sat_rule), x.numel())
+                        if dead_rule is not None:
+                            rec.and_units(slot, row, S.inactive_units(x, dead_rule))
+            if self._hist_now:
                 with torch.no_grad():
                     rec.add_hist(slot, row, x)
-        row = lay.rows.get("act_grad")
+        row = lay.act_grad_row
         if row is not None and t.requires_grad:
             t.register_hook(partial(self._act_grad_hook, row, slot, self._gen))
 
@@ -844,10 +852,9 @@ class Probe:
             return
         rec = self._recorder
         assert rec is not None
-        if rec.stage_accepts(grad):
-            rec.stage_add(slot, row, grad.detach() if grad.requires_grad else grad, None, None,
-                          row)
-            if not self._hist_due():
+        if rec.stage_add(slot, row, grad.detach() if grad.requires_grad else grad, None, None,
+                         row):
+            if not self._hist_now:
                 return
         elif grad.numel() <= S.SMALL:
             rec.defer(slot, row, grad.detach().clone())  # detached: records no history

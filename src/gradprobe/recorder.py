@@ -249,23 +249,31 @@ class Recorder:
                 and self._open_numel + x.numel() <= _stage.MAX_ELEMS)
 
     def stage_add(self, slot: int, row: int, x: Tensor, saturated: Rule | None,
-                  inactive: Rule | None, key: Any) -> None:
+                  inactive: Rule | None, key: Any) -> bool:
         """Stage a small activation (or activation gradient) of the open step. ``key`` names
         the hook site: the first time a site is seen its tensor is copied, and if the tensor
         was changed in place before the step ended (an in-place activation after it), the site
         is copied from then on; otherwise later steps keep a reference until the step's row
-        is written."""
+        is written. Returns False, staging nothing, when ``x`` does not go to the stage
+        (:meth:`stage_accepts`)."""
+        st = self.stage
+        if (st is None or x.dtype != st.dtype or x.device != st.device
+                or x.numel() > S.SMALL or x.layout != torch.strided):
+            return False
         if self._open_slot != slot:
             self._open.clear()
             self._open_keys.clear()
             self._open_slot = slot
             self._open_numel = self._param_width
+        if self._open_numel + x.numel() > _stage.MAX_ELEMS:
+            return False
         self._open_numel += x.numel()
         self._seq_counter += 1
         t = x.clone() if key in self._copy_keys or key not in self._seen_keys else x
         entry = (row, tuple(x.shape), saturated, inactive)
         self._open_keys.append(entry)
         self._open.append((*entry, t, x, x._version, key, self._seq_counter))
+        return True
 
     def stage_pre(self, slot: int, grads: Sequence[Tensor | None] | None,
                   wpre: Sequence[Tensor] | None) -> None:
