@@ -74,6 +74,8 @@ class Recorder:
         self.loss_sum = torch.zeros(loss_capacity, dtype=torch.float64, device=device)
         self.loss_count = np.zeros(loss_capacity, dtype=np.int64)
         self.loss_steps: list[int] = []
+        self._losses: list[tuple[int, Tensor]] = []  # (index into loss_sum, detached loss)
+        self._loss_started = np.zeros(loss_capacity, dtype=bool)
         self._loss_index: dict[int, int] = {}
         # (slot, row) -> [edges, counts, nonfinite]
         self.hist: dict[tuple[int, int], list[Tensor]] = {}
@@ -478,6 +480,7 @@ class Recorder:
         """Finish every queued computation so that :attr:`buf` is complete (before a flush)."""
         self.process_pending()
         self._summarise_stage()
+        self._settle_losses()
 
     def _summarise(self, slot: int, items: list[tuple[int, Tensor, Any, Any]]) -> None:
         xs = [x for _, x, _, _ in items]
@@ -584,20 +587,35 @@ class Recorder:
         if i is None:
             i = len(self.loss_steps)
             if i >= self.loss_sum.numel():  # more steps than planned between flushes
+                self._settle_losses()
                 self.loss_sum = torch.cat([self.loss_sum, torch.zeros_like(self.loss_sum)])
                 self.loss_count = np.concatenate([self.loss_count, np.zeros_like(self.loss_count)])
+                self._loss_started = np.concatenate(
+                    [self._loss_started, np.zeros_like(self._loss_started)])
             self._loss_index[step] = i
             self.loss_steps.append(step)
             self.loss_count[i] = 0
-        v = loss.detach().reshape(1)
-        if v.device != self.loss_sum.device:
-            v = v.to(self.loss_sum.device, non_blocking=True)
-        target = self.loss_sum[i : i + 1]  # float64: the sum is exact in the float32 losses
-        if self.loss_count[i] == 0:
-            target.copy_(v)
-        else:
-            target.add_(v)
+            self._loss_started[i] = False
+        # summed into loss_sum (float64) by settle(), all steps at once
+        self._losses.append((i, loss.detach()))
         self.loss_count[i] += 1
+        if len(self._losses) >= 4096:
+            self._settle_losses()
+
+    def _settle_losses(self) -> None:
+        if not self._losses:
+            return
+        losses, self._losses = self._losses, []
+        dev = self.loss_sum.device
+        idx = torch.tensor([i for i, _ in losses], dtype=torch.long, device=dev)
+        vals = torch.cat([_to(v.reshape(1), dev) for _, v in losses]).to(torch.float64)
+        fresh = torch.tensor(sorted({i for i, _ in losses if not self._loss_started[i]}),
+                             dtype=torch.long, device=dev)
+        if fresh.numel():
+            self.loss_sum.index_fill_(0, fresh, 0.0)
+        self.loss_sum.index_add_(0, idx, vals)
+        for i, _ in losses:
+            self._loss_started[i] = True
 
     # ------------------------------------------------------------------ non-finite events
 
