@@ -10,19 +10,26 @@ fused: ``_fused.rows``), ``weight`` adds ``Σ(W − W_prev)²`` and ``Σ(W − W
 statistics and two differences through a scratch buffer, as ``Probe._record_params`` ran them;
 fused: ``_fused.weight_stats``). The table gives medians in ns per element and the ratio
 eager / fused. The first call of each kernel, which compiles it, is timed apart.
+
+``--workloads W2 W3 W4`` then times whole training steps of benchmarks/overhead.py's workloads:
+the baseline, the Probe (all kinds, every step) with the compiled kernels, and the same Probe
+with them off (``_fused.set_mode("off")``), alternated round by round in this process.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from gradprobe import _fused as F
 from gradprobe import stats as S
+from overhead import make_variant, workloads
 
 
 def eager_stats(x: torch.Tensor) -> torch.Tensor:
@@ -62,6 +69,10 @@ def main() -> None:
                     default=[8_193, 32_768, 65_536, 262_144, 1_048_576, 4_194_304])
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workloads", nargs="*", default=[],
+                    help="overhead.py workloads to time with the kernels on and off")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     F.set_mode("on")
@@ -79,6 +90,40 @@ def main() -> None:
         med = measure(n, args.repeats, scratch)
         print(f"{n:>10} {med['se']:>12.3f} {med['sf']:>8.3f} {med['se'] / med['sf']:>6.2f}   "
               f"{med['we']:>12.3f} {med['wf']:>8.3f} {med['we'] / med['wf']:>6.2f}")
+    if args.workloads:
+        F.set_mode("auto")
+        print(f"\ntraining steps, {args.rounds} rounds x {args.steps} steps, median ms per step")
+        print(f"{'workload':<9} {'baseline':>9} {'eager':>9} {'ratio':>6} {'fused':>9} {'ratio':>6}")
+    for name in args.workloads:
+        st = probe_steps(name, args.steps, args.rounds)
+        print(f"{name:<9} {st['baseline']:>9.1f} {st['eager']:>9.1f} "
+              f"{st['eager'] / st['baseline']:>6.2f} {st['fused']:>9.1f} "
+              f"{st['fused'] / st['baseline']:>6.2f}")
+
+
+def probe_steps(name: str, steps: int, rounds: int) -> dict[str, float]:
+    """Median ms per training step: no Probe, Probe with eager statistics, Probe with fused."""
+    wl = workloads()[name]
+    tmp = Path(tempfile.mkdtemp())
+    variants = {"baseline": make_variant("baseline", wl, tmp),
+                "eager": make_variant("every1", wl, tmp / "eager"),
+                "fused": make_variant("every1", wl, tmp / "fused")}
+    mode = {"baseline": "auto", "eager": "off", "fused": "auto"}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for k, (step, _) in variants.items():  # warm-up (compiles the kernels)
+        F.set_mode(mode[k])  # type: ignore[arg-type]
+        for _ in range(3):
+            step()
+    for _ in range(rounds):
+        for k, (step, _) in variants.items():
+            F.set_mode(mode[k])  # type: ignore[arg-type]
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times[k].append((time.perf_counter() - t0) / steps * 1e3)
+    for _, close in variants.values():
+        close()
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def measure(n: int, repeats: int, scratch: torch.Tensor) -> dict[str, float]:
