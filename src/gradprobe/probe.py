@@ -708,8 +708,23 @@ class Probe:
             up_w: list[Tensor] = []
             up_d: list[Tensor] = []
             dr_d: list[Tensor] = []
+            exact = True  # every vector from the compiled kernel: counts already exact
             for i in g.large:
                 w = ws[i]
+                # one compiled pass where available: statistics of W, Σ(W_before − W)², Σ(W − W0)²
+                both = S.fused_weight_stats(w, g.prev[i] if want_u and not skipped else None,
+                                            g.init[i] if want_d else None)
+                if both is not None:
+                    if want_w:
+                        vecs.append(both[: S.N_STATS])
+                    if want_u:
+                        up_w.append(both[S.SUMSQ])
+                        if not skipped:
+                            up_d.append(both[S.N_STATS])
+                    if want_d:
+                        dr_d.append(both[S.N_STATS + 1])
+                    continue
+                exact = False
                 if want_w:
                     vecs.append(S.large_param_stats(w))
                 if want_u:
@@ -720,7 +735,9 @@ class Probe:
                     dr_d.append(_diff_sumsq(w, g.init[i], g.scratch))
             if vecs:
                 wl = [ws[i] for i in g.large]
-                wmat = S.fix_nonfinite_(wl, torch.stack(vecs))
+                wmat = torch.stack(vecs)
+                if not exact:
+                    wmat = S.fix_nonfinite_(wl, wmat)
                 rec.add_many(slot, [g.rows["weight"][i] for i in g.large],
                              g.rows_t["weight_large"], wmat, [g.numels[i] for i in g.large])
             own = g.own  # the group's parameters not handed to the stage

@@ -63,6 +63,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from gradprobe import _fused
+
 # Device-side layout: first the fields merged by addition, then the fields merged by maximum.
 SUM, SUMSQ, ABS_SUM, NONZERO, NONFINITE, SATURATED, DEAD, REF_SUMSQ, NEG_MIN, MAX = range(10)
 N_ADD = 8
@@ -145,10 +147,16 @@ def tensor_stats(
     """Device-side statistics of one tensor as a ``[N_STATS]`` float64 vector (no host sync).
 
     A handful of reductions (sum, 2-norm, ``|x|`` and its non-zero count, min/max in one kernel)
-    stacked into one vector; ``dead`` and ``ref_sumsq`` are zero here.
+    stacked into one vector; ``dead`` and ``ref_sumsq`` are zero here. Large tensors take the
+    compiled one-pass kernel of :mod:`gradprobe._fused` where it is available.
     """
     with torch.no_grad():
-        xf = _float(x.detach())
+        xd = x.detach()
+        if _fused.usable(xd):
+            fused = _fused.rows([xd], saturated)
+            if fused is not None:
+                return fused[0]
+        xf = _float(xd)
         return _fix_nonfinite_([xf], _chunked_stats([xf], saturated))[0]
 
 
@@ -187,6 +195,18 @@ def _chunk_vec(c: Tensor, scratch: Tensor | None,
 
 def _chunked_stats(ts: Sequence[Tensor], saturated: Callable[[Tensor], Tensor] | None = None
                    ) -> Tensor:
+    """``[len(ts), N_STATS]`` statistics of large tensors: the compiled one-pass kernel of
+    :mod:`gradprobe._fused` where it is available (``nonfinite`` then already exact), else
+    :func:`_chunked_eager`."""
+    if ts and all(_fused.usable(t) for t in ts):
+        fused = _fused.rows(ts, saturated)
+        if fused is not None:
+            return fused
+    return _chunked_eager(ts, saturated)
+
+
+def _chunked_eager(ts: Sequence[Tensor], saturated: Callable[[Tensor], Tensor] | None = None
+                   ) -> Tensor:
     """``[len(ts), N_STATS]`` (``nonfinite`` left 0 for :func:`_fix_nonfinite_`): sum, 2-norm,
     min/max, and ``|x|`` in a scratch buffer for its sum and non-zero count, chunk by chunk on
     CPU (one pass over memory instead of six; a fresh ``|x|`` of a large activation also costs
@@ -209,13 +229,31 @@ def _chunked_stats(ts: Sequence[Tensor], saturated: Callable[[Tensor], Tensor] |
 
 
 def large_param_stats(x: Tensor) -> Tensor:
-    """:func:`tensor_stats` of a large tensor without the non-finite count (fill it with
-    :func:`fix_nonfinite_` over a stack of such vectors, one check for all)."""
+    """:func:`tensor_stats` of a large tensor, where the eager path leaves the non-finite count
+    0 (fill it with :func:`fix_nonfinite_` over a stack of such vectors, one check for all; the
+    compiled path's exact count passes through it unchanged)."""
     with torch.no_grad():
-        return _chunked_stats([_float(x.detach())])[0]
+        xd = x.detach()
+        if _fused.usable(xd):
+            fused = _fused.rows([xd])
+            if fused is not None:
+                return fused[0]
+        return _chunked_eager([_float(xd)])[0]
 
 
 fix_nonfinite_ = _fix_nonfinite_
+
+
+def fused_weight_stats(w: Tensor, prev: Tensor | None, init: Tensor | None) -> Tensor | None:
+    """``[N_STATS + 2]``: :func:`tensor_stats` of a large weight ``w`` (exact counts), then
+    ``Σ (w − prev)²`` and ``Σ (w − init)²`` (0 where ``None``), from one compiled pass over ``w``
+    (:func:`gradprobe._fused.weight_stats`); ``None`` where the compiled path is not available
+    for ``w``, and the caller takes the eager path."""
+    with torch.no_grad():
+        wd = w.detach()
+        if not _fused.usable(wd):
+            return None
+        return _fused.weight_stats(wd, prev, init)
 
 
 def inactive_units(x: Tensor, inactive: Callable[[Tensor], Tensor]) -> Tensor:
@@ -443,8 +481,13 @@ def param_group_stats(tensors: Sequence[Tensor], scratch: Tensor | None = None) 
 
 def _large_stats(tensors: Sequence[Tensor], scratch: Tensor | None) -> Tensor:
     with torch.no_grad():
-        ts = [_float(t.detach()) for t in tensors]
-        return _fix_nonfinite_(ts, _chunked_stats(ts))
+        ds = [t.detach() for t in tensors]
+        if all(_fused.usable(t) for t in ds):
+            fused = _fused.rows(ds)  # exact counts: no _fix_nonfinite_
+            if fused is not None:
+                return fused
+        ts = [_float(t) for t in ds]
+        return _fix_nonfinite_(ts, _chunked_eager(ts))
 
 
 def sumsq_group(tensors: Sequence[Tensor]) -> Tensor:
