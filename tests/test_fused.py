@@ -226,7 +226,7 @@ def test_off_never_compiles(monkeypatch):
 
 
 @pytest.mark.parametrize(("value", "want"), [("0", "off"), ("off", "off"), ("1", "on"),
-                                             ("", "auto"), ("auto", "auto")])
+                                             ("", "off"), ("auto", "auto")])
 def test_environment_variable(value, want, monkeypatch):
     monkeypatch.setenv("GRADPROBE_FUSED", value)
     assert F._mode_from_env() == want
