@@ -15,6 +15,16 @@ names. Parts are not fsync'ed (that would cost milliseconds per flush): they sur
 of the process, and ``meta.json`` at close and every event line are fsync'ed. The Parquet
 files are plain pyarrow tables, readable by pandas, polars and DuckDB.
 
+Parts are written off the training thread: :meth:`RunWriter.submit` hands a flush to one
+daemon writer thread per run, which writes flushes in the order they were handed over (within a
+flush: losses and histograms first, scalars last). At most ``MAX_PENDING`` flushes are handed
+over and not yet written; the next one waits on the training thread until the writer catches up,
+so host memory stays bounded. A flush is durable once it was handed over **and** written; a
+process killed before that loses the flush as a whole (its scalars part, the commit marker, is
+the last file written). A write that fails is reported on the training thread, once, as
+:class:`RunDirError` (:meth:`RunWriter.raise_error`, :meth:`RunWriter.wait`,
+:meth:`RunWriter.close`).
+
 Example
     >>> import tempfile, pandas as pd
     >>> d = tempfile.mkdtemp()
@@ -33,7 +43,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import queue
 import shutil
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +60,8 @@ SCHEMA_VERSION = 1
 META = "meta.json"
 EVENTS = "events.jsonl"
 PART_DIRS = ("scalars", "hist", "losses")
+MAX_PENDING = 2
+"""Flushes handed to the writer thread and not yet written (one being written, one waiting)."""
 
 
 def environment() -> dict[str, Any]:
@@ -88,6 +103,14 @@ class RunWriter:
         self.path = path
         self._flushes = 0
         self.meta: dict[str, Any] = {}
+        # the writer thread, started by the first submit(); MAX_PENDING - 1 jobs wait in the
+        # queue while one is being written
+        self._queue: queue.Queue[tuple[Callable[[], None], str] | None] = queue.Queue(
+            maxsize=MAX_PENDING - 1)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._error: RunDirError | None = None
+        self._failed_after = 0
 
     @classmethod
     def create(cls, run_dir: str | os.PathLike[str], *, config: dict[str, Any],
@@ -172,10 +195,88 @@ class RunWriter:
 
     def append_event(self, event: dict[str, Any]) -> None:
         """Append one JSON line to ``events.jsonl`` and fsync it before returning."""
+        self.append_events([event])
+
+    def append_events(self, events: list[dict[str, Any]]) -> None:
+        """Append one JSON line per event to ``events.jsonl``, with one fsync for all of them."""
+        if not events:
+            return
         with open(self.path / EVENTS, "a", encoding="utf-8") as f:
-            f.write(json.dumps(event, default=float) + "\n")
+            f.write("".join(json.dumps(ev, default=float) + "\n" for ev in events))
             f.flush()
             os.fsync(f.fileno())
+
+    # ------------------------------------------------------------------ the writer thread
+
+    def submit(self, job: Callable[[], None], *, what: str) -> None:
+        """Run ``job`` (which writes parts and ``meta.json``) on the writer thread, after every
+        job submitted before it. Waits while ``MAX_PENDING`` jobs are not finished yet.
+
+        ``what`` names the job in the error raised if it fails (e.g. ``"flush 3 (steps
+        300-399)"``). A failure is kept and raised once, on the calling thread, by the next
+        :meth:`raise_error`, :meth:`wait` or :meth:`close`; later jobs still run.
+        """
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._work, daemon=True,
+                                            name=f"gradprobe-writer:{self.path.name}")
+            self._thread.start()
+        self._queue.put((job, what))
+
+    def raise_error(self) -> None:
+        """Raise the error of a failed background write, if any (each error once)."""
+        with self._lock:
+            err, self._error = self._error, None
+            more, self._failed_after = self._failed_after, 0
+        if err is not None:
+            if more:
+                err.message += f" (and {more} later write{'s' if more > 1 else ''} failed too)"
+                err.args = (err.message,)
+            raise err
+
+    def wait(self) -> None:
+        """Block until every submitted job is finished, then raise a failure, if any."""
+        self._queue.join()
+        self.raise_error()
+
+    def close(self) -> None:
+        """Finish every submitted job and stop the writer thread (joined), then raise a
+        failure, if any. The writer may be used again: the next submit starts a new thread."""
+        thread = self._thread
+        if thread is not None:
+            if thread.is_alive():
+                self._queue.put(None)
+                thread.join()
+            self._thread = None
+        self.raise_error()
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                job, what = item
+                try:
+                    job()
+                except Exception as exc:  # kept for the training thread, never lost
+                    with self._lock:
+                        if self._error is None:
+                            self._error = _write_error(self.path, what, exc)
+                        else:  # an earlier failure is not raised yet: counted in its message
+                            self._failed_after += 1
+            finally:
+                self._queue.task_done()
+
+
+def _write_error(path: Path, what: str, exc: Exception) -> RunDirError:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    err = RunDirError(
+        f"cannot write {what} to run_dir {str(path)!r}: {type(exc).__name__}: {reason}; "
+        "those steps are not in the run",
+        hint="check that run_dir still exists, is writable and its disk has space",
+    )
+    err.__cause__ = exc
+    return err
 
 
 def read_meta(path: Path) -> dict[str, Any]:
