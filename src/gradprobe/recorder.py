@@ -7,9 +7,12 @@ Memory (bytes), fixed when the Probe attaches and never grown::
     loss    flush_every × every × 8           loss sums of every step between flushes
     hist    H × R_h × (2·bins + 2) × 8        H = histogram steps per flush, R_h = their records
 
-(plus the host mirror of the same size after a flush). A flush copies everything to the host
-in **one** transfer (``torch.cat`` of the used slices, then ``.cpu()``), derives nothing, and hands
-the raw sums to :class:`gradprobe.store.RunWriter`.
+A flush copies everything to the host in **one** transfer (``torch.cat`` of the used slices,
+then ``.cpu()``) on the training thread (:meth:`Recorder.take`), derives nothing, and hands the
+raw sums to the run's writer thread, which builds the frames and writes the parts
+(:meth:`Recorder.write`). Host memory: at most three host copies of the used buffer (one being
+written, one waiting, one being handed over; see :data:`gradprobe.store.MAX_PENDING`), each with
+its ``flush_every × R × 17`` bytes of counts, units and touched flags.
 """
 
 from __future__ import annotations
@@ -649,18 +652,36 @@ class Recorder:
     def flush(self) -> list[dict[str, Any]]:
         """Copy the finished slots to the host (one transfer), write the parts, reset.
 
-        Returns the non-finite events found in slots not checked before (already written).
+        The synchronous form of :meth:`take` followed by :meth:`write`. Returns the non-finite
+        events found in slots not checked before (already written).
+        """
+        data = self.take()
+        if data is None:
+            return []
+        self.write(data)
+        return data.events
+
+    def take(self) -> HostFlush | None:
+        """The training-thread half of a flush: finish queued work, copy the used slices of the
+        buffer to the host in one transfer, find the non-finite events of slots not checked yet
+        (written to ``events.jsonl`` at once) and reset the ring. ``None`` if nothing was
+        recorded since the last flush.
+
+        The result owns copies of everything :meth:`write` reads, so the recorder can go on
+        recording while another thread writes it.
         """
         self.settle()
         n = len(self.steps)
         n_loss = len(self.loss_steps)
-        hist_items = sorted(self.hist.items())
         if n == 0 and n_loss == 0:
-            return []
+            return None
+        hist_items = sorted(self.hist.items())
         pieces = [self.buf[:n].reshape(-1), self.scale[:n], self.loss_sum[:n_loss]]
         for _, (edges, counts, nonfinite) in hist_items:
             pieces += [edges, counts, nonfinite.reshape(1)]
-        host = torch.cat(pieces).cpu().numpy()  # the one device->host transfer of this flush
+        # the one device->host transfer of this flush; torch.cat allocates, so the host array
+        # never aliases the ring buffer (also on CPU, where .cpu() is a no-op)
+        host = torch.cat(pieces).cpu().numpy()
         r = len(self.rows)
         off = n * r * S.N_STATS
         stats = host[:off].reshape(n, r, S.N_STATS)
@@ -668,64 +689,82 @@ class Recorder:
         off += n
         losses = host[off : off + n_loss]
         off += n_loss
+        touched = self.touched[:n].copy()
+        skipped = np.asarray(self.skipped, dtype=bool)
+        bad = ((stats[:, :, S.NONFINITE] > 0) & touched).any(1)
         events: list[dict[str, Any]] = []
-        index = self.writer.next_flush()
-        scalars = self._scalars_frame(n, stats, scale)
-        if n:
-            for slot in range(n):
-                if not self.checked[slot]:
-                    ev = self.event_for(slot, stats[slot, :, S.NONFINITE])
-                    if ev is not None:
-                        self.writer.append_event(ev)
-                        events.append(ev)
-        if n_loss:
-            frame = pd.DataFrame({
-                "step": np.asarray(self.loss_steps, dtype=np.int64),
-                "loss": losses / np.maximum(self.loss_count[:n_loss], 1),
-                "count": self.loss_count[:n_loss].copy(),
-            })
-            self.writer.write_part("losses", frame, index)
-        if hist_items:
-            b = self.hist_bins
-            recs = []
-            for (slot, row), _ in hist_items:
-                h_edges = host[off : off + b + 1]
-                h_counts = host[off + b + 1 : off + 2 * b + 1]
-                h_nonfinite = host[off + 2 * b + 1]
-                off += 2 * b + 2
-                if self._act_grad[row]:
-                    h_edges = h_edges / scale[slot]
-                recs.append({
-                    "step": int(self.steps[slot]), "layer_id": self.rows[row].layer_id,
-                    "kind": self.rows[row].kind, "bin_edges": h_edges.tolist(),
-                    "counts": h_counts.astype(np.int64).tolist(), "nonfinite": int(h_nonfinite),
-                })
-            self.writer.write_part("hist", pd.DataFrame(recs), index)
-        # The scalars part is written last: it commits the flush (readers ignore loss and
-        # histogram parts whose scalars part is missing, e.g. after a SIGKILL in between).
-        self.writer.write_part("scalars", scalars, index)
+        for slot in np.flatnonzero(bad & ~np.asarray(self.checked, dtype=bool)):
+            ev = self.event_for(int(slot), stats[slot, :, S.NONFINITE])
+            if ev is not None:
+                events.append(ev)
+        self.writer.append_events(events)
+        data = HostFlush(
+            index=self.writer.next_flush(),
+            steps=np.asarray(self.steps, dtype=np.int64),
+            skipped=skipped,
+            counts=self.counts[:n].copy(),
+            units=self.units[:n].copy(),
+            touched=touched,
+            stats=stats,
+            scale=scale,
+            loss_steps=np.asarray(self.loss_steps, dtype=np.int64),
+            losses=losses,
+            loss_count=self.loss_count[:n_loss].copy(),
+            hist_keys=[key for key, _ in hist_items],
+            hist=host[off:].reshape(len(hist_items), 2 * self.hist_bins + 2),
+            events=events,
+            nonfinite=bool((bad & ~skipped).any()),
+        )
         self.steps.clear()
         self.skipped.clear()
         self.checked.clear()
         self.loss_steps.clear()
         self._loss_index.clear()
         self.hist.clear()
-        return events
+        return data
 
-    def _scalars_frame(self, n: int, stats: np.ndarray, scale: np.ndarray) -> pd.DataFrame:
-        touched = self.touched[:n]
-        slot_idx, row_idx = np.nonzero(touched)
-        st = stats[slot_idx, row_idx]  # [k, N_STATS]
-        sc = scale[slot_idx]
+    def write(self, data: HostFlush) -> None:
+        """The host half of a flush: build the frames of ``data`` and write its parts (losses,
+        histograms, then scalars, which commits the flush). Reads only ``data`` and the
+        recorder's fixed row table, so it may run on another thread than :meth:`take`."""
+        if len(data.loss_steps):
+            frame = pd.DataFrame({
+                "step": data.loss_steps,
+                "loss": data.losses / np.maximum(data.loss_count, 1),
+                "count": data.loss_count,
+            })
+            self.writer.write_part("losses", frame, data.index)
+        if data.hist_keys:
+            b = self.hist_bins
+            recs = []
+            for (slot, row), h in zip(data.hist_keys, data.hist):
+                h_edges = h[: b + 1]
+                if self._act_grad[row]:
+                    h_edges = h_edges / data.scale[slot]
+                recs.append({
+                    "step": int(data.steps[slot]), "layer_id": self.rows[row].layer_id,
+                    "kind": self.rows[row].kind, "bin_edges": h_edges.tolist(),
+                    "counts": h[b + 1 : 2 * b + 1].astype(np.int64).tolist(),
+                    "nonfinite": int(h[2 * b + 1]),
+                })
+            self.writer.write_part("hist", pd.DataFrame(recs), data.index)
+        # The scalars part is written last: it commits the flush (readers ignore loss and
+        # histogram parts whose scalars part is missing, e.g. after a SIGKILL in between).
+        self.writer.write_part("scalars", self._scalars_frame(data), data.index)
+
+    def _scalars_frame(self, data: HostFlush) -> pd.DataFrame:
+        slot_idx, row_idx = np.nonzero(data.touched)
+        st = data.stats[slot_idx, row_idx]  # [k, N_STATS]
+        sc = data.scale[slot_idx]
         ag = self._act_grad[row_idx]
         # Activation gradients were taken from the scaled loss of an AMP GradScaler: unscale.
         div = np.where(ag, sc, 1.0)
         nan = math.nan
         frame = pd.DataFrame({
-            "step": np.asarray(self.steps, dtype=np.int64)[slot_idx],
+            "step": data.steps[slot_idx],
             "layer_id": np.array([self.rows[i].layer_id for i in row_idx], dtype=np.int64),
             "kind": [self.kind_col[i] for i in row_idx],
-            "count": self.counts[slot_idx, row_idx],
+            "count": data.counts[slot_idx, row_idx],
             "sum": st[:, S.SUM] / div,
             "sumsq": st[:, S.SUMSQ] / (div * div),
             "abs_sum": st[:, S.ABS_SUM] / div,
@@ -733,14 +772,51 @@ class Recorder:
             "nonfinite": st[:, S.NONFINITE],
             "saturated": np.where(self._sat[row_idx], st[:, S.SATURATED], nan),
             "dead": np.where(self._dead[row_idx], st[:, S.DEAD], nan),
-            "units": np.where(self._dead[row_idx], self.units[slot_idx, row_idx], 0.0),
+            "units": np.where(self._dead[row_idx], data.units[slot_idx, row_idx], 0.0),
             "ref_sumsq": np.where(self._ratio[row_idx], st[:, S.REF_SUMSQ], nan),
             "min": -st[:, S.NEG_MIN] / div,
             "max": st[:, S.MAX] / div,
-            "skipped": np.asarray(self.skipped, dtype=bool)[slot_idx],
+            "skipped": data.skipped[slot_idx],
             "scale": sc,
         })
         return frame
+
+
+@dataclass
+class HostFlush:
+    """One flush on the host, as :meth:`Recorder.take` hands it to :meth:`Recorder.write`:
+    arrays indexed by slot (``n`` recorded steps), owned by this object."""
+
+    index: int
+    """Part number of this flush (``part-{index:05d}.parquet``)."""
+    steps: np.ndarray
+    skipped: np.ndarray
+    counts: np.ndarray
+    """``[n, R]`` elements summarised per record."""
+    units: np.ndarray
+    touched: np.ndarray
+    """``[n, R]`` records written in each step (others are not stored)."""
+    stats: np.ndarray
+    """``[n, R, N_STATS]`` raw sufficient statistics."""
+    scale: np.ndarray
+    loss_steps: np.ndarray
+    losses: np.ndarray
+    """Loss sums over the micro-batches of each of ``loss_steps``."""
+    loss_count: np.ndarray
+    hist_keys: list[tuple[int, int]]
+    """``(slot, row)`` of each histogram, one row of :attr:`hist` each."""
+    hist: np.ndarray
+    """``[len(hist_keys), 2·bins + 2]``: bin edges, counts, non-finite count."""
+    events: list[dict[str, Any]]
+    """Non-finite events found in slots not checked before (already in ``events.jsonl``)."""
+    nonfinite: bool
+    """Whether a step the AMP scaler did not skip holds a NaN/Inf (checked or not)."""
+
+    @property
+    def what(self) -> str:
+        """Names the flush in error messages."""
+        steps = self.steps if len(self.steps) else self.loss_steps
+        return f"flush {self.index} (steps {int(steps[0])}-{int(steps[-1])})"
 
 
 def _cpu_device(device: torch.device) -> bool:
@@ -751,4 +827,4 @@ def _to(x: Tensor, device: torch.device) -> Tensor:
     return x if x.device == device else x.to(device, non_blocking=True)
 
 
-__all__ = ["Recorder", "RowInfo"]
+__all__ = ["HostFlush", "Recorder", "RowInfo"]
