@@ -167,6 +167,8 @@ def test_sigkill_leaves_a_readable_run(tmp_path):
 
 
 def test_reading_while_being_written(tmp_path):
+    # Flushes are written by a background thread: a reader sees whole flushes, in order, each
+    # shortly after it was handed over.
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with gp.Probe(model, opt, run_dir=tmp_path / "r", flush_every=2):
@@ -174,8 +176,15 @@ def test_reading_while_being_written(tmp_path):
             model(torch.randn(3, 4)).sum().backward()
             opt.step()
             opt.zero_grad()
-            seen = sorted(gp.Run.open(tmp_path / "r").scalars(kinds="grad").step.unique())
-            assert seen == list(range(2 * ((i + 1) // 2)))
+            flushed = list(range(2 * ((i + 1) // 2)))
+            deadline = time.monotonic() + 30
+            while True:
+                seen = sorted(gp.Run.open(tmp_path / "r").scalars(kinds="grad").step.unique())
+                assert seen == flushed[: len(seen)] and len(seen) % 2 == 0
+                if seen == flushed or time.monotonic() > deadline:
+                    break
+                time.sleep(0.005)
+            assert seen == flushed
 
 
 # ----------------------------------------------------------------------------------- transformers

@@ -393,7 +393,11 @@ class Probe:
         return self
 
     def detach(self) -> None:
-        """Remove every hook, write the buffered steps and close the run. Idempotent."""
+        """Remove every hook, write the buffered steps and close the run. Idempotent.
+
+        Waits until every flush is written (the writer thread is joined); a background write
+        that failed and was not reported yet is raised here as :class:`RunDirError`.
+        """
         if not self._attached:
             return
         self._attached = False
@@ -415,11 +419,16 @@ class Probe:
         try:
             self._flush()
         finally:
-            self._writer.write_meta(layers=[lay.record() for lay in self._layers],
-                                    status="closed", steps=self._step, fsync=True)
-            for g in self._groups:
-                g.prev.clear()
-                g.init.clear()
+            try:
+                # every flush handed over is written and the writer thread joined; a write
+                # that failed is raised here if it was not raised before
+                self._writer.close()
+            finally:
+                self._writer.write_meta(layers=[lay.record() for lay in self._layers],
+                                        status="closed", steps=self._step, fsync=True)
+                for g in self._groups:
+                    g.prev.clear()
+                    g.init.clear()
 
     @property
     def attached(self) -> bool:
@@ -817,10 +826,32 @@ class Probe:
             )
 
     def _flush(self) -> list[dict[str, Any]]:
+        """Hand the buffered steps to the run's writer thread; returns the non-finite events
+        found in steps not checked before (already in ``events.jsonl``).
+
+        The training thread only copies the buffer to the host (:meth:`Recorder.take`); the
+        frames, the Parquet parts and ``meta.json`` are written by the writer thread
+        (:meth:`RunWriter.submit`), flush after flush. With ``on_nonfinite="raise"`` a flush
+        holding a NaN/Inf of a step the scaler did not skip is waited for, so that
+        :class:`NonFiniteError` is raised once its data is on disk. A failed earlier write is
+        raised here (once), after this flush was handed over.
+        """
         assert self._recorder is not None and self._writer is not None
-        events = self._recorder.flush()
-        self._writer.write_meta(layers=[lay.record() for lay in self._layers], steps=self._step)
-        return events
+        recorder, writer = self._recorder, self._writer
+        data = recorder.take()
+        layers = [lay.record() for lay in self._layers]
+        steps = self._step
+
+        def job() -> None:
+            if data is not None:
+                recorder.write(data)
+            writer.write_meta(layers=layers, steps=steps)
+
+        writer.submit(job, what=data.what if data is not None else "meta.json")
+        if data is not None and data.nonfinite and self.on_nonfinite == "raise":
+            writer.wait()
+        writer.raise_error()
+        return data.events if data is not None else []
 
     # ------------------------------------------------------------------ hooks
 
