@@ -436,7 +436,8 @@ class Probe:
 
     @property
     def run(self) -> Any:
-        """The :class:`gradprobe.Run` of ``run_dir`` (readable while still being written)."""
+        """The :class:`gradprobe.Run` of ``run_dir`` (readable while still being written): every
+        step flushed so far, once the writer thread has written it."""
         from gradprobe.run import Run
 
         if self._passive:
@@ -445,6 +446,7 @@ class Probe:
         if self._writer is None:
             raise RunDirError("the Probe has not been attached yet: no run to read",
                               hint="use `with probe:` around the training loop first")
+        self._writer.wait()  # every flush handed to the writer is on disk
         return Run.open(self.run_dir)
 
     @property
