@@ -138,3 +138,39 @@ def test_kind_subsets_match_reference(tmp_path, kinds):
         np.testing.assert_allclose(merged[col].to_numpy(float),
                                    merged[col + "_full"].to_numpy(float),
                                    rtol=1e-6, atol=1e-12, equal_nan=True, err_msg=col)
+
+
+def _nan_run(tmp) -> tuple[pd.DataFrame, list]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    with gp.Probe(model, opt, run_dir=tmp, flush_every=4) as probe:
+        for step in range(7):
+            x = torch.randn(6, 4, generator=g)
+            if step == 3:
+                x[0, 0] = float("nan")  # one NaN input: NaN activations from layer 0 on
+            loss = model(x).pow(2).mean()
+            probe.observe_loss(loss)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    run = gp.Run.open(tmp)
+    return run.scalars().sort_values(["step", "layer_id", "kind"]).reset_index(drop=True), \
+        run.events().to_dict("records")
+
+
+def test_accelerator_path_counts_exactly_and_finds_the_event(tmp_path, monkeypatch):
+    """With the accelerator code path (no per-step read of values), a staged step holding
+    NaN is counted exactly and its event is found at the flush: the same run as on CPU."""
+    from gradprobe import stats as S
+
+    cpu, cpu_events = _nan_run(tmp_path / "cpu")
+    monkeypatch.setattr(S, "_cpu", lambda device: False)
+    acc, acc_events = _nan_run(tmp_path / "acc")
+    num = cpu.select_dtypes("number").columns
+    pd.testing.assert_frame_equal(acc[num], cpu[num], rtol=1e-6, atol=1e-7)
+    assert cpu[(cpu.step == 3) & (cpu.kind == "act")].nonfinite.sum() > 0
+    assert [(e["step"], e["layer"], e["pass"]) for e in acc_events] == \
+        [(e["step"], e["layer"], e["pass"]) for e in cpu_events]
+    assert cpu_events and cpu_events[0]["step"] == 3 and cpu_events[0]["layer"] == "0"

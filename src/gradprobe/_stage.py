@@ -154,6 +154,7 @@ class Plan:
         else:
             self.post_of_param = []
         self._views: dict[tuple[int, int], list[Tensor]] = {}
+        self._views_of: Tensor | None = None  # the buffer the cached views are of
         self._stat_offsets = np.concatenate(
             [[0], np.cumsum([e.numel for e in self.stats])]).astype(np.int64)
 
@@ -163,15 +164,29 @@ class Plan:
 
     def views(self, buf: Tensor, s: int, lo: int, hi: int) -> list[Tensor]:
         """Views of row ``s`` of ``buf`` shaped like entries ``lo:hi`` (cached per buffer row)."""
+        if buf is not self._views_of:
+            self._views.clear()
+            self._views_of = buf
         key = (s, lo)
         out = self._views.get(key)
-        if out is None or (out and out[0].untyped_storage().data_ptr()
-                           != buf.untyped_storage().data_ptr()):
+        if out is None:
             row = buf[s]
             out = [row.narrow(0, self.offsets[i], math.prod(self.shapes[i])).view(self.shapes[i])
                    for i in range(lo, hi)]
             self._views[key] = out
         return out
+
+    def row(self, buf: Tensor, s: int) -> Tensor:
+        """Row ``s`` of ``buf``, ``width`` elements (cached like :meth:`views`)."""
+        if buf is not self._views_of:
+            self._views.clear()
+            self._views_of = buf
+        key = (s, -1)
+        out = self._views.get(key)
+        if out is None:
+            out = [buf[s, : self.width]]
+            self._views[key] = out
+        return out[0]
 
 
 @dataclass
@@ -196,6 +211,7 @@ class Stage:
     def __init__(self, device: torch.device, dtype: torch.dtype, params: ParamSet | None,
                  max_steps: int) -> None:
         self.device = device
+        self.on_cpu = S._cpu(device)
         self.max_steps = max_steps
         self.dtype = dtype
         self.params = params

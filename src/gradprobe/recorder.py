@@ -346,12 +346,12 @@ class Recorder:
         self._staged_row = False
         immediate, self._immediate = self._immediate, False
         if check:
-            finite = math.isfinite(float(st.buf[s, : plan.width].sum()))
+            finite = math.isfinite(float(plan.row(st.buf, s).sum()))
             if not finite:
                 st.exact = True
                 self._summarise_stage()
                 return False
-        if not _cpu_device(st.device):
+        if not st.on_cpu:
             st.exact = True
         if len(st.slots) >= st.capacity:
             self._summarise_stage()
@@ -817,10 +817,6 @@ class HostFlush:
         """Names the flush in error messages."""
         steps = self.steps if len(self.steps) else self.loss_steps
         return f"flush {self.index} (steps {int(steps[0])}-{int(steps[-1])})"
-
-
-def _cpu_device(device: torch.device) -> bool:
-    return S._cpu(device)
 
 
 def _to(x: Tensor, device: torch.device) -> Tensor:
