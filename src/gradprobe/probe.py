@@ -813,9 +813,16 @@ class Probe:
                         events.append(ev)
         self._step += 1
         self._slot = None
+        failed: RunDirError | None = None
         if self._recorder.full():
-            events += self._flush()
+            try:
+                events += self._flush()
+            except RunDirError as err:  # an earlier write failed: raise it once the next
+                failed = err            # step has begun, so a loop that goes on loses none
         self._begin_step()
+        if failed is not None:
+            raise failed
+        self._writer.raise_error()  # a failed write surfaces at the step after it
         raise_on = [e for e in events if not e["amp_skipped"]]
         if self.on_nonfinite == "raise" and raise_on:
             self._flush()
