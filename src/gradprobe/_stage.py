@@ -265,9 +265,15 @@ class Stage:
         if ratio is not None:
             mats.append(ratio[1])
             rows.append(ratio[0])
-        stats_mats = [self._run_stats(plan, run, x, exact, dead) for run in plan.runs]
-        if stats_mats:
-            mat = torch.cat(stats_mats, 1)
+        if plan.runs:
+            # every entry's row of statistics, written run by run into one matrix
+            mat = torch.zeros(n_steps, len(plan.stats), S.N_STATS, dtype=S.STAT_DTYPE,
+                              device=x.device)
+            k = 0
+            for run in plan.runs:
+                self._run_stats(plan, run, x, exact, dead, mat[:, k : k + run.m])
+                k += run.m
+            mat[..., S.NEG_MIN].neg_()
             keep = plan.rows >= 0  # weights after the step kept only for the ratios
             if not keep.all():
                 mat = mat[:, _rows_tensor(plan, "keep", np.flatnonzero(keep), x.device)]
@@ -280,42 +286,34 @@ class Stage:
         return slots, torch.cat(rows), torch.cat(mats, 1), dead
 
     def _run_stats(self, plan: Plan, run: _Run, x: Tensor, exact: bool,
-                   dead: list[tuple[int, int, Tensor, int]]) -> Tensor:
+                   dead: list[tuple[int, int, Tensor, int]], out: Tensor) -> None:
+        """Statistics of one run into ``out`` (``[S, m, N_STATS]``, zeros; the ``NEG_MIN``
+        column receives the minimum, negated by the caller for all runs at once)."""
         n_steps = x.shape[0]
         v = x[:, run.start : run.start + run.m * run.n].view(n_steps, run.m, run.n)
-        zero = torch.zeros(n_steps, run.m, dtype=S.STAT_DTYPE, device=x.device)
-        sat = zero
-        if run.sat:
-            sat = zero.clone()
-            for rule, pos in run.sat:
-                sub = _pick(v, pos)
-                counts = rule(sub).sum(-1).to(S.STAT_DTYPE)
-                if len(pos) == run.m:
-                    sat = counts
-                else:
-                    sat[:, pos] = counts
+        for rule, pos in run.sat:
+            counts = rule(_pick(v, pos)).sum(-1)
+            if len(pos) == run.m:
+                out[..., S.SATURATED] = counts
+            else:
+                out[:, pos, S.SATURATED] = counts.to(S.STAT_DTYPE)
         for rule, pos in run.ina:
             sub = _pick(v, pos).reshape(n_steps, len(pos), *run.shape)
             units = _inactive(sub, rule)  # [S, len(pos), units]
             for i, p in enumerate(pos):
                 row = plan.stats[run.entries[p]].row
                 dead.append((-1, row, units[:, i], units.shape[-1]))
-        mx = v.amax(-1)
-        mn = v.amin(-1)
+        out[..., S.NEG_MIN : S.MAX + 1] = torch.stack([v.amin(-1), v.amax(-1)], -1)
         s = v.sum(-1)
-        ss = torch.linalg.vector_norm(v, 2, dim=-1).square()
+        ss = torch.linalg.vector_norm(v, 2, dim=-1).square_()
         if exact:
             nnz = torch.count_nonzero(v, dim=-1).to(v.dtype)
-            nonfinite = (~torch.isfinite(v)).sum(-1).to(S.STAT_DTYPE)
-        else:
-            nonfinite = zero
+            out[..., S.NONFINITE] = (~torch.isfinite(v)).sum(-1)
         a = v.abs_()  # the staged rows are consumed: |x| in place
         l1 = a.sum(-1)
         if not exact:
             nnz = a.sign_().sum(-1)
-        f = [t.to(S.STAT_DTYPE) for t in (s, ss, l1, nnz)]
-        return torch.stack([f[0], f[1], f[2], f[3], nonfinite, sat, zero, zero,
-                            -mn.to(S.STAT_DTYPE), mx.to(S.STAT_DTYPE)], -1)
+        out[..., S.SUM : S.NONZERO + 1] = torch.stack([s, ss, l1, nnz], -1)
 
     def _ratios(self, plan: Plan, x: Tensor) -> tuple[Tensor, Tensor] | None:
         """Update and drift rows ``(rows_t, mat[S, k, N_STATS])`` from the weight regions."""
