@@ -9,7 +9,8 @@ input 32, length 100, batch 64; W5 MLPs of width 64 and depth 10, 100, 300 (batc
 
 Variants, each on its own copy of the model and optimizer, measured in the same process and
 alternated round by round (so drifts of a shared machine hit all of them alike): ``baseline``
-(no instrumentation), ``every1`` (gradprobe, all kinds, every step), ``every10`` (gradprobe,
+(no instrumentation), ``hooks`` (the forward, tensor and optimizer hooks the Probe registers, with
+empty bodies: the floor of any hook-based tool), ``every1`` (gradprobe, all kinds, every step), ``every10`` (gradprobe,
 every 10th step) and ``naive`` (forward/tensor hooks and a step loop calling ``.item()`` per
 statistic, the pattern of simple tools). A round times ``--steps`` optimizer steps of each
 variant; the table gives the median over ``--repeats`` rounds of the time per step and its ratio
@@ -135,6 +136,27 @@ class NaiveProbe:
             self.log.clear()
 
 
+class HooksOnly:
+    """The floor of any hook-based tool: the forward hooks, output-gradient tensor hooks and
+    optimizer step hooks the Probe registers (on the same modules), with empty bodies."""
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        from gradprobe.activations import spec_for_module
+
+        self.handles = []
+        for m in model.modules():
+            if next(m.parameters(recurse=False), None) is not None or spec_for_module(m):
+                self.handles.append(m.register_forward_hook(self._fwd))
+        self.handles.append(opt.register_step_pre_hook(lambda o, a, k: None))
+        self.handles.append(opt.register_step_post_hook(lambda o, a, k: None))
+
+    @staticmethod
+    def _fwd(mod: nn.Module, args: object, out: object) -> None:
+        t = out[0] if isinstance(out, tuple) else out
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            t.register_hook(lambda g: None)
+
+
 def make_variant(name: str, wl: Workload, tmp: Path) -> tuple[Callable[[], None], Callable[[], None]]:
     make, x, y = wl
     torch.manual_seed(0)
@@ -143,11 +165,14 @@ def make_variant(name: str, wl: Workload, tmp: Path) -> tuple[Callable[[], None]
     loss_fn = nn.functional.mse_loss if y.is_floating_point() else nn.functional.cross_entropy
     probe: gp.Probe | None = None
     naive: NaiveProbe | None = None
+    hooks: HooksOnly | None = None
     if name.startswith("every"):
         probe = gp.Probe(model, opt, run_dir=tmp / name, every=int(name[5:]), flush_every=100)
         probe.attach()
     elif name == "naive":
         naive = NaiveProbe(model, opt)
+    elif name == "hooks":
+        hooks = HooksOnly(model, opt)
 
     def step() -> None:
         loss = loss_fn(model(x), y)
@@ -160,8 +185,8 @@ def make_variant(name: str, wl: Workload, tmp: Path) -> tuple[Callable[[], None]
     def close() -> None:
         if probe is not None:
             probe.detach()
-        if naive is not None:
-            for h in naive.handles:
+        for owner in (naive, hooks):
+            for h in getattr(owner, "handles", ()):
                 h.remove()
 
     return step, close
@@ -194,7 +219,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--steps", type=int, default=10, help="steps per variant per round")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--variants", nargs="*", default=["baseline", "every1", "every10", "naive"])
+    ap.add_argument("--variants", nargs="*",
+                    default=["baseline", "hooks", "every1", "every10", "naive"])
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
     args = ap.parse_args()
     if args.threads:
