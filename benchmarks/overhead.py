@@ -110,7 +110,7 @@ class NaiveProbe:
     def _stats(self, name: str, kind: str, t: torch.Tensor) -> None:
         t = t.detach().float()
         self.log += [
-            (name, kind, "mean", t.mean().item()), (name, kind, "std", t.std().item()),
+            (name, kind, "mean", t.mean().item()), (name, kind, "std", t.std(correction=0).item()),
             (name, kind, "norm", t.norm().item()), (name, kind, "min", t.min().item()),
             (name, kind, "max", t.max().item()), (name, kind, "abs_mean", t.abs().mean().item()),
             (name, kind, "zero_frac", (t == 0).float().mean().item()),
