@@ -174,3 +174,28 @@ def test_accelerator_path_counts_exactly_and_finds_the_event(tmp_path, monkeypat
     assert [(e["step"], e["layer"], e["pass"]) for e in acc_events] == \
         [(e["step"], e["layer"], e["pass"]) for e in cpu_events]
     assert cpu_events and cpu_events[0]["step"] == 3 and cpu_events[0]["layer"] == "0"
+
+
+def test_sparse_gradient_of_a_staged_parameter_is_recorded(tmp_path):
+    """A small embedding with sparse gradients is staged for its weights; its gradient (the
+    values of the coalesced sparse tensor) is summarised at the step instead."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(30, 4, sparse=True)
+    head = nn.Linear(4, 2)
+    model = nn.Sequential(emb, head)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    want = []
+    with gp.Probe(model, opt, run_dir=tmp_path / "r", kinds=("grad", "weight")) as probe:
+        for step in range(3):
+            ids = torch.tensor([[1, 5, 5, 7], [2, 2, 9, 1]]) + step
+            loss = model(ids).pow(2).mean()
+            probe.observe_loss(loss)
+            loss.backward()
+            want.append(emb.weight.grad.coalesce().values().double())
+            opt.step()
+            opt.zero_grad()
+    df = gp.Run.open(tmp_path / "r").scalars(kinds="grad")
+    got = df[df.layer == "0"].set_index("step")
+    for step, v in enumerate(want):
+        assert math.isclose(got.loc[step, "norm"], float(v.norm()), rel_tol=1e-6)
+        assert got.loc[step, "count"] == v.numel()

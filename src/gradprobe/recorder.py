@@ -308,6 +308,11 @@ class Recorder:
             gmask = tuple(g is not None and g.layout == torch.strided and g.dtype == st.dtype
                           for g in grads)
             gl = [g for g, m in zip(grads, gmask) if m]  # type: ignore[misc]
+            if len(gl) != len(grads):  # sparse or other-dtype gradients: summarised at the step
+                for g, m, r in zip(grads, gmask, self._grad_rows):
+                    if g is not None and not m:
+                        v = g.coalesce().values() if g.is_sparse else g
+                        self.defer(slot, r, v.detach().clone())
         key = (keys, gmask, wpre is not None)
         plan = st.plan_for(key, lambda: self._entries(ok, gmask, wpre is not None))
         if not st.ready(plan):
