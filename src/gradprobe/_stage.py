@@ -143,7 +143,7 @@ class Plan:
         self.shapes = [e.shape for e in entries]
         self.rows = np.array([e.row for e in self.stats], dtype=np.int64)
         self.numels = np.array([e.numel for e in self.stats], dtype=np.float64)
-        self.rows_t: dict[Any, Tensor] = {}
+        self.cache: dict[Any, Any] = {}  # row indices, column blocks, bookkeeping of this plan
         # where the weights after the step are among the stats entries (for the ratios)
         if params is not None:
             post = {e.param: j for j, e in enumerate(self.stats) if e.param >= 0}
@@ -249,9 +249,10 @@ class Stage:
 
     # ------------------------------------------------------------------ summaries
 
-    def summarise(self) -> tuple[list[int], Tensor, Tensor, list[tuple[int, int, Tensor, int]]]:
+    def summarise(self) -> tuple[list[int], Tensor, Tensor, list[tuple[int, Tensor]]]:
         """Statistics of the staged rows: ``(slots, rows_t, mat[S, k, N_STATS], dead)`` where
-        ``dead`` lists ``(step index, row, dead count, units)``; empties the stage."""
+        ``dead`` lists ``(row, inactive mask [S, units])`` per entry with a dead-unit rule
+        (AND-ed per row and counted by the caller); empties the stage."""
         plan = self.plan
         assert plan is not None and self.buf is not None
         slots, self.slots = self.slots, []
@@ -260,7 +261,7 @@ class Stage:
         x = self.buf[:n_steps, : plan.width]
         mats: list[Tensor] = []
         rows: list[Tensor] = []
-        dead: list[tuple[int, int, Tensor, int]] = []
+        dead: list[tuple[int, Tensor]] = []
         ratio = self._ratios(plan, x)
         if ratio is not None:
             mats.append(ratio[1])
@@ -286,7 +287,7 @@ class Stage:
         return slots, torch.cat(rows), torch.cat(mats, 1), dead
 
     def _run_stats(self, plan: Plan, run: _Run, x: Tensor, exact: bool,
-                   dead: list[tuple[int, int, Tensor, int]], out: Tensor) -> None:
+                   dead: list[tuple[int, Tensor]], out: Tensor) -> None:
         """Statistics of one run into ``out`` (``[S, m, N_STATS]``, zeros; the ``NEG_MIN``
         column receives the minimum, negated by the caller for all runs at once)."""
         n_steps = x.shape[0]
@@ -302,7 +303,7 @@ class Stage:
             units = _inactive(sub, rule)  # [S, len(pos), units]
             for i, p in enumerate(pos):
                 row = plan.stats[run.entries[p]].row
-                dead.append((-1, row, units[:, i], units.shape[-1]))
+                dead.append((row, units[:, i]))
         out[..., S.NEG_MIN : S.MAX + 1] = torch.stack([v.amin(-1), v.amax(-1)], -1)
         s = v.sum(-1)
         ss = torch.linalg.vector_norm(v, 2, dim=-1).square_()
@@ -402,10 +403,10 @@ def _inactive(sub: Tensor, rule: Rule) -> Tensor:
 
 
 def _rows_tensor(plan: Plan, key: Any, rows: np.ndarray, device: torch.device) -> Tensor:
-    t = plan.rows_t.get(key)
+    t = plan.cache.get(key)
     if t is None:
         t = torch.as_tensor(rows, dtype=torch.long, device=device)
-        plan.rows_t[key] = t
+        plan.cache[key] = t
     return t
 
 

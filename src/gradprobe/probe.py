@@ -112,6 +112,7 @@ class _ParamGroup:
     own: list[int] = field(default_factory=list)  # small + large: summarised by the Probe
     own_params: list[Tensor] = field(default_factory=list)
     own_prev: list[Tensor] = field(default_factory=list)
+    own_init_sumsq: Tensor | None = None  # Σ W0² of the `own` parameters
 
 
 def _display_name(name: str) -> str:
@@ -531,6 +532,8 @@ class Probe:
             dev = grp.params[0].device
             pos = {i: k for k, i in enumerate(grp.own)}
             grp.rows_t["own"] = torch.tensor(grp.own, dtype=torch.long, device=dev)
+            if grp.init_sumsq is not None:
+                grp.own_init_sumsq = grp.init_sumsq[grp.rows_t["own"]]
             grp.rows_t["small_pos"] = torch.tensor([pos[i] for i in grp.small], dtype=torch.long,
                                                    device=dev)
             grp.rows_t["large_pos"] = torch.tensor([pos[i] for i in grp.large], dtype=torch.long,
@@ -574,7 +577,7 @@ class Probe:
             elif wpre == "prev":
                 before = [g.prev[i] for i in g.staged]
         self._recorder.stage_pre(slot, grads, before)
-        if grads is not None and self._hist_due():
+        if grads is not None and self._hist_now:
             have = [(gr, g.rows["grad"][i]) for gr, i in zip(grads, g.staged) if gr is not None]
             self._param_hist(slot, [gr for gr, _ in have], [r for _, r in have])
 
@@ -582,7 +585,7 @@ class Probe:
 
     def _begin_step(self) -> None:
         assert self._recorder is not None
-        self._hist_now = self._hist_due()
+        self._hist_now = self._hist_due()  # read by the hooks and the step hooks of this step
         if self._step % self.every == 0:
             self._slot = self._recorder.begin(self._step)
             if self.optimizer is None and "update" in self.kinds:
@@ -702,7 +705,7 @@ class Probe:
         rec = self._recorder
         want_w, want_u, want_d = ("weight" in self.kinds, "update" in self.kinds,
                                   "drift" in self.kinds)
-        hist = self._hist_due()
+        hist = self._hist_now
         for g in self._groups:
             if not g.own and not (want_w and hist):
                 continue  # every parameter of the group is staged
@@ -781,9 +784,9 @@ class Probe:
                     dsq[g.rows_t["small_pos"]] = S.sumsq_group(d)
                 if g.large:
                     dsq[g.rows_t["large_pos"]] = torch.stack(dr_d).to(S.STAT_DTYPE)
-                assert g.init_sumsq is not None
+                assert g.own_init_sumsq is not None
                 rec.add_many(slot, [g.rows["drift"][i] for i in own], g.rows_t["drift_own"],
-                             _ratio_mat(dsq, g.init_sumsq[g.rows_t["own"]]),
+                             _ratio_mat(dsq, g.own_init_sumsq),
                              [g.numels[i] for i in own])
 
     def _end_step(self, *, skipped: bool) -> None:

@@ -245,22 +245,15 @@ class Recorder:
         self._open_numel = 3 * sum(p.numel() for p in params)
         self._param_width = self._open_numel
 
-    def stage_accepts(self, x: Tensor) -> bool:
-        """True when ``x`` goes to the stage: the stage's device and dtype, at most
-        :data:`gradprobe.stats.SMALL` elements, and room left in the step's row."""
-        st = self.stage
-        return (st is not None and x.dtype == st.dtype and x.device == st.device
-                and x.numel() <= S.SMALL and x.layout == torch.strided
-                and self._open_numel + x.numel() <= _stage.MAX_ELEMS)
-
     def stage_add(self, slot: int, row: int, x: Tensor, saturated: Rule | None,
                   inactive: Rule | None, key: Any) -> bool:
         """Stage a small activation (or activation gradient) of the open step. ``key`` names
         the hook site: the first time a site is seen its tensor is copied, and if the tensor
         was changed in place before the step ended (an in-place activation after it), the site
         is copied from then on; otherwise later steps keep a reference until the step's row
-        is written. Returns False, staging nothing, when ``x`` does not go to the stage
-        (:meth:`stage_accepts`)."""
+        is written. Returns False, staging nothing, when ``x`` does not go to the stage: another
+        device or dtype than the stage's, more than :data:`gradprobe.stats.SMALL` elements, not
+        strided, or no room left in the step's row (:data:`gradprobe._stage.MAX_ELEMS`)."""
         st = self.stage
         if (st is None or x.dtype != st.dtype or x.device != st.device
                 or x.numel() > S.SMALL or x.layout != torch.strided):
@@ -410,7 +403,7 @@ class Recorder:
         first position in the step's order, number of positions)``; the step's order is the
         hooks', then gradients, weights, update and drift rows."""
         key = ("book", post)
-        book = plan.rows_t.get(key)
+        book = plan.cache.get(key)
         if book is None:
             st = self.stage
             assert st is not None
@@ -425,14 +418,14 @@ class Recorder:
                             rows.append(r)
                             numels.append(float(n))
             if not rows:
-                plan.rows_t[key] = False
+                plan.cache[key] = False
                 return None
             arr = np.asarray(rows, dtype=np.int64)
             counts = np.zeros(len(self.rows))
             np.add.at(counts, arr, np.asarray(numels))
             uniq, first = np.unique(arr, return_index=True)
             book = (counts, uniq, first.astype(np.int64), len(rows))
-            plan.rows_t[key] = book
+            plan.cache[key] = book
         return book if book is not False else None
 
     def _entries(self, ok: list[tuple[Any, ...]], gmask: tuple[bool, ...],
@@ -470,7 +463,7 @@ class Recorder:
             target[:, S.N_ADD :].scatter_reduce_(0, idx, flat[:, S.N_ADD :], "amax")
         if dead:
             by_row: dict[int, list[Tensor]] = {}
-            for _, row, mask, _ in dead:
+            for row, mask in dead:
                 by_row.setdefault(row, []).append(mask)
             slots_np = np.asarray(slots, dtype=np.int64)
             for row, masks in by_row.items():
