@@ -152,10 +152,9 @@ def tensor_stats(
     """
     with torch.no_grad():
         xd = x.detach()
-        if _fused.usable(xd):
-            fused = _fused.rows([xd], saturated)
-            if fused is not None:
-                return fused[0]
+        fused = _fused_rows([xd], saturated)
+        if fused is not None:
+            return fused[0]
         xf = _float(xd)
         return _fix_nonfinite_([xf], _chunked_stats([xf], saturated))[0]
 
@@ -198,11 +197,17 @@ def _chunked_stats(ts: Sequence[Tensor], saturated: Callable[[Tensor], Tensor] |
     """``[len(ts), N_STATS]`` statistics of large tensors: the compiled one-pass kernel of
     :mod:`gradprobe._fused` where it is available (``nonfinite`` then already exact), else
     :func:`_chunked_eager`."""
+    fused = _fused_rows(ts, saturated)
+    return fused if fused is not None else _chunked_eager(ts, saturated)
+
+
+def _fused_rows(ts: Sequence[Tensor], saturated: Callable[[Tensor], Tensor] | None = None
+                ) -> Tensor | None:
+    """:func:`gradprobe._fused.rows` where the compiled path serves every tensor of ``ts``
+    (exact counts), else ``None`` and the caller takes the eager path."""
     if ts and all(_fused.usable(t) for t in ts):
-        fused = _fused.rows(ts, saturated)
-        if fused is not None:
-            return fused
-    return _chunked_eager(ts, saturated)
+        return _fused.rows(ts, saturated)
+    return None
 
 
 def _chunked_eager(ts: Sequence[Tensor], saturated: Callable[[Tensor], Tensor] | None = None
@@ -234,11 +239,8 @@ def large_param_stats(x: Tensor) -> Tensor:
     compiled path's exact count passes through it unchanged)."""
     with torch.no_grad():
         xd = x.detach()
-        if _fused.usable(xd):
-            fused = _fused.rows([xd])
-            if fused is not None:
-                return fused[0]
-        return _chunked_eager([_float(xd)])[0]
+        fused = _fused_rows([xd])
+        return fused[0] if fused is not None else _chunked_eager([_float(xd)])[0]
 
 
 fix_nonfinite_ = _fix_nonfinite_
@@ -482,10 +484,9 @@ def param_group_stats(tensors: Sequence[Tensor], scratch: Tensor | None = None) 
 def _large_stats(tensors: Sequence[Tensor], scratch: Tensor | None) -> Tensor:
     with torch.no_grad():
         ds = [t.detach() for t in tensors]
-        if all(_fused.usable(t) for t in ds):
-            fused = _fused.rows(ds)  # exact counts: no _fix_nonfinite_
-            if fused is not None:
-                return fused
+        fused = _fused_rows(ds)  # exact counts: no _fix_nonfinite_
+        if fused is not None:
+            return fused
         ts = [_float(t) for t in ds]
         return _fix_nonfinite_(ts, _chunked_eager(ts))
 
