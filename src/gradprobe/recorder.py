@@ -6,6 +6,8 @@ Memory (bytes), fixed when the Probe attaches and never grown::
     scale   flush_every × 8                   AMP loss scale of each recorded step
     loss    flush_every × every × 8           loss sums of every step between flushes
     hist    H × R_h × (2·bins + 2) × 8        H = histogram steps per flush, R_h = their records
+    stage   ≤ _stage.MAX_ELEMS elements       small tensors of the staged steps (allocated at the
+                                              first step; see :mod:`gradprobe._stage`)
 
 A flush copies everything to the host in **one** transfer (``torch.cat`` of the used slices,
 then ``.cpu()``) on the training thread (:meth:`Recorder.take`), derives nothing, and hands the
