@@ -22,6 +22,7 @@ import gradprobe as gp
 from gradprobe import _fused as F
 from gradprobe import stats as S
 from gradprobe.activations import get
+from gradprobe.errors import ConfigError
 
 HAS_COMPILER = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 """torch.compile on CPU builds C++: without a compiler the tests that compile are skipped (the
@@ -166,7 +167,7 @@ def test_usable_rules(fused_on, monkeypatch):
     assert not F.usable(torch.randn(F.MIN_NUMEL - 1)) and F.usable(torch.randn(F.MIN_NUMEL))
     F.set_mode("off")
     assert not F.usable(torch.randn(F.MIN_NUMEL))
-    with pytest.raises(ValueError, match="fused mode"):
+    with pytest.raises(ConfigError, match="fused mode"):
         F.set_mode("yes")  # type: ignore[arg-type]
 
 
@@ -237,6 +238,12 @@ def test_off_never_compiles(monkeypatch):
 def test_environment_variable(value, want, monkeypatch):
     monkeypatch.setenv("GRADPROBE_FUSED", value)
     assert F._mode_from_env() == want
+
+
+def test_unknown_environment_value_warns_and_stays_off(monkeypatch):
+    monkeypatch.setenv("GRADPROBE_FUSED", "maybe")
+    with pytest.warns(RuntimeWarning, match="GRADPROBE_FUSED='maybe' is not a known value"):
+        assert F._mode_from_env() == "off"
 
 
 def test_environment_variable_read_at_import():

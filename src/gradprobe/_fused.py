@@ -57,6 +57,7 @@ import torch
 from torch import Tensor
 
 from gradprobe import stats as S
+from gradprobe.errors import ConfigError
 
 Mode = Literal["auto", "on", "off"]
 
@@ -78,6 +79,9 @@ def _mode_from_env() -> Mode:
         return "auto"
     if v in ("1", "on", "true", "yes"):
         return "on"
+    if v not in ("", "0", "off", "false", "no"):
+        warnings.warn(f"GRADPROBE_FUSED={v!r} is not a known value: the compiled kernels stay "
+                      "off. Use auto, 1 (on) or 0 (off).", RuntimeWarning, stacklevel=2)
     return "off"
 
 
@@ -93,7 +97,8 @@ def set_mode(value: Mode) -> None:
     so that ``"auto"`` tries to compile again)."""
     global mode, _broken
     if value not in ("auto", "on", "off"):
-        raise ValueError(f"fused mode must be 'auto', 'on' or 'off', not {value!r}")
+        raise ConfigError(f"fused mode must be 'auto', 'on' or 'off', not {value!r}",
+                          hint='e.g. gradprobe._fused.set_mode("auto")')
     mode = value
     _broken = None
 
