@@ -1,4 +1,4 @@
-"""Eager against compiled (gradprobe._fused) statistics of large tensors, per element (run by hand).
+"""Eager against compiled (gradprobe.stats.compiled) statistics of large tensors, per element (run by hand).
 
     python benchmarks/fused_kernels.py                 # one thread, sizes 8K to 4M
     python benchmarks/fused_kernels.py --sizes 65536 1048576 --repeats 50
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from gradprobe import _fused as F
-from gradprobe import stats as S
+from gradprobe.stats import compiled as F
+from gradprobe.stats import eager as S
 from overhead import make_variant, workloads
 
 

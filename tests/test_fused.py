@@ -1,4 +1,4 @@
-"""The compiled one-pass statistics kernels (gradprobe._fused) against the float64 reference loop,
+"""The compiled one-pass statistics kernels (gradprobe.stats.compiled) against the float64 reference loop,
 their fallback to the eager path, and a Probe run with and without them.
 
 Each kernel variant compiles once per process (module-level cache), so this file's compile cost
@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 import gradprobe as gp
-from gradprobe import _fused as F
-from gradprobe import stats as S
 from gradprobe.activations import get
 from gradprobe.errors import ConfigError
+from gradprobe.stats import compiled as F
+from gradprobe.stats import eager as S
 
 HAS_COMPILER = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 """torch.compile on CPU builds C++: without a compiler the tests that compile are skipped (the
@@ -247,7 +247,7 @@ def test_unknown_environment_value_warns_and_stays_off(monkeypatch):
 
 
 def test_environment_variable_read_at_import():
-    code = "from gradprobe import _fused; print(_fused.mode)"
+    code = "from gradprobe.stats import compiled as _fused; print(_fused.mode)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "GRADPROBE_FUSED": "0"}, check=True)
     assert out.stdout.strip() == "off"

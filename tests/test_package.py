@@ -22,9 +22,9 @@ def test_import_does_not_load_optional_dependencies():
 
 def test_gp_gradcheck_is_the_function_in_any_import_order():
     kind = _python(
-        "import importlib, types; import gradprobe.gradcheck; "
-        "from gradprobe.gradcheck import TensorCheck; import gradprobe as gp; "
-        "m = importlib.import_module('gradprobe.gradcheck'); "
+        "import importlib, types; import gradprobe.check; "
+        "from gradprobe.check import TensorCheck; import gradprobe as gp; "
+        "m = importlib.import_module('gradprobe.check'); "
         "print(isinstance(gp.gradcheck, types.FunctionType), isinstance(m, types.ModuleType))"
     )
     assert kind == "True True"

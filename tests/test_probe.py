@@ -13,7 +13,7 @@ from torch import nn
 
 import gradprobe as gp
 from gradprobe.activations import spec_for_module
-from gradprobe.stats import derive_row, reference_stats
+from gradprobe.stats.eager import derive_row, reference_stats
 
 
 class Reference:

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 import gradprobe as gp
-from gradprobe import stats as S
+from gradprobe.capture.recorder import Recorder, RowInfo
 from gradprobe.errors import NonFiniteError, RunDirError
-from gradprobe.recorder import Recorder, RowInfo
-from gradprobe.store import MAX_PENDING, PART_DIRS, RunWriter, part_files, read_events
+from gradprobe.stats import eager as S
+from gradprobe.store.writer import MAX_PENDING, PART_DIRS, RunWriter, part_files, read_events
 
 
 def _mlp():

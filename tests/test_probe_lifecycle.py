@@ -251,7 +251,7 @@ def test_open_not_a_run(tmp_path):
 
 
 def test_non_zero_rank_records_nothing(tmp_path, monkeypatch):
-    import gradprobe.distributed as dist
+    import gradprobe.capture.distributed as dist
 
     monkeypatch.setattr(dist, "rank", lambda: 1)
     model = _mlp()

@@ -1,4 +1,4 @@
-"""The stage (gradprobe._stage): small tensors of many steps summarised at once must give the
+"""The stage (gradprobe.capture.stage): small tensors of many steps summarised at once must give the
 statistics of summarising each step alone, through layout changes and in-place activations."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from tests.test_probe import train_and_compare
 from torch import nn
 
 import gradprobe as gp
-import gradprobe._stage as stage_mod
+import gradprobe.capture.stage as stage_mod
 
 
 def _mlp() -> nn.Sequential:
@@ -163,7 +163,7 @@ def _nan_run(tmp) -> tuple[pd.DataFrame, list]:
 def test_accelerator_path_counts_exactly_and_finds_the_event(tmp_path, monkeypatch):
     """With the accelerator code path (no per-step read of values), a staged step holding
     NaN is counted exactly and its event is found at the flush: the same run as on CPU."""
-    from gradprobe import stats as S
+    from gradprobe.stats import eager as S
 
     cpu, cpu_events = _nan_run(tmp_path / "cpu")
     monkeypatch.setattr(S, "_cpu", lambda device: False)

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from gradprobe import stats as S
-from gradprobe._hooks import first_float_tensor, histogram
 from gradprobe.activations import get
+from gradprobe.capture.hooks import first_float_tensor, histogram
+from gradprobe.stats import eager as S
 
 
 def _raw_from_vec(vec: torch.Tensor, count: int, units: float = 0.0) -> dict:

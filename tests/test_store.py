@@ -7,9 +7,9 @@ import json
 import pandas as pd
 import pytest
 
-from gradprobe import store
 from gradprobe.errors import RunDirError
-from gradprobe.run import Run
+from gradprobe.store import writer as store
+from gradprobe.store.run import Run
 
 
 def _writer(tmp_path):

@@ -22,16 +22,13 @@ from gradprobe.errors import (
     UnsupportedModelError,
 )
 
-# `gradprobe.gradcheck` is both a submodule and the function `gp.gradcheck`. Importing it here,
-# once, binds the package attribute to the function for good: a later `import gradprobe.gradcheck`
-# finds the module in sys.modules and does not rebind the attribute. (A lazy export could not
-# guarantee that: the first import of the submodule would overwrite it.)
-from gradprobe.gradcheck import GradCheckReport, gradcheck, gradcheck_fn
-
 # name -> (module, attribute or None for the module itself)
 _LAZY: dict[str, tuple[str, str | None]] = {
-    "Probe": ("gradprobe.probe", "Probe"),
-    "Run": ("gradprobe.run", "Run"),
+    "GradCheckReport": ("gradprobe.check", "GradCheckReport"),
+    "gradcheck": ("gradprobe.check", "gradcheck"),
+    "gradcheck_fn": ("gradprobe.check", "gradcheck_fn"),
+    "Probe": ("gradprobe.capture.probe", "Probe"),
+    "Run": ("gradprobe.store.run", "Run"),
     "preflight": ("gradprobe.theory.preflight", "preflight"),
     "theory": ("gradprobe.theory", None),
     "lab": ("gradprobe.lab", None),

@@ -37,7 +37,7 @@ def find_runs(root: Path, max_depth: int = 3) -> list[Path]:
 
 def summary(path: Path) -> dict[str, Any]:
     """One line of ``runs ls``: steps, layers, status, last loss, non-finite events."""
-    from gradprobe.run import Run
+    from gradprobe.store.run import Run
 
     run = Run.open(path)
     meta = run.meta
@@ -82,8 +82,8 @@ def show(
 ) -> None:
     """Show a run: its configuration, and one line per layer with the last step's statistics."""
     from gradprobe.errors import ConfigError
-    from gradprobe.run import Run
-    from gradprobe.stats import KINDS
+    from gradprobe.stats.eager import KINDS
+    from gradprobe.store.run import Run
 
     if kind not in KINDS:
         raise ConfigError(f"unknown kind {kind!r}", hint=f"choose from {', '.join(KINDS)}")

@@ -17,8 +17,8 @@ Row layout (column order of one step)::
 where the stats entries are activations, activation gradients, parameter gradients and the
 weights after the step (in parameter order, sorted by size within the weights). Values are
 summarised in the tensors' own precision with float64 results, like
-:func:`gradprobe.stats.batched_stats`; results equal the per-tensor statistics to float
-tolerance (tested against :func:`gradprobe.stats.reference_stats`).
+:func:`gradprobe.stats.eager.batched_stats`; results equal the per-tensor statistics to float
+tolerance (tested against :func:`gradprobe.stats.eager.reference_stats`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gradprobe import stats as S
+from gradprobe.stats import eager as S
 
 Rule = Callable[[Tensor], Tensor]
 
@@ -396,7 +396,7 @@ def _ratio_rows(dsq: Tensor, ref: Tensor) -> Tensor:
 
 def _inactive(sub: Tensor, rule: Rule) -> Tensor:
     """``[S, m, units]`` inactive masks of ``sub`` (``[S, m, *shape]``): a unit is the channel of
-    4-d and larger outputs, the last dimension otherwise (:func:`gradprobe.stats.unit_dims`)."""
+    4-d and larger outputs, the last dimension otherwise (:func:`gradprobe.stats.eager.unit_dims`)."""
     dims = tuple(d + 2 for d in S.unit_dims(sub.ndim - 2))
     red = sub.amax(dim=dims) if dims else sub
     return rule(red.reshape(sub.shape[0], sub.shape[1], -1))

@@ -30,7 +30,7 @@ What is recorded, per tracked layer and recorded step (``step % every == 0``):
 
 Statistics are the mergeable sums of :mod:`gradprobe.stats`, computed on the tensors' device
 with no host synchronisation in any hook; one device-to-host transfer per flush (every
-``flush_every`` recorded steps, and on exit). Memory: see :mod:`gradprobe.recorder`, plus one
+``flush_every`` recorded steps, and on exit). Memory: see :mod:`gradprobe.capture.recorder`, plus one
 copy of the tracked parameters for ``update``/``drift`` and one more for ``drift`` (W0).
 
 Note:
@@ -55,14 +55,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from gradprobe import _stage
-from gradprobe import stats as S
-from gradprobe._hooks import first_float_tensor
-from gradprobe._stage import ParamSet
 from gradprobe.activations import ActivationSpec, spec_for_module
+from gradprobe.capture import stage as _stage
+from gradprobe.capture.hooks import first_float_tensor
+from gradprobe.capture.recorder import Recorder, RowInfo
+from gradprobe.capture.stage import ParamSet
 from gradprobe.errors import ConfigError, NonFiniteError, RunDirError, UnsupportedModelError
-from gradprobe.recorder import Recorder, RowInfo
-from gradprobe.store import RunWriter
+from gradprobe.stats import eager as S
+from gradprobe.store.writer import RunWriter
 
 Kind = Literal["grad", "weight", "update", "drift", "act", "act_grad"]
 
@@ -214,7 +214,7 @@ class Probe:
         if not isinstance(self.run_dir, Path):
             raise RunDirError(f"run_dir must be a path, got {type(run_dir).__name__}",
                               hint='pass run_dir="runs/my-run"')
-        from gradprobe.distributed import rank
+        from gradprobe.capture.distributed import rank
 
         # Only rank 0 writes run_dir; on other ranks it may already hold rank 0's files.
         if (rank() == 0 and self.run_dir.is_dir() and any(self.run_dir.iterdir())
@@ -338,9 +338,9 @@ class Probe:
         if self._used:
             raise ConfigError("this Probe has already recorded a run and was detached",
                               hint="create a new gp.Probe with a new run_dir")
-        from gradprobe.distributed import rank
+        from gradprobe.capture.distributed import rank
 
-        if rank() != 0:  # only rank 0 records: see gradprobe.distributed
+        if rank() != 0:  # only rank 0 records: see gradprobe.capture.distributed
             self._attached = self._used = self._passive = True
             return self
         rows: list[RowInfo] = []
@@ -439,7 +439,7 @@ class Probe:
     def run(self) -> Any:
         """The :class:`gradprobe.Run` of ``run_dir`` (readable while still being written): every
         step flushed so far, once the writer thread has written it."""
-        from gradprobe.run import Run
+        from gradprobe.store.run import Run
 
         if self._passive:
             raise RunDirError("this Probe runs on a non-zero torch.distributed rank and records "
@@ -469,7 +469,7 @@ class Probe:
         sizes = [p.numel() * p.element_size() for lay in self._layers for p in lay.params]
         copies = int("update" in self.kinds or "drift" in self.kinds) + int("drift" in self.kinds)
         param_bytes = sum(sizes) * copies + max(sizes, default=0)
-        # the stage of small tensors (gradprobe._stage), in the first parameters' precision
+        # the stage of small tensors (gradprobe.capture.stage), in the first parameters' precision
         first = next((p for lay in self._layers for p in lay.params), None)
         stage = _stage.MAX_ELEMS * (first.element_size() if first is not None else 4)
         if self._recorder is not None and self._recorder.stage is not None:
@@ -520,7 +520,7 @@ class Probe:
     def _setup_stage(self, groups: list[_ParamGroup]) -> None:
         """Hand the small parameters of the first group (and the small activations of its
         device and dtype) to the recorder's stage: one buffer row per step, summarised for
-        many steps at once (:mod:`gradprobe._stage`)."""
+        many steps at once (:mod:`gradprobe.capture.stage`)."""
         assert self._recorder is not None
         g = groups[0]
         if 3 * sum(g.numels[i] for i in g.small) <= _stage.MAX_ELEMS // 2:

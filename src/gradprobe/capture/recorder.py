@@ -7,13 +7,13 @@ Memory (bytes), fixed when the Probe attaches and never grown::
     loss    flush_every × every × 8           loss sums of every step between flushes
     hist    H × R_h × (2·bins + 2) × 8        H = histogram steps per flush, R_h = their records
     stage   ≤ _stage.MAX_ELEMS elements       small tensors of the staged steps (allocated at the
-                                              first step; see :mod:`gradprobe._stage`)
+                                              first step; see :mod:`gradprobe.capture.stage`)
 
 A flush copies everything to the host in **one** transfer (``torch.cat`` of the used slices,
 then ``.cpu()``) on the training thread (:meth:`Recorder.take`), derives nothing, and hands the
 raw sums to the run's writer thread, which builds the frames and writes the parts
 (:meth:`Recorder.write`). Host memory: at most three host copies of the used buffer (one being
-written, one waiting, one being handed over; see :data:`gradprobe.store.MAX_PENDING`), each with
+written, one waiting, one being handed over; see :data:`gradprobe.store.writer.MAX_PENDING`), each with
 its ``flush_every × R × 17`` bytes of counts, units and touched flags.
 """
 
@@ -29,10 +29,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from gradprobe import _stage
-from gradprobe import stats as S
-from gradprobe._stage import STATS, WPRE, Entry, ParamSet, Stage
-from gradprobe.store import RunWriter
+from gradprobe.capture import stage as _stage
+from gradprobe.capture.stage import STATS, WPRE, Entry, ParamSet, Stage
+from gradprobe.stats import eager as S
+from gradprobe.store.writer import RunWriter
 
 PASS_OF_KIND = {"act": "forward", "act_grad": "act_grad", "grad": "grad", "weight": "weight",
                 "update": "weight", "drift": "weight"}
@@ -98,7 +98,7 @@ class Recorder:
         self._dead = np.array([row.dead_rule for row in rows], dtype=bool)
         self._ratio = np.array([row.kind in S.RATIO_KINDS for row in rows], dtype=bool)
         self._act_grad = np.array([row.kind == "act_grad" for row in rows], dtype=bool)
-        # staged small tensors (see gradprobe._stage): the open step's entries
+        # staged small tensors (see gradprobe.capture.stage): the open step's entries
         self.stage: Stage | None = None
         self._open: list[tuple[Any, ...]] = []  # (row, shape, sat, ina, tensor, source, version, key, seq)
         self._open_keys: list[tuple[Any, ...]] = []
@@ -201,7 +201,7 @@ class Recorder:
             self.process_pending()
 
     def process_pending(self) -> None:
-        """Summarise the queued small tensors together (:func:`gradprobe.stats.batched_stats`,
+        """Summarise the queued small tensors together (:func:`gradprobe.stats.eager.batched_stats`,
         saturation and unit rules once per group of equal shape) and merge every queued
         statistics vector and matrix into the buffer: a fixed number of kernels per step."""
         if self._vectors:
@@ -254,8 +254,8 @@ class Recorder:
         was changed in place before the step ended (an in-place activation after it), the site
         is copied from then on; otherwise later steps keep a reference until the step's row
         is written. Returns False, staging nothing, when ``x`` does not go to the stage: another
-        device or dtype than the stage's, more than :data:`gradprobe.stats.SMALL` elements, not
-        strided, or no room left in the step's row (:data:`gradprobe._stage.MAX_ELEMS`)."""
+        device or dtype than the stage's, more than :data:`gradprobe.stats.eager.SMALL` elements, not
+        strided, or no room left in the step's row (:data:`gradprobe.capture.stage.MAX_ELEMS`)."""
         st = self.stage
         if (st is None or x.dtype != st.dtype or x.device != st.device
                 or x.numel() > S.SMALL or x.layout != torch.strided):
@@ -573,7 +573,7 @@ class Recorder:
             del self.hist[key]
 
     def add_hist(self, slot: int, row: int, x: Tensor) -> None:
-        from gradprobe._hooks import histogram
+        from gradprobe.capture.hooks import histogram
 
         key = (slot, row)
         prev = self.hist.get(key)

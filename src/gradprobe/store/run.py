@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradprobe import store
 from gradprobe.errors import ConfigError
-from gradprobe.stats import DERIVED_COLUMNS, KINDS, RAW_COLUMNS, derive
+from gradprobe.stats.eager import DERIVED_COLUMNS, KINDS, RAW_COLUMNS, derive
+from gradprobe.store import writer as store
 
 _SCALAR_COLUMNS = ["step", "layer", "kind", *DERIVED_COLUMNS]
 

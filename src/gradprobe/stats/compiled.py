@@ -5,7 +5,7 @@ are bound by arithmetic, not by memory. The kernels here compute every field of 
 vector in **one pass**, with exact ``nonzero`` and ``nonfinite`` counts:
 
 * :func:`rows` -- ``[len(ts), N_STATS]`` statistics of large tensors, the layout of
-  :func:`gradprobe.stats.tensor_stats` (``dead`` and ``ref_sumsq`` 0), with an activation's
+  :func:`gradprobe.stats.eager.tensor_stats` (``dead`` and ``ref_sumsq`` 0), with an activation's
   saturation rule (:mod:`gradprobe.activations`) fused in;
 * :func:`weight_stats` -- the statistics of a weight tensor ``W`` together with
   ``Σ (W − W_prev)²`` and ``Σ (W − W0)²`` from the same pass over ``W``, so the update ratio and
@@ -39,7 +39,7 @@ Probe inside a compiled model) or for tensors that require grad.
 
 Example
     >>> import torch
-    >>> from gradprobe import _fused
+    >>> from gradprobe.stats import compiled as _fused
     >>> x = torch.randn(100_000)
     >>> vec = _fused.rows([x])[0] if _fused.usable(x) else None
 """
@@ -56,8 +56,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from gradprobe import stats as S
 from gradprobe.errors import ConfigError
+from gradprobe.stats import eager as S
 
 Mode = Literal["auto", "on", "off"]
 
@@ -98,7 +98,7 @@ def set_mode(value: Mode) -> None:
     global mode, _broken
     if value not in ("auto", "on", "off"):
         raise ConfigError(f"fused mode must be 'auto', 'on' or 'off', not {value!r}",
-                          hint='e.g. gradprobe._fused.set_mode("auto")')
+                          hint='e.g. gradprobe.stats.compiled.set_mode("auto")')
     mode = value
     _broken = None
 

@@ -63,7 +63,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from gradprobe import _fused
+from gradprobe.stats import compiled as _fused
 
 # Device-side layout: first the fields merged by addition, then the fields merged by maximum.
 SUM, SUMSQ, ABS_SUM, NONZERO, NONFINITE, SATURATED, DEAD, REF_SUMSQ, NEG_MIN, MAX = range(10)
@@ -148,7 +148,7 @@ def tensor_stats(
 
     A handful of reductions (sum, 2-norm, ``|x|`` and its non-zero count, min/max in one kernel)
     stacked into one vector; ``dead`` and ``ref_sumsq`` are zero here. Large tensors take the
-    compiled one-pass kernel of :mod:`gradprobe._fused` where it is available.
+    compiled one-pass kernel of :mod:`gradprobe.stats.compiled` where it is available.
     """
     with torch.no_grad():
         xd = x.detach()
@@ -195,7 +195,7 @@ def _chunk_vec(c: Tensor, scratch: Tensor | None,
 def _chunked_stats(ts: Sequence[Tensor], saturated: Callable[[Tensor], Tensor] | None = None
                    ) -> Tensor:
     """``[len(ts), N_STATS]`` statistics of large tensors: the compiled one-pass kernel of
-    :mod:`gradprobe._fused` where it is available (``nonfinite`` then already exact), else
+    :mod:`gradprobe.stats.compiled` where it is available (``nonfinite`` then already exact), else
     :func:`_chunked_eager`."""
     fused = _fused_rows(ts, saturated)
     return fused if fused is not None else _chunked_eager(ts, saturated)
@@ -203,7 +203,7 @@ def _chunked_stats(ts: Sequence[Tensor], saturated: Callable[[Tensor], Tensor] |
 
 def _fused_rows(ts: Sequence[Tensor], saturated: Callable[[Tensor], Tensor] | None = None
                 ) -> Tensor | None:
-    """:func:`gradprobe._fused.rows` where the compiled path serves every tensor of ``ts``
+    """:func:`gradprobe.stats.compiled.rows` where the compiled path serves every tensor of ``ts``
     (exact counts), else ``None`` and the caller takes the eager path."""
     if ts and all(_fused.usable(t) for t in ts):
         return _fused.rows(ts, saturated)
@@ -249,7 +249,7 @@ fix_nonfinite_ = _fix_nonfinite_
 def fused_weight_stats(w: Tensor, prev: Tensor | None, init: Tensor | None) -> Tensor | None:
     """``[N_STATS + 2]``: :func:`tensor_stats` of a large weight ``w`` (exact counts), then
     ``Σ (w − prev)²`` and ``Σ (w − init)²`` (0 where ``None``), from one compiled pass over ``w``
-    (:func:`gradprobe._fused.weight_stats`); ``None`` where the compiled path is not available
+    (:func:`gradprobe.stats.compiled.weight_stats`); ``None`` where the compiled path is not available
     for ``w``, and the caller takes the eager path."""
     with torch.no_grad():
         wd = w.detach()
