@@ -28,17 +28,17 @@ from pathlib import Path
 import torch
 
 from gradprobe.stats import compiled as F
-from gradprobe.stats import eager as S
+from gradprobe.stats import eager, schema
 from overhead import make_variant, workloads
 
 
 def eager_stats(x: torch.Tensor) -> torch.Tensor:
-    return S._fix_nonfinite_([x], S._chunked_eager([x]))[0]
+    return eager.fix_nonfinite_([x], eager.chunked_stats([x]))[0]
 
 
 def eager_weight(w: torch.Tensor, prev: torch.Tensor, init: torch.Tensor,
                  scratch: torch.Tensor) -> torch.Tensor:
-    vec = S._fix_nonfinite_([w], S._chunked_eager([w]))[0]
+    vec = eager.fix_nonfinite_([w], eager.chunked_stats([w]))[0]
     out = scratch[: w.numel()].view_as(w)
     up = torch.linalg.vector_norm(torch.sub(prev, w, out=out)).square()
     dr = torch.linalg.vector_norm(torch.sub(w, init, out=out)).square()
@@ -46,13 +46,13 @@ def eager_weight(w: torch.Tensor, prev: torch.Tensor, init: torch.Tensor,
 
 
 def fused_stats(x: torch.Tensor) -> torch.Tensor:
-    out = F.rows([x])
+    out = F.KERNELS.rows([x])
     assert out is not None
     return out[0]
 
 
 def fused_weight(w: torch.Tensor, prev: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
-    out = F.weight_stats(w, prev, init)
+    out = F.KERNELS.weight_stats(w, prev, init)
     assert out is not None
     return out
 
@@ -75,12 +75,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    F.set_mode("on")
+    F.KERNELS.set_mode("on")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{args.repeats} calls each, median")
     x0 = torch.randn(3 * F.CHUNK)
-    t_stats = timed(lambda: F.rows([x0]))
-    t_weight = timed(lambda: F.weight_stats(x0, x0, x0))
+    t_stats = timed(lambda: F.KERNELS.rows([x0]))
+    t_weight = timed(lambda: F.KERNELS.weight_stats(x0, x0, x0))
     print(f"first call (compile, or load from the inductor cache): stats {t_stats:.1f} s, "
           f"weight {t_weight:.1f} s")
     print(f"{'numel':>10} {'stats eager':>12} {'fused':>8} {'ratio':>6}   "
@@ -91,7 +91,7 @@ def main() -> None:
         print(f"{n:>10} {med['se']:>12.3f} {med['sf']:>8.3f} {med['se'] / med['sf']:>6.2f}   "
               f"{med['we']:>12.3f} {med['wf']:>8.3f} {med['we'] / med['wf']:>6.2f}")
     if args.workloads:
-        F.set_mode("auto")
+        F.KERNELS.set_mode("auto")
         print(f"\ntraining steps, {args.rounds} rounds x {args.steps} steps, median ms per step")
         print(f"{'workload':<9} {'baseline':>9} {'eager':>9} {'ratio':>6} {'fused':>9} {'ratio':>6}")
     for name in args.workloads:
@@ -111,12 +111,12 @@ def probe_steps(name: str, steps: int, rounds: int) -> dict[str, float]:
     mode = {"baseline": "auto", "eager": "off", "fused": "auto"}
     times: dict[str, list[float]] = {k: [] for k in variants}
     for k, (step, _) in variants.items():  # warm-up (compiles the kernels)
-        F.set_mode(mode[k])  # type: ignore[arg-type]
+        F.KERNELS.set_mode(mode[k])  # type: ignore[arg-type]
         for _ in range(3):
             step()
     for _ in range(rounds):
         for k, (step, _) in variants.items():
-            F.set_mode(mode[k])  # type: ignore[arg-type]
+            F.KERNELS.set_mode(mode[k])  # type: ignore[arg-type]
             t0 = time.perf_counter()
             for _ in range(steps):
                 step()
@@ -142,13 +142,13 @@ def measure(n: int, repeats: int, scratch: torch.Tensor) -> dict[str, float]:
     wd = w.double()
     truth = torch.stack([wd.sum(), wd.square().sum(), wd.abs().sum(),
                          (wd - prev.double()).square().sum(), (wd - init.double()).square().sum()])
-    cols = [S.SUM, S.SUMSQ, S.ABS_SUM, S.N_STATS, S.N_STATS + 1]
+    cols = [schema.SUM, schema.SUMSQ, schema.ABS_SUM, schema.N_STATS, schema.N_STATS + 1]
     scale = torch.stack([wd.abs().sum()] * 5)  # Σx may cancel: bound its error by Σ|x|
     for fn, rtol in ((lambda: fused_weight(w, prev, init), 1e-5),
                      (lambda: eager_weight(w, prev, init, scratch), 1e-3)):
         got = fn()[cols]
         assert ((got - truth).abs() <= rtol * torch.maximum(truth.abs(), 1e-3 * scale)).all()
-    assert torch.equal(eager_stats(w)[S.NONZERO:], fused_stats(w)[S.NONZERO:])
+    assert torch.equal(eager_stats(w)[schema.NONZERO:], fused_stats(w)[schema.NONZERO:])
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(3):  # warm-up
         for fn in variants.values():

@@ -1,7 +1,7 @@
 """The compiled one-pass statistics kernels (gradprobe.stats.compiled) against the float64 reference loop,
 their fallback to the eager path, and a Probe run with and without them.
 
-Each kernel variant compiles once per process (module-level cache), so this file's compile cost
+Each kernel variant compiles once per process (the process-wide kernels, gradprobe.stats.compiled.KERNELS), so this file's compile cost
 is a handful of variants: float32/float64/float16/bfloat16 statistics, two saturation rules, the
 float32 weight kernel."""
 
@@ -20,9 +20,10 @@ from torch import nn
 
 import gradprobe as gp
 from gradprobe.activations import get
+from gradprobe.capture.recorder import Summariser
 from gradprobe.errors import ConfigError
 from gradprobe.stats import compiled as F
-from gradprobe.stats import eager as S
+from gradprobe.stats import eager, reference, schema
 
 HAS_COMPILER = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 """torch.compile on CPU builds C++: without a compiler the tests that compile are skipped (the
@@ -34,31 +35,31 @@ def fused_on():
     """Mode "on": the compiled path for every tensor of 3·CHUNK elements or more, errors raised."""
     if not HAS_COMPILER:
         pytest.skip("no C++ compiler for torch.compile on CPU")
-    old = F.mode
-    F.set_mode("on")
+    old = F.KERNELS.mode
+    F.KERNELS.set_mode("on")
     yield
-    F.set_mode(old)
+    F.KERNELS.set_mode(old)
 
 
 def _eager(x: torch.Tensor, sat=None) -> torch.Tensor:
-    xf = S._float(x)
-    return S._fix_nonfinite_([xf], S._chunked_eager([xf], sat))[0]
+    xf = eager.as_float(x)
+    return eager.fix_nonfinite_([xf], eager.chunked_stats([xf], sat))[0]
 
 
 def _assert_matches_reference(vec: torch.Tensor, x: torch.Tensor, sat=None):
-    ref = S.reference_stats([x], sat)
+    ref = reference.reference_stats([x], sat)
     v = vec.tolist()
     # counts and extrema exact; sums to float32 accumulation accuracy
-    assert v[S.NONZERO] == ref["nonzero"]
-    assert v[S.NONFINITE] == ref["nonfinite"]
+    assert v[schema.NONZERO] == ref["nonzero"]
+    assert v[schema.NONFINITE] == ref["nonfinite"]
     if sat is not None:
-        assert v[S.SATURATED] == ref["saturated"]
-    assert v[S.DEAD] == 0 and v[S.REF_SUMSQ] == 0
+        assert v[schema.SATURATED] == ref["saturated"]
+    assert v[schema.DEAD] == 0 and v[schema.REF_SUMSQ] == 0
     has_nan = bool(x.isnan().any())  # min/max propagate NaN, as torch.aminmax does
-    for col, field in (("min", -v[S.NEG_MIN]), ("max", v[S.MAX])):
+    for col, field in (("min", -v[schema.NEG_MIN]), ("max", v[schema.MAX])):
         assert math.isnan(field) if has_nan else field == ref[col], col
     scale = {"sum": ref["abs_sum"], "sumsq": ref["sumsq"], "abs_sum": ref["abs_sum"]}
-    for col, i in (("sum", S.SUM), ("sumsq", S.SUMSQ), ("abs_sum", S.ABS_SUM)):
+    for col, i in (("sum", schema.SUM), ("sumsq", schema.SUMSQ), ("abs_sum", schema.ABS_SUM)):
         if ref["nonfinite"]:
             assert not math.isfinite(v[i]), col
         else:
@@ -103,23 +104,23 @@ def _with_nonfinite(x, inf=math.inf):
 def test_rows_match_reference(case, fused_on):
     torch.manual_seed(0)
     x = CASES[case]()
-    vec = F.rows([x])
-    assert vec is not None and vec.shape == (1, S.N_STATS) and vec.dtype == torch.float64
+    vec = F.KERNELS.rows([x])
+    assert vec is not None and vec.shape == (1, schema.N_STATS) and vec.dtype == torch.float64
     _assert_matches_reference(vec[0], x)
     # the public entry points take the compiled path and agree with it
-    torch.testing.assert_close(S.tensor_stats(x), vec[0], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(Summariser().tensor(x), vec[0], rtol=0, atol=0, equal_nan=True)
 
 
 def test_several_tensors_and_eager_counts_agree(fused_on):
     torch.manual_seed(1)
     ts = [torch.relu(torch.randn(n)) for n in (9000, 20_480, 123_457)]
     ts[1][7] = math.nan
-    mat = F.rows(ts)
+    mat = F.KERNELS.rows(ts)
     assert mat is not None
-    eager = torch.stack([_eager(t) for t in ts])
-    for col in (S.NONZERO, S.NONFINITE, S.NEG_MIN, S.MAX):
-        assert torch.equal(mat[:, col].nan_to_num(), eager[:, col].nan_to_num()), col
-    torch.testing.assert_close(S._large_stats(ts, None), mat, rtol=0, atol=0, equal_nan=True)
+    want = torch.stack([_eager(t) for t in ts])
+    for col in (schema.NONZERO, schema.NONFINITE, schema.NEG_MIN, schema.MAX):
+        assert torch.equal(mat[:, col].nan_to_num(), want[:, col].nan_to_num()), col
+    torch.testing.assert_close(Summariser().large(ts), mat, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("name", ["sigmoid", "tanh"])
@@ -127,9 +128,9 @@ def test_saturation_rule_fused(name, fused_on):
     torch.manual_seed(2)
     spec = get(name)
     a = spec.fn(torch.randn(64, 1601) * 4)
-    vec = S.tensor_stats(a, spec.saturated)
+    vec = Summariser().tensor(a, spec.saturated)
     _assert_matches_reference(vec, a, spec.saturated)
-    assert vec[S.SATURATED] > 0
+    assert vec[schema.SATURATED] > 0
 
 
 def _slow_diff_sumsq(a, b):
@@ -142,43 +143,43 @@ def test_weight_kernel_update_and_drift(fused_on):
     w = torch.randn(512, 301)
     prev = w + 1e-3 * torch.randn_like(w)
     init = torch.randn_like(w)
-    out = S.fused_weight_stats(w, prev, init)
-    assert out is not None and out.shape == (S.N_STATS + 2,)
-    _assert_matches_reference(out[: S.N_STATS], w)
-    assert out[S.N_STATS].item() == pytest.approx(_slow_diff_sumsq(w, prev), rel=1e-5)
-    assert out[S.N_STATS + 1].item() == pytest.approx(_slow_diff_sumsq(w, init), rel=1e-5)
+    out = Summariser().weight(w, prev, init)
+    assert out is not None and out.shape == (schema.N_STATS + 2,)
+    _assert_matches_reference(out[: schema.N_STATS], w)
+    assert out[schema.N_STATS].item() == pytest.approx(_slow_diff_sumsq(w, prev), rel=1e-5)
+    assert out[schema.N_STATS + 1].item() == pytest.approx(_slow_diff_sumsq(w, init), rel=1e-5)
     # absent references give 0, the statistics unchanged
-    only = S.fused_weight_stats(w, None, None)
+    only = Summariser().weight(w, None, None)
     assert only is not None
-    assert only[S.N_STATS:].tolist() == [0.0, 0.0]
-    assert torch.equal(only[: S.N_STATS], out[: S.N_STATS])
+    assert only[schema.N_STATS:].tolist() == [0.0, 0.0]
+    assert torch.equal(only[: schema.N_STATS], out[: schema.N_STATS])
 
 
 def test_usable_rules(fused_on, monkeypatch):
     x = torch.randn(F.MIN_NUMEL)
-    assert F.usable(x)
-    assert not F.usable(torch.randn(3 * F.CHUNK - 1))  # needs two rows and a tail
-    assert not F.usable(x.requires_grad_())
-    assert not F.usable(torch.arange(F.MIN_NUMEL))  # integers
+    assert F.KERNELS.usable(x)
+    assert not F.KERNELS.usable(torch.randn(3 * F.CHUNK - 1))  # needs two rows and a tail
+    assert not F.KERNELS.usable(x.requires_grad_())
+    assert not F.KERNELS.usable(torch.arange(F.MIN_NUMEL))  # integers
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert not F.usable(torch.randn(F.MIN_NUMEL))
+    assert not F.KERNELS.usable(torch.randn(F.MIN_NUMEL))
     monkeypatch.undo()
-    F.set_mode("auto")
-    assert not F.usable(torch.randn(F.MIN_NUMEL - 1)) and F.usable(torch.randn(F.MIN_NUMEL))
-    F.set_mode("off")
-    assert not F.usable(torch.randn(F.MIN_NUMEL))
+    F.KERNELS.set_mode("auto")
+    assert not F.KERNELS.usable(torch.randn(F.MIN_NUMEL - 1)) and F.KERNELS.usable(torch.randn(F.MIN_NUMEL))
+    F.KERNELS.set_mode("off")
+    assert not F.KERNELS.usable(torch.randn(F.MIN_NUMEL))
     with pytest.raises(ConfigError, match="fused mode"):
-        F.set_mode("yes")  # type: ignore[arg-type]
+        F.KERNELS.set_mode("yes")  # type: ignore[arg-type]
 
 
 @pytest.fixture
 def fresh_auto(monkeypatch):
     """Mode "auto" with no compiled kernels yet (restored afterwards)."""
-    old = F.mode
-    monkeypatch.setattr(F, "_KERNELS", {})
-    F.set_mode("auto")
+    old = F.KERNELS.mode
+    monkeypatch.setattr(F.KERNELS, "kernels", {})
+    F.KERNELS.set_mode("auto")
     yield
-    F.set_mode(old)
+    F.KERNELS.set_mode(old)
 
 
 def _boom(fn):
@@ -186,68 +187,68 @@ def _boom(fn):
 
 
 def test_compile_failure_warns_once_and_falls_back(fresh_auto, monkeypatch):
-    monkeypatch.setattr(F, "_compile", _boom)
+    monkeypatch.setattr(F.KERNELS, "compile", _boom)
     torch.manual_seed(4)
     xs = [torch.randn(F.MIN_NUMEL + 5), torch.randn(300, 400)]
     with pytest.warns(RuntimeWarning, match="GRADPROBE_FUSED=0") as rec:
-        got = [S.tensor_stats(x) for x in xs]
+        got = [Summariser().tensor(x) for x in xs]
     assert len([w for w in rec if "compiled statistics" in str(w.message)]) == 1
     assert "no C++ compiler here" in str(rec[0].message)
     for x, v in zip(xs, got):
         assert torch.equal(v, _eager(x))
-    assert not F.usable(xs[0])  # the process stays on eager
+    assert not F.KERNELS.usable(xs[0])  # the process stays on eager
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        S.tensor_stats(xs[0])
-        assert S.fused_weight_stats(xs[1], None, None) is None
+        Summariser().tensor(xs[0])
+        assert Summariser().weight(xs[1], None, None) is None
 
 
 def test_mismatch_falls_back(fresh_auto, monkeypatch):
     def wrong(fn):
-        return lambda *a: torch.zeros(S.N_STATS, dtype=torch.float64)
+        return lambda *a: torch.zeros(schema.N_STATS, dtype=torch.float64)
 
-    monkeypatch.setattr(F, "_compile", wrong)
+    monkeypatch.setattr(F.KERNELS, "compile", wrong)
     x = torch.randn(F.MIN_NUMEL)
     with pytest.warns(RuntimeWarning, match="disagrees with the eager path"):
-        v = S.tensor_stats(x)
+        v = Summariser().tensor(x)
     assert torch.equal(v, _eager(x))
 
 
 def test_mode_on_raises(fused_on, monkeypatch):
-    monkeypatch.setattr(F, "_KERNELS", {})
-    monkeypatch.setattr(F, "_compile", _boom)
+    monkeypatch.setattr(F.KERNELS, "kernels", {})
+    monkeypatch.setattr(F.KERNELS, "compile", _boom)
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
-        S.tensor_stats(torch.randn(F.MIN_NUMEL))
+        Summariser().tensor(torch.randn(F.MIN_NUMEL))
 
 
 def test_off_never_compiles(monkeypatch):
-    old = F.mode
-    monkeypatch.setattr(F, "_compile", _boom)
-    F.set_mode("off")
+    old = F.KERNELS.mode
+    monkeypatch.setattr(F.KERNELS, "compile", _boom)
+    F.KERNELS.set_mode("off")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             x = torch.randn(F.MIN_NUMEL * 2)
-            assert torch.equal(S.tensor_stats(x), _eager(x))
+            assert torch.equal(Summariser().tensor(x), _eager(x))
     finally:
-        F.set_mode(old)
+        F.KERNELS.set_mode(old)
 
 
 @pytest.mark.parametrize(("value", "want"), [("0", "off"), ("off", "off"), ("1", "on"),
                                              ("", "off"), ("auto", "auto")])
 def test_environment_variable(value, want, monkeypatch):
     monkeypatch.setenv("GRADPROBE_FUSED", value)
-    assert F._mode_from_env() == want
+    assert F.mode_from_env() == want
 
 
 def test_unknown_environment_value_warns_and_stays_off(monkeypatch):
     monkeypatch.setenv("GRADPROBE_FUSED", "maybe")
     with pytest.warns(RuntimeWarning, match="GRADPROBE_FUSED='maybe' is not a known value"):
-        assert F._mode_from_env() == "off"
+        assert F.mode_from_env() == "off"
 
 
 def test_environment_variable_read_at_import():
-    code = "from gradprobe.stats import compiled as _fused; print(_fused.mode)"
+    code = "from gradprobe.stats import compiled; print(compiled.KERNELS.mode)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "GRADPROBE_FUSED": "0"}, check=True)
     assert out.stdout.strip() == "off"
@@ -258,8 +259,8 @@ def _probe_run(tmp_path, tag: str, fused: str):
     (128 x 512, sigmoid and tanh) are large, from a fixed seed."""
     if fused != "off" and not HAS_COMPILER:
         pytest.skip("no C++ compiler for torch.compile on CPU")
-    old = F.mode
-    F.set_mode(fused)  # type: ignore[arg-type]
+    old = F.KERNELS.mode
+    F.KERNELS.set_mode(fused)  # type: ignore[arg-type]
     try:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(784, 512), nn.Sigmoid(), nn.Linear(512, 512), nn.Tanh(),
@@ -276,7 +277,7 @@ def _probe_run(tmp_path, tag: str, fused: str):
                 opt.zero_grad()
         return probe.run.scalars().sort_values(["step", "layer", "kind"]).reset_index(drop=True)
     finally:
-        F.set_mode(old)
+        F.KERNELS.set_mode(old)
 
 
 def test_probe_same_statistics_fused_on_and_off(tmp_path, monkeypatch):
@@ -292,8 +293,8 @@ def test_probe_same_statistics_fused_on_and_off(tmp_path, monkeypatch):
 
     off = _probe_run(tmp_path, "off", "off")
     assert not calls
-    monkeypatch.setattr(F, "rows", spy("rows", F.rows))
-    monkeypatch.setattr(F, "weight_stats", spy("weight", F.weight_stats))
+    monkeypatch.setattr(F.KERNELS, "rows", spy("rows", F.KERNELS.rows))
+    monkeypatch.setattr(F.KERNELS, "weight_stats", spy("weight", F.KERNELS.weight_stats))
     on = _probe_run(tmp_path, "on", "on")
     # the compiled kernels did the work: weights, gradients, activations with their rules
     assert ("weight", None) in calls and ("rows", None) in calls

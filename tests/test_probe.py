@@ -13,7 +13,8 @@ from torch import nn
 
 import gradprobe as gp
 from gradprobe.activations import spec_for_module
-from gradprobe.stats.eager import derive_row, reference_stats
+from gradprobe.stats.reference import reference_stats
+from gradprobe.stats.schema import derive_row
 
 
 class Reference:

@@ -17,7 +17,7 @@ from torch import nn
 import gradprobe as gp
 from gradprobe.capture.recorder import Recorder, RowInfo
 from gradprobe.errors import NonFiniteError, RunDirError
-from gradprobe.stats import eager as S
+from gradprobe.stats import eager
 from gradprobe.store.writer import MAX_PENDING, PART_DIRS, RunWriter, part_files, read_events
 
 
@@ -272,7 +272,7 @@ def _record(rec, step, values, scale=1.0):
     slot = rec.begin(step)
     for row, v in enumerate(values):
         x = torch.tensor(v, dtype=torch.float64)
-        rec.add(slot, row, S.tensor_stats(x), x.numel())
+        rec.add(slot, row, eager.tensor_stats(x), x.numel())
     rec.add_hist(slot, 1, torch.tensor(values[1]))
     rec.add_loss(step, torch.tensor(float(step)))
     rec.end(slot, skipped=False, scale=torch.tensor(scale))

@@ -163,10 +163,11 @@ def _nan_run(tmp) -> tuple[pd.DataFrame, list]:
 def test_accelerator_path_counts_exactly_and_finds_the_event(tmp_path, monkeypatch):
     """With the accelerator code path (no per-step read of values), a staged step holding
     NaN is counted exactly and its event is found at the flush: the same run as on CPU."""
-    from gradprobe.stats import eager as S
+    from gradprobe.stats import batched, eager
 
     cpu, cpu_events = _nan_run(tmp_path / "cpu")
-    monkeypatch.setattr(S, "_cpu", lambda device: False)
+    for mod in (eager, batched):
+        monkeypatch.setattr(mod, "on_host", lambda device: False)
     acc, acc_events = _nan_run(tmp_path / "acc")
     num = cpu.select_dtypes("number").columns
     pd.testing.assert_frame_equal(acc[num], cpu[num], rtol=1e-6, atol=1e-7)

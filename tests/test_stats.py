@@ -10,17 +10,18 @@ import pytest
 import torch
 
 from gradprobe.activations import get
-from gradprobe.capture.hooks import first_float_tensor, histogram
-from gradprobe.stats import eager as S
+from gradprobe.capture.hooks import first_float_tensor
+from gradprobe.stats import batched, eager, reference, schema
+from gradprobe.stats.hist import histogram
 
 
 def _raw_from_vec(vec: torch.Tensor, count: int, units: float = 0.0) -> dict:
     v = vec.tolist()
     return {
-        "count": count, "sum": v[S.SUM], "sumsq": v[S.SUMSQ], "abs_sum": v[S.ABS_SUM],
-        "nonzero": v[S.NONZERO], "nonfinite": v[S.NONFINITE], "saturated": v[S.SATURATED],
-        "dead": v[S.DEAD], "units": units, "ref_sumsq": math.nan, "min": -v[S.NEG_MIN],
-        "max": v[S.MAX],
+        "count": count, "sum": v[schema.SUM], "sumsq": v[schema.SUMSQ], "abs_sum": v[schema.ABS_SUM],
+        "nonzero": v[schema.NONZERO], "nonfinite": v[schema.NONFINITE], "saturated": v[schema.SATURATED],
+        "dead": v[schema.DEAD], "units": units, "ref_sumsq": math.nan, "min": -v[schema.NEG_MIN],
+        "max": v[schema.MAX],
     }
 
 
@@ -39,9 +40,9 @@ CASES = {
 def test_tensor_stats_match_reference(case):
     torch.manual_seed(0)
     x = CASES[case]()
-    vec = S.tensor_stats(x)
-    got = S.derive_row(_raw_from_vec(vec, x.numel()))
-    want = S.derive_row(S.reference_stats([x]))
+    vec = eager.tensor_stats(x)
+    got = schema.derive_row(_raw_from_vec(vec, x.numel()))
+    want = schema.derive_row(reference.reference_stats([x]))
     for k, w in want.items():
         if math.isnan(w):
             assert math.isnan(got[k]) or k in ("saturated_frac", "dead_frac"), k
@@ -51,11 +52,11 @@ def test_tensor_stats_match_reference(case):
 
 def test_nonfinite_counted_and_moments_poisoned():
     x = torch.tensor([1.0, float("nan"), float("inf"), -2.0, 0.0])
-    raw = _raw_from_vec(S.tensor_stats(x), 5)
+    raw = _raw_from_vec(eager.tensor_stats(x), 5)
     assert raw["nonfinite"] == 2
     assert raw["nonzero"] == 4  # NaN and Inf are non-zero
     assert math.isnan(raw["sum"])
-    ref = S.reference_stats([x])
+    ref = reference.reference_stats([x])
     assert ref["nonfinite"] == 2 and ref["nonzero"] == 4
 
 
@@ -63,33 +64,33 @@ def test_saturation_and_dead_units_follow_activation_table():
     torch.manual_seed(0)
     sig = get("sigmoid")
     a = torch.sigmoid(torch.randn(50, 8) * 6)
-    vec = S.tensor_stats(a, sig.saturated)
+    vec = eager.tensor_stats(a, sig.saturated)
     want = float(((a < 0.0127) | (a > 1 - 0.0127)).sum())  # band a(1-a) < 0.0125, by hand
-    assert vec[S.SATURATED].item() == pytest.approx(want, abs=1)
-    assert vec[S.SATURATED].item() == S.reference_stats([a], sig.saturated)["saturated"]
+    assert vec[schema.SATURATED].item() == pytest.approx(want, abs=1)
+    assert vec[schema.SATURATED].item() == reference.reference_stats([a], sig.saturated)["saturated"]
 
     relu = get("relu")
     h = torch.relu(torch.randn(6, 10, 3, 3))
     h[:, 2] = 0.0  # channel 2 dead for the whole batch
     h[:, 7] = 0.0
-    mask = S.inactive_units(h, relu.inactive)
+    mask = eager.inactive_units(h, relu.inactive)
     assert mask.shape == (10,)
     assert sorted(torch.nonzero(mask).flatten().tolist()) == [2, 7]
     # 2-D and 3-D outputs: the unit is the last dimension
     h2 = torch.relu(torch.randn(5, 4, 6))
     h2[..., 1] = 0
-    assert S.inactive_units(h2, relu.inactive).nonzero().flatten().tolist() == [1]
-    ref = S.reference_stats([h], inactive=relu.inactive)
+    assert eager.inactive_units(h2, relu.inactive).nonzero().flatten().tolist() == [1]
+    ref = reference.reference_stats([h], inactive=relu.inactive)
     assert ref["dead"] == 2 and ref["units"] == 10
 
 
 def test_merge_equals_stats_of_concatenation():
     torch.manual_seed(0)
     parts = [torch.randn(4, 6), torch.randn(9, 6) * 3, torch.zeros(2, 6)]
-    acc = S.empty_stats(1)[0]
+    acc = eager.empty_stats(1)[0]
     for p in parts:
-        S.merge_(acc, S.tensor_stats(p))
-    whole = S.tensor_stats(torch.cat(parts))
+        eager.merge_(acc, eager.tensor_stats(p))
+    whole = eager.tensor_stats(torch.cat(parts))
     assert torch.allclose(acc, whole, rtol=1e-6)
 
 
@@ -97,9 +98,9 @@ def test_param_group_stats_equal_per_tensor_stats():
     torch.manual_seed(0)
     ts = [torch.randn(8, 3), torch.zeros(4), torch.randn(2, 2, 2)]
     ts[0][0, 0] = float("inf")
-    mat = S.param_group_stats(ts)
+    mat = batched.param_group_stats(ts)
     for i, t in enumerate(ts):
-        want = S.tensor_stats(t)
+        want = eager.tensor_stats(t)
         assert torch.allclose(mat[i], want, equal_nan=True), i
 
 
@@ -113,7 +114,7 @@ def test_derive_definitions_closed_form():
         "nonfinite": 0, "saturated": math.nan, "dead": math.nan, "units": 0, "ref_sumsq": 1.0,
         "min": math.inf, "max": -math.inf,
     }])
-    d = S.derive(raw)
+    d = schema.derive(raw)
     g = d.iloc[0]
     assert g["mean"] == 0.5
     assert g["std"] == pytest.approx(math.sqrt(10 / 4 - 0.25))
@@ -160,22 +161,23 @@ def test_first_float_tensor_of_structured_outputs():
 def test_both_device_paths_agree_with_reference(accelerator_path, monkeypatch):
     """The branch-free path used on accelerators (exact counts always) and the CPU path."""
     if accelerator_path:
-        monkeypatch.setattr(S, "_cpu", lambda device: False)
+        for mod in (eager, batched):
+            monkeypatch.setattr(mod, "on_host", lambda device: False)
     torch.manual_seed(0)
     ts = [torch.relu(torch.randn(40, 30)), torch.randn(9000), torch.zeros(3),
           torch.tensor([0.0, math.nan, math.inf, 2.0])]
-    mat = S.param_group_stats(ts, torch.empty(9000))
+    mat = batched.param_group_stats(ts)
     for i, t in enumerate(ts):
-        ref = S.reference_stats([t])
+        ref = reference.reference_stats([t])
         raw = _raw_from_vec(mat[i], t.numel())
         for k in ("nonzero", "nonfinite"):
             assert raw[k] == ref[k], (i, k)
         if ref["nonfinite"] == 0:
             for k in ("sum", "sumsq", "abs_sum", "min", "max"):
                 assert raw[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), (i, k)
-        vec = S.tensor_stats(t)
-        assert vec[S.NONFINITE].item() == ref["nonfinite"]
-        assert vec[S.NONZERO].item() == ref["nonzero"]
+        vec = eager.tensor_stats(t)
+        assert vec[schema.NONFINITE].item() == ref["nonfinite"]
+        assert vec[schema.NONZERO].item() == ref["nonzero"]
 
 
 @pytest.mark.parametrize("path", ["segments", "size_groups", "mixed_large"])
@@ -186,13 +188,13 @@ def test_batched_paths_equal_per_tensor_stats(path):
     elif path == "size_groups":  # many tensors of two sizes, zero-padded rows of one matrix
         ts = [torch.relu(torch.randn(64, 64)) for _ in range(6)] + [torch.randn(64)] * 3
     else:  # large tensors (per-tensor path) and small ones in one call
-        ts = [torch.randn(100, 100), torch.randn(7), torch.randn(S.SMALL + 1), torch.zeros(9)]
+        ts = [torch.randn(100, 100), torch.randn(7), torch.randn(batched.SMALL + 1), torch.zeros(9)]
     ts[0].view(-1)[0] = math.nan
-    got = S.param_group_stats(ts, torch.empty(S.SMALL + 10_000))
+    got = batched.param_group_stats(ts)
     for i, t in enumerate(ts):
-        want = S.tensor_stats(t)
+        want = eager.tensor_stats(t)
         assert torch.allclose(got[i], want, rtol=1e-5, atol=1e-4, equal_nan=True), (path, i)
-    assert got[0, S.NONFINITE] == 1 and got[0, S.NONZERO] == S.reference_stats([ts[0]])["nonzero"]
+    assert got[0, schema.NONFINITE] == 1 and got[0, schema.NONZERO] == reference.reference_stats([ts[0]])["nonzero"]
 
 
 @pytest.mark.parametrize("accelerator_path", [False, True])
@@ -200,14 +202,15 @@ def test_padded_buckets_equal_reference(accelerator_path, monkeypatch):
     """Rows of several sizes, dtypes and buckets: the zero padding changes no statistic, in
     particular not the extrema of all-negative or all-positive short rows."""
     if accelerator_path:
-        monkeypatch.setattr(S, "_cpu", lambda device: False)
+        for mod in (eager, batched):
+            monkeypatch.setattr(mod, "on_host", lambda device: False)
     torch.manual_seed(2)
     ts = [torch.randn(64, 64), -torch.rand(5) - 1, torch.rand(3) + 2, torch.randn(1),
-          torch.randn(S.SMALL), torch.randn(700, dtype=torch.float64), torch.zeros(4),
+          torch.randn(batched.SMALL), torch.randn(700, dtype=torch.float64), torch.zeros(4),
           torch.randn(30).half(), torch.randn(2, 3).abs()]
-    mat = S.batched_stats(ts)
+    mat = batched.batched_stats(ts)
     for i, t in enumerate(ts):
-        ref = S.reference_stats([t.float()])
+        ref = reference.reference_stats([t.float()])
         raw = _raw_from_vec(mat[i], t.numel())
         for k in ("sum", "sumsq", "abs_sum", "nonzero", "nonfinite", "min", "max"):
             assert raw[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-5), (i, k)
@@ -216,11 +219,11 @@ def test_padded_buckets_equal_reference(accelerator_path, monkeypatch):
 def test_tiny_batch_with_one_wide_tensor_is_not_padded_to_its_width():
     """Many tiny tensors next to one of SMALL elements: equal to the reference either way."""
     torch.manual_seed(3)
-    ts = [torch.randn(S.SMALL)] + [torch.randn(5) - 3 for _ in range(1000)]
-    mat = S.batched_stats(ts)
-    sq = S.sumsq_group(ts)
+    ts = [torch.randn(batched.SMALL)] + [torch.randn(5) - 3 for _ in range(1000)]
+    mat = batched.batched_stats(ts)
+    sq = batched.sumsq_group(ts)
     for i in (0, 1, 1000):
-        ref = S.reference_stats([ts[i]])
+        ref = reference.reference_stats([ts[i]])
         raw = _raw_from_vec(mat[i], ts[i].numel())
         for k in ("sum", "sumsq", "abs_sum", "nonzero", "min", "max"):
             assert raw[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-5), (i, k)

@@ -61,7 +61,9 @@ from gradprobe.capture.hooks import first_float_tensor
 from gradprobe.capture.recorder import Recorder, RowInfo
 from gradprobe.capture.stage import ParamSet
 from gradprobe.errors import ConfigError, NonFiniteError, RunDirError, UnsupportedModelError
-from gradprobe.stats import eager as S
+from gradprobe.stats import batched as B
+from gradprobe.stats import eager as E
+from gradprobe.stats import schema as S
 from gradprobe.store.writer import RunWriter
 
 Kind = Literal["grad", "weight", "update", "drift", "act", "act_grad"]
@@ -504,8 +506,8 @@ class Probe:
                 if kind in self.kinds:
                     g.rows[kind] = [self._layers[i].rows[kind] for i in g.layer_ids]
                     g.rows_t[kind] = torch.tensor(g.rows[kind], dtype=torch.long, device=device)
-            g.small = [i for i, n in enumerate(g.numels) if n <= S.SMALL]
-            g.large = [i for i, n in enumerate(g.numels) if n > S.SMALL]
+            g.small = [i for i, n in enumerate(g.numels) if n <= B.SMALL]
+            g.large = [i for i, n in enumerate(g.numels) if n > B.SMALL]
             for kind in list(g.rows):
                 g.rows_t[kind + "_large"] = g.rows_t[kind][g.large]
             with torch.no_grad():
@@ -514,7 +516,7 @@ class Probe:
                     g.prev = [torch.empty_like(p) for p in g.params]
                 if "drift" in self.kinds:
                     g.init = [p.detach().clone() for p in g.params]
-                    g.init_sumsq = S.sumsq_group(g.init)
+                    g.init_sumsq = B.sumsq_group(g.init)
         return groups
 
     def _setup_stage(self, groups: list[_ParamGroup]) -> None:
@@ -669,7 +671,7 @@ class Probe:
                         continue
                     if gr.is_sparse:
                         gr = gr.coalesce().values()
-                    if gr.numel() <= S.SMALL:
+                    if gr.numel() <= B.SMALL:
                         small.append(gr)
                         small_rows.append(row)
                     else:
@@ -682,7 +684,7 @@ class Probe:
                     for v, row in zip(flat.split([t.numel() for t in small]), small_rows):
                         rec.defer(slot, row, v)
                 if large:
-                    mat = S.param_group_stats(large, g.scratch)
+                    mat = rec.summary.group(large)
                     rows_t = (g.rows_t["grad_large"] if len(large) == len(g.large)
                               else torch.tensor(large_rows, dtype=torch.long, device=mat.device))
                     rec.add_many(slot, large_rows, rows_t, mat, [t.numel() for t in large])
@@ -726,7 +728,7 @@ class Probe:
             for i in g.large:
                 w = ws[i]
                 # one compiled pass where available: statistics of W, Σ(W_before − W)², Σ(W − W0)²
-                both = S.fused_weight_stats(w, g.prev[i] if want_u and not skipped else None,
+                both = rec.summary.weight(w, g.prev[i] if want_u and not skipped else None,
                                             g.init[i] if want_d else None)
                 if both is not None:
                     if want_w:
@@ -740,18 +742,18 @@ class Probe:
                     continue
                 exact = False
                 if want_w:
-                    vecs.append(S.large_param_stats(w))
+                    vecs.append(rec.summary.large_weight(w))
                 if want_u:
-                    up_w.append(vecs[-1][S.SUMSQ] if want_w else _sumsq(w))
+                    up_w.append(vecs[-1][S.SUMSQ] if want_w else E.sumsq(w))
                     if not skipped:
-                        up_d.append(_diff_sumsq(g.prev[i], w, g.scratch))
+                        up_d.append(E.diff_sumsq(g.prev[i], w, g.scratch))
                 if want_d:
-                    dr_d.append(_diff_sumsq(w, g.init[i], g.scratch))
+                    dr_d.append(E.diff_sumsq(w, g.init[i], g.scratch))
             if vecs:
                 wl = [ws[i] for i in g.large]
                 wmat = torch.stack(vecs)
                 if not exact:
-                    wmat = S.fix_nonfinite_(wl, wmat)
+                    wmat = E.fix_nonfinite_(wl, wmat)
                 rec.add_many(slot, [g.rows["weight"][i] for i in g.large],
                              g.rows_t["weight_large"], wmat, [g.numels[i] for i in g.large])
             own = g.own  # the group's parameters not handed to the stage
@@ -759,34 +761,34 @@ class Probe:
                 continue
             if want_u:
                 if skipped:
-                    wsq = S.sumsq_group([ws[i] for i in own])
+                    wsq = rec.summary.sumsq_group([ws[i] for i in own])
                     dsq = torch.zeros_like(wsq)
                 else:
-                    wsq = torch.empty(len(own), dtype=S.STAT_DTYPE, device=ws[0].device)
+                    wsq = torch.empty(len(own), dtype=E.STAT_DTYPE, device=ws[0].device)
                     dsq = torch.empty_like(wsq)
                     if g.small:  # W_before - W_after into g.prev
                         d = [g.prev[i] for i in g.small]
                         torch._foreach_sub_(d, [ws[i] for i in g.small])
-                        both = S.sumsq_group([ws[i] for i in g.small] + d)
+                        both = rec.summary.sumsq_group([ws[i] for i in g.small] + d)
                         wsq[g.rows_t["small_pos"]] = both[: len(d)]
                         dsq[g.rows_t["small_pos"]] = both[len(d):]
                     if g.large:
-                        wsq[g.rows_t["large_pos"]] = torch.stack(up_w).to(S.STAT_DTYPE)
-                        dsq[g.rows_t["large_pos"]] = torch.stack(up_d).to(S.STAT_DTYPE)
+                        wsq[g.rows_t["large_pos"]] = torch.stack(up_w).to(E.STAT_DTYPE)
+                        dsq[g.rows_t["large_pos"]] = torch.stack(up_d).to(E.STAT_DTYPE)
                 rec.add_many(slot, [g.rows["update"][i] for i in own], g.rows_t["update_own"],
-                             _ratio_mat(dsq, wsq), [g.numels[i] for i in own])
+                             E.ratio_rows(dsq, wsq), [g.numels[i] for i in own])
             if want_d:
-                dsq = torch.empty(len(own), dtype=S.STAT_DTYPE, device=ws[0].device)
+                dsq = torch.empty(len(own), dtype=E.STAT_DTYPE, device=ws[0].device)
                 if g.small:  # small tensors: W - W0 into g.prev with two foreach calls
                     d = [g.prev[i] for i in g.small]
                     torch._foreach_copy_(d, [ws[i] for i in g.small])
                     torch._foreach_sub_(d, [g.init[i] for i in g.small])
-                    dsq[g.rows_t["small_pos"]] = S.sumsq_group(d)
+                    dsq[g.rows_t["small_pos"]] = rec.summary.sumsq_group(d)
                 if g.large:
-                    dsq[g.rows_t["large_pos"]] = torch.stack(dr_d).to(S.STAT_DTYPE)
+                    dsq[g.rows_t["large_pos"]] = torch.stack(dr_d).to(E.STAT_DTYPE)
                 assert g.own_init_sumsq is not None
                 rec.add_many(slot, [g.rows["drift"][i] for i in own], g.rows_t["drift_own"],
-                             _ratio_mat(dsq, g.own_init_sumsq),
+                             E.ratio_rows(dsq, g.own_init_sumsq),
                              [g.numels[i] for i in own])
 
     def _end_step(self, *, skipped: bool) -> None:
@@ -892,14 +894,14 @@ class Probe:
             x = t.detach()  # nothing below records autograd history
             if not rec.stage_add(slot, row, x, lay.sat_rule, lay.dead_rule, row):
                 sat_rule, dead_rule = lay.sat_rule, lay.dead_rule
-                if x.numel() <= S.SMALL:
+                if x.numel() <= B.SMALL:
                     # a copy: an in-place activation may overwrite the output later
                     rec.defer(slot, row, x.clone(), sat_rule, dead_rule)
                 else:
                     with torch.no_grad():
-                        rec.add(slot, row, S.tensor_stats(x, sat_rule), x.numel())
+                        rec.add(slot, row, rec.summary.tensor(x, sat_rule), x.numel())
                         if dead_rule is not None:
-                            rec.and_units(slot, row, S.inactive_units(x, dead_rule))
+                            rec.and_units(slot, row, E.inactive_units(x, dead_rule))
             if self._hist_now:
                 with torch.no_grad():
                     rec.add_hist(slot, row, x)
@@ -916,37 +918,15 @@ class Probe:
                          row):
             if not self._hist_now:
                 return
-        elif grad.numel() <= S.SMALL:
+        elif grad.numel() <= B.SMALL:
             rec.defer(slot, row, grad.detach().clone())  # detached: records no history
             if not self._hist_due():
                 return
         with torch.no_grad():
-            if grad.numel() > S.SMALL:
-                rec.add(slot, row, S.tensor_stats(grad), grad.numel())
+            if grad.numel() > B.SMALL:
+                rec.add(slot, row, rec.summary.tensor(grad), grad.numel())
             if self._hist_due():
                 rec.add_hist(slot, row, grad)
-
-
-def _sumsq(x: Tensor) -> Tensor:
-    """``Σ x²`` of one tensor (float32 accumulation for half precision)."""
-    half = x.dtype in (torch.float16, torch.bfloat16)
-    return torch.linalg.vector_norm(x, dtype=torch.float32 if half else None).square()
-
-
-def _diff_sumsq(a: Tensor, b: Tensor, scratch: Tensor | None) -> Tensor:
-    """``Σ (a − b)²``, the difference written into ``scratch`` (as large as the largest
-    parameter) and reduced while it is in cache, rather than into a fresh tensor."""
-    assert scratch is not None
-    out = scratch[: a.numel()].view_as(a)
-    return _sumsq(torch.sub(a, b, out=out))
-
-
-def _ratio_mat(sumsq: Tensor, ref_sumsq: Tensor) -> Tensor:
-    """Stats rows holding only ``sumsq`` and ``ref_sumsq`` (kinds update and drift)."""
-    zero = torch.zeros_like(sumsq)
-    ninf = torch.full_like(sumsq, -math.inf)
-    nonfinite = (~torch.isfinite(sumsq)).to(S.STAT_DTYPE)
-    return torch.stack([zero, sumsq, zero, zero, nonfinite, zero, zero, ref_sumsq, ninf, ninf], 1)
 
 
 __all__ = ["Probe"]

@@ -31,7 +31,10 @@ from torch import Tensor
 
 from gradprobe.capture import stage as _stage
 from gradprobe.capture.stage import STATS, WPRE, Entry, ParamSet, Stage
-from gradprobe.stats import eager as S
+from gradprobe.stats import batched as B
+from gradprobe.stats import eager as E
+from gradprobe.stats import schema as S
+from gradprobe.stats.compiled import KERNELS, CompiledKernels
 from gradprobe.store.writer import RunWriter
 
 PASS_OF_KIND = {"act": "forward", "act_grad": "act_grad", "grad": "grad", "weight": "weight",
@@ -53,6 +56,69 @@ class RowInfo:
     dead_rule: bool
 
 
+class Summariser:
+    """How each tensor is summarised, decided in one place: the compiled one-pass kernels
+    (:mod:`gradprobe.stats.compiled`) where they serve the tensor, the eager kernels otherwise;
+    small tensors together (:mod:`gradprobe.stats.batched`). Owns the kernels' workspace."""
+
+    def __init__(self, kernels: CompiledKernels = KERNELS) -> None:
+        self.kernels = kernels
+        self.ws = E.Workspace()
+
+    def _compiled(self, ts: Sequence[Tensor], saturated: Rule | None = None) -> Tensor | None:
+        """The compiled rows (exact counts) where the compiled path serves every tensor."""
+        if ts and all(self.kernels.usable(t) for t in ts):
+            return self.kernels.rows(ts, saturated)
+        return None
+
+    def tensor(self, x: Tensor, saturated: Rule | None = None) -> Tensor:
+        """``[N_STATS]`` of one tensor with exact counts (:func:`gradprobe.stats.eager.tensor_stats`)."""
+        with torch.no_grad():
+            xd = x.detach()
+            fused = self._compiled([xd], saturated)
+            if fused is not None:
+                return fused[0]
+            return E.tensor_stats(xd, saturated, self.ws)
+
+    def large(self, tensors: Sequence[Tensor]) -> Tensor:
+        """``[k, N_STATS]`` of large tensors, exact counts."""
+        with torch.no_grad():
+            ds = [t.detach() for t in tensors]
+            fused = self._compiled(ds)
+            return fused if fused is not None else E.large_stats(ds, self.ws)
+
+    def group(self, tensors: Sequence[Tensor]) -> Tensor:
+        """:func:`gradprobe.stats.batched.param_group_stats` with this choice for large ones."""
+        return B.param_group_stats(tensors, self.ws, large=self.large)
+
+    def batched(self, tensors: Sequence[Tensor]) -> Tensor:
+        return B.batched_stats(tensors, self.ws)
+
+    def sumsq_group(self, tensors: Sequence[Tensor]) -> Tensor:
+        return B.sumsq_group(tensors, self.ws)
+
+    def large_weight(self, x: Tensor) -> Tensor:
+        """``[N_STATS]`` of a large tensor, where the eager path leaves the non-finite count 0
+        (fill it with :func:`gradprobe.stats.eager.fix_nonfinite_` over a stack of such
+        vectors, one check for all; the compiled path's exact count passes unchanged)."""
+        with torch.no_grad():
+            xd = x.detach()
+            fused = self._compiled([xd])
+            if fused is not None:
+                return fused[0]
+            return E.chunked_stats([E.as_float(xd)], None, self.ws)[0]
+
+    def weight(self, w: Tensor, prev: Tensor | None, init: Tensor | None) -> Tensor | None:
+        """``[N_STATS + 2]``: the statistics of a large weight ``w`` (exact counts), then
+        ``Σ (w − prev)²`` and ``Σ (w − init)²`` from one compiled pass; ``None`` where the
+        compiled path does not serve ``w`` (the caller takes the eager path)."""
+        with torch.no_grad():
+            wd = w.detach()
+            if not self.kernels.usable(wd):
+                return None
+            return self.kernels.weight_stats(wd, prev, init)
+
+
 class Recorder:
     """Ring buffer of ``capacity`` recorded steps × ``len(rows)`` records on ``device``."""
 
@@ -63,9 +129,10 @@ class Recorder:
         self.device = device
         self.writer = writer
         self.hist_bins = hist_bins
+        self.summary = Summariser()
         r = len(rows)
-        self._identity = S.empty_stats(r, device)
-        self.buf = S.empty_stats(capacity * r, device).view(capacity, r, S.N_STATS)
+        self._identity = E.empty_stats(r, device)
+        self.buf = E.empty_stats(capacity * r, device).view(capacity, r, S.N_STATS)
         self._clean_from = 0  # slots from here on hold the identity and zero counts
         self.scale = torch.ones(capacity, dtype=torch.float64, device=device)
         self.counts = np.zeros((capacity, r))
@@ -180,14 +247,7 @@ class Recorder:
         self._mats.append((slot, rows_t, mat))
 
     def _merge_rows(self, slot: int, rows_t: Tensor, mat: Tensor) -> None:
-        # parameters or activations on another device (model parallel): copy the few numbers
-        if mat.device != self.device:
-            mat = mat.to(self.device, non_blocking=True)
-            rows_t = rows_t.to(self.device, non_blocking=True)
-        target = self.buf[slot]
-        target[:, : S.N_ADD].index_add_(0, rows_t, mat[:, : S.N_ADD])
-        idx = rows_t.unsqueeze(1).expand(-1, S.N_STATS - S.N_ADD)
-        target[:, S.N_ADD :].scatter_reduce_(0, idx, mat[:, S.N_ADD :], "amax")
+        E.merge_rows_(self.buf[slot], rows_t, mat)
 
     def defer(self, slot: int, row: int, x: Tensor, saturated: Rule | None = None,
               inactive: Rule | None = None) -> None:
@@ -258,7 +318,7 @@ class Recorder:
         strided, or no room left in the step's row (:data:`gradprobe.capture.stage.MAX_ELEMS`)."""
         st = self.stage
         if (st is None or x.dtype != st.dtype or x.device != st.device
-                or x.numel() > S.SMALL or x.layout != torch.strided):
+                or x.numel() > B.SMALL or x.layout != torch.strided):
             return False
         if self._open_slot != slot:
             self._open.clear()
@@ -452,17 +512,10 @@ class Recorder:
         self._apply_books()
         slots, rows_t, mat, dead = st.summarise()
         r = len(self.rows)
-        dev = self.device
         slots_t = torch.tensor(slots, dtype=torch.long, device=mat.device)
         if mat.shape[1]:
             flat_idx = (slots_t[:, None] * r + rows_t[None, :]).reshape(-1)
-            flat = mat.reshape(-1, S.N_STATS)
-            if flat.device != dev:
-                flat, flat_idx = flat.to(dev), flat_idx.to(dev)
-            target = self.buf.view(-1, S.N_STATS)
-            target[:, : S.N_ADD].index_add_(0, flat_idx, flat[:, : S.N_ADD])
-            idx = flat_idx.unsqueeze(1).expand(-1, S.N_STATS - S.N_ADD)
-            target[:, S.N_ADD :].scatter_reduce_(0, idx, flat[:, S.N_ADD :], "amax")
+            E.merge_rows_(self.buf.view(-1, S.N_STATS), flat_idx, mat.reshape(-1, S.N_STATS))
         if dead:
             by_row: dict[int, list[Tensor]] = {}
             for row, mask in dead:
@@ -475,7 +528,8 @@ class Recorder:
                     m = grp[0]
                     for other in grp[1:]:
                         m = m & other  # micro-batches of one step: dead on every one
-                    count = m.sum(-1).to(S.STAT_DTYPE)
+                    count = m.sum(-1).to(E.STAT_DTYPE)
+                    dev = self.device
                     self.buf[slots_t.to(dev), row, S.DEAD] += count.to(dev)
                     self.units[slots_np, row] += m.shape[-1]
 
@@ -487,7 +541,7 @@ class Recorder:
 
     def _summarise(self, slot: int, items: list[tuple[int, Tensor, Any, Any]]) -> None:
         xs = [x for _, x, _, _ in items]
-        mat = S.batched_stats(xs)
+        mat = self.summary.batched(xs)
         sat_groups: dict[tuple[Any, int], list[int]] = {}
         unit_groups: dict[tuple[Any, tuple[int, ...]], list[int]] = {}
         for i, (_, x, sat, ina) in enumerate(items):
@@ -497,9 +551,9 @@ class Recorder:
                 unit_groups.setdefault((ina, tuple(x.shape)), []).append(i)
         for (rule, _), idx in sat_groups.items():
             blk = torch.stack([xs[i].reshape(-1) for i in idx])
-            mat[idx, S.SATURATED] = rule(blk).sum(1).to(S.STAT_DTYPE)
+            mat[idx, S.SATURATED] = rule(blk).sum(1).to(E.STAT_DTYPE)
         for (rule, _), idx in unit_groups.items():
-            masks = S.inactive_units_batched(torch.stack([xs[i] for i in idx]), rule)
+            masks = E.inactive_units_batched(torch.stack([xs[i] for i in idx]), rule)
             for j, i in enumerate(idx):
                 self.and_units(slot, items[i][0], masks[j], owned=True)
         rows = [row for row, _, _, _ in items]
@@ -540,8 +594,8 @@ class Recorder:
                     torch.tensor(rows, device=masks[0].device),
                     torch.tensor(lens, device=masks[0].device))
                 self._unit_segments[seg_key] = seg
-            dead = torch.zeros(len(self.rows), dtype=S.STAT_DTYPE, device=masks[0].device)
-            dead.index_add_(0, seg, torch.cat(masks).to(S.STAT_DTYPE))
+            dead = torch.zeros(len(self.rows), dtype=E.STAT_DTYPE, device=masks[0].device)
+            dead.index_add_(0, seg, torch.cat(masks).to(E.STAT_DTYPE))
             self.buf[slot, :, S.DEAD] += dead.to(self.device, non_blocking=True)
             for row, n in zip(rows, lens):
                 self.units[slot, row] += n
@@ -573,7 +627,7 @@ class Recorder:
             del self.hist[key]
 
     def add_hist(self, slot: int, row: int, x: Tensor) -> None:
-        from gradprobe.capture.hooks import histogram
+        from gradprobe.stats.hist import histogram
 
         key = (slot, row)
         prev = self.hist.get(key)
@@ -823,4 +877,4 @@ def _to(x: Tensor, device: torch.device) -> Tensor:
     return x if x.device == device else x.to(device, non_blocking=True)
 
 
-__all__ = ["HostFlush", "Recorder", "RowInfo"]
+__all__ = ["HostFlush", "Recorder", "RowInfo", "Summariser"]

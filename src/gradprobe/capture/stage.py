@@ -17,8 +17,8 @@ Row layout (column order of one step)::
 where the stats entries are activations, activation gradients, parameter gradients and the
 weights after the step (in parameter order, sorted by size within the weights). Values are
 summarised in the tensors' own precision with float64 results, like
-:func:`gradprobe.stats.eager.batched_stats`; results equal the per-tensor statistics to float
-tolerance (tested against :func:`gradprobe.stats.eager.reference_stats`).
+:func:`gradprobe.stats.batched.batched_stats`; results equal the per-tensor statistics to float
+tolerance (tested against :func:`gradprobe.stats.reference.reference_stats`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gradprobe.stats import eager as S
+from gradprobe.stats import eager as E
+from gradprobe.stats import schema as S
 
 Rule = Callable[[Tensor], Tensor]
 
@@ -211,7 +212,7 @@ class Stage:
     def __init__(self, device: torch.device, dtype: torch.dtype, params: ParamSet | None,
                  max_steps: int) -> None:
         self.device = device
-        self.on_cpu = S._cpu(device)
+        self.on_cpu = E.on_host(device)
         self.max_steps = max_steps
         self.dtype = dtype
         self.params = params
@@ -268,7 +269,7 @@ class Stage:
             rows.append(ratio[0])
         if plan.runs:
             # every entry's row of statistics, written run by run into one matrix
-            mat = torch.zeros(n_steps, len(plan.stats), S.N_STATS, dtype=S.STAT_DTYPE,
+            mat = torch.zeros(n_steps, len(plan.stats), S.N_STATS, dtype=E.STAT_DTYPE,
                               device=x.device)
             k = 0
             for run in plan.runs:
@@ -282,7 +283,7 @@ class Stage:
                 mats.append(mat)
                 rows.append(_rows_tensor(plan, "stats", plan.rows[keep], x.device))
         if not mats:
-            empty = torch.empty(n_steps, 0, S.N_STATS, dtype=S.STAT_DTYPE, device=x.device)
+            empty = torch.empty(n_steps, 0, S.N_STATS, dtype=E.STAT_DTYPE, device=x.device)
             return slots, torch.empty(0, dtype=torch.long, device=x.device), empty, dead
         return slots, torch.cat(rows), torch.cat(mats, 1), dead
 
@@ -297,7 +298,7 @@ class Stage:
             if len(pos) == run.m:
                 out[..., S.SATURATED] = counts
             else:
-                out[:, pos, S.SATURATED] = counts.to(S.STAT_DTYPE)
+                out[:, pos, S.SATURATED] = counts.to(E.STAT_DTYPE)
         for rule, pos in run.ina:
             sub = _pick(v, pos).reshape(n_steps, len(pos), *run.shape)
             units = _inactive(sub, rule)  # [S, len(pos), units]
@@ -340,14 +341,14 @@ class Stage:
                 dsq = _segment_sumsq(pre.sub_(post), lens)  # the W_before region is consumed
             else:  # a step the optimizer skipped: the weights did not move
                 dsq = torch.zeros_like(wsq)
-            mats.append(_ratio_rows(dsq, wsq))
+            mats.append(E.ratio_rows(dsq, wsq))
             rows += [ps.update_rows[p] for p in order]
         if want_d:
             assert ps.init is not None and ps.init_sumsq is not None
             diff = torch.sub(post, ps.init, out=pre) if pre is not None else post - ps.init
             dsq = _segment_sumsq(diff, lens)
             ref = ps.init_sumsq[order].expand(n_steps, -1)
-            mats.append(_ratio_rows(dsq, ref))
+            mats.append(E.ratio_rows(dsq, ref))
             rows += [ps.drift_rows[p] for p in order]
         keep = [i for i, r in enumerate(rows) if r >= 0]
         mat = torch.cat(mats, 1)
@@ -381,22 +382,15 @@ def _segment_sumsq(d: Tensor, lens: list[int]) -> Tensor:
             j += 1
         n = lens[i]
         blk = d[:, off : off + (j - i) * n].reshape(d.shape[0], j - i, n)
-        out.append(torch.linalg.vector_norm(blk, 2, dim=-1).to(S.STAT_DTYPE).square())
+        out.append(torch.linalg.vector_norm(blk, 2, dim=-1).to(E.STAT_DTYPE).square())
         off += (j - i) * n
         i = j
     return torch.cat(out, 1)
 
 
-def _ratio_rows(dsq: Tensor, ref: Tensor) -> Tensor:
-    zero = torch.zeros_like(dsq)
-    ninf = torch.full_like(dsq, -math.inf)
-    nonfinite = (~torch.isfinite(dsq)).to(S.STAT_DTYPE)
-    return torch.stack([zero, dsq, zero, zero, nonfinite, zero, zero, ref, ninf, ninf], -1)
-
-
 def _inactive(sub: Tensor, rule: Rule) -> Tensor:
     """``[S, m, units]`` inactive masks of ``sub`` (``[S, m, *shape]``): a unit is the channel of
-    4-d and larger outputs, the last dimension otherwise (:func:`gradprobe.stats.eager.unit_dims`)."""
+    4-d and larger outputs, the last dimension otherwise (:func:`gradprobe.stats.schema.unit_dims`)."""
     dims = tuple(d + 2 for d in S.unit_dims(sub.ndim - 2))
     red = sub.amax(dim=dims) if dims else sub
     return rule(red.reshape(sub.shape[0], sub.shape[1], -1))

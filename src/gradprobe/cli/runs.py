@@ -82,7 +82,7 @@ def show(
 ) -> None:
     """Show a run: its configuration, and one line per layer with the last step's statistics."""
     from gradprobe.errors import ConfigError
-    from gradprobe.stats.eager import KINDS
+    from gradprobe.stats.schema import KINDS
     from gradprobe.store.run import Run
 
     if kind not in KINDS:

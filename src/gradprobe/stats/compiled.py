@@ -23,7 +23,10 @@ Counts are summed per row as float32 (exact: at most 1024 per row) and across ro
 
 Availability. A kernel compiles on first use per (kind, device type, dtype, saturation rule);
 the first use then runs it on a small known tensor and compares with the eager statistics.
-:data:`mode` (initialised from the environment variable ``GRADPROBE_FUSED``) selects:
+The mode is an attribute of a :class:`CompiledKernels` object, which also holds the compiled
+kernels and the reason of an earlier fallback. The process-wide instance :data:`KERNELS` (its
+mode initialised from the environment variable ``GRADPROBE_FUSED``) is the one the Probe uses:
+compiled graphs are per process anyway. Its mode selects:
 
 * ``"off"`` (default; ``GRADPROBE_FUSED=0`` or ``off``): eager only. Compiling costs 6-15 s
   in the first recorded step and needs a working compiler, for a gain of 5-10 % of the step
@@ -39,9 +42,11 @@ Probe inside a compiled model) or for tensors that require grad.
 
 Example
     >>> import torch
-    >>> from gradprobe.stats import compiled as _fused
+    >>> from gradprobe.stats.compiled import CompiledKernels
+    >>> kernels = CompiledKernels("off")
     >>> x = torch.randn(100_000)
-    >>> vec = _fused.rows([x])[0] if _fused.usable(x) else None
+    >>> kernels.usable(x)
+    False
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from torch import Tensor
 
 from gradprobe.errors import ConfigError
 from gradprobe.stats import eager as S
+from gradprobe.stats.schema import ordered
 
 Mode = Literal["auto", "on", "off"]
 
@@ -73,7 +79,8 @@ statistics, 1.2x for the weight kernel, 1.2x and 1.8x at 262144)."""
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _mode_from_env() -> Mode:
+def mode_from_env() -> Mode:
+    """The mode named by ``GRADPROBE_FUSED`` (an unknown value warns and gives ``"off"``)."""
     v = os.environ.get("GRADPROBE_FUSED", "").strip().lower()
     if v == "auto":
         return "auto"
@@ -83,36 +90,6 @@ def _mode_from_env() -> Mode:
         warnings.warn(f"GRADPROBE_FUSED={v!r} is not a known value: the compiled kernels stay "
                       "off. Use auto, 1 (on) or 0 (off).", RuntimeWarning, stacklevel=2)
     return "off"
-
-
-mode: Mode = _mode_from_env()
-"""``"auto"``, ``"on"`` or ``"off"``; see the module docstring. Set with :func:`set_mode`."""
-
-_KERNELS: dict[tuple[Any, ...], Callable[..., Tensor]] = {}
-_broken: str | None = None  # why "auto" fell back to eager for this process
-
-
-def set_mode(value: Mode) -> None:
-    """Select ``"auto"``, ``"on"`` or ``"off"`` for this process (and forget an earlier fallback,
-    so that ``"auto"`` tries to compile again)."""
-    global mode, _broken
-    if value not in ("auto", "on", "off"):
-        raise ConfigError(f"fused mode must be 'auto', 'on' or 'off', not {value!r}",
-                          hint='e.g. gradprobe.stats.compiled.set_mode("auto")')
-    mode = value
-    _broken = None
-
-
-def usable(x: Tensor) -> bool:
-    """True where the compiled path should summarise ``x`` (mode, size, dtype, not tracing, no
-    autograd, no earlier fallback)."""
-    if mode == "off" or _broken is not None:
-        return False
-    n = x.numel()
-    if n < (MIN_NUMEL if mode == "auto" else 3 * CHUNK):
-        return False
-    return (x.dtype in FLOATS and not x.requires_grad and not x.is_sparse
-            and not torch.compiler.is_compiling())
 
 
 # ----------------------------------------------------------------------------------- kernels
@@ -148,8 +125,9 @@ def _combine(a: list[Tensor], b: list[Tensor], has_sat: bool) -> Tensor:
     mn = torch.minimum(a[n_add].amin(), b[n_add]).to(f64)
     mx = torch.maximum(a[n_add + 1].amax(), b[n_add + 1]).to(f64)
     zero = torch.zeros((), dtype=f64, device=mn.device)
-    sat = add[5] if has_sat else zero
-    return torch.stack([add[0], add[1], add[2], add[3], add[4], sat, zero, zero, -mn, mx])
+    return torch.stack(ordered(
+        zero, zero, sum=add[0], sumsq=add[1], abs_sum=add[2], nonzero=add[3], nonfinite=add[4],
+        saturated=add[5] if has_sat else zero, neg_min=-mn, max=mx))
 
 
 def _make_stats_body(sat: Callable[[Tensor], Tensor] | None) -> Callable[..., Tensor]:
@@ -197,62 +175,8 @@ def _check_tensor(dtype: torch.dtype, device: torch.device) -> list[Tensor]:
 
 
 def _eager_row(x: Tensor, sat: Callable[[Tensor], Tensor] | None) -> Tensor:
-    xf = S._float(x)
-    return S._fix_nonfinite_([xf], S._chunked_eager([xf], sat))[0]
-
-
-def _kernel(kind: str, x: Tensor, sat: Callable[[Tensor], Tensor] | None = None
-            ) -> Callable[..., Tensor] | None:
-    """The compiled kernel for ``x``'s device type and dtype, compiled and checked on first
-    use; ``None`` when ``"auto"`` fell back to eager."""
-    key = (kind, x.device.type, x.dtype, sat)
-    k = _KERNELS.get(key)
-    if k is not None:
-        return k
-    name = f"_gradprobe_{kind}_{x.device.type}_{str(x.dtype)[6:]}_{len(_KERNELS)}"
-    body = _make_stats_body(sat) if kind == "stats" else _weight_body
-    try:
-        k = _compile(_own_code(body, name))
-        for c in _check_tensor(x.dtype, x.device):
-            parts = _split(c)
-            for p in parts:
-                torch._dynamo.mark_dynamic(p, 0)
-            if kind == "stats":
-                got = k(*parts)
-                want = _eager_row(c, sat)
-            else:
-                prev, init = c.flip(0), c * 0.5
-                ps, is_ = _split(prev), _split(init)
-                for p in (*ps, *is_):
-                    torch._dynamo.mark_dynamic(p, 0)
-                got = k(*parts, *ps, *is_)
-                cf = c.double()
-                want = torch.cat([_eager_row(c, None),
-                                  ((cf - prev.double()) ** 2).sum().reshape(1),
-                                  ((cf - init.double()) ** 2).sum().reshape(1)])
-            # counts, extrema and these sums of small integers are exact in both paths; the
-            # eager sum of squares goes through a square root (vector_norm), hence rtol
-            if not torch.allclose(got, want, rtol=1e-6, atol=0.0, equal_nan=True):
-                raise RuntimeError(f"compiled {kind} kernel disagrees with the eager path on a "
-                                   f"known {x.dtype} tensor: {got.tolist()} != {want.tolist()}")
-    except Exception as e:
-        _give_up(e)
-        return None
-    _KERNELS[key] = k
-    return k
-
-
-def _give_up(e: Exception) -> None:
-    """``"on"``: re-raise. ``"auto"``: fall back to eager for the rest of the process, with one
-    warning that says why."""
-    global _broken
-    if mode == "on":
-        raise e
-    _broken = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    warnings.warn(
-        f"gradprobe: compiled statistics kernels unavailable ({_broken}); using the eager "
-        "path for the rest of this process. Set GRADPROBE_FUSED=0 to skip the attempt and "
-        "silence this warning.", RuntimeWarning, stacklevel=4)
+    xf = S.as_float(x)
+    return S.fix_nonfinite_([xf], S.chunked_stats([xf], sat))[0]
 
 
 def _plain(device_type: str) -> contextlib.AbstractContextManager[Any]:
@@ -265,40 +189,135 @@ def _plain(device_type: str) -> contextlib.AbstractContextManager[Any]:
     return stack
 
 
-def rows(ts: Sequence[Tensor], saturated: Callable[[Tensor], Tensor] | None = None
-         ) -> Tensor | None:
-    """``[len(ts), N_STATS]`` float64 statistics of large tensors of one device, with
-    exact ``nonzero`` and ``nonfinite`` counts, or ``None`` where the compiled path is not
-    available (the caller runs the eager path). Callers pass detached tensors for which
-    :func:`usable` holds."""
-    out = []
-    with _plain(ts[0].device.type):
-        for t in ts:
-            k = _kernel("stats", t, saturated)
+class CompiledKernels:
+    """The compiled statistics kernels of one process: the mode, the kernels compiled so far
+    and why ``"auto"`` fell back to eager (``broken``). ``compile`` is the compiler
+    (``torch.compile``; tests replace it to simulate a platform where compilation fails)."""
+
+    def __init__(self, mode: Mode = "off") -> None:
+        self.mode: Mode = "off"
+        self.kernels: dict[tuple[Any, ...], Callable[..., Tensor]] = {}
+        self.broken: str | None = None
+        self.compile: Callable[[Callable[..., Tensor]], Callable[..., Tensor]] = _compile
+        self.set_mode(mode)
+
+    @classmethod
+    def from_env(cls) -> CompiledKernels:
+        """Kernels in the mode that ``GRADPROBE_FUSED`` names."""
+        return cls(mode_from_env())
+
+    def set_mode(self, value: Mode) -> None:
+        """Select ``"auto"``, ``"on"`` or ``"off"`` (and forget an earlier fallback, so that
+        ``"auto"`` tries to compile again)."""
+        if value not in ("auto", "on", "off"):
+            raise ConfigError(f"fused mode must be 'auto', 'on' or 'off', not {value!r}",
+                              hint='e.g. gradprobe.stats.compiled.KERNELS.set_mode("auto")')
+        self.mode = value
+        self.broken = None
+
+    def usable(self, x: Tensor) -> bool:
+        """True where the compiled path should summarise ``x`` (mode, size, dtype, not tracing,
+        no autograd, no earlier fallback)."""
+        if self.mode == "off" or self.broken is not None:
+            return False
+        n = x.numel()
+        if n < (MIN_NUMEL if self.mode == "auto" else 3 * CHUNK):
+            return False
+        return (x.dtype in FLOATS and not x.requires_grad and not x.is_sparse
+                and not torch.compiler.is_compiling())
+
+    def _kernel(self, kind: str, x: Tensor, sat: Callable[[Tensor], Tensor] | None = None
+                ) -> Callable[..., Tensor] | None:
+        """The compiled kernel for ``x``'s device type and dtype, compiled and checked on first
+        use; ``None`` when ``"auto"`` fell back to eager."""
+        key = (kind, x.device.type, x.dtype, sat)
+        k = self.kernels.get(key)
+        if k is not None:
+            return k
+        name = f"_gradprobe_{kind}_{x.device.type}_{str(x.dtype)[6:]}_{len(self.kernels)}"
+        body = _make_stats_body(sat) if kind == "stats" else _weight_body
+        try:
+            k = self.compile(_own_code(body, name))
+            for c in _check_tensor(x.dtype, x.device):
+                parts = _split(c)
+                for p in parts:
+                    torch._dynamo.mark_dynamic(p, 0)
+                if kind == "stats":
+                    got = k(*parts)
+                    want = _eager_row(c, sat)
+                else:
+                    prev, init = c.flip(0), c * 0.5
+                    ps, is_ = _split(prev), _split(init)
+                    for p in (*ps, *is_):
+                        torch._dynamo.mark_dynamic(p, 0)
+                    got = k(*parts, *ps, *is_)
+                    cf = c.double()
+                    want = torch.cat([_eager_row(c, None),
+                                      ((cf - prev.double()) ** 2).sum().reshape(1),
+                                      ((cf - init.double()) ** 2).sum().reshape(1)])
+                # counts, extrema and these sums of small integers are exact in both paths; the
+                # eager sum of squares goes through a square root (vector_norm), hence rtol
+                if not torch.allclose(got, want, rtol=1e-6, atol=0.0, equal_nan=True):
+                    raise RuntimeError(f"compiled {kind} kernel disagrees with the eager path on a "
+                                       f"known {x.dtype} tensor: {got.tolist()} != {want.tolist()}")
+        except Exception as e:
+            self._give_up(e)
+            return None
+        self.kernels[key] = k
+        return k
+
+
+    def _give_up(self, e: Exception) -> None:
+        """``"on"``: re-raise. ``"auto"``: fall back to eager for the rest of the process, with one
+        warning that says why."""
+        if self.mode == "on":
+            raise e
+        self.broken = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        warnings.warn(
+            f"gradprobe: compiled statistics kernels unavailable ({self.broken}); using the eager "
+            "path for the rest of this process. Set GRADPROBE_FUSED=0 to skip the attempt and "
+            "silence this warning.", RuntimeWarning, stacklevel=4)
+
+
+    def rows(self, ts: Sequence[Tensor], saturated: Callable[[Tensor], Tensor] | None = None
+             ) -> Tensor | None:
+        """``[len(ts), N_STATS]`` float64 statistics of large tensors of one device, with
+        exact ``nonzero`` and ``nonfinite`` counts, or ``None`` where the compiled path is not
+        available (the caller runs the eager path). Callers pass detached tensors for which
+        :func:`usable` holds."""
+        out = []
+        with _plain(ts[0].device.type):
+            for t in ts:
+                k = self._kernel("stats", t, saturated)
+                if k is None:
+                    return None
+                try:
+                    out.append(k(*_split(t)))
+                except Exception as e:  # e.g. dynamo's recompilation limit
+                    self._give_up(e)
+                    return None
+            return torch.stack(out)
+
+
+    def weight_stats(self, w: Tensor, prev: Tensor | None, init: Tensor | None) -> Tensor | None:
+        """``[N_STATS + 2]``: the statistics of ``w`` (exact counts), then ``Σ (w − prev)²`` and
+        ``Σ (w − init)²`` (0 where that tensor is ``None``), in one pass over ``w``; ``None`` where
+        the compiled path is not available. ``prev`` and ``init`` have ``w``'s shape and dtype."""
+        with _plain(w.device.type):
+            k = self._kernel("weight", w)
             if k is None:
                 return None
             try:
-                out.append(k(*_split(t)))
-            except Exception as e:  # e.g. dynamo's recompilation limit
-                _give_up(e)
+                return k(*_split(w), *_split(w if prev is None else prev),
+                         *_split(w if init is None else init))
+            except Exception as e:
+                self._give_up(e)
                 return None
-        return torch.stack(out)
 
 
-def weight_stats(w: Tensor, prev: Tensor | None, init: Tensor | None) -> Tensor | None:
-    """``[N_STATS + 2]``: the statistics of ``w`` (exact counts), then ``Σ (w − prev)²`` and
-    ``Σ (w − init)²`` (0 where that tensor is ``None``), in one pass over ``w``; ``None`` where
-    the compiled path is not available. ``prev`` and ``init`` have ``w``'s shape and dtype."""
-    with _plain(w.device.type):
-        k = _kernel("weight", w)
-        if k is None:
-            return None
-        try:
-            return k(*_split(w), *_split(w if prev is None else prev),
-                     *_split(w if init is None else init))
-        except Exception as e:
-            _give_up(e)
-            return None
+KERNELS = CompiledKernels.from_env()
+"""The process-wide kernels the Probe uses (compiled graphs are per process). Set the mode with
+``KERNELS.set_mode("auto")`` or the environment variable ``GRADPROBE_FUSED``."""
 
 
-__all__ = ["CHUNK", "MIN_NUMEL", "mode", "rows", "set_mode", "usable", "weight_stats"]
+__all__ = ["CHUNK", "KERNELS", "MIN_NUMEL", "CompiledKernels", "mode_from_env"]

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from gradprobe.errors import ConfigError
-from gradprobe.stats.eager import DERIVED_COLUMNS, KINDS, RAW_COLUMNS, derive
+from gradprobe.stats.schema import DERIVED_COLUMNS, KINDS, RAW_COLUMNS, derive
 from gradprobe.store import writer as store
 
 _SCALAR_COLUMNS = ["step", "layer", "kind", *DERIVED_COLUMNS]
