@@ -441,7 +441,9 @@ class Probe:
     def run(self) -> Any:
         """The :class:`gradprobe.Run` of ``run_dir`` (readable while still being written): every
         step flushed so far, once the writer thread has written it."""
-        from gradprobe.store.run import Run
+        # the reader through the public facade: capture writes runs and never depends on the
+        # reader's module (tests/test_layout.py)
+        import gradprobe
 
         if self._passive:
             raise RunDirError("this Probe runs on a non-zero torch.distributed rank and records "
@@ -450,7 +452,7 @@ class Probe:
             raise RunDirError("the Probe has not been attached yet: no run to read",
                               hint="use `with probe:` around the training loop first")
         self._writer.wait()  # every flush handed to the writer is on disk
-        return Run.open(self.run_dir)
+        return gradprobe.Run.open(self.run_dir)
 
     @property
     def step_index(self) -> int:

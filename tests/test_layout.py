@@ -1,0 +1,196 @@
+"""The shape of the package: no import cycles, and imports only along the allowed arrows.
+
+Every module of ``src/gradprobe`` is parsed with :mod:`ast`; every ``import`` counts, at module
+level or inside a function, absolute or relative. The rules (docs/design.md, "Map"):
+
+    cli -> lab -> (capture, remedies, report, diagnose) -> (store, stats, layers)
+    report -> diagnose, store          capture -> stats, store.writer, layers
+    store -> stats.schema only         diagnose -> store, stats.schema, layers, activations
+    check -> layers, activations, errors only (stands alone)
+    theory -> layers, activations, stats
+    stats.schema imports no torch; nothing imports cli or lab except cli and lab
+    remedies -> capture, diagnose (the doctor), store, stats, layers, theory
+
+The top-level helpers (errors, _version, activations, layers) may be imported by every module;
+``gradprobe/__init__.py`` is the lazy public facade and exempt.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PKG = SRC / "gradprobe"
+
+HELPERS = {"gradprobe.errors", "gradprobe._version", "gradprobe.activations", "gradprobe.layers"}
+FACADE = "gradprobe"
+
+# area -> areas it may import (besides itself and the helpers); an area is the first package
+# below gradprobe, or a module named in full where the rule is finer ("stats.schema").
+ALLOWED: dict[str, set[str]] = {
+    "cli": {"*"},
+    "lab": {"capture", "remedies", "report", "diagnose", "store", "stats", "theory", "check"},
+    "remedies": {"capture", "diagnose", "store", "stats", "theory"},
+    "report": {"diagnose", "store", "stats"},
+    "integrations": {"capture", "diagnose", "report", "store", "stats"},
+    "diagnose": {"store", "stats.schema"},
+    "capture": {"stats", "store.writer"},
+    "store": {"stats.schema"},
+    "stats": set(),
+    "theory": {"stats"},
+    "check": set(),
+}
+ONLY_FROM = {"cli": {"cli"}, "lab": {"cli", "lab"}}
+"""Areas that only the named areas may import."""
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(SRC).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PKG.rglob("*.py"))}
+
+
+def imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The gradprobe modules ``path`` imports (``from a import b`` counts as ``a.b`` where that
+    is a module, else as ``a``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    is_pkg = path.name == "__init__.py"
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                out.add(alias.name)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".")
+                base = base if is_pkg else base[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            for alias in node.names:
+                full = f"{mod}.{alias.name}"
+                out.add(full if full in known else mod)
+    return {m for m in out if m.split(".")[0] == "gradprobe" and m in known and m != name}
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    known = set(mods)
+    return {m: imports(m, p, known) for m, p in mods.items()}
+
+
+def area(mod: str) -> str:
+    parts = mod.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def allowed(src: str, dst: str) -> bool:
+    if src == FACADE or dst == FACADE:
+        return True
+    a, b = area(src), area(dst)
+    for only, users in ONLY_FROM.items():
+        if b == only and a not in users:
+            return False
+    if dst in HELPERS or a == b or (src in HELPERS and dst in HELPERS):
+        return True
+    if src in HELPERS:  # helpers import only helpers
+        return False
+    rules = ALLOWED.get(a)
+    if rules is None:
+        return False
+    if "*" in rules:
+        return True
+    sub = ".".join(dst.split(".")[1:3])  # e.g. "stats.schema"
+    return b in rules or sub in rules
+
+
+def path_of(mod: str) -> str:
+    return str(modules()[mod].relative_to(SRC.parent))
+
+
+def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``g`` (as a closed list of modules), or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(g.get(m, ())):
+            if n == FACADE:
+                continue
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if n not in state:
+                found = visit(n)
+                if found:
+                    return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(g):
+        if m != FACADE and m not in state:
+            found = visit(m)
+            if found:
+                return found
+    return None
+
+
+def test_the_parser_sees_every_kind_of_import(tmp_path):
+    known = {"gradprobe.a", "gradprobe.b", "gradprobe.b.c", "gradprobe.d", "gradprobe.e"}
+    f = tmp_path / "x.py"
+    f.write_text("from . import a\nfrom .b import c\ndef f():\n    import gradprobe.d\n"
+                 "    from gradprobe.e import thing\n")
+    assert imports("gradprobe.x", f, known) == {"gradprobe.a", "gradprobe.b.c", "gradprobe.d",
+                                                "gradprobe.e"}
+
+
+def test_a_planted_cycle_and_arrow_are_found():
+    g = {"gradprobe.store.run": {"gradprobe.capture.probe"},
+         "gradprobe.capture.probe": {"gradprobe.store.run"}}
+    assert find_cycle(g) is not None
+    assert not allowed("gradprobe.store.run", "gradprobe.capture.probe")
+    assert not allowed("gradprobe.capture.probe", "gradprobe.lab.zoo")
+    assert not allowed("gradprobe.check.engine", "gradprobe.stats.eager")
+    assert not allowed("gradprobe.diagnose.rules", "gradprobe.stats.eager")
+    assert allowed("gradprobe.diagnose.rules", "gradprobe.stats.schema")
+    assert allowed("gradprobe.cli.main", "gradprobe.lab.base")
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(graph())
+    assert cycle is None, "import cycle: " + " -> ".join(path_of(m) for m in cycle)
+
+
+def test_imports_follow_the_allowed_arrows():
+    bad = [f"{path_of(src)} imports {path_of(dst)}"
+           for src, dsts in sorted(graph().items()) for dst in sorted(dsts)
+           if not allowed(src, dst)]
+    assert not bad, "forbidden imports:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("mod", ["gradprobe.stats.schema", "gradprobe.store.run",
+                                 "gradprobe.store.writer", "gradprobe.store.frames"])
+def test_storage_side_imports_no_torch(mod):
+    path = modules().get(mod)
+    if path is None:
+        pytest.skip(f"{mod} does not exist")
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+             for a in n.names}
+    names |= {(n.module or "").split(".")[0] for n in ast.walk(tree)
+              if isinstance(n, ast.ImportFrom) and not n.level}
+    if mod == "gradprobe.store.writer":  # environment() names the torch version, lazily
+        names.discard("torch")
+    assert "torch" not in names, f"{path_of(mod)} imports torch"
