@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import Tensor
 
@@ -35,6 +34,7 @@ from gradprobe.stats import batched as B
 from gradprobe.stats import eager as E
 from gradprobe.stats import schema as S
 from gradprobe.stats.compiled import KERNELS, CompiledKernels
+from gradprobe.store.frames import Frames, HostFlush
 from gradprobe.store.writer import RunWriter
 
 PASS_OF_KIND = {"act": "forward", "act_grad": "act_grad", "grad": "grad", "weight": "weight",
@@ -160,11 +160,9 @@ class Recorder:
         # statistics matrices waiting to be merged into the buffer: (slot, rows, [k, N_STATS])
         self._mats: list[tuple[int, Tensor, Tensor]] = []
         self._unit_segments: dict[tuple[Any, ...], Tensor] = {}
-        self.kind_col = [row.kind for row in rows]
-        self._sat = np.array([row.saturation_rule for row in rows], dtype=bool)
-        self._dead = np.array([row.dead_rule for row in rows], dtype=bool)
-        self._ratio = np.array([row.kind in S.RATIO_KINDS for row in rows], dtype=bool)
-        self._act_grad = np.array([row.kind == "act_grad" for row in rows], dtype=bool)
+        self.frames = Frames([r.layer_id for r in rows], [r.kind for r in rows],
+                             [r.saturation_rule for r in rows], [r.dead_rule for r in rows],
+                             hist_bins)
         # staged small tensors (see gradprobe.capture.stage): the open step's entries
         self.stage: Stage | None = None
         self._open: list[tuple[Any, ...]] = []  # (row, shape, sat, ina, tensor, source, version, key, seq)
@@ -781,100 +779,11 @@ class Recorder:
         """The host half of a flush: build the frames of ``data`` and write its parts (losses,
         histograms, then scalars, which commits the flush). Reads only ``data`` and the
         recorder's fixed row table, so it may run on another thread than :meth:`take`."""
-        if len(data.loss_steps):
-            frame = pd.DataFrame({
-                "step": data.loss_steps,
-                "loss": data.losses / np.maximum(data.loss_count, 1),
-                "count": data.loss_count,
-            })
-            self.writer.write_part("losses", frame, data.index)
-        if data.hist_keys:
-            b = self.hist_bins
-            recs = []
-            for (slot, row), h in zip(data.hist_keys, data.hist):
-                h_edges = h[: b + 1]
-                if self._act_grad[row]:
-                    h_edges = h_edges / data.scale[slot]
-                recs.append({
-                    "step": int(data.steps[slot]), "layer_id": self.rows[row].layer_id,
-                    "kind": self.rows[row].kind, "bin_edges": h_edges.tolist(),
-                    "counts": h[b + 1 : 2 * b + 1].astype(np.int64).tolist(),
-                    "nonfinite": int(h[2 * b + 1]),
-                })
-            self.writer.write_part("hist", pd.DataFrame(recs), data.index)
-        # The scalars part is written last: it commits the flush (readers ignore loss and
-        # histogram parts whose scalars part is missing, e.g. after a SIGKILL in between).
-        self.writer.write_part("scalars", self._scalars_frame(data), data.index)
-
-    def _scalars_frame(self, data: HostFlush) -> pd.DataFrame:
-        slot_idx, row_idx = np.nonzero(data.touched)
-        st = data.stats[slot_idx, row_idx]  # [k, N_STATS]
-        sc = data.scale[slot_idx]
-        ag = self._act_grad[row_idx]
-        # Activation gradients were taken from the scaled loss of an AMP GradScaler: unscale.
-        div = np.where(ag, sc, 1.0)
-        nan = math.nan
-        frame = pd.DataFrame({
-            "step": data.steps[slot_idx],
-            "layer_id": np.array([self.rows[i].layer_id for i in row_idx], dtype=np.int64),
-            "kind": [self.kind_col[i] for i in row_idx],
-            "count": data.counts[slot_idx, row_idx],
-            "sum": st[:, S.SUM] / div,
-            "sumsq": st[:, S.SUMSQ] / (div * div),
-            "abs_sum": st[:, S.ABS_SUM] / div,
-            "nonzero": st[:, S.NONZERO],
-            "nonfinite": st[:, S.NONFINITE],
-            "saturated": np.where(self._sat[row_idx], st[:, S.SATURATED], nan),
-            "dead": np.where(self._dead[row_idx], st[:, S.DEAD], nan),
-            "units": np.where(self._dead[row_idx], data.units[slot_idx, row_idx], 0.0),
-            "ref_sumsq": np.where(self._ratio[row_idx], st[:, S.REF_SUMSQ], nan),
-            "min": -st[:, S.NEG_MIN] / div,
-            "max": st[:, S.MAX] / div,
-            "skipped": data.skipped[slot_idx],
-            "scale": sc,
-        })
-        return frame
-
-
-@dataclass
-class HostFlush:
-    """One flush on the host, as :meth:`Recorder.take` hands it to :meth:`Recorder.write`:
-    arrays indexed by slot (``n`` recorded steps), owned by this object."""
-
-    index: int
-    """Part number of this flush (``part-{index:05d}.parquet``)."""
-    steps: np.ndarray
-    skipped: np.ndarray
-    counts: np.ndarray
-    """``[n, R]`` elements summarised per record."""
-    units: np.ndarray
-    touched: np.ndarray
-    """``[n, R]`` records written in each step (others are not stored)."""
-    stats: np.ndarray
-    """``[n, R, N_STATS]`` raw sufficient statistics."""
-    scale: np.ndarray
-    loss_steps: np.ndarray
-    losses: np.ndarray
-    """Loss sums over the micro-batches of each of ``loss_steps``."""
-    loss_count: np.ndarray
-    hist_keys: list[tuple[int, int]]
-    """``(slot, row)`` of each histogram, one row of :attr:`hist` each."""
-    hist: np.ndarray
-    """``[len(hist_keys), 2·bins + 2]``: bin edges, counts, non-finite count."""
-    events: list[dict[str, Any]]
-    """Non-finite events found in slots not checked before (already in ``events.jsonl``)."""
-    nonfinite: bool
-    """Whether a step the AMP scaler did not skip holds a NaN/Inf (checked or not)."""
-
-    @property
-    def what(self) -> str:
-        """Names the flush in error messages."""
-        steps = self.steps if len(self.steps) else self.loss_steps
-        return f"flush {self.index} (steps {int(steps[0])}-{int(steps[-1])})"
+        self.frames.write(data, self.writer)
 
 
 def _to(x: Tensor, device: torch.device) -> Tensor:
     return x if x.device == device else x.to(device, non_blocking=True)
 
 
-__all__ = ["HostFlush", "Recorder", "RowInfo", "Summariser"]
+__all__ = ["HostFlush", "Recorder", "RowInfo", "Summariser"]  # HostFlush: gradprobe.store.frames
