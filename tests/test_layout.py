@@ -4,7 +4,7 @@ Every module of ``src/gradprobe`` is parsed with :mod:`ast`; every ``import`` co
 level or inside a function, absolute or relative. The rules (docs/design.md, "Map"):
 
     cli -> lab -> (capture, remedies, report, diagnose) -> (store, stats, layers)
-    report -> diagnose, store          capture -> stats, store.writer, layers
+    report -> diagnose, store          capture -> stats, store.writer (+ frames), layers
     store -> stats.schema only         diagnose -> store, stats.schema, layers, activations
     check -> layers, activations, errors only (stands alone)
     theory -> layers, activations, stats
@@ -37,7 +37,7 @@ ALLOWED: dict[str, set[str]] = {
     "report": {"diagnose", "store", "stats"},
     "integrations": {"capture", "diagnose", "report", "store", "stats"},
     "diagnose": {"store", "stats.schema"},
-    "capture": {"stats", "store.writer"},
+    "capture": {"stats", "store.writer", "store.frames"},  # the writing side of the store
     "store": {"stats.schema"},
     "stats": set(),
     "theory": {"stats"},
