@@ -1,15 +1,13 @@
 """Numerical gradient checking of models and functions (``gp.gradcheck``, ``gp.gradcheck_fn``).
 
 Stands alone: it imports torch, :mod:`gradprobe.layers`, :mod:`gradprobe.activations` and
-:mod:`gradprobe.errors` only.
+:mod:`gradprobe.errors` only. ``options`` (modes, tolerances), ``report`` (the records),
+``evaluator`` (the interface), ``model`` and ``function`` (the two evaluators), ``fast`` (the
+rank-1 fast path of the model evaluator) and ``engine`` (centred differences, verdicts, the
+public functions).
 """
 
-from gradprobe.check.engine import (
-    CoordinateCheck,
-    GradCheckReport,
-    TensorCheck,
-    gradcheck,
-    gradcheck_fn,
-)
+from gradprobe.check.engine import gradcheck, gradcheck_fn
+from gradprobe.check.report import CoordinateCheck, GradCheckReport, TensorCheck
 
 __all__ = ["CoordinateCheck", "GradCheckReport", "TensorCheck", "gradcheck", "gradcheck_fn"]
