@@ -105,6 +105,7 @@ def init_(model, init: str, activation: str, sigma_b2: float | None):  # -> nn.M
     from torch import nn
 
     from gradprobe import activations
+    from gradprobe.layers import is_dense
     from gradprobe.theory import meanfield
 
     name, _, arg = init.partition(":")
@@ -132,7 +133,7 @@ def init_(model, init: str, activation: str, sigma_b2: float | None):  # -> nn.M
         raise ConfigError(f"unknown --init {init!r}", hint="choose one of: " + INIT_HELP)
     with torch.no_grad():
         for m in model.modules():
-            if not isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            if not is_dense(m):
                 continue
             w = m.weight
             fan_in = w[0].numel()

@@ -69,6 +69,7 @@ import torch
 from torch import Tensor, nn
 
 from gradprobe import activations
+from gradprobe import layers as layers_table
 from gradprobe.errors import ConfigError, UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -82,9 +83,9 @@ SCHEMES: tuple[str, ...] = get_args(Scheme)
 
 _GAIN_SCHEMES = {"xavier_uniform", "xavier_normal", "he_uniform", "he_normal", "orthogonal"}
 _STD_SCHEMES = {"normal", "uniform"}
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
-_WEIGHT_LAYERS = (nn.Linear, *_CONV, *_RECURRENT)
+_CONV = layers_table.CONV
+_RECURRENT = layers_table.RECURRENT
+_WEIGHT_LAYERS = layers_table.WEIGHT_LAYERS
 
 IRNN_INPUT_STD = 0.001
 """Le et al. 2015 draw an IRNN's input-to-hidden weights from N(0, 0.001²)."""
@@ -214,76 +215,6 @@ def _draw_(
 
 
 # --------------------------------------------------------------------- activation per weight layer
-def _function_table() -> dict[object, str]:
-    """Functional forms of the table's activations, keyed by callable (for fx call_function)."""
-    import torch.nn.functional as F
-
-    table: dict[object, str] = {}
-    for name, spec in activations.ACTIVATIONS.items():
-        for fn in (spec.fn, getattr(torch, name, None), getattr(F, name, None),
-                   getattr(torch, name + "_", None), getattr(F, name + "_", None)):
-            if fn is not None and callable(fn) and name != "identity":
-                table.setdefault(fn, name)
-    return table
-
-
-def _trace_order(model: nn.Module) -> list[tuple[str, str]] | None:
-    """Execution order as ``[("layer", name) | ("act", activation name)]``, or None if untraceable."""
-    import torch.fx
-
-    class _Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            if isinstance(m, _WEIGHT_LAYERS) or activations.spec_for_module(m) is not None:
-                return True
-            return super().is_leaf_module(m, qualname)
-
-    try:
-        graph = _Tracer().trace(model)
-    except Exception:  # any tracing failure means: fall back to registration order
-        return None
-    modules = dict(model.named_modules())
-    functions = _function_table()
-    method_names = {n for n in activations.ACTIVATIONS if n != "identity"}
-    order: list[tuple[str, str]] = []
-    for node in graph.nodes:
-        if node.op == "call_module":
-            mod = modules.get(str(node.target))
-            if isinstance(mod, _WEIGHT_LAYERS):
-                order.append(("layer", str(node.target)))
-            elif mod is not None and (spec := activations.spec_for_module(mod)) is not None:
-                order.append(("act", spec.name))
-        elif node.op == "call_function" and node.target in functions:
-            order.append(("act", functions[node.target]))
-        elif node.op == "call_method" and str(node.target).rstrip("_") in method_names:
-            order.append(("act", str(node.target).rstrip("_")))
-    return order
-
-
-def _registration_order(model: nn.Module) -> list[tuple[str, str]]:
-    order: list[tuple[str, str]] = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, _WEIGHT_LAYERS):
-            order.append(("layer", name))
-        elif (spec := activations.spec_for_module(mod)) is not None:
-            order.append(("act", spec.name))
-    return order
-
-
-def _following_activation(order: list[tuple[str, str]]) -> dict[str, str | None]:
-    """Each weight layer's next activation before the next weight layer (first call wins)."""
-    result: dict[str, str | None] = {}
-    for i, (kind, name) in enumerate(order):
-        if kind != "layer" or name in result:
-            continue
-        result[name] = None
-        for kind2, name2 in order[i + 1:]:
-            if kind2 == "layer":
-                break
-            result[name] = name2
-            break
-    return result
-
-
 # ------------------------------------------------------------------------------------------ init_
 def _select(
     model: nn.Module, layers: Sequence[str] | None
@@ -426,14 +357,15 @@ def init_(
         fixed = None
         # Tracing costs ~10 ms per 60 modules; when no gain is needed the activation is only
         # reported, and registration order is good enough for that.
-        order = _trace_order(model) if needs_gain else None
+        order = layers_table.trace_order(model) if needs_gain else None
         order_kind = "traced"
         if order is None:
-            order, order_kind = _registration_order(model), "registration"
-        found = _following_activation(order)
+            order, order_kind = layers_table.registration_order(model), "registration"
+        found = layers_table.following_activation(order)
         model_wide = {name for kind, name in order if kind == "act"}
         if not model_wide:  # a module the trace never reached may still be registered
-            model_wide = {name for kind, name in _registration_order(model) if kind == "act"}
+            model_wide = {name for kind, name in layers_table.registration_order(model)
+                          if kind == "act"}
 
     plan: list[_Block] = []
     for name, mod in chosen:

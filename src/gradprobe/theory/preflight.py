@@ -68,11 +68,12 @@ from torch import Tensor, nn
 
 from gradprobe import activations
 from gradprobe.errors import ConfigError, NonFiniteError, UnsupportedModelError
+from gradprobe.layers import DENSE
 from gradprobe.theory import meanfield as mf
 
 Verdict = Literal["vanishing", "exploding", "fine"]
 
-_WEIGHT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_WEIGHT_TYPES = DENSE  # theory covers the dense weight layers of the one table
 _SHAPE_ONLY: tuple[type[nn.Module], ...] = (nn.Flatten, nn.Unflatten, nn.Identity)
 
 
