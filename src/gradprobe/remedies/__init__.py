@@ -9,5 +9,15 @@ what it changed.
 """
 
 from gradprobe.remedies.init import SCHEMES, InitRecord, LayerInit, init_
+from gradprobe.remedies.norm import NormRecord, add_norm_
+from gradprobe.remedies.pretrain import PretrainRecord, pretrain_
+from gradprobe.remedies.residual import Residual, ResidualRecord, residual_
+from gradprobe.remedies.standardize import Standardize, StandardizeRecord, standardize_inputs_
+from gradprobe.remedies.swap import SwapRecord, swap_activations_
 
-__all__ = ["SCHEMES", "InitRecord", "LayerInit", "init_"]
+__all__ = [
+    "SCHEMES", "InitRecord", "LayerInit", "init_",
+    "NormRecord", "PretrainRecord", "Residual", "ResidualRecord", "Standardize",
+    "StandardizeRecord", "SwapRecord", "add_norm_", "pretrain_", "residual_",
+    "standardize_inputs_", "swap_activations_",
+]

@@ -317,7 +317,8 @@ def _custom(name: str, mod: nn.Module, kind: str, after: bool, inserted: list[In
         acts = [(u, a) for u, a in acts if a is not None]
         if len(acts) != 1:
             continue
-        act_node, act = acts[0]
+        act_node, act_or_none = acts[0]
+        act = str(act_or_none)
         norm, c, g = _make(kind, layer, lname)
         norms.append(norm)
         target = str(act_node.target) if after else str(node.target)
@@ -339,7 +340,7 @@ def _custom(name: str, mod: nn.Module, kind: str, after: bool, inserted: list[In
         if after:
             with gm.graph.inserting_after(act_node):
                 new = gm.graph.call_module(attr, (act_node,))
-            act_node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
+            _redirect(act_node, new)
         else:
             with gm.graph.inserting_after(node):
                 new = gm.graph.call_module(attr, (node,))
@@ -347,6 +348,13 @@ def _custom(name: str, mod: nn.Module, kind: str, after: bool, inserted: list[In
         inserted.append(Inserted(lname, act, S.join(name, attr), _describe(norm), c, g, "fx"))
     gm.recompile()
     return gm
+
+
+def _redirect(old: torch.fx.Node, new: torch.fx.Node) -> None:
+    """Every user of ``old`` but ``new`` itself reads ``new`` instead."""
+    for user in list(old.users):
+        if user is not new:
+            user.replace_input_with(old, new)
 
 
 def _node_activation(mod: nn.Module, node: torch.fx.Node) -> str | None:

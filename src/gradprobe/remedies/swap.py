@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -116,11 +116,12 @@ class SwapRecord:
 
 
 def _factory(to: str) -> nn.Module:
-    return {
+    factories: dict[str, Callable[[], nn.Module]] = {
         "relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.01), "prelu": nn.PReLU,
         "rrelu": lambda: nn.RReLU(activations.RRELU_LOWER, activations.RRELU_UPPER),
         "elu": nn.ELU, "selu": nn.SELU,
-    }[to]()
+    }
+    return factories[to]()
 
 
 def _check(to: str, from_: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -216,7 +217,7 @@ def swap_activations_(
             if S.match(name, patterns):
                 not_swapped += [NotSwapped(name, call, reason) for call in _calls_in_source(mod, sources)]
             continue
-        hits = [n for n in graph.nodes if (a := S.function_activation(n)) in sources
+        hits = [n for n in graph.nodes if S.function_activation(n) in sources
                 and (S.match(name, patterns) or S.match(S.join(name, n.name), patterns))]
         if not hits:
             continue
