@@ -69,7 +69,7 @@ def is_builtin(module: nn.Module) -> bool:
 
 
 def join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -52,7 +52,7 @@ Example
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
 import torch
@@ -231,11 +231,13 @@ def add_norm_(
         raise UnsupportedModelError(f"add_norm_ needs an nn.Module, got {type(model).__name__}")
     after = position == "after_activation"
     root = model
-    inserted: list[Inserted] = []
+    inserted: list[tuple[Inserted, nn.Module]] = []
     skipped: list[Skipped] = []
     rewritten: list[str] = []
     norms: list[nn.Module] = []
-    for name, mod in list(model.named_modules()):
+    # children before parents: a parent's change (Sequential indices shift, GraphModule) then
+    # never invalidates a name still to be used
+    for name, mod in reversed(list(model.named_modules())):
         if _is_sequential(mod):
             _sequential(name, mod, kind, after, inserted, skipped, norms)
         elif not S.is_builtin(mod) and S.activation_of(mod) is None:
@@ -255,11 +257,14 @@ def add_norm_(
             "hand where the model has none",
         )
     added = S.add_to_optimizer(optimizer, (p for n in norms for p in n.parameters()))
-    return NormRecord(kind, position, tuple(inserted), tuple(skipped), tuple(rewritten), added, root)
+    final = {id(m): n for n, m in root.named_modules()}
+    entries = tuple(replace(e, norm=final.get(id(m), e.norm)) for e, m in reversed(inserted))
+    return NormRecord(kind, position, entries, tuple(reversed(skipped)), tuple(reversed(rewritten)), added, root)
 
 
 def _sequential(prefix: str, seq: nn.Sequential, kind: str, after: bool,
-                inserted: list[Inserted], skipped: list[Skipped], norms: list[nn.Module]) -> None:
+                inserted: list[tuple[Inserted, nn.Module]], skipped: list[Skipped],
+                norms: list[nn.Module]) -> None:
     children = list(seq.named_children())
     plan: list[tuple[int, nn.Module, str, str, int, int | None]] = []
     for i, (cname, child) in enumerate(children[:-1]):
@@ -280,13 +285,13 @@ def _sequential(prefix: str, seq: nn.Sequential, kind: str, after: bool,
         plan.append((i + 2 if after else i + 1, norm, lname, act, c, g))
     for index, norm, *_ in reversed(plan):
         seq.insert(index, norm)
-    for _, norm, lname, act, c, g in plan:
-        at = next(n for n, m in seq.named_children() if m is norm)
+    for _, norm, lname, act, c, g in reversed(plan):  # reversed back at the end
         norms.append(norm)
-        inserted.append(Inserted(lname, act, S.join(prefix, at), _describe(norm), c, g, "sequential"))
+        inserted.append((Inserted(lname, act, "", _describe(norm), c, g, "sequential"), norm))
 
 
-def _custom(name: str, mod: nn.Module, kind: str, after: bool, inserted: list[Inserted],
+def _custom(name: str, mod: nn.Module, kind: str, after: bool,
+            inserted: list[tuple[Inserted, nn.Module]],
             skipped: list[Skipped], norms: list[nn.Module]) -> nn.Module | None:
     """Insert norms in a custom module's own forward; returns its GraphModule if one was needed."""
     graph, reason = S.trace_own(mod)
@@ -328,10 +333,12 @@ def _custom(name: str, mod: nn.Module, kind: str, after: bool, inserted: list[In
             wraps.append((target, norm, lname, act, c, g))
         else:
             edits.append((node, act_node, norm, lname, act, c, g))
+    found: list[tuple[Inserted, nn.Module]] = []
     for target, norm, lname, act, c, g in wraps:
         S.set_submodule(mod, target, nn.Sequential(mod.get_submodule(target), norm))
-        inserted.append(Inserted(lname, act, S.join(name, target) + ".1", _describe(norm), c, g, "wrap"))
+        found.append((Inserted(lname, act, "", _describe(norm), c, g, "wrap"), norm))
     if not edits:
+        inserted += reversed(found)
         return None
     gm = S.graph_module(mod, graph)
     for node, act_node, norm, lname, act, c, g in edits:
@@ -345,7 +352,8 @@ def _custom(name: str, mod: nn.Module, kind: str, after: bool, inserted: list[In
             with gm.graph.inserting_after(node):
                 new = gm.graph.call_module(attr, (node,))
             act_node.replace_input_with(node, new)
-        inserted.append(Inserted(lname, act, S.join(name, attr), _describe(norm), c, g, "fx"))
+        found.append((Inserted(lname, act, "", _describe(norm), c, g, "fx"), norm))
+    inserted += reversed(found)
     gm.recompile()
     return gm
 

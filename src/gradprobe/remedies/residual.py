@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -63,7 +63,11 @@ class Residual(nn.Module):
 
 @dataclass(frozen=True)
 class Wrapped:
-    """One block made residual: ``children`` of ``container`` (names before), now at ``at``."""
+    """One block made residual: ``children`` of ``container`` (names before the call).
+
+    ``at`` is where it is now: the path of the :class:`Residual` module (Sequential), or of the
+    addition node in the rewritten forward (fx). ``run`` numbers runs of consecutive blocks.
+    """
 
     container: str
     children: tuple[str, ...]
@@ -94,7 +98,7 @@ class ResidualRecord:
         for w in self.wrapped:
             span = w.children[0] if len(w.children) == 1 else f"{w.children[0]}..{w.children[-1]}"
             where = w.container or "<model>"
-            lines.append(f"  run {w.run}: {where}[{span}] (layer {w.layer}) -> {S.join(w.container, w.at)} ({w.how})")
+            lines.append(f"  run {w.run}: {where}[{span}] (layer {w.layer}) -> {w.at} ({w.how})")
         lines += [f"  rewritten with torch.fx: {r or '<model> (use record.model)'}" for r in self.rewritten]
         lines += [f"  skipped {s}" for s in self.skipped]
         return "\n".join(lines)
@@ -143,12 +147,12 @@ def residual_(model: nn.Module, *, optimizer: torch.optim.Optimizer | None = Non
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"residual_ needs an nn.Module, got {type(model).__name__}")
     root = model
-    wrapped: list[Wrapped] = []
+    wrapped: list[tuple[Wrapped, nn.Module, str]] = []
     seen: list[str] = []
     skipped: list[str] = []
     rewritten: list[str] = []
     runs = [0]
-    for name, mod in list(model.named_modules()):
+    for name, mod in reversed(list(model.named_modules())):  # children first: names stay valid
         if _is_sequential(mod):
             _sequential(name, mod, wrapped, seen, runs)
         elif not S.is_builtin(mod) and S.activation_of(mod) is None:
@@ -172,7 +176,11 @@ def residual_(model: nn.Module, *, optimizer: torch.optim.Optimizer | None = Non
             hint="residual connections need in == out width (and stride 1, 'same' padding for "
             "convolutions); make the hidden layers square first",
         )
-    return ResidualRecord(tuple(wrapped), tuple(rewritten), tuple(skipped), 0, root)
+    final = {id(m): n for n, m in root.named_modules()}
+    entries = [replace(w, at=S.join(final.get(id(obj), w.container), suffix))
+               for w, obj, suffix in wrapped]
+    entries.sort(key=lambda w: (w.run, w.children))
+    return ResidualRecord(tuple(entries), tuple(reversed(rewritten)), tuple(reversed(skipped)), 0, root)
 
 
 def _block_end(children: list[tuple[str, nn.Module]], i: int) -> int | None:
@@ -188,7 +196,8 @@ def _block_end(children: list[tuple[str, nn.Module]], i: int) -> int | None:
     return j
 
 
-def _sequential(prefix: str, seq: nn.Sequential, wrapped: list[Wrapped], seen: list[str],
+def _sequential(prefix: str, seq: nn.Sequential, wrapped: list[tuple[Wrapped, nn.Module, str]],
+                seen: list[str],
                 runs: list[int]) -> None:
     children = list(seq.named_children())
     spans: list[tuple[int, int, int]] = []
@@ -213,9 +222,10 @@ def _sequential(prefix: str, seq: nn.Sequential, wrapped: list[Wrapped], seen: l
     for start, end, run in spans:
         new_children += [m for _, m in children[k:start]]
         names = tuple(n for n, _ in children[start:end])
-        wrapped.append(Wrapped(prefix, names, str(len(new_children)),
-                               S.join(prefix, children[start][0]), "sequential", run))
-        new_children.append(Residual(nn.Sequential(*[m for _, m in children[start:end]])))
+        block = Residual(nn.Sequential(*[m for _, m in children[start:end]]))
+        wrapped.append((Wrapped(prefix, names, "", S.join(prefix, children[start][0]),
+                                "sequential", run), block, ""))
+        new_children.append(block)
         k = end
     new_children += [m for _, m in children[k:]]
     for n, _ in children:
@@ -224,7 +234,8 @@ def _sequential(prefix: str, seq: nn.Sequential, wrapped: list[Wrapped], seen: l
         seq.add_module(str(idx), m)
 
 
-def _custom(name: str, mod: nn.Module, graph: torch.fx.Graph, wrapped: list[Wrapped],
+def _custom(name: str, mod: nn.Module, graph: torch.fx.Graph,
+            wrapped: list[tuple[Wrapped, nn.Module, str]],
             seen: list[str], runs: list[int]) -> nn.Module | None:
     """Add ``+ x`` after each same-shape layer -> (norm) -> activation chain of ``mod``'s forward."""
     chains: list[tuple[torch.fx.Node, torch.fx.Node, list[str]]] = []
@@ -264,8 +275,8 @@ def _custom(name: str, mod: nn.Module, graph: torch.fx.Graph, wrapped: list[Wrap
             add = gm.graph.call_function(operator.add, (inp, act))
         _redirect(act, add)
         last_act = add
-        wrapped.append(Wrapped(name, tuple(names), add.name, S.join(name, str(node.target)),
-                               "fx", runs[0]))
+        wrapped.append((Wrapped(name, tuple(names), "", S.join(name, str(node.target)), "fx",
+                                runs[0]), gm, add.name))
     gm.recompile()
     return gm
 
