@@ -252,6 +252,12 @@ def _inputs_of(model: nn.Module, layer: nn.Linear, name: str, batches: list[Tens
             "handles MLPs whose hidden layers see one feature vector per sample",
             hint="flatten the inputs, or pretrain an MLP on its own",
         )
+    if x.shape[1] != layer.in_features:
+        raise ConfigError(
+            f"layer {name!r} expects {layer.in_features} input features; the data brings it "
+            f"{x.shape[1]} (per-sample shape {tuple(x.shape[1:])})",
+            hint="pass the inputs the model is trained on",
+        )
     return x
 
 
