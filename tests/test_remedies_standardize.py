@@ -33,7 +33,7 @@ class Custom(nn.Module):
 def test_sequential_gets_a_buffer_module_at_index_0():
     net = mlp()
     x = inputs()
-    reference = net(((x - x.mean(0)) / x.std(0, unbiased=False)))
+    reference = net((x - x.mean(0)) / x.std(0, unbiased=False))
     rec = standardize_inputs_(net, x)
     assert isinstance(net[0], Standardize) and rec.where == "index 0 of the Sequential"
     torch.testing.assert_close(net(x), reference)
