@@ -21,7 +21,9 @@ from torch import nn
 
 from gradprobe import activations
 from gradprobe.errors import ConfigError
-from gradprobe.remedies.init import _CONV, _WEIGHT_LAYERS, _function_table
+from gradprobe.layers import CONV as _CONV
+from gradprobe.layers import WEIGHT_LAYERS as _WEIGHT_LAYERS
+from gradprobe.layers import function_table as _function_table
 
 WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, *_CONV)
 """Feed-forward weight layers a remedy can put a normaliser after or wrap in a residual block."""

@@ -48,8 +48,10 @@ from torch import Tensor, nn
 
 from gradprobe import activations
 from gradprobe.errors import ConfigError, UnsupportedModelError
+from gradprobe.layers import following_activation as _following_activation
+from gradprobe.layers import registration_order as _registration_order
+from gradprobe.layers import trace_order as _trace_order
 from gradprobe.remedies import _surgery as S
-from gradprobe.remedies.init import _following_activation, _registration_order, _trace_order
 
 
 @dataclass(frozen=True)

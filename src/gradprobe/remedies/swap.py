@@ -52,8 +52,11 @@ from torch import nn
 
 from gradprobe import activations
 from gradprobe.errors import ConfigError, UnsupportedModelError
+from gradprobe.layers import following_activation as _following_activation
+from gradprobe.layers import registration_order as _registration_order
+from gradprobe.layers import trace_order as _trace_order
 from gradprobe.remedies import _surgery as S
-from gradprobe.remedies.init import _following_activation, _registration_order, _trace_order, init_
+from gradprobe.remedies.init import init_
 
 To = Literal["relu", "leaky_relu", "prelu", "rrelu", "elu", "selu"]
 TO: tuple[str, ...] = get_args(To)
