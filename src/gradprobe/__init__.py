@@ -34,6 +34,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "lab": ("gradprobe.lab", None),
     "remedies": ("gradprobe.remedies", None),
     "activations": ("gradprobe.activations", None),
+    "doctor": ("gradprobe.remedies.doctor", "doctor"),
+    "DoctorReport": ("gradprobe.remedies.doctor_report", "DoctorReport"),
 }
 
 
@@ -53,6 +55,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ConfigError",
+    "DoctorReport",
     "GradCheckReport",
     "GradprobeError",
     "NonFiniteError",
@@ -62,6 +65,7 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "activations",
+    "doctor",
     "gradcheck",
     "gradcheck_fn",
     "lab",

@@ -61,6 +61,9 @@ def _register() -> None:
     from gradprobe.cli import groups
 
     groups.register(app)
+    from gradprobe.cli import doctor
+
+    doctor.register(app)
     _state["registered"] = True
 
 

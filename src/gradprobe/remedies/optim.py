@@ -78,7 +78,7 @@ def _params_with_grad(optimizer: torch.optim.Optimizer) -> list[Tensor]:
 def _grouped(tensors: list[Tensor]) -> list[tuple[torch.device, list[Tensor]]]:
     """``tensors`` grouped by device and dtype (the grouping ``clip_grad_norm_`` uses)."""
     groups = _group_tensors_by_device_and_dtype([tensors])  # type: ignore[list-item]
-    return [(device, list(ts)) for (device, _), ([ts], _) in groups.items()]  # type: ignore[misc]
+    return [(device, list(ts)) for (device, _), ([ts], _) in groups.items()]  # type: ignore[misc,arg-type]
 
 
 def total_norm(grads: list[Tensor]) -> Tensor:
