@@ -9,7 +9,7 @@ level or inside a function, absolute or relative. The rules (docs/design.md, "Ma
     check -> layers, activations, errors only (stands alone)
     theory -> layers, activations, stats
     stats.schema imports no torch; nothing imports cli or lab except cli and lab
-    remedies -> capture, diagnose (the doctor), store, stats, layers, theory
+    remedies -> capture, diagnose and report (the doctor), store, stats, layers, theory
 
 The top-level helpers (errors, _version, activations, layers) may be imported by every module;
 ``gradprobe/__init__.py`` is the lazy public facade and exempt.
@@ -33,7 +33,7 @@ FACADE = "gradprobe"
 ALLOWED: dict[str, set[str]] = {
     "cli": {"*"},
     "lab": {"capture", "remedies", "report", "diagnose", "store", "stats", "theory", "check"},
-    "remedies": {"capture", "diagnose", "store", "stats", "theory"},
+    "remedies": {"capture", "diagnose", "report", "store", "stats", "theory"},  # report: the doctor's comparison view
     "report": {"diagnose", "store", "stats"},
     "integrations": {"capture", "diagnose", "report", "store", "stats"},
     "diagnose": {"store", "stats.schema"},

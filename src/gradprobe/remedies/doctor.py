@@ -61,9 +61,9 @@ from torch import nn
 
 from gradprobe.diagnose.finding import Diagnosis, Finding, Remedy
 from gradprobe.errors import ConfigError
-from gradprobe.probe import Probe
+from gradprobe.capture.probe import Probe
 from gradprobe.remedies.doctor_report import DoctorEntry, DoctorReport, rank
-from gradprobe.run import Run
+from gradprobe.store.run import Run
 
 Make = Callable[[], tuple[nn.Module, torch.optim.Optimizer]]
 Train = Callable[[nn.Module, torch.optim.Optimizer, Probe], Any]

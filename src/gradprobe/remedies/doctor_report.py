@@ -205,7 +205,7 @@ class DoctorReport:
         except ImportError:
             compare = None
         if compare is not None:
-            from gradprobe.run import Run
+            from gradprobe.store.run import Run
 
             compare([Run.open(e.run_dir) for e in done if e.run_dir is not None], path,
                     labels=[e.label for e in done],
