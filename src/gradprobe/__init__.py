@@ -14,6 +14,12 @@ import importlib
 from typing import Any
 
 from gradprobe._version import __version__
+
+# `gradprobe.diagnose` is both a subpackage and the function `gp.diagnose`. Importing it here,
+# once, binds the package attribute to the function for good (a lazy export would be overwritten
+# by the first `import gradprobe.diagnose`). The subpackage's own import is light (frozen
+# records, no pandas); the rules load when the function is called.
+from gradprobe.diagnose import Diagnosis, Finding, diagnose
 from gradprobe.errors import (
     ConfigError,
     GradprobeError,
@@ -55,7 +61,9 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ConfigError",
+    "Diagnosis",
     "DoctorReport",
+    "Finding",
     "GradCheckReport",
     "GradprobeError",
     "NonFiniteError",
@@ -65,6 +73,7 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "activations",
+    "diagnose",
     "doctor",
     "gradcheck",
     "gradcheck_fn",

@@ -159,7 +159,7 @@ class Run:
         execution order (``forward`` activations, then ``act_grad`` in backward order, then
         parameter ``grad``); ``n_layers`` counts all (layer, kind) records affected that step.
         """
-        events = store.read_events(self.path)
+        events = [e for e in store.read_events(self.path) if e.get("type", "nonfinite") == "nonfinite"]
         cols = ["step", "layer", "pass", "kind", "nonfinite", "n_layers", "amp_skipped",
                 "layer_id"]
         if not events:

@@ -1,0 +1,121 @@
+"""Exploding gradients over steps: sustained growth, spikes, and loss spikes.
+
+All three compare the run with its own history, so they hold whatever the loss scale, batch
+size, width or dtype (each multiplies the whole series by one factor):
+
+* **growth**: the total gradient norm ``G_t = sqrt(Σ_layers ‖∇W_l‖²)``, smoothed by a running
+  median of ``SMOOTH`` steps (one spike does not make a trend), rises to at least
+  ``GROWTH`` (100×) its first value (the model as initialised). Healthy runs move ``G``
+  by a factor of a few as the loss falls or the weights grow; two decades is a feedback loop
+  (Pascanu et al. 2013: the gradient norm grows with the largest Jacobian singular value,
+  geometrically in steps once weights grow).
+* **spike**: ``G_t`` is at least ``SPIKE`` (30×) the median of the ``WINDOW`` steps before it.
+  Mini-batch noise moves ``G`` by a factor of ~2–5 (its sampling spread); a cliff in the loss
+  surface (Pascanu et al. 2013, Fig. 2) by orders of magnitude.
+* **loss spike**: the loss is at least ``LOSS_SPIKE`` (10×) the median of the ``WINDOW``
+  losses before it *and* above the loss at the start: progress is lost, not just noise on a
+  loss near zero; or the loss's running median climbs to ``LOSS_SPIKE`` × its first value
+  (divergence).
+
+Non-finite values are the ``nonfinite`` rule's (they are skipped here), AMP-skipped steps are
+removed before anything is compared.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from gradprobe.diagnose import cures
+from gradprobe.diagnose.finding import Evidence, Finding
+from gradprobe.diagnose.frames import Frames
+
+GROWTH = 100.0
+SPIKE = 30.0
+LOSS_SPIKE = 10.0
+WINDOW = 10
+SMOOTH = 5
+MIN_STEPS = 12
+
+
+def grad_norm(frames: Frames) -> pd.Series:
+    """Total gradient norm per step (finite steps only)."""
+    rows = frames.kind("grad")
+    if rows.empty:
+        return pd.Series(dtype="float64")
+    sq = (rows["norm"].astype("float64") ** 2).groupby(rows["step"]).sum(min_count=1)
+    g = np.sqrt(sq)
+    return g[np.isfinite(g)].sort_index()
+
+
+def _spikes(values: pd.Series, factor: float, window: int) -> pd.Series:
+    """``value / median of the previous window``, for steps with a full window."""
+    prev = values.shift(1).rolling(window, min_periods=window).median()
+    return (values / prev).dropna()
+
+
+def exploding_steps(frames: Frames) -> list[Finding]:
+    """Gradient-norm growth or spikes, and loss spikes, against the run's own history."""
+    evidence: list[Evidence] = []
+    steps: list[int] = []
+    g = grad_norm(frames)
+    if len(g) > SMOOTH and (g > 0).any():
+        start = float(g.iloc[0])
+        smooth = g.rolling(SMOOTH, min_periods=SMOOTH).median().dropna()
+        if start > 0 and len(smooth):
+            growth = float(smooth.max() / start)
+            if growth >= GROWTH:
+                evidence.append(Evidence("gradient norm (running median) / its start", growth,
+                                         GROWTH, ">=", "first recorded step"))
+                steps += [int(smooth.idxmax())]
+        ratio = _spikes(g, SPIKE, WINDOW)
+        hits = ratio[ratio >= SPIKE] if len(g) >= MIN_STEPS else ratio.iloc[0:0]
+        if len(hits):
+            evidence.append(Evidence("gradient-norm spike / median of previous steps",
+                                     float(hits.max()), SPIKE, ">=",
+                                     f"{len(hits)} spike(s), window {WINDOW}"))
+            steps += [int(hits.index.min()), int(hits.index.max())]
+    loss = frames.losses
+    if len(loss) > SMOOTH:
+        series = loss.set_index("step")["loss"].astype("float64")
+        series = series[np.isfinite(series)]
+        if len(series) > SMOOTH:
+            start = float(series.iloc[0])
+            smooth = series.rolling(SMOOTH, min_periods=SMOOTH).median().dropna()
+            if start > 0 and len(smooth) and smooth.max() >= LOSS_SPIKE * start:
+                evidence.append(Evidence("loss (running median) / first loss",
+                                         float(smooth.max() / start), LOSS_SPIKE, ">=",
+                                         "the loss diverges"))
+                steps += [int(smooth.idxmax())]
+            ratio = _spikes(series, LOSS_SPIKE, WINDOW)
+            if len(series) < MIN_STEPS:
+                ratio = ratio.iloc[0:0]
+            hits = ratio[(ratio >= LOSS_SPIKE) & (series.reindex(ratio.index) > abs(start))]
+            if len(hits):
+                evidence.append(Evidence("loss spike / median of previous losses",
+                                         float(hits.max()), LOSS_SPIKE, ">=",
+                                         "and above the starting loss"))
+                steps += [int(hits.index.min()), int(hits.index.max())]
+    if not evidence:
+        return []
+    acts = frames.activations()
+    return [Finding(
+        rule="exploding-gradients",
+        severity="error" if len(evidence) > 1 else "warning",
+        layers=(),
+        steps=(min(steps), max(steps)),
+        evidence=tuple(evidence),
+        explanation=("The gradient norm grows or jumps by orders of magnitude against the "
+                     "run's own history: the update overshoots a steep region of the loss and "
+                     "feeds back into larger gradients (Pascanu et al. 2013)."),
+        remedies=(
+            cures.clip(1.0, "bounds the step a spike can take (Pascanu et al. 2013)"),
+            cures.lr(0.1, "a smaller step stays inside the region where the gradient is "
+                     "informative"),
+            cures.init_for(acts, "a variance-preserving initialisation starts the layer gains "
+                           "near 1 (Glorot & Bengio 2010; He et al. 2015)"),
+        ),
+    )]
+
+
+__all__ = ["GROWTH", "LOSS_SPIKE", "SPIKE", "exploding_steps", "grad_norm"]
