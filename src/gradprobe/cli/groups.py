@@ -16,3 +16,6 @@ def register(app: typer.Typer) -> None:
     from gradprobe.cli import runs
 
     runs.register(app)
+    from gradprobe.cli import diagnose
+
+    diagnose.register(app)

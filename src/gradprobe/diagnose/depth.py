@@ -51,7 +51,7 @@ from __future__ import annotations
 import numpy as np
 
 from gradprobe.diagnose import cures
-from gradprobe.diagnose.finding import Evidence, Finding
+from gradprobe.diagnose.finding import Evidence, Finding, Severity
 from gradprobe.diagnose.frames import Frames, depth_slope, log10, step_range
 
 VANISH_DECADES = 2.0
@@ -118,7 +118,7 @@ def vanishing(frames: Frames) -> list[Finding]:
     layers, steps, fits = act_grad_profile(frames)
     evidence: list[Evidence] = []
     fired_steps = None
-    severity = "warning"
+    severity: Severity = "warning"
     if len(fits):
         slope, agree = float(np.median(fits[:, 0])), float(np.median(fits[:, 1]))
         decades = slope * (len(layers) - 1)

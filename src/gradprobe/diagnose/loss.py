@@ -76,8 +76,9 @@ def loss_plateau(frames: Frames) -> list[Finding]:
         ln_c = math.log(classes)
         if abs(end - ln_c) <= CHANCE * ln_c:
             chance = True
-            evidence.append(Evidence("final loss / ln C", end / ln_c, 1.0, "=",
-                                     f"chance level of {classes} classes"))
+            evidence.append(Evidence("final loss / ln C", end / ln_c,
+                                     note=f"ln C = {ln_c:.4g}: chance level of {classes} "
+                                     "classes"))
     half = values[len(values) // 2:]
     med = float(np.median(half))
     spread = float((np.percentile(half, 90) - np.percentile(half, 10)) / med) if med > 0 else 0

@@ -59,7 +59,7 @@ def nonfinite(frames: Frames) -> list[Finding]:
         return []
     if first is None:
         step = int(bad_loss["step"].min())
-        evidence = (Evidence("non-finite losses", float(len(bad_loss)), 0.0, ">",
+        evidence: tuple[Evidence, ...] = (Evidence("non-finite losses", float(len(bad_loss)), 0.0, ">",
                              f"first at step {step}"),)
         layers: tuple[str, ...] = ()
         last = int(bad_loss["step"].max())

@@ -1,0 +1,242 @@
+"""Each diagnosis rule on hand-made frames (pure functions: DataFrames in, findings out)."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gradprobe.diagnose import api, depth, growth, inputs, loss, nonfinite, optimisation, units
+from gradprobe.diagnose.frames import Frames
+
+COLS = ["count", "mean", "std", "rms", "abs_mean", "norm", "min", "max", "abs_max", "zero_frac",
+        "nonfinite", "saturated_frac", "dead_frac"]
+
+
+def layers(spec):
+    """spec: list of (name, type, shapes, activation)."""
+    return pd.DataFrame([
+        {"layer_id": i, "name": n, "type": t, "depth": i, "param_shapes": s, "activation": a}
+        for i, (n, t, s, a) in enumerate(spec)
+    ]).astype({"depth": "Int64"})
+
+
+def mlp_layers(depth_, act="relu", width=16):
+    spec = []
+    for i in range(depth_):
+        spec.append((f"fc{i}", "Linear", [[width, width], [width]], None))
+        spec.append((f"act{i}", {"relu": "ReLU", "tanh": "Tanh"}[act], [], act))
+    spec.append(("head", "Linear", [[4, width], [4]], None))
+    return layers(spec)
+
+
+def rows(values, steps=30, **extra):
+    """values: {(layer, kind): dict of columns or callable(step) -> dict}."""
+    out = []
+    for step in range(steps):
+        for (layer, kind), v in values.items():
+            cols = v(step) if callable(v) else v
+            row = {c: np.nan for c in COLS} | {"count": 64.0, "nonfinite": 0.0} | cols
+            out.append({"step": step, "layer": layer, "kind": kind, **row, "skipped": False,
+                        **extra})
+    frame = pd.DataFrame(out)
+    frame["layer_id"] = 0
+    return frame
+
+
+def frames(lay, scal, losses=None, events=None, config=None):
+    return Frames(layers=lay, scalars=scal,
+                  losses=losses if losses is not None else pd.DataFrame(columns=["step", "loss"]),
+                  events=events if events is not None else pd.DataFrame(), config=config or {})
+
+
+def profile(lay, rate, kind="act_grad"):
+    """act_grad RMS falling by `rate` per weight layer toward the input."""
+    names = [n for n, t in zip(lay["name"], lay["type"]) if t == "Linear"]
+    n = len(names)
+    return {(name, kind): {"rms": rate ** (n - 1 - i), "norm": 1.0} for i, name in
+            enumerate(names)}
+
+
+@pytest.mark.parametrize("rate,fires", [(0.3, True), (0.9, False), (1.0, False)])
+def test_vanishing_fires_on_a_geometric_collapse_only(rate, fires):
+    lay = mlp_layers(6)
+    f = frames(lay, rows(profile(lay, rate)))
+    found = depth.vanishing(f)
+    assert bool(found) is fires
+    if fires:
+        assert found[0].rule == "vanishing-gradients"
+        assert found[0].layers[0] == "fc0"
+        assert found[0].remedies[0].name == "init_"
+
+
+def test_vanishing_is_scale_free():
+    lay = mlp_layers(6)
+    base = depth.vanishing(frames(lay, rows(profile(lay, 0.3))))
+    scaled_values = {k: {**v, "rms": v["rms"] * 1e-9} for k, v in profile(lay, 0.3).items()}
+    scaled = depth.vanishing(frames(lay, rows(scaled_values)))
+    assert base and scaled
+    assert base[0].evidence[0].value == pytest.approx(scaled[0].evidence[0].value)
+
+
+def test_depth_factor_0_9_fires_only_when_deep():
+    shallow, deep = mlp_layers(5), mlp_layers(60)
+    assert not depth.vanishing(frames(shallow, rows(profile(shallow, 0.9), steps=10)))
+    assert depth.vanishing(frames(deep, rows(profile(deep, 0.9), steps=10)))
+
+
+def test_sigmoid_vanishing_names_swap_first():
+    lay = mlp_layers(6, act="tanh")
+    found = depth.vanishing(frames(lay, rows(profile(lay, 0.3))))
+    assert found[0].remedies[0].name == "swap_activations_"
+    assert found[0].remedies[0].kwargs == {"to": "relu"}
+
+
+def test_exploding_across_depth():
+    lay = mlp_layers(8)
+    found = depth.exploding_depth(frames(lay, rows(profile(lay, 2.0))))
+    assert found and found[0].rule == "exploding-gradients"
+    assert not depth.vanishing(frames(lay, rows(profile(lay, 2.0))))
+    assert not depth.exploding_depth(frames(lay, rows(profile(lay, 1.05))))
+
+
+def test_exploding_over_steps_growth_and_spike():
+    lay = mlp_layers(2)
+    grow = rows({("fc0", "grad"): lambda s: {"norm": 1.3 ** s}}, steps=40)
+    assert growth.exploding_steps(frames(lay, grow))
+    flat = rows({("fc0", "grad"): lambda s: {"norm": 1.0 + 0.3 * (s % 3)}}, steps=40)
+    assert not growth.exploding_steps(frames(lay, flat))
+    spike = rows({("fc0", "grad"): lambda s: {"norm": 1e3 if s == 25 else 1.0}}, steps=40)
+    found = growth.exploding_steps(frames(lay, spike))
+    assert found and found[0].steps == (25, 25)
+
+
+def test_loss_spike_above_start_only():
+    lay = mlp_layers(2)
+    base = rows({("fc0", "grad"): {"norm": 1.0}}, steps=40)
+    loss_up = pd.DataFrame({"step": range(40), "loss": [2.0 / (1 + s) if s != 30 else 50.0
+                                                         for s in range(40)]})
+    assert growth.exploding_steps(frames(lay, base, losses=loss_up))
+    small = pd.DataFrame({"step": range(40), "loss": [2.0 / (1 + s) if s != 30 else 1.0
+                                                       for s in range(40)]})
+    assert not growth.exploding_steps(frames(lay, base, losses=small))
+
+
+def test_amp_skipped_steps_are_not_findings():
+    lay = mlp_layers(2)
+    scal = rows({("fc0", "grad"): {"norm": 1.0, "nonfinite": 0.0}}, steps=40)
+    scal.loc[scal["step"] == 20, ["norm", "nonfinite"]] = [math.inf, 5.0]
+    scal.loc[scal["step"] == 20, "skipped"] = True
+    ev = pd.DataFrame([{"step": 20, "layer": "fc0", "pass": "step", "kind": "grad",
+                        "nonfinite": 5, "amp_skipped": True}])
+    f = frames(lay, scal, events=ev)
+    assert not nonfinite.nonfinite(f)
+    assert not growth.exploding_steps(f)
+
+
+def test_nonfinite_names_first_layer_pass_and_step():
+    lay = mlp_layers(2)
+    ev = pd.DataFrame([
+        {"step": 7, "layer": "fc1", "pass": "backward", "kind": "act_grad", "nonfinite": 3,
+         "amp_skipped": False},
+        {"step": 9, "layer": "fc0", "pass": "forward", "kind": "act", "nonfinite": 8,
+         "amp_skipped": False}])
+    found = nonfinite.nonfinite(frames(lay, rows({}, steps=1), events=ev))
+    assert found[0].layers == ("fc1",) and found[0].steps == (7, 9)
+    assert "backward" in found[0].explanation
+
+
+def test_dead_relu_needs_persistence_and_samples():
+    lay = mlp_layers(2)
+    dead = rows({("act0", "act"): {"dead_frac": 0.8, "units": 16.0, "count": 1024.0}})
+    assert units.dead_relu(frames(lay, dead))[0].layers == ("act0",)
+    noisy = rows({("act0", "act"): lambda s: {"dead_frac": 0.8 if s % 2 else 0.1,
+                                              "units": 16.0, "count": 1024.0}})
+    assert not units.dead_relu(frames(lay, noisy))
+    batch1 = rows({("act0", "act"): {"dead_frac": 0.5, "units": 16.0, "count": 16.0}})
+    assert not units.dead_relu(frames(lay, batch1))
+
+
+def test_saturation_ignores_an_output_sigmoid():
+    lay = layers([("fc0", "Linear", [[8, 8]], None), ("t0", "Tanh", [], "tanh"),
+                  ("fc1", "Linear", [[8, 8]], None), ("t1", "Tanh", [], "tanh"),
+                  ("head", "Linear", [[1, 8]], None), ("out", "Sigmoid", [], "sigmoid")])
+    scal = rows({("t0", "act"): {"saturated_frac": 0.2}, ("out", "act"):
+                 {"saturated_frac": 0.99}})
+    assert not units.saturation(frames(lay, scal))
+    scal = rows({("t0", "act"): {"saturated_frac": 0.95}})
+    found = units.saturation(frames(lay, scal))
+    assert found[0].layers == ("t0",) and found[0].severity == "error"
+
+
+def test_symmetry_constant_pair_not_identity_or_zero_head():
+    lay = mlp_layers(2)
+    const = {"rms": 0.1, "std": 0.0, "zero_frac": 0.0}
+    rand = {"rms": 0.1, "std": 0.1, "zero_frac": 0.0}
+    ident = {"rms": 0.2, "std": 0.2, "zero_frac": 0.94}
+    zero = {"rms": 0.0, "std": 0.0, "zero_frac": 1.0}
+    assert units.symmetry(frames(lay, rows({("fc0", "weight"): const, ("fc1", "weight"): zero,
+                                             ("head", "weight"): rand})))
+    assert not units.symmetry(frames(lay, rows({("fc0", "weight"): ident,
+                                                ("fc1", "weight"): ident,
+                                                ("head", "weight"): rand})))
+    assert not units.symmetry(frames(lay, rows({("fc0", "weight"): rand,
+                                                ("fc1", "weight"): rand,
+                                                ("head", "weight"): zero})))
+
+
+def _losses(values):
+    return pd.DataFrame({"step": range(len(values)), "loss": values})
+
+
+def test_loss_plateau_at_chance_and_not_on_learning():
+    lay = mlp_layers(2)
+    scal = rows({}, steps=1)
+    flat = _losses([math.log(4) + 0.01 * np.sin(s) for s in range(50)])
+    found = loss.loss_plateau(frames(lay, scal, losses=flat))
+    assert found and any("chance" in e.note for e in found[0].evidence)
+    learning = _losses([math.log(4) * math.exp(-s / 10) for s in range(50)])
+    assert not loss.loss_plateau(frames(lay, scal, losses=learning))
+    # the scale of the loss does not matter
+    assert loss.loss_plateau(frames(lay, scal, losses=flat.assign(loss=flat["loss"] * 1e4)))
+
+
+def test_learning_rate_high_low_and_healthy():
+    lay = mlp_layers(3)
+
+    def upd(v):
+        return {(n, "update"): {"norm": v} for n in ("fc0", "fc1", "fc2", "head")}
+    assert optimisation.learning_rate(frames(lay, rows(upd(0.5))))[0].evidence[0].value == 0.5
+    low = optimisation.learning_rate(frames(lay, rows(upd(0.0))))
+    assert low and low[0].remedies[0].kwargs["factor"] > 1
+    assert not optimisation.learning_rate(frames(lay, rows(upd(1e-3))))
+
+
+def test_input_scale_estimate():
+    lay = layers([("fc0", "Linear", [[32, 100], [32]], None), ("r", "ReLU", [], "relu"),
+                  ("head", "Linear", [[4, 32], [4]], None)])
+    w = {"rms": 0.1, "std": 0.1}
+
+    def scal(x_rms, peak=4.0):
+        act_rms = x_rms * 0.1 * 10.0
+        return rows({("fc0", "weight"): w, ("fc0", "drift"): {"norm": 1e-3},
+                     ("fc0", "act"): {"rms": act_rms, "abs_max": peak * act_rms}})
+    assert inputs.input_scale(frames(lay, scal(100.0)))
+    assert not inputs.input_scale(frames(lay, scal(1.0)))
+    assert inputs.input_scale(frames(lay, scal(1.0, peak=300.0)))
+
+
+def test_rules_tolerate_empty_frames():
+    f = frames(layers([("fc0", "Linear", [[2, 2]], None)]),
+               pd.DataFrame(columns=["step", "layer", "kind", *COLS]))
+    assert len(api.diagnose_frames(f)) == 0
+
+
+def test_merge_keeps_one_finding_per_rule():
+    lay = mlp_layers(8)
+    scal = pd.concat([rows(profile(lay, 2.0), steps=40),
+                      rows({("fc0", "grad"): lambda s: {"norm": 1.3 ** s}}, steps=40)])
+    d = api.diagnose_frames(frames(lay, scal))
+    assert d.rules.count("exploding-gradients") == 1
+    f = next(iter(d))
+    assert len(f.evidence) >= 3
