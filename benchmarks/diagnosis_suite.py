@@ -270,6 +270,10 @@ def cases() -> list[Case]:
            opt="sgd", lr=20.0, alt_lr=2.0),
         _c("gelu-adam-lr3", ["learning-rate"], lambda: (mlp(8, 128, 4, "gelu", 4), B(seed=43)),
            lr=3.0, alt_lr=0.3),
+        _c("relu-sgd-lr50-nan", ["nonfinite", "learning-rate"], lambda: (
+            mlp(8, 64, 4, "relu", 4), B(seed=44)), opt="sgd", lr=50.0, alt_lr=0.05),
+        _c("tanh-adam-log0-nan", ["nonfinite"], lambda: (mlp(8, 32, 2, "tanh", 4), B(seed=45)),
+           loss="nll-raw"),
         _c("relu-bias-3-sgd", ["dead-relu"], lambda: (init_linear(mlp(8, 64, 3, "relu", 4),
                                                                  lambda w: None,
                                                                  hidden_bias=-3.0), B(seed=50)),
@@ -336,7 +340,15 @@ def _outliers(data, frac=0.02, size=1000.0):
 # ------------------------------------------------------------------ training
 
 
+def _nll_raw(out, y):
+    """NLL of a softmax whose logits are pushed to -inf for one class: log 0 = -inf."""
+    logp = torch.log(torch.softmax(out * 1e4, dim=1))
+    return nn.functional.nll_loss(logp, y)
+
+
 def _loss_fn(kind):
+    if kind == "nll-raw":
+        return _nll_raw
     if kind == "mse":
         return nn.MSELoss()
     if kind == "ce-sum":

@@ -18,9 +18,11 @@ cs231n's "ratio of updates to values"): a thousand steps to change a layer by it
   layer by its own size. Taking the *fastest* layer keeps vanishing gradients (early layers
   still, late ones moving) out of this rule.
 
-The first recorded step is left out (optimiser state warms up), as are AMP-skipped steps (their
-ratio is 0 by construction). DeepDiagnosis flags any layer outside ``[1e-5, 1e-1]``; the median
-over layers and steps does not fire on one quiet layer or one noisy step.
+Both need ``MIN_STEPS`` (5) steps with ratios, the too-large test only ``MIN_EARLY`` (3): a
+rate so large that the run overflows within a few steps leaves few finite ratios.
+AMP-skipped steps are left out (their ratio is 0 by construction). DeepDiagnosis flags any
+layer outside ``[1e-5, 1e-1]``; the median over layers and steps does not fire on one quiet
+layer or one noisy step.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ EARLY = 5
 DRIFTED = 10.0
 REPLACE = 1.0
 MIN_STEPS = 5
+MIN_EARLY = 3
 
 
 def update_ratios(frames: Frames):
@@ -44,20 +47,18 @@ def update_ratios(frames: Frames):
     layers = [n for n in frames.chain()
               if frames.layer_row(n).get("type") not in NORMALISER_TYPES]
     table = frames.wide("update", "norm", layers)
-    if table.empty:
-        return table
-    return table.iloc[1:]
+    return table
 
 
 def learning_rate(frames: Frames) -> list[Finding]:
     table = update_ratios(frames)
-    if table.empty or len(table) < MIN_STEPS:
+    if table.empty or len(table) < MIN_EARLY:
         return []
     vals = table.to_numpy(dtype="float64")
     vals = np.where(np.isfinite(vals), vals, np.nan)
     # a step counts where at least half the layers have a ratio (all-zero weights have none)
     finite_rows = (~np.isnan(vals)).sum(axis=1) * 2 >= vals.shape[1]
-    if finite_rows.sum() < MIN_STEPS:
+    if finite_rows.sum() < MIN_EARLY:  # a run that overflows at once has few finite steps
         return []
     vals = vals[finite_rows]
     per_step = np.nanmedian(vals, axis=1)
@@ -91,7 +92,7 @@ def learning_rate(frames: Frames) -> list[Finding]:
                                "brings the update/weight ratio toward 1e-3"),
                       cures.clip(1.0, "bounds the steps while the rate is tuned")),
         )]
-    if fastest <= LOW:
+    if fastest <= LOW and finite_rows.sum() >= MIN_STEPS:
         factor = 10.0 if fastest == 0 else float(min(1e3, max(10.0, 1e-3 / fastest)))
         return [Finding(
             rule="learning-rate", severity="warning", layers=tuple(table.columns), steps=steps,

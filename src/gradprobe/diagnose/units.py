@@ -137,6 +137,8 @@ def saturation(frames: Frames) -> list[Finding]:
 
 def _constant(row: dict) -> tuple[bool, float, float]:
     rms, std, zero = (float(row.get(k, np.nan)) for k in ("rms", "std", "zero_frac"))
+    if not (np.isfinite(rms) and np.isfinite(std)):
+        return False, float("nan"), zero
     ratio = std / rms if rms > 0 else 0.0
     return (rms == 0 or ratio <= CONSTANT), ratio, zero
 
