@@ -184,9 +184,6 @@ def test_workers_give_the_same_entries_as_one_process(tmp_path):
 
 
 def test_real_diagnosis_run(tmp_path):
-    module = pytest.importorskip("gradprobe.diagnose")
-    if not hasattr(module, "diagnose"):
-        pytest.skip("gradprobe.diagnose.diagnose is not in this tree")
     report = doctor(make_sigmoid, train, out=tmp_path, max_remedies=3)
     assert not report.healthy  # a deep sigmoid network at N(0, 0.1²) does not learn
     assert report.baseline.pathologies

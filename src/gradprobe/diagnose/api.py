@@ -80,7 +80,7 @@ def diagnose_frames(frames: Frames, *, run: str | None = None,
 
 def _open(run_or_path: Any) -> Any:
     if isinstance(run_or_path, (str, os.PathLike)):
-        from gradprobe.run import Run
+        from gradprobe.store.run import Run
 
         return Run.open(Path(run_or_path))
     return run_or_path
@@ -97,7 +97,7 @@ def append_findings(run_or_path: Any, diagnosis: Diagnosis) -> int:
     """Append the findings to the run's ``events.jsonl`` (one line each, ``type: "finding"``,
     with the time they were made); :meth:`Run.events` keeps listing non-finite events only.
     Returns the number of lines written."""
-    from gradprobe.store import RunWriter
+    from gradprobe.store.writer import RunWriter
 
     run = _open(run_or_path)
     now = time.strftime("%Y-%m-%dT%H:%M:%S")

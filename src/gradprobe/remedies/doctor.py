@@ -59,9 +59,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradprobe.capture.probe import Probe
 from gradprobe.diagnose.finding import Diagnosis, Finding, Remedy
 from gradprobe.errors import ConfigError
-from gradprobe.capture.probe import Probe
 from gradprobe.remedies.doctor_report import DoctorEntry, DoctorReport, rank
 from gradprobe.store.run import Run
 
@@ -92,14 +92,9 @@ def _make(make: Make, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
 
 
 def _real_diagnose(run: Run) -> Any:
-    import gradprobe.diagnose as module
+    from gradprobe.diagnose.api import diagnose
 
-    fn = getattr(module, "diagnose", None)
-    fn = getattr(fn, "diagnose", fn) if inspect.ismodule(fn) else fn
-    if fn is None:
-        raise ConfigError("gradprobe.diagnose.diagnose is not available in this installation",
-                          hint="pass diagnose=... to doctor()")
-    return fn(run)
+    return diagnose(run)
 
 
 def _findings(diagnosis: Any) -> tuple[Finding, ...]:
