@@ -44,10 +44,8 @@ Note:
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -55,70 +53,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from gradprobe.activations import ActivationSpec, spec_for_module
 from gradprobe.capture import stage as _stage
 from gradprobe.capture.hooks import first_float_tensor
+from gradprobe.capture.params import ParamStats, WeightsBefore
 from gradprobe.capture.recorder import Recorder, RowInfo
-from gradprobe.capture.stage import ParamSet
+from gradprobe.capture.select import Layer, check_kinds, check_optimizer, select_layers
 from gradprobe.errors import ConfigError, NonFiniteError, RunDirError, UnsupportedModelError
-from gradprobe.stats import batched as B
-from gradprobe.stats import eager as E
 from gradprobe.stats import schema as S
 from gradprobe.store.writer import RunWriter
 
 Kind = Literal["grad", "weight", "update", "drift", "act", "act_grad"]
-
-
-@dataclass
-class _Layer:
-    layer_id: int
-    name: str
-    module: nn.Module
-    spec: ActivationSpec | None
-    params: list[nn.Parameter] = field(default_factory=list)
-    rows: dict[str, int] = field(default_factory=dict)
-    depth: int | None = None
-    # read by the hooks on every call (set when the probe attaches)
-    act_row: int | None = None
-    act_grad_row: int | None = None
-    sat_rule: Any = None
-    dead_rule: Any = None
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "layer_id": self.layer_id,
-            "name": self.name,
-            "type": type(self.module).__name__,
-            "depth": self.depth,
-            "param_shapes": [list(p.shape) for p in self.params],
-            "activation": self.spec.name if self.spec is not None else None,
-        }
-
-
-@dataclass
-class _ParamGroup:
-    """Tracked parameters of one device and dtype, with their layers' rows per kind."""
-
-    params: list[nn.Parameter]
-    layer_ids: list[int]
-    numels: list[int]
-    rows: dict[str, list[int]] = field(default_factory=dict)
-    rows_t: dict[str, Tensor] = field(default_factory=dict)
-    prev: list[Tensor] = field(default_factory=list)  # scratch: W before the step, then W - W0
-    init: list[Tensor] = field(default_factory=list)  # W0
-    init_sumsq: Tensor | None = None
-    scratch: Tensor | None = None  # flat, as large as the largest tensor: |x| without allocating
-    small: list[int] = field(default_factory=list)  # tensors of at most stats.SMALL elements
-    large: list[int] = field(default_factory=list)
-    staged: list[int] = field(default_factory=list)  # small tensors of the recorder's stage
-    own: list[int] = field(default_factory=list)  # small + large: summarised by the Probe
-    own_params: list[Tensor] = field(default_factory=list)
-    own_prev: list[Tensor] = field(default_factory=list)
-    own_init_sumsq: Tensor | None = None  # Σ W0² of the `own` parameters
-
-
-def _display_name(name: str) -> str:
-    return name if name else "(model)"
 
 
 class Probe:
@@ -166,7 +110,7 @@ class Probe:
                 f"model must be a torch.nn.Module, got {type(model).__name__}",
                 hint="pass the nn.Module you train, e.g. gp.Probe(model, optimizer, run_dir=...)",
             )
-        self.kinds = self._check_kinds(kinds)
+        self.kinds = check_kinds(kinds)
         root: nn.Module = model
         if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
             if set(self.kinds) & set(S.ACT_KINDS):
@@ -225,104 +169,23 @@ class Probe:
                 f"run_dir {str(self.run_dir)!r} is not empty",
                 hint="choose a new directory, or pass overwrite=True to replace a previous run",
             )
-        self._layers = self._select(root, layers, layer_types)
-        self._check_optimizer(root)
+        self._layers = select_layers(root, layers, layer_types, self.kinds)
+        check_optimizer(optimizer, root)
         self._attached = False
         self._used = False
         self._handles: list[Any] = []
         self._writer: RunWriter | None = None
         self._recorder: Recorder | None = None
-        self._groups: list[_ParamGroup] = []
+        self._params: ParamStats | None = None
         self._step = 0
         self._slot: int | None = None
         self._depth_counter = 0
         self._gen = 0
         self._stepped = False
         self._orig_update: Any = None
-        self._stage_group: _ParamGroup | None = None
         self._depth_handles: dict[int, Any] = {}
         self._hist_now = False
-        self._stage_params: list[Tensor] = []
-        self._want_post = False
         self._passive = False  # attached on a non-zero rank: records nothing
-
-    # ------------------------------------------------------------------ selection
-
-    @staticmethod
-    def _check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
-        if isinstance(kinds, str):
-            kinds = (kinds,)
-        out = tuple(kinds)
-        bad = [k for k in out if k not in S.KINDS]
-        if bad or not out:
-            raise ConfigError(f"unknown kinds {bad}" if bad else "kinds is empty",
-                              hint=f"choose from {list(S.KINDS)}")
-        return tuple(k for k in S.KINDS if k in out)
-
-    def _select(self, root: nn.Module, layers: Any, layer_types: Any) -> list[_Layer]:
-        named = list(root.named_modules())
-        if layer_types is not None:
-            types = (layer_types,) if isinstance(layer_types, type) else tuple(layer_types)
-            if not types or not all(isinstance(t, type) and issubclass(t, nn.Module)
-                                    for t in types):
-                raise ConfigError(f"layer_types must be nn.Module subclasses, got {layer_types!r}")
-            cands = [(n, m) for n, m in named if isinstance(m, types)]
-            if not cands:
-                raise ConfigError(
-                    f"layer_types {[t.__name__ for t in types]} match no module of the model",
-                    hint="types present: " + ", ".join(sorted({type(m).__name__ for _, m in named})),
-                )
-        else:
-            cands = [
-                (n, m) for n, m in named
-                if next(m.parameters(recurse=False), None) is not None
-                or spec_for_module(m) is not None
-            ]
-        if layers is not None:
-            patterns = [layers] if isinstance(layers, str) else list(layers)
-            if not patterns or not all(isinstance(p, str) for p in patterns):
-                raise ConfigError(f"layers must be a glob pattern or a list of them, got {layers!r}")
-            keep: list[tuple[str, nn.Module]] = []
-            for pat in patterns:
-                hits = [c for c in cands if fnmatch.fnmatchcase(c[0], pat)]
-                if not hits:
-                    sample = ", ".join(_display_name(n) for n, _ in cands[:8])
-                    raise ConfigError(
-                        f"layer pattern {pat!r} matches no tracked module",
-                        hint=f"patterns are globs on qualified names, e.g. {sample}",
-                    )
-                keep += [h for h in hits if all(h[1] is not k[1] for k in keep)]
-            cands = [c for c in cands if any(c[1] is k[1] for k in keep)]
-        # Each parameter (deduplicated by identity: tied weights count once) belongs to the
-        # tracked module with the longest qualified-name prefix of its name.
-        by_name = {n: i for i, (n, _) in enumerate(cands)}
-        result = [
-            _Layer(i, _display_name(n), m, spec_for_module(m)) for i, (n, m) in enumerate(cands)
-        ]
-        for pname, p in root.named_parameters():
-            parts = pname.split(".")
-            for k in range(len(parts) - 1, -1, -1):
-                owner = ".".join(parts[:k])
-                if owner in by_name:
-                    result[by_name[owner]].params.append(p)
-                    break
-        for lay in result:
-            row_kinds = [k for k in self.kinds if k in S.ACT_KINDS or lay.params]
-            lay.rows = {k: -1 for k in row_kinds}
-        return result
-
-    def _check_optimizer(self, root: nn.Module) -> None:
-        if self.optimizer is None:
-            return
-        own = {id(p) for p in root.parameters()}
-        for gi, group in enumerate(self.optimizer.param_groups):
-            for p in group["params"]:
-                if id(p) not in own:
-                    raise ConfigError(
-                        f"optimizer param_groups[{gi}] holds a parameter of shape "
-                        f"{tuple(p.shape)} that is not a parameter of the model",
-                        hint="build the optimizer from model.parameters() of the probed model",
-                    )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -357,14 +220,13 @@ class Probe:
             lay.sat_rule = lay.spec.saturated if lay.spec is not None else None
             lay.dead_rule = lay.spec.inactive if lay.spec is not None else None
         device = next(self.model.parameters()).device
-        self._groups = self._make_groups(device)
         config = self._config()
         self._writer = RunWriter.create(self.run_dir, config=config, overwrite=self.overwrite)
         self._recorder = Recorder(
             rows, capacity=self.flush_every, loss_capacity=self.flush_every * self.every,
             device=device, writer=self._writer, hist_bins=self.hist_bins,
         )
-        self._setup_stage(self._groups)
+        self._params = ParamStats(self._layers, self.kinds, device, self._recorder)
         self._writer.write_meta(layers=[lay.record() for lay in self._layers],
                                 memory_bytes=self.memory_bytes())
         want_act = any(k in S.ACT_KINDS for k in self.kinds)
@@ -429,9 +291,8 @@ class Probe:
             finally:
                 self._writer.write_meta(layers=[lay.record() for lay in self._layers],
                                         status="closed", steps=self._step, fsync=True)
-                for g in self._groups:
-                    g.prev.clear()
-                    g.init.clear()
+                assert self._params is not None
+                self._params.release()
 
     @property
     def attached(self) -> bool:
@@ -493,98 +354,6 @@ class Probe:
             "n_params": sum(p.numel() for p in self.model.parameters()),
         }
 
-    def _make_groups(self, device: torch.device) -> list[_ParamGroup]:
-        by_key: dict[tuple[Any, Any], _ParamGroup] = {}
-        for lay in self._layers:
-            for p in lay.params:
-                key = (p.device, p.dtype)
-                g = by_key.setdefault(key, _ParamGroup([], [], []))
-                g.params.append(p)
-                g.layer_ids.append(lay.layer_id)
-                g.numels.append(p.numel())
-        groups = list(by_key.values())
-        for g in groups:
-            for kind in S.PARAM_KINDS:
-                if kind in self.kinds:
-                    g.rows[kind] = [self._layers[i].rows[kind] for i in g.layer_ids]
-                    g.rows_t[kind] = torch.tensor(g.rows[kind], dtype=torch.long, device=device)
-            g.small = [i for i, n in enumerate(g.numels) if n <= B.SMALL]
-            g.large = [i for i, n in enumerate(g.numels) if n > B.SMALL]
-            for kind in list(g.rows):
-                g.rows_t[kind + "_large"] = g.rows_t[kind][g.large]
-            with torch.no_grad():
-                g.scratch = torch.empty(max(g.numels), dtype=g.params[0].dtype, device=device)
-                if "update" in self.kinds or "drift" in self.kinds:
-                    g.prev = [torch.empty_like(p) for p in g.params]
-                if "drift" in self.kinds:
-                    g.init = [p.detach().clone() for p in g.params]
-                    g.init_sumsq = B.sumsq_group(g.init)
-        return groups
-
-    def _setup_stage(self, groups: list[_ParamGroup]) -> None:
-        """Hand the small parameters of the first group (and the small activations of its
-        device and dtype) to the recorder's stage: one buffer row per step, summarised for
-        many steps at once (:mod:`gradprobe.capture.stage`)."""
-        assert self._recorder is not None
-        g = groups[0]
-        if 3 * sum(g.numels[i] for i in g.small) <= _stage.MAX_ELEMS // 2:
-            g.staged, g.small = g.small, []  # else the stage keeps only activations
-        for grp in groups:
-            grp.own = sorted(grp.small + grp.large)
-            grp.own_params = [grp.params[i] for i in grp.own]
-            grp.own_prev = [grp.prev[i] for i in grp.own] if grp.prev else []
-            dev = grp.params[0].device
-            pos = {i: k for k, i in enumerate(grp.own)}
-            grp.rows_t["own"] = torch.tensor(grp.own, dtype=torch.long, device=dev)
-            if grp.init_sumsq is not None:
-                grp.own_init_sumsq = grp.init_sumsq[grp.rows_t["own"]]
-            grp.rows_t["small_pos"] = torch.tensor([pos[i] for i in grp.small], dtype=torch.long,
-                                                   device=dev)
-            grp.rows_t["large_pos"] = torch.tensor([pos[i] for i in grp.large], dtype=torch.long,
-                                                   device=dev)
-            for kind in ("update", "drift"):
-                if kind in grp.rows:
-                    grp.rows_t[kind + "_own"] = torch.tensor(
-                        [grp.rows[kind][i] for i in grp.own], dtype=torch.long,
-                        device=self._recorder.device)
-        params: list[Tensor] = [g.params[i] for i in g.staged]
-
-        def rows(kind: str) -> list[int]:
-            return [g.rows[kind][i] if kind in g.rows else -1 for i in g.staged]
-
-        init = init_sumsq = None
-        if "drift" in self.kinds and params:
-            order = sorted(range(len(params)), key=lambda j: params[j].numel())
-            init = torch.cat([g.init[g.staged[j]].reshape(-1) for j in order])
-            assert g.init_sumsq is not None
-            init_sumsq = g.init_sumsq[g.staged]
-        pset = ParamSet([p.numel() for p in params], rows("update"), rows("drift"), init,
-                        init_sumsq)
-        self._recorder.stage_setup(g.params[0].device, g.params[0].dtype, params,
-                                   rows("grad"), rows("weight"), pset)
-        self._stage_group = g
-        self._stage_params = params
-        self._want_post = bool(set(self.kinds) & {"weight", "update", "drift"})
-
-    def _stage_pre(self, slot: int, wpre: str) -> None:
-        """Stage the step's small gradients and the weights before the update (``wpre``:
-        ``"live"`` the parameters now, ``"prev"`` the copy taken when the step began,
-        ``"none"`` the optimizer skipped the step)."""
-        assert self._recorder is not None and self._stage_group is not None
-        g = self._stage_group
-        params = self._stage_params
-        grads = [p.grad for p in params] if "grad" in self.kinds else None
-        before: list[Tensor] | None = None
-        if "update" in self.kinds and params:
-            if wpre == "live":
-                before = params
-            elif wpre == "prev":
-                before = [g.prev[i] for i in g.staged]
-        self._recorder.stage_pre(slot, grads, before)
-        if grads is not None and self._hist_now:
-            have = [(gr, g.rows["grad"][i]) for gr, i in zip(grads, g.staged) if gr is not None]
-            self._param_hist(slot, [gr for gr, _ in have], [r for _, r in have])
-
     # ------------------------------------------------------------------ steps
 
     def _begin_step(self) -> None:
@@ -593,9 +362,8 @@ class Probe:
         if self._step % self.every == 0:
             self._slot = self._recorder.begin(self._step)
             if self.optimizer is None and "update" in self.kinds:
-                with torch.no_grad():
-                    for g in self._groups:
-                        torch._foreach_copy_(g.prev, [p.detach() for p in g.params])
+                assert self._params is not None
+                self._params.snapshot()
         else:
             self._slot = None
 
@@ -610,9 +378,7 @@ class Probe:
         if self._passive:
             return
         if self._slot is not None:
-            with torch.no_grad():
-                self._record_grads(self._slot)
-                self._stage_pre(self._slot, "prev")
+            self._before_update(self._slot, "prev")
         self._end_step(skipped=False)
 
     def observe_loss(self, loss: Tensor) -> None:
@@ -632,13 +398,17 @@ class Probe:
     def _pre_step_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._slot is None:
             return
+        self._before_update(self._slot, "live")
+        assert self._params is not None
         with torch.no_grad():
-            self._record_grads(self._slot)
-            self._stage_pre(self._slot, "live")
-            if "update" in self.kinds:
-                for g in self._groups:
-                    if g.own:
-                        torch._foreach_copy_(g.own_prev, g.own_params)
+            self._params.before_update()
+
+    def _before_update(self, slot: int, wpre: WeightsBefore) -> None:
+        """The step's gradients and (staged) weights before the update."""
+        assert self._params is not None
+        with torch.no_grad():
+            self._params.grads(slot, self._hist_now)
+            self._params.stage_before(slot, wpre, self._hist_now)
 
     def _post_step_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._stepped = True
@@ -649,149 +419,12 @@ class Probe:
         # hooks did not run: close the step here, marked as skipped.
         if not self._stepped and self._attached:
             if self._slot is not None:
-                with torch.no_grad():
-                    self._record_grads(self._slot)
-                    self._stage_pre(self._slot, "none")
+                self._before_update(self._slot, "none")
             self._end_step(skipped=True)
         self._stepped = False
 
-    def _record_grads(self, slot: int) -> None:
-        if "grad" not in self.kinds:
-            return
-        assert self._recorder is not None
-        rec = self._recorder
-        with torch.no_grad():
-            for g in self._groups:
-                small: list[Tensor] = []
-                small_rows: list[int] = []
-                large: list[Tensor] = []
-                large_rows: list[int] = []
-                for i in g.own:
-                    p, row = g.params[i], g.rows["grad"][i]
-                    gr = p.grad
-                    if gr is None:
-                        continue
-                    if gr.is_sparse:
-                        gr = gr.coalesce().values()
-                    if gr.numel() <= B.SMALL:
-                        small.append(gr)
-                        small_rows.append(row)
-                    else:
-                        large.append(gr)
-                        large_rows.append(row)
-                if small:
-                    # one copy of all small gradients (the optimizer step must not change
-                    # them under us), summarised with the step's other small tensors
-                    flat = torch._C._nn.flatten_dense_tensors(small)
-                    for v, row in zip(flat.split([t.numel() for t in small]), small_rows):
-                        rec.defer(slot, row, v)
-                if large:
-                    mat = rec.summary.group(large)
-                    rows_t = (g.rows_t["grad_large"] if len(large) == len(g.large)
-                              else torch.tensor(large_rows, dtype=torch.long, device=mat.device))
-                    rec.add_many(slot, large_rows, rows_t, mat, [t.numel() for t in large])
-                if self._hist_due():
-                    self._param_hist(slot, small + large, small_rows + large_rows)
-
     def _hist_due(self) -> bool:
         return self.hist_every > 0 and self._step % self.hist_every == 0
-
-    def _param_hist(self, slot: int, tensors: list[Tensor], rows: list[int]) -> None:
-        assert self._recorder is not None
-        by_row: dict[int, list[Tensor]] = {}
-        for t, r in zip(tensors, rows):
-            by_row.setdefault(r, []).append(t.detach().reshape(-1))
-        for r, ts in by_row.items():
-            self._recorder.add_hist(slot, r, torch.cat(ts) if len(ts) > 1 else ts[0])
-
-    def _record_params(self, slot: int, skipped: bool) -> None:
-        assert self._recorder is not None
-        rec = self._recorder
-        want_w, want_u, want_d = ("weight" in self.kinds, "update" in self.kinds,
-                                  "drift" in self.kinds)
-        hist = self._hist_now
-        for g in self._groups:
-            if not g.own and not (want_w and hist):
-                continue  # every parameter of the group is staged
-            ws = [p.detach() for p in g.params]
-            if want_w:
-                rows = g.rows["weight"]
-                for i in g.small:  # summarised with the step's other small tensors
-                    rec.defer(slot, rows[i], ws[i])
-                if self._hist_due():
-                    self._param_hist(slot, ws, rows)
-            # Large tensors one at a time, so that the weight statistics, W_before - W and
-            # W - W0 find W in cache; differences go through the scratch buffer.
-            vecs: list[Tensor] = []
-            up_w: list[Tensor] = []
-            up_d: list[Tensor] = []
-            dr_d: list[Tensor] = []
-            exact = True  # every vector from the compiled kernel: counts already exact
-            for i in g.large:
-                w = ws[i]
-                # one compiled pass where available: statistics of W, Σ(W_before − W)², Σ(W − W0)²
-                both = rec.summary.weight(w, g.prev[i] if want_u and not skipped else None,
-                                            g.init[i] if want_d else None)
-                if both is not None:
-                    if want_w:
-                        vecs.append(both[: S.N_STATS])
-                    if want_u:
-                        up_w.append(both[S.SUMSQ])
-                        if not skipped:
-                            up_d.append(both[S.N_STATS])
-                    if want_d:
-                        dr_d.append(both[S.N_STATS + 1])
-                    continue
-                exact = False
-                if want_w:
-                    vecs.append(rec.summary.large_weight(w))
-                if want_u:
-                    up_w.append(vecs[-1][S.SUMSQ] if want_w else E.sumsq(w))
-                    if not skipped:
-                        up_d.append(E.diff_sumsq(g.prev[i], w, g.scratch))
-                if want_d:
-                    dr_d.append(E.diff_sumsq(w, g.init[i], g.scratch))
-            if vecs:
-                wl = [ws[i] for i in g.large]
-                wmat = torch.stack(vecs)
-                if not exact:
-                    wmat = E.fix_nonfinite_(wl, wmat)
-                rec.add_many(slot, [g.rows["weight"][i] for i in g.large],
-                             g.rows_t["weight_large"], wmat, [g.numels[i] for i in g.large])
-            own = g.own  # the group's parameters not handed to the stage
-            if not own:
-                continue
-            if want_u:
-                if skipped:
-                    wsq = rec.summary.sumsq_group([ws[i] for i in own])
-                    dsq = torch.zeros_like(wsq)
-                else:
-                    wsq = torch.empty(len(own), dtype=E.STAT_DTYPE, device=ws[0].device)
-                    dsq = torch.empty_like(wsq)
-                    if g.small:  # W_before - W_after into g.prev
-                        d = [g.prev[i] for i in g.small]
-                        torch._foreach_sub_(d, [ws[i] for i in g.small])
-                        both = rec.summary.sumsq_group([ws[i] for i in g.small] + d)
-                        wsq[g.rows_t["small_pos"]] = both[: len(d)]
-                        dsq[g.rows_t["small_pos"]] = both[len(d):]
-                    if g.large:
-                        wsq[g.rows_t["large_pos"]] = torch.stack(up_w).to(E.STAT_DTYPE)
-                        dsq[g.rows_t["large_pos"]] = torch.stack(up_d).to(E.STAT_DTYPE)
-                rec.add_many(slot, [g.rows["update"][i] for i in own], g.rows_t["update_own"],
-                             E.ratio_rows(dsq, wsq), [g.numels[i] for i in own])
-            if want_d:
-                dsq = torch.empty(len(own), dtype=E.STAT_DTYPE, device=ws[0].device)
-                if g.small:  # small tensors: W - W0 into g.prev with two foreach calls
-                    d = [g.prev[i] for i in g.small]
-                    torch._foreach_copy_(d, [ws[i] for i in g.small])
-                    torch._foreach_sub_(d, [g.init[i] for i in g.small])
-                    dsq[g.rows_t["small_pos"]] = rec.summary.sumsq_group(d)
-                if g.large:
-                    dsq[g.rows_t["large_pos"]] = torch.stack(dr_d).to(E.STAT_DTYPE)
-                assert g.own_init_sumsq is not None
-                rec.add_many(slot, [g.rows["drift"][i] for i in own], g.rows_t["drift_own"],
-                             E.ratio_rows(dsq, g.own_init_sumsq),
-                             [g.numels[i] for i in own])
 
     def _end_step(self, *, skipped: bool) -> None:
         assert self._recorder is not None and self._writer is not None
@@ -799,10 +432,10 @@ class Probe:
         events: list[dict[str, Any]] = []
         if slot is not None:
             check = self._recorder.device.type == "cpu" or self.on_nonfinite == "raise"
+            assert self._params is not None
             with torch.no_grad():
-                self._record_params(slot, skipped)
-                complete = self._recorder.stage_post(
-                    slot, self._stage_params if self._want_post else None, check)
+                self._params.params(slot, skipped, self._hist_now)
+                complete = self._recorder.stage_post(slot, self._params.staged_after, check)
                 self._recorder.process_pending()
             scale = self.scaler._scale if self.scaler is not None else None
             self._recorder.end(slot, skipped=skipped, scale=scale)
@@ -871,7 +504,7 @@ class Probe:
 
     # ------------------------------------------------------------------ hooks
 
-    def _depth_hook(self, lay: _Layer, module: nn.Module, args: Any, output: Any) -> None:
+    def _depth_hook(self, lay: Layer, module: nn.Module, args: Any, output: Any) -> None:
         if lay.depth is None:
             lay.depth = self._depth_counter
             self._depth_counter += 1
@@ -879,7 +512,7 @@ class Probe:
         if h is not None:  # the depth is known: no hook left on the forward pass
             h.remove()
 
-    def _forward_hook(self, lay: _Layer, module: nn.Module, args: Any, output: Any) -> None:
+    def _forward_hook(self, lay: Layer, module: nn.Module, args: Any, output: Any) -> None:
         if lay.depth is None:
             lay.depth = self._depth_counter
             self._depth_counter += 1
@@ -894,16 +527,7 @@ class Probe:
         row = lay.act_row
         if row is not None:
             x = t.detach()  # nothing below records autograd history
-            if not rec.stage_add(slot, row, x, lay.sat_rule, lay.dead_rule, row):
-                sat_rule, dead_rule = lay.sat_rule, lay.dead_rule
-                if x.numel() <= B.SMALL:
-                    # a copy: an in-place activation may overwrite the output later
-                    rec.defer(slot, row, x.clone(), sat_rule, dead_rule)
-                else:
-                    with torch.no_grad():
-                        rec.add(slot, row, rec.summary.tensor(x, sat_rule), x.numel())
-                        if dead_rule is not None:
-                            rec.and_units(slot, row, E.inactive_units(x, dead_rule))
+            rec.observe(slot, row, x, lay.sat_rule, lay.dead_rule)
             if self._hist_now:
                 with torch.no_grad():
                     rec.add_hist(slot, row, x)
@@ -916,18 +540,9 @@ class Probe:
             return
         rec = self._recorder
         assert rec is not None
-        if rec.stage_add(slot, row, grad.detach() if grad.requires_grad else grad, None, None,
-                         row):
-            if not self._hist_now:
-                return
-        elif grad.numel() <= B.SMALL:
-            rec.defer(slot, row, grad.detach().clone())  # detached: records no history
-            if not self._hist_due():
-                return
-        with torch.no_grad():
-            if grad.numel() > B.SMALL:
-                rec.add(slot, row, rec.summary.tensor(grad), grad.numel())
-            if self._hist_due():
+        rec.observe(slot, row, grad.detach())  # detached: records no history
+        if self._hist_now:
+            with torch.no_grad():
                 rec.add_hist(slot, row, grad)
 
 

@@ -258,6 +258,23 @@ class Recorder:
         if self._pending_numel > PENDING_LIMIT:
             self.process_pending()
 
+    def observe(self, slot: int, row: int, x: Tensor, saturated: Rule | None = None,
+                inactive: Rule | None = None) -> None:
+        """Record a hooked tensor (an activation or activation gradient, detached) of the open
+        step: the one choice of its path. Staged where the stage takes it (:meth:`stage_add`);
+        else, small, a copy is deferred and summarised with the step's other small tensors (a
+        copy: an in-place activation may overwrite the output later); else summarised at once
+        by :class:`Summariser` (compiled where that serves the tensor, eager otherwise)."""
+        if self.stage_add(slot, row, x, saturated, inactive, row):
+            return
+        if x.numel() <= B.SMALL:
+            self.defer(slot, row, x.clone(), saturated, inactive)
+            return
+        with torch.no_grad():
+            self.add(slot, row, self.summary.tensor(x, saturated), x.numel())
+            if inactive is not None:
+                self.and_units(slot, row, E.inactive_units(x, inactive))
+
     def process_pending(self) -> None:
         """Summarise the queued small tensors together (:func:`gradprobe.stats.eager.batched_stats`,
         saturation and unit rules once per group of equal shape) and merge every queued
