@@ -274,7 +274,7 @@ def _record(rec, step, values, scale=1.0):
         x = torch.tensor(v, dtype=torch.float64)
         rec.add(slot, row, eager.tensor_stats(x), x.numel())
     rec.add_hist(slot, 1, torch.tensor(values[1]))
-    rec.add_loss(step, torch.tensor(float(step)))
+    rec.losses.add(step, torch.tensor(float(step)))
     rec.end(slot, skipped=False, scale=torch.tensor(scale))
 
 

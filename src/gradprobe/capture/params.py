@@ -130,7 +130,7 @@ class ParamStats:
             init_sumsq = g.init_sumsq[g.staged]
         pset = ParamSet([p.numel() for p in params], rows("update"), rows("drift"), init,
                         init_sumsq)
-        rec.stage_setup(g.params[0].device, g.params[0].dtype, params,
+        rec.staged.setup(g.params[0].device, g.params[0].dtype, params,
                         rows("grad"), rows("weight"), pset)
         self.staged = params
 
@@ -161,7 +161,7 @@ class ParamStats:
                 before = params
             elif wpre == "prev":
                 before = [g.prev[i] for i in g.staged]
-        self.recorder.stage_pre(slot, grads, before)
+        self.recorder.staged.pre(slot, grads, before)
         if grads is not None and hist:
             have = [(gr, g.rows["grad"][i]) for gr, i in zip(grads, g.staged) if gr is not None]
             self.hist(slot, [gr for gr, _ in have], [r for _, r in have])

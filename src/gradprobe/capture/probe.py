@@ -393,7 +393,7 @@ class Probe:
             return
         assert self._recorder is not None
         with torch.no_grad():
-            self._recorder.add_loss(self._step, loss)
+            self._recorder.losses.add(self._step, loss)
 
     def _pre_step_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._slot is None:
@@ -435,7 +435,7 @@ class Probe:
             assert self._params is not None
             with torch.no_grad():
                 self._params.params(slot, skipped, self._hist_now)
-                complete = self._recorder.stage_post(slot, self._params.staged_after, check)
+                complete = self._recorder.staged.post(slot, self._params.staged_after, check)
                 self._recorder.process_pending()
             scale = self.scaler._scale if self.scaler is not None else None
             self._recorder.end(slot, skipped=skipped, scale=scale)

@@ -1,0 +1,327 @@
+"""The recorder's side of the stage: which small tensors of a step go to it, and their books.
+
+A step's small activations and activation gradients (:meth:`StagedSteps.add`, from the hooks),
+then the staged parameters' gradients and weights before the update (:meth:`StagedSteps.pre`)
+and after it (:meth:`StagedSteps.post`) are copied into one row of the
+:class:`~gradprobe.capture.stage.Stage`; many rows are summarised at once
+(:meth:`StagedSteps.summarise`) and merged into the :class:`~gradprobe.capture.recorder.Recorder`'s
+buffer with the counts and first-touch order the events need (the books). Hook sites whose
+tensors are changed in place after the hook are found here and copied from then on.
+
+Whether a tensor goes to the stage at all is decided by :meth:`Recorder.observe` and the
+Probe's parameter statistics (:mod:`gradprobe.capture.params`); this module only keeps the
+stage's rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gradprobe.capture import stage as _stage
+from gradprobe.capture.stage import STATS, WPRE, Entry, ParamSet, Rule, Stage
+from gradprobe.stats import batched as B
+from gradprobe.stats import eager as E
+from gradprobe.stats import schema as S
+
+
+class Books(Protocol):
+    """What the stage reads and writes of the :class:`~gradprobe.capture.recorder.Recorder`
+    (a protocol, so that the recorder owns this module and not the other way round)."""
+
+    buf: Tensor
+    capacity: int
+    counts: np.ndarray
+    device: torch.device
+    immediate: bool
+    rows: list[Any]
+    seq: np.ndarray
+    seq_counter: int
+    touched: np.ndarray
+    units: np.ndarray
+
+    def defer(self, slot: int, row: int, x: Tensor, saturated: Rule | None = None,
+              inactive: Rule | None = None) -> None: ...
+
+
+class StagedSteps:
+    """The open step's staged entries and the books of the staged steps of ``rec``."""
+
+    def __init__(self, rec: Books) -> None:
+        self.rec = rec
+        self.stage: Stage | None = None
+        self._open: list[tuple[Any, ...]] = []  # (row, shape, sat, ina, tensor, source, version, key, seq)
+        self._open_keys: list[tuple[Any, ...]] = []
+        self._open_slot: int | None = None
+        self._staged_row = False  # the open step has a row in the stage
+        self._copy_keys: set[Any] = set()  # hook sites whose tensors change in place later
+        self._seen_keys: set[Any] = set()
+        self._stage_params: list[Tensor] = []
+        self._grad_rows: list[int] = []
+        self._weight_rows: list[int] = []
+        self._n_pre = 0
+        self._plan: Any = None
+        self._open_numel = 0
+        self._param_width = 0
+        self._pre_seqs: list[int] = []
+        self._books: list[tuple[int, list[int], int, Any]] = []
+
+
+    def setup(self, device: torch.device, dtype: torch.dtype, params: list[Tensor],
+                    grad_rows: list[int], weight_rows: list[int], param_set: ParamSet) -> None:
+        """Stage the small tensors of ``device`` and ``dtype``: activations, activation
+        gradients, and the gradients and weights of ``params`` (rows ``-1``: kind not
+        recorded). ``param_set`` carries the update/drift rows and W0."""
+        self.stage = Stage(device, dtype, param_set if params else None, self.rec.capacity)
+        self._stage_params = params
+        self._grad_rows = grad_rows
+        self._weight_rows = weight_rows
+        # the parameters' share of a row: gradients, weights before and after the step
+        self._open_numel = 3 * sum(p.numel() for p in params)
+        self._param_width = self._open_numel
+
+    def add(self, slot: int, row: int, x: Tensor, saturated: Rule | None,
+                  inactive: Rule | None, key: Any) -> bool:
+        """Stage a small activation (or activation gradient) of the open step. ``key`` names
+        the hook site: the first time a site is seen its tensor is copied, and if the tensor
+        was changed in place before the step ended (an in-place activation after it), the site
+        is copied from then on; otherwise later steps keep a reference until the step's row
+        is written. Returns False, staging nothing, when ``x`` does not go to the stage: another
+        device or dtype than the stage's, more than :data:`gradprobe.stats.eager.SMALL` elements, not
+        strided, or no room left in the step's row (:data:`gradprobe.capture.stage.MAX_ELEMS`)."""
+        st = self.stage
+        if (st is None or x.dtype != st.dtype or x.device != st.device
+                or x.numel() > B.SMALL or x.layout != torch.strided):
+            return False
+        if self._open_slot != slot:
+            self._open.clear()
+            self._open_keys.clear()
+            self._open_slot = slot
+            self._open_numel = self._param_width
+        if self._open_numel + x.numel() > _stage.MAX_ELEMS:
+            return False
+        self._open_numel += x.numel()
+        self.rec.seq_counter += 1
+        t = x.clone() if key in self._copy_keys or key not in self._seen_keys else x
+        entry = (row, tuple(x.shape), saturated, inactive)
+        self._open_keys.append(entry)
+        self._open.append((*entry, t, x, x._version, key, self.rec.seq_counter))
+        return True
+
+    def pre(self, slot: int, grads: Sequence[Tensor | None] | None,
+                  wpre: Sequence[Tensor] | None) -> None:
+        """Write the open step's activations, the parameters' gradients and the weights before
+        the update (``None``: not recorded, or the optimizer skipped the step) into its row."""
+        st = self.stage
+        assert st is not None
+        if self._staged_row:  # a step whose optimizer step never finished: drop its row
+            st.slots.pop()
+            self._staged_row = False
+        if self._open_slot != slot:
+            self._open.clear()
+            self._open_keys.clear()
+            self._open_slot = slot
+        ok = self._open
+        keys = tuple(self._open_keys)
+        if any(e[5]._version != e[6] or e[4] is not e[5] for e in ok):
+            ok, keys = self._check_versions(ok)
+        self._open = []
+        self._open_keys = []
+        self._open_slot = None
+        self._open_numel = self._param_width
+        params = self._stage_params
+        gmask: tuple[bool, ...] = ()
+        gl: list[Tensor] = []
+        if grads is not None:
+            gmask = tuple(g is not None and g.layout == torch.strided and g.dtype == st.dtype
+                          for g in grads)
+            gl = [g for g, m in zip(grads, gmask) if m]  # type: ignore[misc]
+            if len(gl) != len(grads):  # sparse or other-dtype gradients: summarised at the step
+                for g, m, r in zip(grads, gmask, self._grad_rows):
+                    if g is not None and not m:
+                        v = g.coalesce().values() if g.is_sparse else g
+                        self.rec.defer(slot, r, v.detach().clone())
+        key = (keys, gmask, wpre is not None)
+        plan = st.plan_for(key, lambda: self._entries(ok, gmask, wpre is not None))
+        if not st.ready(plan):
+            self.summarise()
+            st.start(plan)
+        s = len(st.slots)
+        st.slots.append(slot)
+        self._staged_row = True
+        assert st.buf is not None
+        n_pre = len(ok) + len(gl) + (len(params) if wpre is not None else 0)
+        src = [e[4] for e in ok] + gl + (list(wpre) if wpre is not None else [])
+        if src:
+            torch._foreach_copy_(plan.views(st.buf, s, 0, n_pre), src)
+        self._pre_seqs = [e[8] for e in ok]
+        self._n_pre = n_pre
+        self._plan = plan
+
+    def post(self, slot: int, wpost: Sequence[Tensor] | None, check: bool) -> bool:
+        """Write the weights after the update into the open step's row and close it. With
+        ``check`` (CPU, or ``on_nonfinite="raise"``), a row holding non-finite values is
+        summarised at once so the step's events can be found; returns True when the step's
+        statistics are complete in the buffer without further work."""
+        st = self.stage
+        assert st is not None and st.buf is not None
+        plan = self._plan
+        s = len(st.slots) - 1
+        if wpost and plan.width > 0:
+            n = len(plan.shapes)
+            torch._foreach_copy_(plan.views(st.buf, s, self._n_pre, n), list(wpost))
+        # counts, and the order in which rows were first touched (for events): applied to
+        # the bookkeeping arrays when the stage is summarised
+        book = self._bookkeeping(plan, bool(wpost))
+        if book is not None:
+            self._books.append((slot, self._pre_seqs, self.rec.seq_counter, book))
+            self.rec.seq_counter += book[3]
+        self._staged_row = False
+        immediate, self.rec.immediate = self.rec.immediate, False
+        if check:
+            finite = math.isfinite(float(plan.row(st.buf, s).sum()))
+            if not finite:
+                st.exact = True
+                self.summarise()
+                return False
+        if not st.on_cpu:
+            st.exact = True
+        if len(st.slots) >= st.capacity:
+            self.summarise()
+        return not immediate
+
+    def _check_versions(self, opened: list[tuple[Any, ...]]
+                        ) -> tuple[list[tuple[Any, ...]], tuple[Any, ...]]:
+        """Learn which hook sites need a copy: a tensor changed in place after its hook (an
+        in-place activation after the module) is copied in the hook from then on; held by
+        reference, its value of this step is lost and dropped."""
+        ok: list[tuple[Any, ...]] = []
+        for e in opened:
+            changed = e[5]._version != e[6]
+            if changed:
+                self._copy_keys.add(e[7])
+                if e[4] is e[5]:
+                    continue
+            self._seen_keys.add(e[7])
+            ok.append(e)
+        return ok, tuple(e[:4] for e in ok)
+
+    def _apply_books(self) -> None:
+        """Counts, touched rows and first-touch order of the staged steps, a run of steps of
+        one plan at a time."""
+        books, self._books = self._books, []
+        i = 0
+        while i < len(books):
+            j = i
+            book = books[i][3]
+            while j < len(books) and books[j][3] is book:
+                j += 1
+            run = books[i:j]
+            i = j
+            counts, uniq, first, _ = book
+            slots = np.array([b[0] for b in run], dtype=np.int64)
+            self.rec.counts[slots] += counts
+            base = np.array([b[2] for b in run], dtype=np.int64)[:, None]
+            seqs = base + 1 + first[None, :]
+            n_act = len(run[0][1])
+            hooked = first < n_act
+            if hooked.any():
+                pre = np.array([b[1] for b in run], dtype=np.int64).reshape(len(run), n_act)
+                seqs[:, hooked] = pre[:, first[hooked]]
+            grid = np.ix_(slots, uniq)
+            touched = self.rec.touched[grid]
+            self.rec.seq[grid] = np.where(touched, np.minimum(self.rec.seq[grid], seqs), seqs)
+            self.rec.touched[grid] = True
+
+    def _bookkeeping(self, plan: Any, post: bool) -> Any:
+        """Per-step row bookkeeping of a plan, cached on it: ``(counts[R], unique rows, their
+        first position in the step's order, number of positions)``; the step's order is the
+        hooks', then gradients, weights, update and drift rows."""
+        key = ("book", post)
+        book = plan.cache.get(key)
+        if book is None:
+            st = self.stage
+            assert st is not None
+            stats_entries = plan.entries
+            rows = [e.row for e in stats_entries if e.role == STATS and e.param < 0]
+            numels = [float(e.numel) for e in stats_entries if e.role == STATS and e.param < 0]
+            ps = st.params
+            if post and ps is not None:
+                for kind_rows in (self._weight_rows, ps.update_rows, ps.drift_rows):
+                    for r, n in zip(kind_rows, ps.numels):
+                        if r >= 0:
+                            rows.append(r)
+                            numels.append(float(n))
+            if not rows:
+                plan.cache[key] = False
+                return None
+            arr = np.asarray(rows, dtype=np.int64)
+            counts = np.zeros(len(self.rec.rows))
+            np.add.at(counts, arr, np.asarray(numels))
+            uniq, first = np.unique(arr, return_index=True)
+            book = (counts, uniq, first.astype(np.int64), len(rows))
+            plan.cache[key] = book
+        return book if book is not False else None
+
+    def _entries(self, ok: list[tuple[Any, ...]], gmask: tuple[bool, ...],
+                 pre: bool) -> list[Entry]:
+        st = self.stage
+        assert st is not None
+        out = [Entry(e[0], e[1], e[2], e[3]) for e in ok]
+        params = self._stage_params
+        for p, r, m in zip(params, self._grad_rows, gmask):
+            if m:
+                out.append(Entry(r, tuple(p.shape)))
+        if pre:
+            out += [Entry(-1, tuple(p.shape), role=WPRE, param=j) for j, p in enumerate(params)]
+        out += [Entry(r, tuple(p.shape), role=STATS, param=j)
+                for j, (p, r) in enumerate(zip(params, self._weight_rows))]
+        return out
+
+    def summarise(self) -> None:
+        st = self.stage
+        if st is None or not st.slots or self._staged_row:
+            return
+        self._apply_books()
+        slots, rows_t, mat, dead = st.summarise()
+        r = len(self.rec.rows)
+        slots_t = torch.tensor(slots, dtype=torch.long, device=mat.device)
+        if mat.shape[1]:
+            flat_idx = (slots_t[:, None] * r + rows_t[None, :]).reshape(-1)
+            E.merge_rows_(self.rec.buf.view(-1, S.N_STATS), flat_idx, mat.reshape(-1, S.N_STATS))
+        if dead:
+            by_row: dict[int, list[Tensor]] = {}
+            for row, mask in dead:
+                by_row.setdefault(row, []).append(mask)
+            slots_np = np.asarray(slots, dtype=np.int64)
+            for row, masks in by_row.items():
+                same = all(m.shape == masks[0].shape for m in masks)
+                groups = [masks] if same else [[m] for m in masks]
+                for grp in groups:
+                    m = grp[0]
+                    for other in grp[1:]:
+                        m = m & other  # micro-batches of one step: dead on every one
+                    count = m.sum(-1).to(E.STAT_DTYPE)
+                    dev = self.rec.device
+                    self.rec.buf[slots_t.to(dev), row, S.DEAD] += count.to(dev)
+                    self.rec.units[slots_np, row] += m.shape[-1]
+
+    def discard(self, slot: int) -> None:
+        """Drop the staged part of an unfinished step."""
+        if self._open_slot == slot:
+            self._open.clear()
+            self._open_keys.clear()
+            self._open_slot = None
+            self._open_numel = self._param_width
+        if self._staged_row and self.stage is not None and self.stage.slots[-1:] == [slot]:
+            self.stage.slots.pop()
+        self._staged_row = False
+        self._books = [b for b in self._books if b[0] != slot]
+
+
+__all__ = ["StagedSteps"]
