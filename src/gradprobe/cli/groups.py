@@ -19,3 +19,6 @@ def register(app: typer.Typer) -> None:
     from gradprobe.cli import diagnose
 
     diagnose.register(app)
+    from gradprobe.cli import doctor
+
+    doctor.register(app)

@@ -8,6 +8,8 @@ traceback instead. Each command group lives in its own module and is registered 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from functools import cache
 
 import typer
 
@@ -21,14 +23,22 @@ app = typer.Typer(
     add_completion=False,
 )
 
-_state = {"debug": False, "registered": False}
+
+
+@dataclass(frozen=True)
+class CliContext:
+    """What the root options tell every command: Typer's ``ctx.obj`` (a command reads it as
+    ``ctx.ensure_object(CliContext)``), so no command depends on module state."""
+
+    debug: bool = False
 
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
 ) -> None:
-    _state["debug"] = debug
+    ctx.obj = CliContext(debug=debug)
 
 
 @app.command("env")
@@ -54,23 +64,20 @@ def env() -> None:
         typer.echo(f"{name:>15}  {value}")
 
 
+@cache
 def _register() -> None:
-    """Attach the command groups. Each import is cheap: heavy work happens inside commands."""
-    if _state.get("registered"):
-        return
+    """Attach the command groups to :data:`app`, once (``cache``: a second call is a no-op).
+    Each import is cheap: heavy work happens inside commands."""
     from gradprobe.cli import groups
 
     groups.register(app)
-    from gradprobe.cli import doctor
-
-    doctor.register(app)
-    _state["registered"] = True
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; exit code 2 and a one-line message for a GradprobeError."""
     _register()
     args = sys.argv[1:] if argv is None else argv
+    # read from the arguments: an error may come before the root callback builds CliContext
     debug = "--debug" in args
     try:
         # In non-standalone mode click returns typer.Exit's code instead of exiting.
