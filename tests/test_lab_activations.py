@@ -8,8 +8,8 @@ import torch
 from gradprobe import activations as A
 from gradprobe.errors import ConfigError
 from gradprobe.lab import train
+from gradprobe.lab.common import dead_fraction, saturated_fraction
 from gradprobe.lab.experiments import activation_study as S
-from gradprobe.lab.experiments.depth_histograms import dead_fraction, saturated_fraction
 
 SMALL = S.ActivationStudyConfig(depth=12, width=32, epochs=7, lr=3e-3)
 
@@ -48,7 +48,7 @@ def test_dead_and_saturated_fractions_match_slow_loops():
 
 
 def test_gradient_ratio_matches_autograd():
-    from gradprobe.lab.experiments.depth_histograms import sequential_mlp
+    from gradprobe.lab.common import sequential_mlp
 
     torch.manual_seed(1)
     model = sequential_mlp([5, 6, 6, 6], "gelu", bias=True, head=3)

@@ -200,6 +200,17 @@ def test_layer_colours_and_legend_follow_depth():
     assert [tuple(line.get_color()) for line in ax.get_lines()] == list(colors.values())
 
 
+def test_distinct_colours_stay_distinct_past_the_house_palette():
+    from gradprobe.report import style
+
+    few = [f"c{i}" for i in range(len(style.CATEGORY_COLORS))]
+    assert style.distinct_colors(few) == style.category_colors(few)
+    for n in (len(few) + 1, 10, 15, 20):  # category_colors would cycle here
+        names = [f"c{i}" for i in range(n)]
+        colors = style.distinct_colors(names)
+        assert list(colors) == names and len(set(colors.values())) == n, n
+
+
 def test_fit_stacked_equals_separate_training():
     seeds = [0, 1, 2]
     data = [_data(70, seed=s) for s in seeds]

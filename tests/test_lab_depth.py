@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gradprobe.errors import ConfigError
-from gradprobe.lab import train
+from gradprobe.lab import common, train
 from gradprobe.lab.experiments import depth_histograms as dh
 
 SMALL = dh.DepthHistogramsConfig(n_samples=300, width=200, step=10, depth=10, bins=20)
@@ -66,10 +66,10 @@ def test_histograms_count_every_value(result):
 
 def test_propagate_matches_autograd():
     torch.manual_seed(0)
-    model = dh.sequential_mlp([6, 5, 4, 3], "tanh", head=2)
+    model = common.sequential_mlp([6, 5, 4, 3], "tanh", head=2)
     x = torch.randn(7, 6)
     y = torch.tensor([0, 1, 1, 0, 1, 0, 0])
-    sig = dh.propagate(model, x, lambda out: torch.nn.functional.cross_entropy(out, y))
+    sig = common.propagate(model, x, lambda out: torch.nn.functional.cross_entropy(out, y))
     # reference: an explicit functional forward and torch.autograd.grad
     acts, h = [], x
     for i in range(1, 4):

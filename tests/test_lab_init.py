@@ -41,7 +41,7 @@ def test_zero_init_loss_is_exactly_ln2_and_units_identical(activation):
 
 def test_symmetry_checker_detects_broken_symmetry():
     # reference: the same identity test on a model whose units differ must fail
-    from gradprobe.lab.experiments.depth_histograms import sequential_mlp
+    from gradprobe.lab.common import sequential_mlp
 
     model = sequential_mlp([2, 4, 4], "tanh", bias=True, head=1)
     w = model.fc2.weight

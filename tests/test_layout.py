@@ -194,3 +194,25 @@ def test_storage_side_imports_no_torch(mod):
     if mod == "gradprobe.store.writer":  # environment() names the torch version, lazily
         names.discard("torch")
     assert "torch" not in names, f"{path_of(mod)} imports torch"
+
+
+EXPERIMENTS = "gradprobe.lab.experiments"
+
+
+def experiment_imports(g: dict[str, set[str]]) -> list[str]:
+    """``src imports dst`` for every experiment module importing another experiment module
+    (they share helpers through ``gradprobe.lab.common`` instead)."""
+    return [f"{src} imports {dst}" for src, dsts in sorted(g.items()) for dst in sorted(dsts)
+            if src.startswith(EXPERIMENTS + ".") and dst.startswith(EXPERIMENTS + ".")]
+
+
+def test_a_planted_experiment_import_is_found():
+    g = {f"{EXPERIMENTS}.a": {f"{EXPERIMENTS}.b", "gradprobe.lab.common"},
+         f"{EXPERIMENTS}.b": {"gradprobe.lab.common"}}
+    assert experiment_imports(g) == [f"{EXPERIMENTS}.a imports {EXPERIMENTS}.b"]
+
+
+def test_experiments_do_not_import_each_other():
+    bad = experiment_imports(graph())
+    assert not bad, "experiments share helpers through gradprobe/lab/common.py:\n" + "\n".join(bad)
+

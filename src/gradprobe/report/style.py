@@ -71,6 +71,15 @@ def category_colors(names: Sequence[str]) -> dict[str, str]:
     return {name: CATEGORY_COLORS[i % len(CATEGORY_COLORS)] for i, name in enumerate(names)}
 
 
+def distinct_colors(names: Sequence[str]) -> dict[str, tuple[float, ...] | str]:
+    """One distinct colour per unordered category: the house palette (:func:`category_colors`)
+    up to its seven colours, ``tab10`` up to ten names, ``tab20`` beyond (cycled past 20)."""
+    if len(names) <= len(CATEGORY_COLORS):
+        return dict(category_colors(names))
+    cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {n: tuple(cmap(i)) for i, n in enumerate(names)}
+
+
 def spans_decades(values: Iterable[float], decades: float = DECADES_FOR_LOG) -> bool:
     """True when the finite positive ``values`` are all positive and span more than ``decades``.
 
@@ -173,6 +182,7 @@ __all__ = [
     "band",
     "category_colors",
     "choose_scale",
+    "distinct_colors",
     "figure",
     "finish",
     "layer_colors",

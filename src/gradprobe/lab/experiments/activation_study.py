@@ -31,21 +31,13 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
-import torch
 from torch import Tensor, nn
 
 from gradprobe import activations
 from gradprobe.errors import ConfigError
 from gradprobe.lab import data, train
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
-from gradprobe.lab.experiments.depth_histograms import (
-    dead_fraction,
-    distinct_colors,
-    propagate,
-    saturated_fraction,
-    sequential_mlp,
-)
-from gradprobe.remedies.init import init_
+from gradprobe.lab.common import dead_fraction, initialised_mlp, propagate, saturated_fraction
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -115,11 +107,9 @@ def run(config: ActivationStudyConfig, *, progress: Progress = no_progress,
     for k, name in enumerate(config.activations):
         spec = activations.get(name)
         progress(name, k, len(config.activations))
-        with train.seeded(config.seed):
-            model = sequential_mlp([xtr.shape[1]] + [config.width] * config.depth, spec.name,
-                                   bias=True, head=n_out)
-        record = init_(model, spec.recommended_init,  # type: ignore[arg-type]
-                       generator=torch.Generator().manual_seed(config.seed + 1))
+        model, record = initialised_mlp([xtr.shape[1]] + [config.width] * config.depth,
+                                        spec.name, spec.recommended_init, seed=config.seed,
+                                        bias=True, head=n_out)
         before = measure(model, xtr, ytr, loss)
         with train.seeded(config.seed + k):  # RReLU draws its slopes from the global RNG
             fit = train.fit(model, xtr, ytr, loss=loss_name, optimizer="adam", lr=config.lr,
@@ -177,7 +167,7 @@ def plot(result: LabResult) -> dict[str, Figure]:
 
     t = result.tables["main"]
     names = list(t["activation"])
-    colors = distinct_colors(names)
+    colors = style.distinct_colors(names)
     fig, axes = style.figure(1, 3, size=(17, 4.8), title=(
         f"{result.config.depth} hidden layers of {result.config.width}, each activation with its "
         "recommended initialisation"))

@@ -29,8 +29,7 @@ import torch
 from gradprobe.errors import ConfigError
 from gradprobe.lab import data, train
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
-from gradprobe.lab.experiments.depth_histograms import propagate, sequential_mlp
-from gradprobe.remedies.init import init_
+from gradprobe.lab.common import initialised_mlp, propagate
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -76,10 +75,9 @@ def run(config: DeepReluConfig, *, progress: Progress = no_progress,
     with tempfile.TemporaryDirectory(prefix="gradprobe-deep-relu-") as tmp:
         for k, (label, (scheme, kwargs)) in enumerate(INITS.items()):
             progress(label, k, len(INITS))
-            with train.seeded(config.seed):
-                model = sequential_mlp([xtr.shape[1]] + [config.width] * config.depth, "relu",
-                                       bias=True, head=10)
-            init_(model, scheme, generator=torch.Generator().manual_seed(config.seed + 1), **kwargs)  # type: ignore[arg-type]
+            model, _ = initialised_mlp([xtr.shape[1]] + [config.width] * config.depth, "relu",
+                                       scheme, seed=config.seed, bias=True, head=10,
+                                       options=kwargs)
             sig = propagate(model, xtr, lambda o: torch.nn.functional.cross_entropy(o, ytr))
             var = [float(a.var()) for a in sig.acts]
             act_vars[label] = var

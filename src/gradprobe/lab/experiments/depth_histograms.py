@@ -21,138 +21,29 @@ Example
     >>> r.claim("tanh N(0, 0.01²)").holds                                        # doctest: +SKIP
     True
 
-The helpers :func:`sequential_mlp`, :func:`propagate` and :class:`Signals` are shared by the
-initialisation experiments (init, activations, deep-relu).
+The model and the measurement (:func:`~gradprobe.lab.common.initialised_mlp`,
+:func:`~gradprobe.lab.common.propagate`) come from :mod:`gradprobe.lab.common`, shared with the
+other initialisation experiments (init, activations, deep-relu).
 """
 
 from __future__ import annotations
 
-import math
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import Tensor, nn
 
-from gradprobe import activations
 from gradprobe.errors import ConfigError
-from gradprobe.lab import train
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
-from gradprobe.remedies.init import init_
+from gradprobe.lab.common import initialised_mlp, propagate, saturated_fraction
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 NAME = "depth-histograms"
-
-
-# ------------------------------------------------------------------ shared measurement helpers
-def sequential_mlp(
-    sizes: list[int], activation: str, *, bias: bool = False, head: int | None = None
-) -> nn.Sequential:
-    """``fc1, act1, ..., fcL, actL`` (every Linear followed by the activation), plus an ``out``
-    Linear of ``head`` units when given (a classifier's logits)."""
-    spec = activations.get(activation)
-    mods: OrderedDict[str, nn.Module] = OrderedDict()
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
-        mods[f"fc{i}"] = nn.Linear(a, b, bias=bias)
-        mods[f"act{i}"] = spec.factory()
-    if head is not None:
-        mods["out"] = nn.Linear(sizes[-1], head, bias=bias)
-    return nn.Sequential(mods)
-
-
-@dataclass
-class Signals:
-    """Per hidden layer (in depth order): the activation module's name and spec, its output
-    ``acts[i]``, the gradient of the loss with respect to that output ``act_grads[i]``, and the
-    gradient of the preceding Linear's weight ``weight_grads[i]``."""
-
-    names: list[str]
-    specs: list[activations.ActivationSpec]
-    acts: list[Tensor] = field(default_factory=list)
-    act_grads: list[Tensor] = field(default_factory=list)
-    weight_grads: list[Tensor] = field(default_factory=list)
-    output: Tensor | None = None
-
-
-def propagate(
-    model: nn.Sequential,
-    x: Tensor,
-    backward: Callable[[Tensor], Tensor] | None = None,
-    *,
-    generator: torch.Generator | None = None,
-) -> Signals:
-    """One forward and backward pass through a Sequential, keeping every activation and its
-    gradient (``retain_grad`` on each activation output; the slow, obvious way).
-
-    ``backward(output) -> loss``; when omitted, ``∂L/∂output ~ N(0, 1)`` elementwise
-    (``loss = Σ output ⊙ g`` with a fixed Gaussian ``g``), the convention of signal-propagation
-    studies. Gradients of the weights are taken and then cleared from the model.
-    """
-    h = x
-    sig = Signals([], [])
-    linears: list[nn.Linear] = []
-    pending: nn.Linear | None = None
-    for name, mod in model.named_children():
-        h = mod(h)
-        if isinstance(mod, nn.Linear):
-            pending = mod
-        spec = activations.spec_for_module(mod)
-        if spec is not None and pending is not None:
-            h.retain_grad()
-            sig.names.append(name)
-            sig.specs.append(spec)
-            sig.acts.append(h)
-            linears.append(pending)
-            pending = None
-    if backward is None:
-        g = torch.randn(h.shape, generator=generator, dtype=h.dtype)
-        loss = (h * g).sum()
-    else:
-        loss = backward(h)
-    for p in model.parameters():
-        p.grad = None
-    loss.backward()
-    for a, lin in zip(sig.acts, linears):
-        assert a.grad is not None and lin.weight.grad is not None
-        sig.act_grads.append(a.grad.detach())
-        sig.weight_grads.append(lin.weight.grad.detach().clone())
-    sig.acts = [a.detach() for a in sig.acts]
-    sig.output = h.detach()
-    for p in model.parameters():
-        p.grad = None
-    return sig
-
-
-def saturated_fraction(spec: activations.ActivationSpec, a: Tensor) -> float:
-    """Fraction of entries the activation table counts as saturated (NaN if no rule applies)."""
-    return float(spec.saturated(a).double().mean()) if spec.saturated is not None else math.nan
-
-
-def dead_fraction(spec: activations.ActivationSpec, a: Tensor) -> float:
-    """Fraction of units inactive for *every* example of the batch (NaN if the activation
-    cannot die): Lu et al. 2019's dead units."""
-    if spec.inactive is None:
-        return math.nan
-    return float(spec.inactive(a).all(dim=0).double().mean())
-
-
-def distinct_colors(names: list[str]) -> dict[str, Any]:
-    """One distinct colour per unordered category: the house palette, or tab10 beyond 7 names."""
-    from gradprobe.report import style
-
-    if len(names) <= len(style.CATEGORY_COLORS):
-        return dict(style.category_colors(names))
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
-    return {n: cmap(i) for i, n in enumerate(names)}
 
 
 # ------------------------------------------------------------------------------ the experiment
@@ -201,9 +92,7 @@ def run(config: DepthHistogramsConfig, *, progress: Progress = no_progress,
     hists: dict[tuple[str, int, str], tuple[np.ndarray, np.ndarray]] = {}
     for k, (act, label, scheme, kwargs) in enumerate(ROWS):
         progress(f"{act} {label}", k, len(ROWS))
-        with train.seeded(config.seed):  # init_ redraws every weight from its own generator
-            model = sequential_mlp(config.sizes, act)
-        init_(model, scheme, generator=torch.Generator().manual_seed(config.seed + 1), **kwargs)  # type: ignore[arg-type]
+        model, _ = initialised_mlp(config.sizes, act, scheme, seed=config.seed, options=kwargs)
         sig = propagate(model, x, generator=torch.Generator().manual_seed(config.seed + 2))
         key = f"{act} {label}"
         for i, (spec, a, g) in enumerate(zip(sig.specs, sig.acts, sig.act_grads), start=1):

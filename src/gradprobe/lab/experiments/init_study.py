@@ -47,7 +47,7 @@ from gradprobe import activations
 from gradprobe.errors import ConfigError
 from gradprobe.lab import data, train
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
-from gradprobe.lab.experiments.depth_histograms import distinct_colors, propagate, sequential_mlp
+from gradprobe.lab.common import initialised_mlp, propagate, sequential_mlp
 from gradprobe.remedies.init import init_
 
 if TYPE_CHECKING:
@@ -249,10 +249,9 @@ def run(config: InitStudyConfig, *, progress: Progress = no_progress,
         for key in config.inits:
             label, scheme, kwargs = INITS[key]
             progress(f"{act} {label}", done, total)
-            with train.seeded(config.seed):
-                model = sequential_mlp([xtr.shape[1]] + [config.width] * config.depth, act,
-                                       bias=True, head=n_out)
-            init_(model, scheme, generator=torch.Generator().manual_seed(config.seed + 1), **kwargs)  # type: ignore[arg-type]
+            model, _ = initialised_mlp([xtr.shape[1]] + [config.width] * config.depth, act,
+                                       scheme, seed=config.seed, bias=True, head=n_out,
+                                       options=kwargs)
             lossf = nn.functional.cross_entropy if loss_name == "cross_entropy" else \
                 nn.functional.binary_cross_entropy_with_logits
             batch = slice(0, min(256, len(xtr)))
@@ -442,7 +441,7 @@ def _profile_figure(result: LabResult) -> Figure:
     config: InitStudyConfig = result.config
     profiles = result.data["grad_profiles"]
     labels = [INITS[k][0] for k in config.inits]
-    colors = distinct_colors(labels)
+    colors = style.distinct_colors(labels)
     fig, axes = style.figure(1, len(config.activations), size=(5.2 * len(config.activations), 4.4),
                              title="Weight-gradient norm per hidden layer at initialisation")
     for c, act in enumerate(config.activations):

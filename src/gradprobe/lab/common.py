@@ -1,0 +1,155 @@
+"""Helpers the lab's experiments share: building the MLPs they study and measuring the signals
+through them.
+
+Experiments import these from here, never from each other (``tests/test_layout.py``), so each
+experiment module can be read, changed or removed on its own.
+
+* :func:`sequential_mlp` and :func:`initialised_mlp`: ``fc1, act1, ..., fcL, actL[, out]``,
+  built under a fixed seed and redrawn by :func:`gradprobe.remedies.init_`;
+* :func:`propagate` and :class:`Signals`: one forward and backward pass keeping every hidden
+  activation, its gradient and the preceding weight's gradient;
+* :func:`saturated_fraction`, :func:`dead_fraction`: the activation table's saturation and
+  dead-unit rules as fractions.
+
+Example
+    >>> import torch
+    >>> from gradprobe.lab import common
+    >>> model, _ = common.initialised_mlp([4, 8, 8], "tanh", "xavier_normal", seed=0)
+    >>> sig = common.propagate(model, torch.randn(16, 4), generator=torch.Generator().manual_seed(0))
+    >>> sig.names, [tuple(a.shape) for a in sig.acts]
+    (['act1', 'act2'], [(16, 8), (16, 8)])
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from gradprobe import activations
+from gradprobe.lab import train
+from gradprobe.remedies.init import InitRecord, Scheme, init_
+
+
+def sequential_mlp(
+    sizes: list[int], activation: str, *, bias: bool = False, head: int | None = None
+) -> nn.Sequential:
+    """``fc1, act1, ..., fcL, actL`` (every Linear followed by the activation), plus an ``out``
+    Linear of ``head`` units when given (a classifier's logits)."""
+    spec = activations.get(activation)
+    mods: OrderedDict[str, nn.Module] = OrderedDict()
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
+        mods[f"fc{i}"] = nn.Linear(a, b, bias=bias)
+        mods[f"act{i}"] = spec.factory()
+    if head is not None:
+        mods["out"] = nn.Linear(sizes[-1], head, bias=bias)
+    return nn.Sequential(mods)
+
+
+def initialised_mlp(
+    sizes: list[int], activation: str, scheme: str, *, seed: int, bias: bool = False,
+    head: int | None = None, options: Mapping[str, Any] | None = None,
+) -> tuple[nn.Sequential, InitRecord]:
+    """:func:`sequential_mlp` built under ``train.seeded(seed)``, then every weight redrawn by
+    ``init_(model, scheme, generator=Generator().manual_seed(seed + 1), **options)``.
+
+    The own generator makes the draw independent of the caller's global RNG and of the order
+    the modules were built in. Returns the model and :func:`init_`'s record of the draw
+    (``init_`` rejects an unknown ``scheme`` with a ConfigError).
+    """
+    with train.seeded(seed):
+        model = sequential_mlp(sizes, activation, bias=bias, head=head)
+    record = init_(model, cast(Scheme, scheme),
+                   generator=torch.Generator().manual_seed(seed + 1), **dict(options or {}))
+    return model, record
+
+
+@dataclass
+class Signals:
+    """Per hidden layer (in depth order): the activation module's name and spec, its output
+    ``acts[i]``, the gradient of the loss with respect to that output ``act_grads[i]``, and the
+    gradient of the preceding Linear's weight ``weight_grads[i]``."""
+
+    names: list[str]
+    specs: list[activations.ActivationSpec]
+    acts: list[Tensor] = field(default_factory=list)
+    act_grads: list[Tensor] = field(default_factory=list)
+    weight_grads: list[Tensor] = field(default_factory=list)
+    output: Tensor | None = None
+
+
+def propagate(
+    model: nn.Sequential,
+    x: Tensor,
+    backward: Callable[[Tensor], Tensor] | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> Signals:
+    """One forward and backward pass through a Sequential, keeping every activation and its
+    gradient (``retain_grad`` on each activation output; the slow, obvious way).
+
+    ``backward(output) -> loss``; when omitted, ``∂L/∂output ~ N(0, 1)`` elementwise
+    (``loss = Σ output ⊙ g`` with a fixed Gaussian ``g``), the convention of signal-propagation
+    studies. Gradients of the weights are taken and then cleared from the model.
+    """
+    h = x
+    sig = Signals([], [])
+    linears: list[nn.Linear] = []
+    pending: nn.Linear | None = None
+    for name, mod in model.named_children():
+        h = mod(h)
+        if isinstance(mod, nn.Linear):
+            pending = mod
+        spec = activations.spec_for_module(mod)
+        if spec is not None and pending is not None:
+            h.retain_grad()
+            sig.names.append(name)
+            sig.specs.append(spec)
+            sig.acts.append(h)
+            linears.append(pending)
+            pending = None
+    if backward is None:
+        g = torch.randn(h.shape, generator=generator, dtype=h.dtype)
+        loss = (h * g).sum()
+    else:
+        loss = backward(h)
+    for p in model.parameters():
+        p.grad = None
+    loss.backward()
+    for a, lin in zip(sig.acts, linears):
+        assert a.grad is not None and lin.weight.grad is not None
+        sig.act_grads.append(a.grad.detach())
+        sig.weight_grads.append(lin.weight.grad.detach().clone())
+    sig.acts = [a.detach() for a in sig.acts]
+    sig.output = h.detach()
+    for p in model.parameters():
+        p.grad = None
+    return sig
+
+
+def saturated_fraction(spec: activations.ActivationSpec, a: Tensor) -> float:
+    """Fraction of entries the activation table counts as saturated (NaN if no rule applies)."""
+    return float(spec.saturated(a).double().mean()) if spec.saturated is not None else math.nan
+
+
+def dead_fraction(spec: activations.ActivationSpec, a: Tensor) -> float:
+    """Fraction of units inactive for *every* example of the batch (NaN if the activation
+    cannot die): Lu et al. 2019's dead units."""
+    if spec.inactive is None:
+        return math.nan
+    return float(spec.inactive(a).all(dim=0).double().mean())
+
+
+__all__ = [
+    "Signals",
+    "dead_fraction",
+    "initialised_mlp",
+    "propagate",
+    "saturated_fraction",
+    "sequential_mlp",
+]
