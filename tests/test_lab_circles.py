@@ -57,6 +57,15 @@ def test_tables_runs_and_figures(result):
         assert out / f"{fig}.png" in written and (out / f"{fig}.png").stat().st_size > 20_000
     curves = res.tables["curves"]
     assert curves.groupby(["model", "seed"]).size().eq(SMALL["epochs"]).all()
+    # the loss band the figure draws: mean ± std over seeds of each model's per-epoch loss
+    bands = res.tables["loss_by_epoch"]
+    assert len(bands) == 6 * SMALL["epochs"]
+    for model, frame in curves.groupby("model"):
+        wide = frame.pivot(index="epoch", columns="seed", values="loss")
+        band = bands[bands.model == model].set_index("epoch")
+        assert list(band.index) == list(range(1, SMALL["epochs"] + 1))
+        assert band["loss_mean"].to_numpy() == pytest.approx(wide.mean(axis=1).to_numpy())
+        assert band["loss_std"].to_numpy() == pytest.approx(wide.std(axis=1).to_numpy())
 
 
 def _loop(model, opt, x, y, seed, names, expected):

@@ -216,3 +216,44 @@ def test_experiments_do_not_import_each_other():
     bad = experiment_imports(graph())
     assert not bad, "experiments share helpers through gradprobe/lab/common.py:\n" + "\n".join(bad)
 
+
+REDUCTIONS = {"mean", "std", "var", "median", "average", "quantile", "percentile",
+              "nanmean", "nanstd", "nanvar", "nanmedian"}
+"""Calls that compute a statistic; figures read statistics from the experiment's results."""
+
+
+def statistics_in_figures(source: str) -> list[str]:
+    """``function: call`` for every reduction called in plot code: a function named ``plot*``
+    or one that imports the figure styling (``gradprobe.report.style``), nested code included."""
+
+    def draws(fn: ast.FunctionDef) -> bool:
+        if fn.name.lstrip("_").startswith("plot"):
+            return True
+        return any(isinstance(n, ast.ImportFrom) and n.module == "gradprobe.report"
+                   and any(a.name == "style" for a in n.names) for n in ast.walk(fn))
+
+    found = []
+    for fn in ast.walk(ast.parse(source)):
+        if isinstance(fn, ast.FunctionDef) and draws(fn):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Call):
+                    f = node.func
+                    name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+                    if name in REDUCTIONS:
+                        found.append(f"{fn.name}: {ast.unparse(node)}")
+    return found
+
+
+def test_a_planted_statistic_in_a_figure_is_found():
+    src = ("def plot(r):\n    return r.tables['x'].mean()\n"
+           "def _grid(r):\n    from gradprobe.report import style\n"
+           "    def inner(f):\n        return np.std(f)\n    return inner\n"
+           "def run(c):\n    return c.x.mean()\n")
+    assert statistics_in_figures(src) == ["plot: r.tables['x'].mean()", "_grid: np.std(f)"]
+
+
+def test_figures_compute_no_statistics():
+    bad = [f"{path_of(m)}: {hit}" for m, p in modules().items() if m.startswith(EXPERIMENTS)
+           for hit in statistics_in_figures(p.read_text(encoding="utf-8"))]
+    assert not bad, "figures read statistics from the results, they do not compute them:\n" + \
+        "\n".join(bad)

@@ -230,15 +230,28 @@ def _run(config: CirclesConfig, progress: Progress, out: Path | None) -> LabResu
     )
     main["acc_after_std"] = main["acc_after_std"].fillna(0.0)
     main["test_acc_std"] = main["test_acc_std"].fillna(0.0)
+    curves_table = pd.DataFrame(curves)
     layers = pd.concat(layer_frames, ignore_index=True) if layer_frames else pd.DataFrame()
     gradient_ratio = _gradient_ratio(layers)
     claims = _claims(config, seeds_table, gradient_ratio)
     return LabResult(
         name=NAME, config=config,
-        tables={"main": main, "seeds": seeds_table, "curves": pd.DataFrame(curves),
-                "layers": layers, "gradient_ratio": gradient_ratio},
+        tables={"main": main, "seeds": seeds_table, "curves": curves_table,
+                "loss_by_epoch": _loss_by_epoch(curves_table), "layers": layers,
+                "gradient_ratio": gradient_ratio},
         claims=claims, runs=runs,
     )
+
+
+def _loss_by_epoch(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per network and epoch: the training loss's mean and standard deviation over seeds
+    (0 for a single seed), the band the loss figure draws."""
+    if curves.empty:
+        return pd.DataFrame(columns=["part", "model", "epoch", "loss_mean", "loss_std"])
+    bands = (curves.groupby(["part", "model", "epoch"], sort=False)["loss"]
+             .agg(loss_mean="mean", loss_std="std").reset_index())
+    bands["loss_std"] = bands["loss_std"].fillna(0.0)
+    return bands
 
 
 def _gradient_ratio(layers: pd.DataFrame) -> pd.DataFrame:
@@ -300,7 +313,9 @@ def plot(result: LabResult) -> dict[str, Figure]:
     cfg: CirclesConfig = result.config
     figures: dict[str, Figure] = {}
     seeds_table: pd.DataFrame = result.tables["seeds"]
+    summary = result.tables["main"].set_index("model")
     curves: pd.DataFrame = result.tables["curves"]
+    bands: pd.DataFrame = result.tables["loss_by_epoch"]
 
     # accuracy: mean ± std bars with every seed as a dot, and the tutorial's value
     fig, axes = style.figure(1, 2, size=(14.0, 4.8),
@@ -310,7 +325,7 @@ def plot(result: LabResult) -> dict[str, Figure]:
     colors = style.category_colors(models)
     for i, m in enumerate(models):
         frame = seeds_table[seeds_table.model == m]
-        ax.bar(i, frame["acc_after"].mean(), yerr=frame["acc_after"].std() if len(frame) > 1 else 0,
+        ax.bar(i, summary.loc[m, "acc_after"], yerr=summary.loc[m, "acc_after_std"],
                color=colors[m], alpha=0.55, capsize=4)
         ax.plot(np.full(len(frame), i) + np.linspace(-0.15, 0.15, len(frame)), frame["acc_after"],
                 "o", color=colors[m], markersize=4, markeredgecolor="black", markeredgewidth=0.4)
@@ -335,9 +350,9 @@ def plot(result: LabResult) -> dict[str, Figure]:
 
     ax = axes[0, 1]
     for m in models:
-        frame = curves[curves.model == m].pivot(index="epoch", columns="seed", values="loss")
-        style.band(ax, frame.index.to_numpy(), frame.mean(axis=1).to_numpy(),
-                   frame.std(axis=1).fillna(0).to_numpy(), color=colors[m], label=m)
+        band = bands[bands.model == m]
+        style.band(ax, band["epoch"].to_numpy(), band["loss_mean"].to_numpy(),
+                   band["loss_std"].to_numpy(), color=colors[m], label=m)
     style.finish(ax, title="training loss per epoch (mean ± std over seeds)", xlabel="epoch",
                  ylabel="binary cross-entropy",
                  scale=style.choose_scale(curves["loss"]))
