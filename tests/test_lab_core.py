@@ -242,6 +242,11 @@ def test_fit_stacked_rejects_mismatches():
     with pytest.raises(ConfigError, match="differ in size"):
         train.fit_stacked([zoo.mlp([2, 3, 1]), zoo.mlp([2, 3, 1])], [(x, y), (x[:10], y[:10])],
                           seeds=[0, 1])
+    for bad, match in (({"batch_size": 0}, "batch_size=0"), ({"epochs": -1}, "epochs=-1")):
+        with pytest.raises(ConfigError, match=match):  # the same checks as fit's (train.Loop)
+            train.fit_stacked([zoo.mlp([2, 3, 1])], [(x, y)], seeds=[0], **bad)
+        with pytest.raises(ConfigError, match=match):
+            train.fit(zoo.mlp([2, 3, 1]), x, y, **bad)
 
 
 def test_linear_chain_builder_inits_and_rejects_unknown():

@@ -25,12 +25,15 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import torch
 from torch import Tensor, nn
 
 from gradprobe.errors import ConfigError
+
+if TYPE_CHECKING:  # typing.Unpack is Python 3.11+; annotations are not evaluated at run time
+    from typing_extensions import Unpack
 
 OptimizerName = Literal["sgd", "momentum", "adam", "rmsprop", "adagrad"]
 LossName = Literal["bce", "cross_entropy", "mse"]
@@ -154,52 +157,100 @@ class FitResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class LoopOptions(TypedDict, total=False):
+    """The keyword arguments :func:`fit` and :func:`fit_stacked` share (see :class:`Loop`)."""
+
+    loss: LossName
+    optimizer: str
+    lr: float | None
+    optimizer_options: Mapping[str, Any] | None
+    batch_size: int
+    epochs: int
+    on_epoch: Callable[[int, int], None] | None
+    num_threads: int | None
+
+
+@dataclass(frozen=True)
+class Loop:
+    """The training loop's options, shared by :func:`fit` and :func:`fit_stacked`.
+
+    ``loss`` (the model outputs logits for ``"bce"``), ``optimizer`` by name from
+    :data:`OPTIMIZERS` with ``lr`` and ``optimizer_options`` overriding its defaults, mini-batches
+    of ``batch_size``, ``epochs`` passes over the data; ``on_epoch(epoch, epochs)`` is called
+    after each epoch (progress bars); training runs on ``num_threads`` intra-op threads (see
+    :func:`threads`; ``None`` leaves torch's setting).
+
+    Each epoch visits every example once in the order :meth:`order` draws from ``seed`` and the
+    epoch (the last batch may be smaller, as in Keras' ``fit``).
+    """
+
+    loss: LossName = "bce"
+    optimizer: str = "adam"
+    lr: float | None = None
+    optimizer_options: Mapping[str, Any] | None = None
+    batch_size: int = 32
+    epochs: int = 100
+    on_epoch: Callable[[int, int], None] | None = None
+    num_threads: int | None = 1
+
+    def check(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be at least 1",
+                              hint="e.g. batch_size=32")
+        if self.epochs < 0:
+            raise ConfigError(f"epochs={self.epochs} must be 0 or more", hint="e.g. epochs=100")
+
+    def loss_fn(self) -> Callable[..., Tensor]:
+        return _loss_fn(self.loss)
+
+    def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        return make_optimizer(self.optimizer, params, lr=self.lr,
+                              **dict(self.optimizer_options or {}))
+
+    def steps_per_epoch(self, n: int) -> int:
+        return math.ceil(n / self.batch_size)
+
+    @staticmethod
+    def order(n: int, seed: int, epoch: int) -> Tensor:
+        """The shuffled order of ``n`` examples in ``epoch`` for shuffling seed ``seed``."""
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+    def epoch_done(self, epoch: int) -> None:
+        if self.on_epoch is not None:
+            self.on_epoch(epoch + 1, self.epochs)
+
+
 def fit(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
     *,
-    loss: LossName = "bce",
-    optimizer: str = "adam",
-    lr: float | None = None,
-    optimizer_options: Mapping[str, Any] | None = None,
-    batch_size: int = 32,
-    epochs: int = 100,
     seed: int = 0,
     x_test: Tensor | None = None,
     y_test: Tensor | None = None,
     run_dir: str | Path | None = None,
     probe_every: int | None = None,
     probe_options: Mapping[str, Any] | None = None,
-    on_epoch: Callable[[int, int], None] | None = None,
-    num_threads: int | None = 1,
+    **options: Unpack[LoopOptions],
 ) -> FitResult:
     """Train ``model`` on ``(x, y)`` with shuffled mini-batches and return what was measured.
 
-    Each epoch visits every example once in an order drawn from a generator seeded with
-    ``seed + epoch`` (the last batch may be smaller, as in Keras' ``fit``). With ``run_dir`` the
-    loop runs inside ``gp.Probe(model, optimizer, run_dir=run_dir, every=probe_every)`` and hands
-    it every loss; ``probe_every`` defaults to once per epoch; ``probe_options`` go to the Probe
-    (e.g. ``kinds``, ``overwrite``).
-
-    ``on_epoch(epoch, epochs)`` is called after each epoch (progress bars). Training runs on
-    ``num_threads`` intra-op threads (see :func:`threads`; ``None`` leaves torch's setting).
+    ``options`` are the :class:`Loop`'s (``loss``, ``optimizer``, ``lr``, ``optimizer_options``,
+    ``batch_size``, ``epochs``, ``on_epoch``, ``num_threads``); the shuffling order is drawn from
+    ``seed``. With ``run_dir`` the loop runs inside ``gp.Probe(model, optimizer, run_dir=run_dir,
+    every=probe_every)`` and hands it every loss; ``probe_every`` defaults to once per epoch;
+    ``probe_options`` go to the Probe (e.g. ``kinds``, ``overwrite``).
     """
-    with threads(num_threads):
-        return _fit(
-            model, x, y, loss=loss, optimizer=optimizer, lr=lr,
-            optimizer_options=optimizer_options, batch_size=batch_size, epochs=epochs, seed=seed,
-            x_test=x_test, y_test=y_test, run_dir=run_dir, probe_every=probe_every,
-            probe_options=probe_options, on_epoch=on_epoch,
-        )
+    loop = Loop(**options)
+    with threads(loop.num_threads):
+        return _fit(model, x, y, loop, seed=seed, x_test=x_test, y_test=y_test, run_dir=run_dir,
+                    probe_every=probe_every, probe_options=probe_options)
 
 
 def _fit(
-    model: nn.Module, x: Tensor, y: Tensor, *, loss: LossName, optimizer: str,
-    lr: float | None, optimizer_options: Mapping[str, Any] | None, batch_size: int, epochs: int,
-    seed: int, x_test: Tensor | None, y_test: Tensor | None, run_dir: str | Path | None,
-    probe_every: int | None, probe_options: Mapping[str, Any] | None,
-    on_epoch: Callable[[int, int], None] | None,
+    model: nn.Module, x: Tensor, y: Tensor, loop: Loop, *, seed: int, x_test: Tensor | None,
+    y_test: Tensor | None, run_dir: str | Path | None, probe_every: int | None,
+    probe_options: Mapping[str, Any] | None,
 ) -> FitResult:
     n = int(x.shape[0])
     if n == 0 or int(y.shape[0]) != n:
@@ -207,16 +258,13 @@ def _fit(
             f"fit needs as many targets as inputs and at least one example, got x {tuple(x.shape)}, "
             f"y {tuple(y.shape)}", hint="pass x of shape (n, features) and y of shape (n, ...)",
         )
-    if batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size} must be at least 1", hint="e.g. batch_size=32")
-    if epochs < 0:
-        raise ConfigError(f"epochs={epochs} must be 0 or more", hint="e.g. epochs=100")
-    loss_fn = _loss_fn(loss)
-    opt = make_optimizer(optimizer, model.parameters(), lr=lr, **dict(optimizer_options or {}))
-    steps_per_epoch = math.ceil(n / batch_size)
+    loop.check()
+    loss_fn = loop.loss_fn()
+    opt = loop.make_optimizer(model.parameters())
+    steps_per_epoch = loop.steps_per_epoch(n)
 
     acc_before = accuracy(model, x, y)
-    loss_before = loss_value(model, x, y, loss)
+    loss_before = loss_value(model, x, y, loop.loss)
     test_before = accuracy(model, x_test, y_test) if x_test is not None and y_test is not None else None
 
     history: list[Tensor] = []
@@ -232,10 +280,9 @@ def _fit(
 
     model.train()
     with probe_ctx as probe:
-        for epoch in range(epochs):
-            gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            order = torch.randperm(n, generator=gen)
-            xs, ys = x[order].split(batch_size), y[order].split(batch_size)
+        for epoch in range(loop.epochs):
+            order = loop.order(n, seed, epoch)
+            xs, ys = x[order].split(loop.batch_size), y[order].split(loop.batch_size)
             epoch_losses = []
             for xb, yb in zip(xs, ys):
                 batch_loss = loss_fn(model(xb), yb)
@@ -246,8 +293,7 @@ def _fit(
                 opt.zero_grad(set_to_none=True)
                 epoch_losses.append(batch_loss.detach())
             history.append(torch.stack(epoch_losses).mean())
-            if on_epoch is not None:
-                on_epoch(epoch + 1, epochs)
+            loop.epoch_done(epoch)
 
     losses = torch.stack(history).tolist() if history else []  # one host transfer, after training
     return FitResult(
@@ -255,8 +301,8 @@ def _fit(
         accuracy_before=acc_before,
         accuracy_after=accuracy(model, x, y),
         loss_before=loss_before,
-        loss_after=loss_value(model, x, y, loss),
-        steps=epochs * steps_per_epoch,
+        loss_after=loss_value(model, x, y, loop.loss),
+        steps=loop.epochs * steps_per_epoch,
         steps_per_epoch=steps_per_epoch,
         test_accuracy_before=test_before,
         test_accuracy_after=(
@@ -340,21 +386,16 @@ def fit_stacked(
     data: list[tuple[Tensor, Tensor]],
     *,
     seeds: list[int],
-    loss: LossName = "bce",
-    optimizer: str = "adam",
-    lr: float | None = None,
-    optimizer_options: Mapping[str, Any] | None = None,
-    batch_size: int = 32,
-    epochs: int = 100,
-    on_epoch: Callable[[int, int], None] | None = None,
-    num_threads: int | None = 1,
+    **options: Unpack[LoopOptions],
 ) -> list[FitResult]:
     """Train ``models[s]`` on ``data[s]`` with shuffling seed ``seeds[s]``, all at once.
 
-    Numerically the same as ``fit(models[s], *data[s], seed=seeds[s], ...)`` for each ``s`` (up
-    to floating-point rounding of the batched products); the trained parameters are copied back
-    into ``models``. Every data set must have the same number of examples.
+    Numerically the same as ``fit(models[s], *data[s], seed=seeds[s], **options)`` for each
+    ``s`` (up to floating-point rounding of the batched products); the trained parameters are
+    copied back into ``models``. Every data set must have the same number of examples.
+    ``options`` are the :class:`Loop`'s, as for :func:`fit`.
     """
+    loop = Loop(**options)
     if not (len(models) == len(data) == len(seeds)) or not models:
         raise ConfigError(
             f"fit_stacked needs one data set and one seed per model, got {len(models)} models, "
@@ -364,36 +405,30 @@ def fit_stacked(
     if len(sizes) != 1 or any(int(x.shape[0]) != int(y.shape[0]) for x, y in data):
         raise ConfigError(f"data sets differ in size {sorted(sizes)}",
                           hint="give every model the same number of examples")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size} must be at least 1", hint="e.g. batch_size=32")
-    with threads(num_threads):
-        return _fit_stacked(models, data, seeds, sizes.pop(), loss, optimizer, lr,
-                            optimizer_options, batch_size, epochs, on_epoch)
+    loop.check()
+    with threads(loop.num_threads):
+        return _fit_stacked(models, data, seeds, sizes.pop(), loop)
 
 
 def _fit_stacked(
     models: list[nn.Sequential], data: list[tuple[Tensor, Tensor]], seeds: list[int], n: int,
-    loss: LossName, optimizer: str, lr: float | None, optimizer_options: Mapping[str, Any] | None,
-    batch_size: int, epochs: int, on_epoch: Callable[[int, int], None] | None,
+    loop: Loop,
 ) -> list[FitResult]:
-    loss_fn = _loss_fn(loss)
-    before = [(accuracy(m, x, y), loss_value(m, x, y, loss)) for m, (x, y) in zip(models, data)]
+    loss_fn = loop.loss_fn()
+    before = [(accuracy(m, x, y), loss_value(m, x, y, loop.loss)) for m, (x, y) in zip(models, data)]
     stacked = StackedMLP(models)
-    opt = make_optimizer(optimizer, stacked.parameters(), lr=lr, **dict(optimizer_options or {}))
+    opt = loop.make_optimizer(stacked.parameters())
     xs = torch.stack([x for x, _ in data])
     ys = torch.stack([y for _, y in data])
-    steps_per_epoch = math.ceil(n / batch_size)
+    steps_per_epoch = loop.steps_per_epoch(n)
     history: list[Tensor] = []
     n_models = len(models)
-    for epoch in range(epochs):
-        orders = torch.stack([
-            torch.randperm(n, generator=torch.Generator().manual_seed(s * 100_003 + epoch))
-            for s in seeds
-        ])
+    for epoch in range(loop.epochs):
+        orders = torch.stack([loop.order(n, s, epoch) for s in seeds])
         bx = torch.gather(xs, 1, orders[..., None].expand(-1, -1, xs.shape[-1]))
         by = torch.gather(ys, 1, orders.view(*orders.shape, *([1] * (ys.ndim - 2))).expand_as(ys))
         epoch_losses = []
-        for xb, yb in zip(bx.split(batch_size, 1), by.split(batch_size, 1)):
+        for xb, yb in zip(bx.split(loop.batch_size, 1), by.split(loop.batch_size, 1)):
             out = stacked(xb)
             # each slot's mean loss over its own batch; their sum trains every slot alone
             per_model = loss_fn(out.flatten(0, 1), yb.flatten(0, 1), reduction="none")
@@ -403,8 +438,7 @@ def _fit_stacked(
             opt.zero_grad(set_to_none=True)
             epoch_losses.append(per_model.detach())
         history.append(torch.stack(epoch_losses).mean(0))
-        if on_epoch is not None:
-            on_epoch(epoch + 1, epochs)
+        loop.epoch_done(epoch)
     stacked.unstack_into(models)
     curves = torch.stack(history).T.tolist() if history else [[] for _ in models]
     return [
@@ -412,8 +446,8 @@ def _fit_stacked(
             epoch_losses=[float(v) for v in curves[s]],
             accuracy_before=before[s][0], loss_before=before[s][1],
             accuracy_after=accuracy(models[s], *data[s]),
-            loss_after=loss_value(models[s], *data[s], loss),
-            steps=epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch,
+            loss_after=loss_value(models[s], *data[s], loop.loss),
+            steps=loop.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch,
         )
         for s in range(len(models))
     ]
@@ -422,6 +456,8 @@ def _fit_stacked(
 __all__ = [
     "OPTIMIZERS",
     "FitResult",
+    "Loop",
+    "LoopOptions",
     "StackedMLP",
     "LossName",
     "OptimizerName",
