@@ -37,7 +37,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -304,6 +304,16 @@ def _claims(cfg: CirclesConfig, seeds_table: pd.DataFrame, ratio: pd.DataFrame) 
     return claims
 
 
+LAYER_PANELS: dict[str, tuple[tuple[str, str, str, Literal["linear", "log"]], ...]] = {
+    # kind: rows of (recorded column, panel title, y label, y scale) in the Part 2 figures
+    "weight": (("mean", "weight mean", "mean of W, b", "linear"),
+               ("std", "weight std", "std of W, b", "linear")),
+    "grad": (("mean", "gradient mean", "mean ∂ℓ/∂θ", "linear"),
+             ("std", "gradient std", "std ∂ℓ/∂θ", "log"),
+             ("abs_mean", "mean |gradient|", "mean |∂ℓ/∂θ|", "log")),
+}
+
+
 def plot(result: LabResult) -> dict[str, Figure]:
     """Accuracy over seeds; loss curves; Part 2 weights and gradients per layer per epoch."""
     from matplotlib.ticker import MaxNLocator
@@ -369,22 +379,28 @@ def plot(result: LabResult) -> dict[str, Figure]:
     names = list(dict.fromkeys(one["layer"]))
     lcolors = style.layer_colors(names)
 
-    def series(frame: pd.DataFrame, kind: str, column: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        sub = frame[frame.kind == kind].pivot(index="epoch", columns="layer", values=column)
-        return sub.index.to_numpy(), {n: sub[n].to_numpy() for n in names if n in sub}
+    grad_std_all = layers[(layers.kind == "grad")]["std"]
+    lo, hi = float(grad_std_all[grad_std_all > 0].min()), float(grad_std_all.max())
+
+    def layer_rows(axes: np.ndarray, kind: str, xlabel: str) -> None:
+        """One row of panels per recorded column of ``kind`` (:data:`LAYER_PANELS`), one
+        column per activation, one line per layer; log rows share the gradients' y range."""
+        for j, act in enumerate(acts):
+            frame = one[(one.activation == act) & (one.kind == kind)]
+            for i, (column, title, ylabel, scale) in enumerate(LAYER_PANELS[kind]):
+                sub = frame.pivot(index="epoch", columns="layer", values=column)
+                style.plot_layers(axes[i, j], sub.index.to_numpy(),
+                                  {n: sub[n].to_numpy() for n in names if n in sub},
+                                  title=f"{act}: {title}", xlabel=xlabel, ylabel=ylabel,
+                                  colors=lcolors, scale=scale, legend=i == 0 and j == 0)
+                if scale == "log":
+                    axes[i, j].set_ylim(lo / 2, hi * 2)
 
     # weights: mean and std per layer per epoch, one column per activation
     fig, axes = style.figure(2, len(acts), size=(4.6 * len(acts) + 0.6, 7.2), title=(
         f"Part 2 weights per layer per epoch (N(0,{cfg.weight_std:g}²) init, RMSprop, seed "
         f"{first_seed})"))
-    for j, act in enumerate(acts):
-        frame = one[one.activation == act]
-        x, mean = series(frame, "weight", "mean")
-        _, std = series(frame, "weight", "std")
-        style.plot_layers(axes[0, j], x, mean, title=f"{act}: weight mean", xlabel="epoch",
-                          ylabel="mean of W, b", colors=lcolors, scale="linear", legend=j == 0)
-        style.plot_layers(axes[1, j], x, std, title=f"{act}: weight std", xlabel="epoch",
-                          ylabel="std of W, b", colors=lcolors, scale="linear", legend=False)
+    layer_rows(axes, "weight", "epoch")
     for ax in axes.ravel():
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     figures["part2_weights"] = fig
@@ -392,21 +408,8 @@ def plot(result: LabResult) -> dict[str, Figure]:
     # gradients: mean, std (log), mean |g| (log) per layer per epoch, and the loss
     fig, axes = style.figure(4, len(acts), size=(4.6 * len(acts) + 0.6, 13.0), sharex=True, title=(
         f"Part 2 gradients per layer per epoch (first step of each epoch, seed {first_seed})"))
-    grad_std_all = layers[(layers.kind == "grad")]["std"]
-    lo, hi = float(grad_std_all[grad_std_all > 0].min()), float(grad_std_all.max())
+    layer_rows(axes, "grad", "")
     for j, act in enumerate(acts):
-        frame = one[one.activation == act]
-        x, gmean = series(frame, "grad", "mean")
-        _, gstd = series(frame, "grad", "std")
-        _, gabs = series(frame, "grad", "abs_mean")
-        style.plot_layers(axes[0, j], x, gmean, title=f"{act}: gradient mean", xlabel="",
-                          ylabel="mean ∂ℓ/∂θ", colors=lcolors, scale="linear", legend=j == 0)
-        style.plot_layers(axes[1, j], x, gstd, title=f"{act}: gradient std", xlabel="",
-                          ylabel="std ∂ℓ/∂θ", colors=lcolors, scale="log", legend=False)
-        axes[1, j].set_ylim(lo / 2, hi * 2)
-        style.plot_layers(axes[2, j], x, gabs, title=f"{act}: mean |gradient|", xlabel="",
-                          ylabel="mean |∂ℓ/∂θ|", colors=lcolors, scale="log", legend=False)
-        axes[2, j].set_ylim(lo / 2, hi * 2)
         lc = curves[(curves.part == 2) & (curves.seed == first_seed)
                     & curves.model.str.contains(f" {act},", regex=False)]
         axes[3, j].plot(lc["epoch"], lc["loss"], color="black")
