@@ -11,6 +11,9 @@ _MODULES: list[str] = [
     "init_study",
     "activation_study",
     "deep_relu",
+    "pretraining",
+    "outliers",
+    "drift",
 ]
 
 for _name in _MODULES:
