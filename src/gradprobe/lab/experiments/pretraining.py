@@ -264,6 +264,9 @@ def plot(result: LabResult) -> dict[str, Figure]:
                  "(1 = input side)", ylabel="reconstruction MSE / input variance (log)",
                  scale="log")
     ax.set_xticks(range(1, len(layers) + 1))
+    ratio = recon["after_over_variance"]
+    ax.set_ylim(10 ** math.floor(math.log10(float(ratio.min()))),
+                2 * max(1.0, float(ratio.max())))  # the constant's line stays inside the axes
     ax.legend(fontsize="small", loc="upper left")
     return {"pretraining": fig}
 
