@@ -134,3 +134,18 @@ def test_twice_and_not_a_module():
         standardize_inputs_(net, inputs())
     with pytest.raises(UnsupportedModelError, match="needs an nn.Module"):
         standardize_inputs_(print, inputs())
+
+
+def test_named_sequential_keeps_its_names_and_removes_cleanly():
+    from collections import OrderedDict
+
+    net = nn.Sequential(OrderedDict(fc1=nn.Linear(2, 4), act=nn.ReLU(), fc2=nn.Linear(4, 1)))
+    x = torch.randn(50, 2) * 7 + 3
+    before = net(x)
+    record = standardize_inputs_(net, x)
+    assert list(net._modules)[1:] == ["fc1", "act", "fc2"]
+    z = (x - x.mean(0)) / x.std(0, unbiased=False)
+    torch.testing.assert_close(net(x), nn.Sequential(net.fc1, net.act, net.fc2)(z))
+    record.remove()
+    assert list(net._modules) == ["fc1", "act", "fc2"]
+    torch.testing.assert_close(net(x), before)

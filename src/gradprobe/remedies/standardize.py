@@ -111,6 +111,8 @@ class StandardizeRecord:
             self.handle.remove()
             if getattr(self.model, ATTRIBUTE, None) is self.module:
                 delattr(self.model, ATTRIBUTE)
+        elif getattr(self.model, ATTRIBUTE, None) is self.module:  # a named Sequential
+            delattr(self.model, ATTRIBUTE)
         elif isinstance(self.model, nn.Sequential):
             for i, m in enumerate(self.model):
                 if m is self.module:
@@ -200,8 +202,15 @@ def standardize_inputs_(
                          None if clip is None else float(clip))
     handle: RemovableHandle | None = None
     if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
-        model.insert(0, module)
-        where = "index 0 of the Sequential"
+        if all(k.isdigit() for k in model._modules):
+            model.insert(0, module)
+            where = "index 0 of the Sequential"
+        else:  # named children (Sequential(OrderedDict(...))): keep their names, put ours first
+            if ATTRIBUTE in model._modules:
+                raise ConfigError(f"the Sequential already has a child named {ATTRIBUTE!r}",
+                                  hint="remove the earlier standardisation with record.remove()")
+            model._modules = {ATTRIBUTE: module, **model._modules}  # type: ignore[assignment]
+            where = f"first child {ATTRIBUTE!r} of the Sequential"
     else:
         if hasattr(model, ATTRIBUTE):
             raise ConfigError(f"{type(model).__name__} already has an attribute {ATTRIBUTE!r}")
