@@ -44,7 +44,7 @@ import torch
 from gradprobe.errors import ConfigError
 from gradprobe.lab import data, train
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
-from gradprobe.lab.experiments.depth_histograms import sequential_mlp
+from gradprobe.lab.common import sequential_mlp
 from gradprobe.remedies.init import init_
 
 if TYPE_CHECKING:
