@@ -39,6 +39,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "theory": ("gradprobe.theory", None),
     "lab": ("gradprobe.lab", None),
     "remedies": ("gradprobe.remedies", None),
+    "report": ("gradprobe.report.html", "report"),
     "activations": ("gradprobe.activations", None),
     "doctor": ("gradprobe.remedies.doctor", "doctor"),
     "DoctorReport": ("gradprobe.remedies.doctor_report", "DoctorReport"),
@@ -80,5 +81,6 @@ __all__ = [
     "lab",
     "preflight",
     "remedies",
+    "report",
     "theory",
 ]

@@ -22,3 +22,6 @@ def register(app: typer.Typer) -> None:
     from gradprobe.cli import doctor
 
     doctor.register(app)
+    from gradprobe.cli import report
+
+    report.register(app)

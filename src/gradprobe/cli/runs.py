@@ -1,6 +1,7 @@
-"""``gradprobe runs ls DIR`` (the runs under a directory) and ``gradprobe runs show RUN``.
+"""``gradprobe runs ls DIR`` (the runs under a directory), ``gradprobe runs show RUN`` and
+``gradprobe runs compare A B [...] [-o compare.html]`` (a table here, figures in the HTML).
 
-Other ``runs`` subcommands (e.g. ``compare``) attach to :data:`app` with ``@app.command``.
+Other ``runs`` subcommands attach to :data:`app` with ``@app.command``.
 """
 
 from __future__ import annotations
@@ -108,8 +109,43 @@ def show(
         typer.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)))
 
 
+@app.command("compare")
+def compare_cmd(
+    run_dirs: list[Path] = typer.Argument(..., help="Two or more run directories."),
+    out: Path = typer.Option(Path("compare.html"), "-o", "--out",
+                             help="HTML file to write (its folder must exist)."),
+    label: list[str] = typer.Option(None, "--label", help="A name per run, in order (repeat)."),
+) -> None:
+    """Compare runs: a table of final loss, findings and first/last layer gradient RMS here,
+    with overlaid loss curves, depth profiles and gradient RMS in the HTML page."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from gradprobe.cli.lab import _console
+    from gradprobe.report import comparison, page
+
+    if len(run_dirs) < 2:
+        from gradprobe.errors import ConfigError
+
+        raise ConfigError("runs compare needs at least two runs",
+                          hint="gradprobe runs compare RUN_A RUN_B [...] -o compare.html")
+    page.check_out(out, "compare.html")  # before reading anything
+    frames = comparison.load(run_dirs, labels=label or None)
+    rows = comparison.rows(frames)
+    table = Table(title="runs compared", title_style="bold")
+    for col in comparison.TABLE_COLUMNS:
+        table.add_column(col, justify="right" if "RMS" in col or col in ("steps", "final loss",
+                                                                          "findings") else "left")
+    for r in rows:
+        table.add_row(*(escape(comparison.fmt(r[c])) for c in comparison.TABLE_COLUMNS))
+    console = _console()
+    console.print(table)
+    path = comparison.compare(run_dirs, out, frames=frames)
+    console.print(f"[dim]figures written to {escape(str(path))}[/]", highlight=False)
+
+
 def register(root: typer.Typer) -> None:
     root.add_typer(app, name="runs")
 
 
-__all__ = ["app", "find_runs", "register", "summary"]
+__all__ = ["app", "compare_cmd", "find_runs", "register", "summary"]
