@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -43,7 +44,7 @@ MAX_LEGEND = 10
 MAX_PROFILE_STEPS = 4
 """Steps at which the depth profile of activation gradients is drawn."""
 
-Colors = Mapping[str, tuple[float, ...]]
+Colors = Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -112,8 +113,11 @@ def pivot(scalars: pd.DataFrame, kind: str, column: str, order: Sequence[str],
         rows = rows[rows["step"].isin(steps)]
     if rows.empty:
         return pd.DataFrame()
-    table = rows.pivot_table(index="step", columns="layer", values=column, aggfunc="first",
-                             dropna=False)
+    try:  # one row per (step, layer, kind) in a run; pivot_table only for duplicated rows
+        table = rows.pivot(index="step", columns="layer", values=column)
+    except ValueError:
+        table = rows.pivot_table(index="step", columns="layer", values=column, aggfunc="first",
+                                 dropna=False)
     return table[[name for name in order if name in table.columns]]
 
 
@@ -125,7 +129,7 @@ def legend_pick(names: Sequence[str], cap: int = MAX_LEGEND) -> list[str]:
     return [names[i] for i in idx]
 
 
-def _layer_legend(target: Figure | object, names: Sequence[str], info: Layers,
+def _layer_legend(target: Any, names: Sequence[str], info: Layers,
                   *, outside_fig: bool = False, title: str = "layer (input → output)") -> None:
     shown = legend_pick(names)
     handles = [Line2D([], [], color=info.colors[n], linewidth=2) for n in shown]
@@ -134,9 +138,9 @@ def _layer_legend(target: Figure | object, names: Sequence[str], info: Layers,
     labels = [info.labels.get(n, text(n)) for n in shown]
     kw = dict(title=title, fontsize="small", title_fontsize="small", frameon=False)
     if outside_fig:
-        target.legend(handles, labels, loc="outside right upper", **kw)  # type: ignore[attr-defined]
+        target.legend(handles, labels, loc="outside right upper", **kw)
     else:
-        target.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0),  # type: ignore[attr-defined]
+        target.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0),
                       borderaxespad=0.0, **kw)
 
 
@@ -145,47 +149,57 @@ def _finite_positive(values: np.ndarray) -> np.ndarray:
     return v[np.isfinite(v) & (v > 0)]
 
 
-def scale_y(ax: object, values: np.ndarray, *, force_log: bool = False) -> str:
-    """Log axis when the positive values span decades; limits from the finite positive data."""
-    pos = _finite_positive(values)
+def scale_y(ax: Any, values: np.ndarray, *, force_log: bool = False) -> str:
+    """Log axis when no value is negative and the positive ones span more than two decades;
+    its limits come from the smallest and largest finite positive values, so exact zeros
+    (gradients that underflowed) leave gaps instead of stretching the axis to 1e-300."""
     arr = np.asarray(values, dtype=float).ravel()
     arr = arr[np.isfinite(arr)]
-    use_log = pos.size > 0 and pos.size == arr.size and (force_log or style.spans_decades(pos))
+    pos = arr[arr > 0]
+    use_log = pos.size > 0 and not (arr < 0).any() and (force_log or style.spans_decades(pos))
     if use_log:
-        ax.set_yscale("log")  # type: ignore[attr-defined]
+        ax.set_yscale("log")
         lo, hi = pos.min(), pos.max()
         pad = 10 ** max(0.1, 0.05 * math.log10(hi / lo)) if hi > lo else 2.0
-        ax.set_ylim(lo / pad, hi * pad)  # type: ignore[attr-defined]
+        ax.set_ylim(lo / pad, hi * pad)
         return "log"
     return "linear"
 
 
-def _nonfinite_note(table: pd.DataFrame) -> str:
-    values = table.to_numpy(dtype=float)
-    bad = int((~np.isfinite(values) & ~np.isnan(values)).sum())
-    return f" {bad} infinite values are not drawn (see the non-finite events)." if bad else ""
+def gaps_note(values: np.ndarray, scale: str) -> str:
+    """The caption sentence for values a figure cannot draw (zeros on a log axis, NaN, Inf)."""
+    arr = np.asarray(values, dtype=float).ravel()
+    parts = []
+    zeros = int((arr == 0).sum()) if scale == "log" else 0
+    if zeros:
+        parts.append(f"{zeros} exact zeros (a gradient that underflowed, or a layer the loss "
+                     "does not reach) cannot be drawn on the log axis and leave gaps.")
+    bad = int(np.isinf(arr).sum())
+    if bad:
+        parts.append(f"{bad} infinite values are not drawn (see the non-finite events).")
+    return " ".join(parts)
 
 
-def _lines(ax: object, table: pd.DataFrame, info: Layers, *, lw: float = 1.3) -> None:
+def _lines(ax: Any, table: pd.DataFrame, info: Layers, *, lw: float = 1.3) -> None:
     x = table.index.to_numpy()
     for name in table.columns:
-        ax.plot(x, table[name].to_numpy(dtype=float), color=info.colors[name], linewidth=lw)  # type: ignore[attr-defined]
+        ax.plot(x, table[name].to_numpy(dtype=float), color=info.colors[name], linewidth=lw)
 
 
 def _steps(scalars: pd.DataFrame, kind: str) -> np.ndarray:
     return scalars.loc[scalars["kind"] == kind, "step"].to_numpy()
 
 
-def _ticks(ax: object, axis: str, names: Sequence[str], info: Layers, cap: int) -> None:
+def _ticks(ax: Any, axis: str, names: Sequence[str], info: Layers, cap: int) -> None:
     shown = legend_pick(names, cap)
     pos = [list(names).index(n) for n in shown]
     labels = [info.labels.get(n, text(n)) for n in shown]
     if axis == "x":
         rotate = len(shown) > 6
-        ax.set_xticks(pos, labels, rotation=40 if rotate else 0,  # type: ignore[attr-defined]
+        ax.set_xticks(pos, labels, rotation=40 if rotate else 0,
                       ha="right" if rotate else "center", fontsize="small")
     else:
-        ax.set_yticks(pos, labels, fontsize="small")  # type: ignore[attr-defined]
+        ax.set_yticks(pos, labels, fontsize="small")
 
 
 def grad_rms(scalars: pd.DataFrame, info: Layers) -> Plot | None:
@@ -202,7 +216,8 @@ def grad_rms(scalars: pd.DataFrame, info: Layers) -> Plot | None:
     style.finish(ax, title="Gradient RMS of each layer's parameters over training",
                  xlabel="optimizer step", ylabel="RMS of ∂L/∂θ (weights and biases)", scale=used)
     _layer_legend(ax, list(table.columns), info)
-    return Plot(fig, thin_note(all_steps, steps) + _nonfinite_note(table))
+    return Plot(fig, " ".join(filter(None, [thin_note(all_steps, steps),
+                                            gaps_note(table.to_numpy(dtype=float), used)])))
 
 
 def grad_heatmap(scalars: pd.DataFrame, info: Layers) -> Plot | None:
@@ -263,9 +278,11 @@ def act_grad_profile(scalars: pd.DataFrame, info: Layers) -> Plot | None:
                  xlabel="layer (input → output)", ylabel="RMS of ∂L/∂(layer output)", scale=used)
     ax.legend(title="optimizer step", fontsize="small", title_fontsize="small", frameon=False,
               loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
-    return Plot(fig, f"At {len(steps)} of {len(recorded)} recorded steps (first, evenly spaced, "
-                     "last). A straight line rising from input to output on this log axis is "
-                     "geometric decay of the gradient on its way back to the input.")
+    rule = ("A straight line rising from input to output on this log axis is geometric decay "
+            "of the gradient on its way back to the input." if used == "log" else "")
+    return Plot(fig, " ".join(filter(None, [
+        f"At {len(steps)} of {len(recorded)} recorded steps (first, evenly spaced, last).", rule,
+        gaps_note(table.to_numpy(dtype=float), used)])))
 
 
 def weight_stats(scalars: pd.DataFrame, info: Layers) -> Plot | None:
@@ -310,8 +327,8 @@ def act_histograms(hist: pd.DataFrame, info: Layers) -> Plot | None:
                              sharex=True)
     for ax in axes.flat[1:]:
         ax.sharey(axes.flat[0])
-    styles = [dict(color="#9aa3ad", linewidth=1.2, fill=True, alpha=0.45),
-              dict(color="#1d232b", linewidth=1.3)]
+    styles: list[dict[str, Any]] = [dict(color="#9aa3ad", linewidth=1.2, fill=True, alpha=0.45),
+                                    dict(color="#1d232b", linewidth=1.3)]
     for ax, name in zip(axes.flat, layers):
         rows = act[act["layer"] == name].set_index("step")
         for st, step in zip(styles[-len(steps):], steps):
@@ -410,7 +427,7 @@ def time_grads(frame: pd.DataFrame, info: Layers) -> Plot | None:
 
 
 __all__ = [
-    "MAX_HEAT_STEPS", "MAX_LEGEND", "MAX_POINTS", "Layers", "Plot", "scale_y", "act_grad_profile", "act_histograms",
+    "MAX_HEAT_STEPS", "MAX_LEGEND", "MAX_POINTS", "Layers", "Plot", "gaps_note", "scale_y", "act_grad_profile", "act_histograms",
     "dead_saturated", "grad_heatmap", "grad_rms", "legend_pick", "loss_curve", "pivot", "text",
     "thin_steps", "time_grads", "weight_stats",
 ]

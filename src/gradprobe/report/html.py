@@ -128,6 +128,8 @@ def report(run_or_path: Any, out: str | os.PathLike[str] = "report.html", *,
     info = layer_info(run)
     kinds = set(run.meta.get("config", {}).get("kinds", REPORT_KINDS))
     scalars = run.scalars(kinds=[k for k in REPORT_KINDS if k in kinds])
+    by_kind = {k: scalars[scalars["kind"] == k] for k in REPORT_KINDS}  # split once
+    del scalars
     hist = run.histograms()
     losses = run.losses()
     tframe = time_frame(run)
@@ -141,24 +143,24 @@ def report(run_or_path: Any, out: str | os.PathLike[str] = "report.html", *,
     no_grad = "No parameter gradients recorded (kinds without 'grad')."
     sections = [
         ("grad-rms", "Gradient RMS per layer",
-         F.grad_rms(scalars, info),
+         F.grad_rms(by_kind["grad"], info),
          "Each line is one layer's parameter-gradient RMS; darker lines are nearer the input. "
          "Lines spread apart by decades when gradients vanish or explode with depth.", no_grad),
         ("grad-heatmap", "Gradient heat map",
-         F.grad_heatmap(scalars, info),
+         F.grad_heatmap(by_kind["grad"], info),
          "The same values as a layer x step image on a log colour scale.", no_grad),
         ("act-grad-profile", "Activation gradients across depth",
-         F.act_grad_profile(scalars, info), "",
+         F.act_grad_profile(by_kind["act_grad"], info), "",
          "No activation gradients recorded (kinds without 'act_grad')."),
         ("weights", "Weights per layer",
-         F.weight_stats(scalars, info),
+         F.weight_stats(by_kind["weight"], info),
          "Mean and standard deviation of each layer's parameters (weights and biases together).",
          "No weight statistics recorded (kinds without 'weight')."),
         ("act-hist", "Activation histograms",
          F.act_histograms(hist, info), "",
          "This run has no histograms: record them with gp.Probe(..., hist_every=N)."),
         ("dead-saturated", "Dead and saturated units",
-         F.dead_saturated(scalars, info),
+         F.dead_saturated(by_kind["act"], info),
          "Dead: ReLU-like units inactive on every example of the batch. Saturated: outputs in "
          "the flat region of a sigmoid-like activation, where its derivative is near zero.",
          "No activation module with a dead-unit or saturation rule was recorded."),
