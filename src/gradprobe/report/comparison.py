@@ -145,8 +145,9 @@ def profile_figure(frames: Sequence[_Frames]) -> Any:
         act = f.scalars[f.scalars["kind"] == "act_grad"]
         if act.empty:
             continue
-        layers = [n for n in f.info.weights if n in set(act["layer"])] or \
-            [n for n in f.info.order if n in set(act["layer"])]
+        present = set(act["layer"].unique())
+        layers = [n for n in f.info.weights if n in present] or \
+            [n for n in f.info.order if n in present]
         last = act["step"].max()
         table = F.pivot(act, "act_grad", "rms", layers, np.array([last]))
         y = table.iloc[0].to_numpy(dtype=float)

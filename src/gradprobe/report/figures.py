@@ -37,9 +37,10 @@ from gradprobe.report import style
 
 MAX_POINTS = 400
 """Steps drawn per line at most (every k-th recorded step, the last one always)."""
-MAX_HEAT_STEPS = 1000
-"""Step columns of the heat map at most (same rule as :data:`MAX_POINTS`)."""
-MAX_LEGEND = 10
+MAX_HEAT_STEPS = 600
+"""Step columns of the heat map at most (same rule as :data:`MAX_POINTS`): about the pixel
+width of its axes, so no column is lost to resampling on screen."""
+MAX_LEGEND = 12
 """Legend entries at most; with more layers, this many evenly spread from input to output."""
 MAX_PROFILE_STEPS = 4
 """Steps at which the depth profile of activation gradients is drawn."""
@@ -180,10 +181,22 @@ def gaps_note(values: np.ndarray, scale: str) -> str:
     return " ".join(parts)
 
 
-def _lines(ax: Any, table: pd.DataFrame, info: Layers, *, lw: float = 1.3) -> None:
+def _lines(ax: Any, table: pd.DataFrame, info: Layers, *, lw: float = 1.3) -> list[str]:
+    """One line per layer, at most :data:`MAX_LEGEND` layers evenly spread in depth (the same
+    ones the legend names, so every line drawn can be identified); returns them."""
     x = table.index.to_numpy()
-    for name in table.columns:
+    drawn = legend_pick(list(table.columns))
+    for name in drawn:
         ax.plot(x, table[name].to_numpy(dtype=float), color=info.colors[name], linewidth=lw)
+    return drawn
+
+
+def lines_note(drawn: Sequence[str], total: int) -> str:
+    """The caption sentence for line plots that drew a subset of the layers."""
+    if len(drawn) >= total:
+        return ""
+    return (f"{len(drawn)} of {total} layers drawn, evenly spread from input to output; the "
+            "heat map shows every layer.")
 
 
 def _steps(scalars: pd.DataFrame, kind: str) -> np.ndarray:
@@ -211,13 +224,14 @@ def grad_rms(scalars: pd.DataFrame, info: Layers) -> Plot | None:
         return None
     fig, axes = style.figure(1, 1, size=(9.5, 4.2))
     ax = axes[0, 0]
-    _lines(ax, table, info)
-    used = scale_y(ax, table.to_numpy(dtype=float))
+    drawn = _lines(ax, table, info)
+    used = scale_y(ax, table[drawn].to_numpy(dtype=float))
     style.finish(ax, title="Gradient RMS of each layer's parameters over training",
                  xlabel="optimizer step", ylabel="RMS of ∂L/∂θ (weights and biases)", scale=used)
-    _layer_legend(ax, list(table.columns), info)
-    return Plot(fig, " ".join(filter(None, [thin_note(all_steps, steps),
-                                            gaps_note(table.to_numpy(dtype=float), used)])))
+    _layer_legend(ax, drawn, info)
+    return Plot(fig, " ".join(filter(None, [
+        lines_note(drawn, len(table.columns)), thin_note(all_steps, steps),
+        gaps_note(table[drawn].to_numpy(dtype=float), used)])))
 
 
 def grad_heatmap(scalars: pd.DataFrame, info: Layers) -> Plot | None:
@@ -255,7 +269,7 @@ def act_grad_profile(scalars: pd.DataFrame, info: Layers) -> Plot | None:
     The layers are the weight layers (their output gradient is the back-propagated signal of
     Glorot & Bengio 2010, fig. 7) when they have activation gradients, else all layers.
     """
-    present = set(scalars.loc[scalars["kind"] == "act_grad", "layer"])
+    present = set(scalars.loc[scalars["kind"] == "act_grad", "layer"].unique())
     layers = [n for n in info.weights if n in present] or [n for n in info.order if n in present]
     if not layers:
         return None
@@ -294,15 +308,16 @@ def weight_stats(scalars: pd.DataFrame, info: Layers) -> Plot | None:
         return None
     std = pivot(scalars, "weight", "std", info.order, steps)
     fig, axes = style.figure(1, 2, size=(11.5, 4.0), sharex=True)
-    _lines(axes[0, 0], mean, info)
+    drawn = _lines(axes[0, 0], mean, info)
     style.finish(axes[0, 0], title="Mean of the layer's parameters", xlabel="optimizer step",
                  ylabel="mean of θ (weights and biases)")
     _lines(axes[0, 1], std, info)
-    used = scale_y(axes[0, 1], std.to_numpy(dtype=float))
+    used = scale_y(axes[0, 1], std[drawn].to_numpy(dtype=float))
     style.finish(axes[0, 1], title="Standard deviation of the layer's parameters",
                  xlabel="optimizer step", ylabel="std of θ (weights and biases)", scale=used)
-    _layer_legend(fig, list(mean.columns), info, outside_fig=True)
-    return Plot(fig, thin_note(all_steps, steps))
+    _layer_legend(fig, drawn, info, outside_fig=True)
+    return Plot(fig, " ".join(filter(None, [lines_note(drawn, len(mean.columns)),
+                                            thin_note(all_steps, steps)])))
 
 
 def act_histograms(hist: pd.DataFrame, info: Layers) -> Plot | None:
@@ -315,7 +330,7 @@ def act_histograms(hist: pd.DataFrame, info: Layers) -> Plot | None:
     act = hist[hist["kind"] == "act"] if len(hist) else hist
     if act.empty:
         return None
-    present = set(act["layer"])
+    present = set(act["layer"].unique())
     layers = [n for n in info.activations if n in present] or \
         [n for n in info.order if n in present]
     layers = legend_pick(layers)
@@ -352,7 +367,9 @@ def act_histograms(hist: pd.DataFrame, info: Layers) -> Plot | None:
     kinds = "activation modules" if set(layers) <= set(info.activations) else "layers"
     return Plot(fig, f"Outputs of the {kinds} over one batch (input first), at the first and last "
                      f"of {len(recorded)} histogram steps; {len(act['counts'].iloc[0])} bins per "
-                     "histogram, from the layer's minimum to its maximum at that step.")
+                     "histogram, from the layer's minimum to its maximum at that step. Narrow "
+                     "spikes, each about a batch tall, are units whose output hardly changes from "
+                     "one example to the next.")
 
 
 def dead_saturated(scalars: pd.DataFrame, info: Layers) -> Plot | None:
@@ -372,13 +389,17 @@ def dead_saturated(scalars: pd.DataFrame, info: Layers) -> Plot | None:
         return None
     fig, axes = style.figure(1, len(panels), size=(5.6 * len(panels) + 1.8, 3.8), sharex=True)
     names: set[str] = set()
+    subset = False
     for ax, (table, title, ylabel) in zip(axes[0], panels):
-        _lines(ax, table, info)
+        drawn = _lines(ax, table, info)
         ax.set_ylim(-0.03, 1.03)
         style.finish(ax, title=title, xlabel="optimizer step", ylabel=ylabel)
-        names |= set(table.columns)
+        names |= set(drawn)
+        subset = subset or len(drawn) < len(table.columns)
     _layer_legend(fig, [n for n in info.order if n in names], info, outside_fig=True)
-    return Plot(fig, thin_note(all_steps, steps))
+    note = (f"At most {MAX_LEGEND} layers drawn per panel, evenly spread from input to output. "
+            if subset else "")
+    return Plot(fig, (note + thin_note(all_steps, steps)).strip())
 
 
 def loss_curve(losses: pd.DataFrame) -> Plot | None:
@@ -428,6 +449,7 @@ def time_grads(frame: pd.DataFrame, info: Layers) -> Plot | None:
 
 __all__ = [
     "MAX_HEAT_STEPS", "MAX_LEGEND", "MAX_POINTS", "Layers", "Plot", "gaps_note", "scale_y", "act_grad_profile", "act_histograms",
-    "dead_saturated", "grad_heatmap", "grad_rms", "legend_pick", "loss_curve", "pivot", "text",
+    "dead_saturated", "grad_heatmap", "grad_rms", "legend_pick", "lines_note", "loss_curve",
+    "pivot", "text",
     "thin_steps", "time_grads", "weight_stats",
 ]
