@@ -60,7 +60,7 @@ def screenshot(html: Path, png: Path, height: int) -> None:
                    check=True, capture_output=True, timeout=120)
     image = Image.open(full).convert("RGB")
     image = image.resize((image.width * 9 // 10, image.height * 9 // 10), Image.LANCZOS)
-    image.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(png, optimize=True)
+    image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(png, optimize=True)
     full.unlink()
     print(f"{png}: {png.stat().st_size / 1e3:.0f} kB")
 

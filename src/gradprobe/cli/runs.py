@@ -14,7 +14,7 @@ import typer
 
 from gradprobe.errors import RunDirError
 
-app = typer.Typer(name="runs", help="List and inspect recorded runs.", no_args_is_help=True)
+app = typer.Typer(name="runs", help="List, inspect and compare recorded runs.", no_args_is_help=True)
 
 
 def find_runs(root: Path, max_depth: int = 3) -> list[Path]:
