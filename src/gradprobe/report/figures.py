@@ -9,14 +9,16 @@ Readability rules kept by every figure:
 
 * one colour per layer from :func:`gradprobe.report.style.layer_colors`, computed once over all
   layers in depth order, so a layer has the same colour in every figure (dark = input side);
-* at most :data:`MAX_LEGEND` legend entries (layers evenly spread from input to output), placed
-  outside the data;
+* line plots draw at most :data:`MAX_LEGEND` layers, evenly spread from input to output, and
+  their legend (outside the data) names exactly those; the heat map shows every layer;
 * a log axis where the values span more than two decades, its limits set by the smallest and
   largest finite positive values drawn (a zero never stretches it);
 * line plots show at most :data:`MAX_POINTS` steps: every k-th recorded step with
   ``k = ceil(n_steps / MAX_POINTS)``, the last step always kept (:func:`thin_steps`); the caption
   says so. A spike between two shown steps is not drawn: the heat map keeps up to
   :data:`MAX_HEAT_STEPS` steps, and the diagnosis reads every step.
+
+The selection rules live in :mod:`gradprobe.report.select` (no matplotlib there).
 """
 
 from __future__ import annotations
@@ -34,14 +36,19 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from gradprobe.report import style
+from gradprobe.report.select import (
+    MAX_HEAT_STEPS,
+    MAX_LEGEND,
+    MAX_POINTS,
+    gaps_note,
+    legend_pick,
+    lines_note,
+    pivot,
+    text,
+    thin_note,
+    thin_steps,
+)
 
-MAX_POINTS = 400
-"""Steps drawn per line at most (every k-th recorded step, the last one always)."""
-MAX_HEAT_STEPS = 600
-"""Step columns of the heat map at most (same rule as :data:`MAX_POINTS`): about the pixel
-width of its axes, so no column is lost to resampling on screen."""
-MAX_LEGEND = 12
-"""Legend entries at most; with more layers, this many evenly spread from input to output."""
 MAX_PROFILE_STEPS = 4
 """Steps at which the depth profile of activation gradients is drawn."""
 
@@ -76,58 +83,6 @@ class Plot:
 
     figure: Figure
     note: str = ""
-
-
-def text(name: object) -> str:
-    """A user string as matplotlib must receive it: ``$`` would start mathtext."""
-    return str(name).replace("$", r"\$")
-
-
-def thin_steps(steps: Sequence[int] | np.ndarray, max_points: int = MAX_POINTS) -> np.ndarray:
-    """Every k-th of the sorted unique ``steps``, ``k = ceil(n / max_points)``, plus the last.
-
-    >>> thin_steps(range(10), 4).tolist()
-    [0, 3, 6, 9]
-    """
-    s = np.unique(np.asarray(steps))
-    if s.size <= max_points:
-        return s
-    k = math.ceil(s.size / max_points)
-    out = s[::k]
-    return out if out[-1] == s[-1] else np.append(out, s[-1])
-
-
-def thin_note(all_steps: np.ndarray, shown: np.ndarray, max_points: int = MAX_POINTS) -> str:
-    """The caption sentence stating :func:`thin_steps`' rule (empty when nothing was left out)."""
-    n, m = len(np.unique(all_steps)), len(shown)
-    if m >= n:
-        return ""
-    k = math.ceil(n / max_points)
-    return f"Steps thinned for drawing: every {k}th of {n} recorded steps ({m} shown, last kept)."
-
-
-def pivot(scalars: pd.DataFrame, kind: str, column: str, order: Sequence[str],
-          steps: np.ndarray | None = None) -> pd.DataFrame:
-    """``column`` of ``kind`` as a step x layer table, layers in ``order`` (those present)."""
-    rows = scalars[scalars["kind"] == kind]
-    if steps is not None:
-        rows = rows[rows["step"].isin(steps)]
-    if rows.empty:
-        return pd.DataFrame()
-    try:  # one row per (step, layer, kind) in a run; pivot_table only for duplicated rows
-        table = rows.pivot(index="step", columns="layer", values=column)
-    except ValueError:
-        table = rows.pivot_table(index="step", columns="layer", values=column, aggfunc="first",
-                                 dropna=False)
-    return table[[name for name in order if name in table.columns]]
-
-
-def legend_pick(names: Sequence[str], cap: int = MAX_LEGEND) -> list[str]:
-    """At most ``cap`` names, evenly spread, first and last included."""
-    if len(names) <= cap:
-        return list(names)
-    idx = np.unique(np.round(np.linspace(0, len(names) - 1, cap)).astype(int))
-    return [names[i] for i in idx]
 
 
 def _layer_legend(target: Any, names: Sequence[str], info: Layers,
@@ -167,20 +122,6 @@ def scale_y(ax: Any, values: np.ndarray, *, force_log: bool = False) -> str:
     return "linear"
 
 
-def gaps_note(values: np.ndarray, scale: str) -> str:
-    """The caption sentence for values a figure cannot draw (zeros on a log axis, NaN, Inf)."""
-    arr = np.asarray(values, dtype=float).ravel()
-    parts = []
-    zeros = int((arr == 0).sum()) if scale == "log" else 0
-    if zeros:
-        parts.append(f"{zeros} exact zeros (a gradient that underflowed, or a layer the loss "
-                     "does not reach) cannot be drawn on the log axis and leave gaps.")
-    bad = int(np.isinf(arr).sum())
-    if bad:
-        parts.append(f"{bad} infinite values are not drawn (see the non-finite events).")
-    return " ".join(parts)
-
-
 def _lines(ax: Any, table: pd.DataFrame, info: Layers, *, lw: float = 1.3) -> list[str]:
     """One line per layer, at most :data:`MAX_LEGEND` layers evenly spread in depth (the same
     ones the legend names, so every line drawn can be identified); returns them."""
@@ -190,13 +131,6 @@ def _lines(ax: Any, table: pd.DataFrame, info: Layers, *, lw: float = 1.3) -> li
         ax.plot(x, table[name].to_numpy(dtype=float), color=info.colors[name], linewidth=lw)
     return drawn
 
-
-def lines_note(drawn: Sequence[str], total: int) -> str:
-    """The caption sentence for line plots that drew a subset of the layers."""
-    if len(drawn) >= total:
-        return ""
-    return (f"{len(drawn)} of {total} layers drawn, evenly spread from input to output; the "
-            "heat map shows every layer.")
 
 
 def _steps(scalars: pd.DataFrame, kind: str) -> np.ndarray:
@@ -448,8 +382,8 @@ def time_grads(frame: pd.DataFrame, info: Layers) -> Plot | None:
 
 
 __all__ = [
-    "MAX_HEAT_STEPS", "MAX_LEGEND", "MAX_POINTS", "Layers", "Plot", "gaps_note", "scale_y", "act_grad_profile", "act_histograms",
-    "dead_saturated", "grad_heatmap", "grad_rms", "legend_pick", "lines_note", "loss_curve",
-    "pivot", "text",
-    "thin_steps", "time_grads", "weight_stats",
+    "MAX_HEAT_STEPS", "MAX_LEGEND", "MAX_POINTS", "MAX_PROFILE_STEPS", "Layers", "Plot",
+    "act_grad_profile", "act_histograms", "dead_saturated", "gaps_note", "grad_heatmap",
+    "grad_rms", "legend_pick", "lines_note", "loss_curve", "pivot", "scale_y", "text",
+    "thin_note", "thin_steps", "time_grads", "weight_stats",
 ]
