@@ -177,8 +177,8 @@ def test_time_section_shows_when_the_run_has_time_data(built, tmp_path):
     assert '<section id="time-grads">' in text and '<figure id="fig-time-grads">' in text
 
 
-def test_diagnose_is_called_when_available(built, tmp_path, monkeypatch):
-    import gradprobe.diagnose as dmod
+def test_diagnose_is_called_when_no_diagnosis_is_given(built, tmp_path, monkeypatch):
+    from gradprobe.diagnose import api
 
     run, _, _ = built
     calls = []
@@ -187,12 +187,11 @@ def test_diagnose_is_called_when_available(built, tmp_path, monkeypatch):
         calls.append(r)
         return Diagnosis([finding()])
 
-    monkeypatch.setattr(dmod, "diagnose", fake, raising=False)
+    monkeypatch.setattr(api, "diagnose", fake)
     text = gp.report(run, tmp_path / "a.html").read_text()
     assert calls and "vanishing-gradients" in text
-    monkeypatch.delattr(dmod, "diagnose", raising=False)
-    text = gp.report(run, tmp_path / "b.html").read_text()
-    assert "No diagnosis available" in text
+    text = gp.report(run, tmp_path / "b.html", diagnosis=Diagnosis([])).read_text()
+    assert len(calls) == 1 and "vanishing-gradients" not in text
 
 
 def test_failed_report_leaves_nothing_half_written(built, tmp_path, monkeypatch):
@@ -236,7 +235,7 @@ def test_unwritable_folder(built, tmp_path, monkeypatch):
     assert "-o" in info.value.hint and not list(tmp_path.iterdir())
 
 
-def test_gp_report_is_callable_in_any_import_order():
+def test_gp_report_is_the_function_in_any_import_order():
     code = (
         "import gradprobe.report.style, gradprobe as gp, matplotlib; "
         "print(callable(gp.report), gp.report.__name__)"

@@ -15,10 +15,11 @@ from typing import Any
 
 from gradprobe._version import __version__
 
-# `gradprobe.diagnose` is both a subpackage and the function `gp.diagnose`. Importing it here,
-# once, binds the package attribute to the function for good (a lazy export would be overwritten
-# by the first `import gradprobe.diagnose`). The subpackage's own import is light (frozen
-# records, no pandas); the rules load when the function is called.
+# `gradprobe.diagnose` and `gradprobe.report` are both subpackages and the functions
+# `gp.diagnose` and `gp.report`. Importing them here, once, binds the package attributes to the
+# functions for good (a lazy export would be overwritten by the first `import
+# gradprobe.diagnose`). Both subpackages import light: records only, no pandas or matplotlib;
+# the rules and the figures load when the functions are called.
 from gradprobe.diagnose import Diagnosis, Finding, diagnose
 from gradprobe.errors import (
     ConfigError,
@@ -27,6 +28,7 @@ from gradprobe.errors import (
     RunDirError,
     UnsupportedModelError,
 )
+from gradprobe.report import report
 
 # name -> (module, attribute or None for the module itself)
 _LAZY: dict[str, tuple[str, str | None]] = {
@@ -39,7 +41,6 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "theory": ("gradprobe.theory", None),
     "lab": ("gradprobe.lab", None),
     "remedies": ("gradprobe.remedies", None),
-    "report": ("gradprobe.report.html", "report"),
     "activations": ("gradprobe.activations", None),
     "doctor": ("gradprobe.remedies.doctor", "doctor"),
     "DoctorReport": ("gradprobe.remedies.doctor_report", "DoctorReport"),

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gradprobe.diagnose.finding import Diagnosis, Finding, Remedy
+from gradprobe.errors import ConfigError
 
 LOSS_MARGIN = 1e-3
 """A loss counts as lower than the baseline's when it is below ``(1 - LOSS_MARGIN)`` times it."""
@@ -193,33 +194,26 @@ class DoctorReport:
     def html(self, path: str | Path | None = None) -> Path:
         """Write the comparison report (baseline and every remedy run) to ``path``.
 
-        Uses the HTML report's comparison view (``gradprobe.report.html.compare``); where that is
-        not installed, a plain page with this table. Default path: ``out/report.html``.
+        The HTML report's comparison view (:func:`gradprobe.report.comparison.compare`) of the
+        baseline and every remedy run; with no remedy run (a healthy baseline) the baseline's own
+        report. Default path: ``out/report.html``.
         """
+        from gradprobe.report.comparison import compare
+        from gradprobe.report.html import report
+
         path = Path(path) if path is not None else self.out / "report.html"
         path.parent.mkdir(parents=True, exist_ok=True)
         done = [e for e in (self.baseline, *self.entries)
                 if e.run_dir is not None and (e.run_dir / "meta.json").is_file()]
-        try:
-            from gradprobe.report.html import compare
-        except ImportError:
-            compare = None
-        if compare is not None:
-            from gradprobe.store.run import Run
-
-            compare([Run.open(e.run_dir) for e in done if e.run_dir is not None], path,
-                    labels=[e.label for e in done],
-                    diagnoses=[Diagnosis(list(e.findings), run=str(e.run_dir)) for e in done])
-            return path
-        import html
-
-        body = html.escape(str(self))
-        path.write_text(
-            "<!doctype html><html><head><meta charset='utf-8'><title>gradprobe doctor</title>"
-            "</head><body><h1>gradprobe doctor</h1><pre>" + body + "</pre></body></html>\n",
-            encoding="utf-8",
-        )
-        return path
+        diagnoses = [Diagnosis(list(e.findings), run=str(e.run_dir)) for e in done]
+        if len(done) >= 2:
+            return compare([e.run_dir for e in done], path, labels=[e.label for e in done],
+                           diagnoses=diagnoses)
+        if done:
+            return report(done[0].run_dir, path, diagnosis=diagnoses[0],
+                          title=f"{done[0].label}: nothing to cure" if self.healthy else None)
+        raise ConfigError("the doctor recorded no run to report on",
+                          hint="see the errors in the doctor's table (print(report))")
 
 
 __all__ = ["LOSS_MARGIN", "DoctorEntry", "DoctorReport", "rank"]

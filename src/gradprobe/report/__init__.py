@@ -3,27 +3,23 @@
 Nothing here computes a statistic: it draws what the run, the lab or the diagnosis computed.
 Importing this package does not import matplotlib; :mod:`gradprobe.report.style` does.
 
-``gp.report(run, "report.html")`` is :func:`gradprobe.report.html.report`. This package is also
-callable with the same arguments: importing a submodule (``import gradprobe.report.style``)
-binds ``gradprobe.report`` to the package, and ``gp.report(...)`` must work in any import order.
+``gp.report(run, "report.html")`` is :func:`gradprobe.report.html.report`, re-exported here
+and bound over the package name by ``gradprobe/__init__.py`` (as ``gp.diagnose`` is).
 """
 
 from __future__ import annotations
 
-import sys
-import types
+import os
 from pathlib import Path
 from typing import Any
 
 
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args: Any, **kwargs: Any) -> Path:
-        from gradprobe.report.html import report
+def report(run_or_path: Any, out: str | os.PathLike[str] = "report.html", *,
+           diagnosis: Any = None, title: str | None = None) -> Path:
+    """:func:`gradprobe.report.html.report` (imported on first call, with matplotlib)."""
+    from gradprobe.report.html import report as _report
 
-        return report(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+    return _report(run_or_path, out, diagnosis=diagnosis, title=title)
 
 
 def compare(*args: Any, **kwargs: Any) -> Path:

@@ -38,7 +38,7 @@ REPORT_KINDS = ("grad", "weight", "act", "act_grad")
 def open_run(run_or_path: Any) -> Any:
     """A :class:`~gradprobe.Run` from a Run or a path (:class:`~gradprobe.RunDirError` if it is
     not a run)."""
-    from gradprobe.run import Run
+    from gradprobe.store.run import Run
 
     if isinstance(run_or_path, Run):
         return run_or_path
@@ -167,8 +167,7 @@ def report(run_or_path: Any, out: str | os.PathLike[str] = "report.html", *,
         ("loss", "Loss", F.loss_curve(losses), "",
          "No loss recorded: call probe.observe_loss(loss) in the training loop."),
     ]
-    body = [P.section("diagnosis", "Diagnosis", P.diagnosis_html(
-        diagnosis, "No diagnosis available: this gradprobe has no gradprobe.diagnose.diagnose."))]
+    body = [P.section("diagnosis", "Diagnosis", P.diagnosis_html(diagnosis))]
     body += [fig(*s) for s in sections]
     nav = [("diagnosis", "Diagnosis")] + [(s[0], s[1]) for s in sections]
     time_plot = F.time_grads(tframe, info) if tframe is not None else None

@@ -149,10 +149,8 @@ def empty(message: str) -> str:
     return f'<p class="muted empty">{esc(message)}</p>'
 
 
-def diagnosis_html(diagnosis: Any, unavailable: str = "No diagnosis available.") -> str:
-    """The findings, most severe first, or a line saying there are none (or no diagnosis)."""
-    if diagnosis is None:
-        return empty(unavailable)
+def diagnosis_html(diagnosis: Any) -> str:
+    """The findings, most severe first, or a line saying there are none."""
     findings = list(diagnosis)
     if not findings:
         return '<p class="healthy">No findings: the gradients look healthy.</p>'
@@ -183,11 +181,9 @@ def diagnosis_html(diagnosis: Any, unavailable: str = "No diagnosis available.")
 
 
 def auto_diagnose(run: Any) -> Any:
-    """``gradprobe.diagnose.diagnose(run)`` when this gradprobe has it, else None."""
-    try:
-        from gradprobe.diagnose import diagnose  # type: ignore[attr-defined]
-    except (ImportError, AttributeError):
-        return None
+    """``gradprobe.diagnose(run)``: the diagnosis shown when the caller gives none."""
+    from gradprobe.diagnose.api import diagnose
+
     return diagnose(run)
 
 
