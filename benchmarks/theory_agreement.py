@@ -282,9 +282,9 @@ def table_timings(width, depth, repeats=5):
         gp.preflight(net, x)
 
     def measure_only():  # the pass itself, without the mean-field summary
-        from gradprobe.theory import preflight as pf
+        from gradprobe.theory.measure import measure
 
-        pf._measure(net, (x,), None, None, 0)
+        measure(net, (x,), None, None, 0)
 
     times: dict[str, list[float]] = {"plain": [], "measure": [], "preflight": []}
     for _ in range(repeats):

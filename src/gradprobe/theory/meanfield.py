@@ -28,11 +28,7 @@ Phase and depth scales (Schoenholz et al. 2017, eqs. 6, 9)
     than about ``6 ξ_c`` did not train in their experiments.
 
 Quadrature
-    ``E_z[f(√q z)]`` uses Gauss–Hermite (``numpy.polynomial.hermite_e``, 161 nodes) when ``φ`` is
-    smooth and ``q ≤ 2`` (error < 1e-12 there); for activations with kinks (ReLU, hardtanh, …,
-    read from :data:`gradprobe.activations.ACTIVATIONS`) or wider pre-activations, where
-    Gauss–Hermite converges slowly, a composite Gauss–Legendre rule on ``[-12, 12]`` split at the
-    kinks and at ``u ∈ {0, ±1, ±2, ±4, ±8}``. ``φ'`` is taken by autograd on ``φ`` itself.
+    :mod:`gradprobe.theory.quadrature` (Gauss–Hermite, or Gauss–Legendre split at kinks).
 
 Example
     >>> from gradprobe.theory import meanfield as mf
@@ -45,31 +41,25 @@ Example
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Literal
 
 import numpy as np
-import torch
-from numpy.polynomial.hermite_e import hermegauss
-from numpy.polynomial.legendre import leggauss
 
 from gradprobe import activations
 from gradprobe.activations import ActivationSpec
 from gradprobe.errors import ConfigError
+from gradprobe.theory.quadrature import (
+    check_nonneg,
+    dphi,
+    gauss_expect,
+    gaussian_rule,
+    pair_rule,
+    phi,
+)
 
 Phase = Literal["ordered", "critical", "chaotic"]
 
-Z_MAX = 12.0
-"""Integration range in standard deviations (Gaussian tail mass beyond: 3.6e-33)."""
-GH_DEGREE = 161
-GL_DEGREE = 48
-PAIR_DEGREE = 20
-"""Gauss–Legendre nodes per segment for the two-dimensional (correlation) integrals."""
-GH_MAX_Q = 2.0
-"""Largest ``q`` (times the activation's unit scale) where plain Gauss–Hermite is used."""
-_FEATURES = (-8.0, -4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0, 8.0)
 _Q_INF = 1e12
 _Q_ZERO = 1e-14
 CRITICAL_TOL = 0.01
@@ -92,88 +82,6 @@ def resolve(activation: ActivationLike) -> ActivationSpec:
     return activations.get(activation)
 
 
-def _check_nonneg(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{name} must be a finite number >= 0, got {value}", hint=f"pass {name}=1.0")
-    return value
-
-
-@lru_cache(maxsize=8)
-def _hermite(deg: int) -> tuple[np.ndarray, np.ndarray]:
-    x, w = hermegauss(deg)
-    return x, w / math.sqrt(2.0 * math.pi)
-
-
-@lru_cache(maxsize=8)
-def _legendre(deg: int) -> tuple[np.ndarray, np.ndarray]:
-    return leggauss(deg)
-
-
-def gaussian_rule(
-    kinks: tuple[float, ...],
-    shift: np.ndarray | float,
-    scale: float,
-    *,
-    smooth_ok: bool = True,
-    degree: int = GL_DEGREE,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Nodes ``z`` and weights ``w`` with ``Σ w f(shift + scale·z) ≈ E_z f(shift + scale·z)``.
-
-    One row per entry of ``shift``. ``kinks`` are the points (in ``u = shift + scale·z``) where
-    ``f`` is not smooth. Plain Gauss–Hermite when there are no kinks, ``smooth_ok`` and
-    ``scale² ≤ GH_MAX_Q``; otherwise composite Gauss–Legendre on ``[-Z_MAX, Z_MAX]`` split at the
-    kinks and at the feature points ``u ∈ {0, ±1, ±2, ±4, ±8}``.
-    """
-    shift = np.atleast_1d(np.asarray(shift, dtype=np.float64))
-    m = shift.shape[0]
-    if not kinks and smooth_ok and scale * scale <= GH_MAX_Q and not np.any(shift):
-        x, w = _hermite(GH_DEGREE)
-        return np.broadcast_to(x, (m, x.size)), np.broadcast_to(w, (m, w.size))
-    scale = max(float(scale), 1e-150)
-    points = sorted(set(kinks) | set(_FEATURES))
-    edges = [np.full(m, -Z_MAX)]
-    edges += [np.clip((p - shift) / scale, -Z_MAX, Z_MAX) for p in points]
-    edges.append(np.full(m, Z_MAX))
-    xg, wg = _legendre(degree)
-    zs, ws = [], []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        half = ((hi - lo) / 2.0)[:, None]
-        z = ((hi + lo) / 2.0)[:, None] + half * xg[None, :]
-        zs.append(z)
-        ws.append(half * wg[None, :] * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi))
-    return np.concatenate(zs, axis=1), np.concatenate(ws, axis=1)
-
-
-def phi(spec: ActivationSpec, u: np.ndarray) -> np.ndarray:
-    """``φ(u)`` in float64."""
-    with torch.no_grad():
-        return spec.fn(torch.from_numpy(np.array(u, dtype=np.float64))).numpy()
-
-
-def dphi(spec: ActivationSpec, u: np.ndarray) -> np.ndarray:
-    """``φ'(u)`` by autograd on the table's function (float64)."""
-    t = torch.from_numpy(np.array(u, dtype=np.float64)).requires_grad_(True)
-    with torch.enable_grad():
-        y = spec.fn(t)
-        (g,) = torch.autograd.grad(y.sum(), t)
-    return g.numpy()
-
-
-def gauss_expect(
-    f: Callable[[np.ndarray], np.ndarray], q: float, *, kinks: tuple[float, ...] = ()
-) -> float:
-    """``E_{z~N(0,1)}[f(√q z)]`` for a vectorised numpy function ``f``.
-
-    >>> round(gauss_expect(lambda u: u**4, 2.0), 10)   # 3 q²
-    12.0
-    """
-    q = _check_nonneg("q", q)
-    s = math.sqrt(q)
-    z, w = gaussian_rule(kinks, 0.0, s)
-    return float((w[0] * f(s * z[0])).sum())
-
-
 def _clamp_q(q: float) -> float:
     return min(max(q, _Q_ZERO), _Q_INF)
 
@@ -192,8 +100,8 @@ def derivative_second_moment(activation: ActivationLike, q: float) -> float:
 
 def q_map(activation: ActivationLike, q: float, sigma_w2: float, sigma_b2: float) -> float:
     """One step of the variance map ``σ_w² E_z[φ(√q z)²] + σ_b²`` (Poole et al. 2016, eq. 3)."""
-    sigma_w2 = _check_nonneg("sigma_w2", sigma_w2)
-    sigma_b2 = _check_nonneg("sigma_b2", sigma_b2)
+    sigma_w2 = check_nonneg("sigma_w2", sigma_w2)
+    sigma_b2 = check_nonneg("sigma_b2", sigma_b2)
     return sigma_w2 * second_moment(activation, q) + sigma_b2
 
 
@@ -211,9 +119,9 @@ def q_trajectory(
     """
     if depth < 1:
         raise ConfigError(f"depth must be >= 1, got {depth}", hint="pass depth=10")
-    q_in = _check_nonneg("q_in", q_in)
+    q_in = check_nonneg("q_in", q_in)
     out = np.empty(depth)
-    out[0] = _check_nonneg("sigma_w2", sigma_w2) * q_in + _check_nonneg("sigma_b2", sigma_b2)
+    out[0] = check_nonneg("sigma_w2", sigma_w2) * q_in + check_nonneg("sigma_b2", sigma_b2)
     for i in range(1, depth):
         out[i] = q_map(activation, out[i - 1], sigma_w2, sigma_b2)
     return out
@@ -235,7 +143,7 @@ def fixed_point(
     ``max_iter`` steps: ReLU with a bias at ``σ_w² = 2`` grows by ``σ_b²`` per layer). Aitken's
     Δ² extrapolation every third step speeds up the slow convergence near criticality.
     """
-    q = _check_nonneg("q0", q0)
+    q = check_nonneg("q0", q0)
     history: list[float] = []
     for _ in range(max_iter):
         new = q_map(activation, q, sigma_w2, sigma_b2)
@@ -263,7 +171,7 @@ def chi1(
     activation: ActivationLike, sigma_w2: float, sigma_b2: float, *, q: float | None = None
 ) -> float:
     """``χ₁ = σ_w² E_z[φ'(√q z)²]`` at ``q`` (default: the fixed point ``q*``)."""
-    sigma_w2 = _check_nonneg("sigma_w2", sigma_w2)
+    sigma_w2 = check_nonneg("sigma_w2", sigma_w2)
     if q is None:
         q = fixed_point(activation, sigma_w2, sigma_b2)
     return sigma_w2 * derivative_second_moment(activation, q)
@@ -283,26 +191,10 @@ def gradient_ratio(
             hint="pass the next layer's weight shape",
         )
     return (
-        _check_nonneg("sigma_w2_next", sigma_w2_next)
+        check_nonneg("sigma_w2_next", sigma_w2_next)
         * (fan_out_next / fan_in_next)
         * derivative_second_moment(activation, q)
     )
-
-
-def _pair_rule(
-    spec: ActivationSpec, q: float, c: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``u₁`` (a column, to broadcast), ``u₂, w`` for ``E[g(u₁, u₂)]`` with ``(u₁, u₂)`` centred Gaussian, variance ``q``,
-    correlation ``c``: ``u₂ = √q (c z₁ + √(1-c²) z₂)``, nested one-dimensional rules."""
-    s = math.sqrt(q)
-    z1, w1 = gaussian_rule(spec.kinks, 0.0, s, smooth_ok=False, degree=PAIR_DEGREE)
-    z1, w1 = z1[0], w1[0]
-    u1 = s * z1
-    shift = s * c * z1
-    scale = s * math.sqrt(max(0.0, 1.0 - c * c))
-    z2, w2 = gaussian_rule(spec.kinks, shift, scale, smooth_ok=False, degree=PAIR_DEGREE)
-    u2 = shift[:, None] + scale * z2
-    return u1[:, None], u2, w1[:, None] * w2
 
 
 def c_map(
@@ -311,14 +203,14 @@ def c_map(
     """Correlation map ``(σ_w² E[φ(u₁)φ(u₂)] + σ_b²) / q`` at the fixed point ``q``
     (Poole et al. 2016, eq. 5)."""
     spec = resolve(activation)
-    u1, u2, w = _pair_rule(spec, q, c)
+    u1, u2, w = pair_rule(spec, q, c)
     return float((sigma_w2 * (w * phi(spec, u1) * phi(spec, u2)).sum() + sigma_b2) / q)
 
 
 def chi_c(activation: ActivationLike, c: float, q: float, sigma_w2: float) -> float:
     """``χ_c = σ_w² E[φ'(u₁)φ'(u₂)]``, the slope of the correlation map at ``c``."""
     spec = resolve(activation)
-    u1, u2, w = _pair_rule(spec, q, c)
+    u1, u2, w = pair_rule(spec, q, c)
     return float(sigma_w2 * (w * dphi(spec, u1) * dphi(spec, u2)).sum())
 
 
@@ -401,8 +293,8 @@ def analyse(
     ('ordered', 0.76)
     """
     spec = resolve(activation)
-    sigma_w2 = _check_nonneg("sigma_w2", sigma_w2)
-    sigma_b2 = _check_nonneg("sigma_b2", sigma_b2)
+    sigma_w2 = check_nonneg("sigma_w2", sigma_w2)
+    sigma_b2 = check_nonneg("sigma_b2", sigma_b2)
     q_star = fixed_point(spec, sigma_w2, sigma_b2, q0=q0)
     q_eval = _clamp_q(q_star)
     c1 = chi1(spec, sigma_w2, sigma_b2, q=q_eval)
@@ -447,7 +339,7 @@ def critical_sigma_w2(
     2.0
     """
     spec = resolve(activation)
-    sigma_b2 = _check_nonneg("sigma_b2", sigma_b2)
+    sigma_b2 = check_nonneg("sigma_b2", sigma_b2)
 
     def f(s2: float) -> float:
         return chi1(spec, s2, sigma_b2, q=_clamp_q(fixed_point(spec, s2, sigma_b2))) - 1.0

@@ -1,0 +1,139 @@
+"""What :func:`gradprobe.theory.preflight.preflight` returns: per-layer rows, the fix, the report."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pandas as pd
+
+from gradprobe.theory import meanfield as mf
+from gradprobe.theory.dataflow import WEIGHT_TYPES
+
+Verdict = Literal["vanishing", "exploding", "fine"]
+
+
+@dataclass(frozen=True)
+class LayerCheck:
+    """One leaf module: what was measured, and what theory predicts where it applies."""
+
+    name: str
+    kind: str
+    theory: bool
+    note: str
+    activation: str | None = None
+    fan_in: int | None = None
+    fan_out: float | None = None
+    sigma_w2: float | None = None
+    sigma_b2: float | None = None
+    q_measured: float = math.nan
+    q_predicted: float | None = None
+    grad_ms: float = math.nan
+    next_layer: str | None = None
+    ratio_measured: float | None = None
+    ratio_predicted: float | None = None
+
+
+@dataclass(frozen=True)
+class Fix:
+    """The initialisation that makes the stack critical (``χ₁ = 1``).
+
+    ``sigma_w2`` is ``None`` where the activation has no critical point; ``recommended_init``
+    is the activation table's initialiser either way.
+    """
+
+    activation: str
+    sigma_b2: float
+    sigma_w2: float | None
+    recommended_init: str
+
+    def __str__(self) -> str:
+        if self.sigma_w2 is None:
+            return (
+                f"{self.activation} has no critical sigma_w2 at sigma_b2={self.sigma_b2:.3g}; "
+                f"use {self.recommended_init} or a normalising layer"
+            )
+        return (
+            f"init weights N(0, {self.sigma_w2:.4g}/fan_in) (std = sqrt({self.sigma_w2:.4g}/fan_in))"
+            f" with bias variance {self.sigma_b2:.3g} for {self.activation} "
+            f"(table default: {self.recommended_init})"
+        )
+
+
+@dataclass(frozen=True)
+class PreflightReport:
+    """Result of :func:`preflight`. ``layers`` lists every leaf module that ran, in order."""
+
+    layers: tuple[LayerCheck, ...]
+    verdict: Verdict
+    measured_log_gain: float
+    predicted_log_gain: float | None
+    predicted_verdict: Verdict | None
+    depth: int
+    meanfield: mf.MeanField | None
+    fix: Fix | None
+    threshold: float = mf.DEPTH_FACTOR
+    notes: tuple[str, ...] = field(default_factory=tuple)
+    verdict_basis: Literal["theory", "measurement"] = "measurement"
+
+    @property
+    def phase(self) -> str | None:
+        """``"ordered"`` (vanishing), ``"chaotic"`` (exploding) or ``"critical"`` from theory."""
+        return None if self.meanfield is None else self.meanfield.phase
+
+    @property
+    def max_depth(self) -> float | None:
+        """Depth beyond which training is predicted to fail (``6 ξ``, Schoenholz et al. 2017)."""
+        return None if self.meanfield is None else self.meanfield.max_depth
+
+    def table(self) -> pd.DataFrame:
+        """One row per leaf module (all fields of :class:`LayerCheck`)."""
+        return pd.DataFrame([vars(layer) for layer in self.layers])
+
+    def __str__(self) -> str:
+        lines = [f"preflight: {self.verdict.upper()} (from {self.verdict_basis})"]
+        lines.append(
+            f"  measured gradient-variance gain first/last weight layer: "
+            f"e^{self.measured_log_gain:+.2f} over {self.depth} weight layers "
+            f"(|ln| > {self.threshold:g} fails)"
+        )
+        if self.predicted_log_gain is not None:
+            lines.append(
+                f"  theory predicts e^{self.predicted_log_gain:+.2f} along its chain "
+                f"({self.predicted_verdict})"
+            )
+        m = self.meanfield
+        if m is not None:
+            lines.append(
+                f"  mean field ({m.activation}, sigma_w2={m.sigma_w2:.4g}, sigma_b2={m.sigma_b2:.3g}):"
+                f" q*={m.q_star:.4g}, chi1={m.chi1:.4f} -> {m.phase}; "
+                f"xi_grad={m.xi_grad:.3g}, xi_c={m.xi_c:.3g}, trainable depth ~{m.max_depth:.3g}"
+            )
+        if self.fix is not None:
+            label = "critical init" if self.verdict == "fine" else "fix"
+            lines.append(f"  {label}: {self.fix}")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
+        header = f"  {'layer':<16} {'kind':<10} {'act':<10} {'sigma_w2':>9} {'q meas':>10} "
+        header += f"{'q pred':>10} {'grad ms':>10} {'ratio':>8} {'pred':>8}  theory"
+        lines.append(header)
+        for r in self.layers:
+            if r.kind not in {t.__name__ for t in WEIGHT_TYPES} and r.theory:
+                continue  # activations covered by their weight layer
+            lines.append(
+                f"  {r.name[:16]:<16} {r.kind[:10]:<10} {(r.activation or '-')[:10]:<10} "
+                f"{_fmt(r.sigma_w2):>9} {_fmt(r.q_measured):>10} {_fmt(r.q_predicted):>10} "
+                f"{_fmt(r.grad_ms):>10} {_fmt(r.ratio_measured):>8} {_fmt(r.ratio_predicted):>8}  "
+                + ("yes" if r.theory else f"no theory ({r.note})")
+            )
+        return "\n".join(lines)
+
+
+def _fmt(v: float | None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.4g}"
+
+
+__all__ = ["Fix", "LayerCheck", "PreflightReport", "Verdict"]
