@@ -324,3 +324,54 @@ def test_cli_model_factory_and_errors(tmp_path, capsys, monkeypatch):
         assert code == 2, (args, err)
         assert message in err and "Traceback" not in err
         assert len(err.strip().splitlines()) == 2  # error + hint
+
+
+def test_saturation_decides_trainability_and_matches_the_gaussian_fraction():
+    # Sigmoid with N(0, 1.5²) weights: chi1 ~ 1 (gain "fine"), but most hidden units saturated.
+    torch.manual_seed(0)
+    net = mlp([32] + [64] * 6 + [10], "sigmoid")
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=1.5)
+            nn.init.zeros_(m.bias)
+    report = gp.preflight(net, torch.randn(512, 32))
+    assert report.verdict == "fine" and not report.trainable
+    assert any(r.startswith("saturated") for r in report.reasons)
+    # Reference: a Gaussian pre-activation of second moment q is saturated (sigma' < 0.0125)
+    # where |u| > logit(0.98734), with probability erfc(u_sat / sqrt(2q)).
+    band = (1 - math.sqrt(1 - 0.05)) / 2
+    u_sat = math.log((1 - band) / band)
+    t = report.table().set_index("name")
+    hidden_q = [t.loc[f"fc{i}", "q_measured"] for i in range(2, 7)]
+    expected = np.mean([math.erfc(u_sat / math.sqrt(2 * q)) for q in hidden_q])
+    assert report.saturation == pytest.approx(expected, abs=0.05)
+    assert report.mean_shift > 0.5 and "common to all examples" in str(report)
+
+
+def test_common_mode_against_a_loop_and_a_centred_net():
+    from gradprobe.theory.measure import common_mode
+
+    a = (torch.randn(50, 7) + torch.linspace(-2, 2, 7)).double()
+    mean = sum(float(a[:, j].mean()) ** 2 for j in range(7))
+    total = sum(float(a[:, j].pow(2).mean()) for j in range(7))
+    assert float(common_mode(a)) == pytest.approx(mean / total, rel=1e-9)
+    net = _init(mlp([32, 64, 64, 64, 10], "tanh"), 1.0, 0.0)  # centred, critical
+    report = gp.preflight(net, torch.randn(256, 32))
+    assert report.trainable and report.reasons == () and report.mean_shift < 0.1
+    assert report.saturation < 0.05 and report.degree < 1
+
+
+def test_chaos_and_degree_decide_trainability():
+    # Chaotic tanh (sigma_w2 = 10): xi_c is about 4.4 layers, so 30 steps > 6 xi_c (threshold
+    # raised so that the gradient criterion stays silent and the chaos criterion is seen alone).
+    net = _init(mlp([32] + [32] * 30 + [10], "tanh"), 10.0, 0.0)
+    report = gp.preflight(net, torch.randn(256, 32), threshold=1e3)
+    assert report.meanfield is not None and report.phase == "chaotic"
+    assert report.depth_over_xi_c == pytest.approx(30 / report.meanfield.xi_c)
+    assert report.depth_over_xi_c > 6 and not report.trainable
+    assert any(r.startswith("chaotic phase") for r in report.reasons)
+    # Degree: ReLU with sigma_w2 = 1 loses ln 2 of gradient variance per layer.
+    relu = _init(mlp([32] + [64] * 20 + [10], "relu"), 1.0, 0.0)
+    deep = gp.preflight(relu, torch.randn(256, 32))
+    assert deep.degree == pytest.approx(20 * math.log(2) / 6, rel=0.1) and not deep.trainable
+    assert "degree" in str(deep) and "fix:" in str(deep)

@@ -224,3 +224,30 @@ def test_closed_form_linear_chain_and_random_matrices():
     assert cf.gaussian_product_log_singular_values(1, 1)[0] == pytest.approx(
         (-1.9635100260214235 + math.log(2)) / 2
     )
+
+
+def test_depth_scales_match_iterating_the_maps():
+    # xi_q: the variance map's distance to q* shrinks by exp(-1/xi_q) per layer; xi_c: the
+    # correlation map's distance to c* by chi_c(c*) = exp(-1/xi_c) (Schoenholz et al. 2017).
+    m = mf.analyse("tanh", 2.5, 0.05)
+    q = m.q_star * 1.01
+    for _ in range(3):
+        q_next = mf.q_map("tanh", q, 2.5, 0.05)
+        rate, q = (q_next - m.q_star) / (q - m.q_star), q_next
+    assert -1 / math.log(rate) == pytest.approx(m.xi_q, rel=0.02)
+    c = m.c_star + 0.01
+    for _ in range(3):
+        c_next = mf.c_map("tanh", c, m.q_star, 2.5, 0.05)
+        rate, c = (c_next - m.c_star) / (c - m.c_star), c_next
+    assert -1 / math.log(rate) == pytest.approx(m.xi_c, rel=0.02)
+    assert m.max_depth == pytest.approx(6 * m.xi_c)
+
+
+def test_xi_c_closed_form_for_an_odd_activation_without_bias():
+    # tanh, sigma_b2 = 0: c* = 0 and chi_c(0) = sigma_w2 E[phi'(u)]^2, a one-dimensional integral.
+    m = mf.analyse("tanh", 2.0, 0.0)
+    assert m.c_star == pytest.approx(0.0, abs=1e-6)
+    mean_dphi = mf.gauss_expect(lambda u: 1 / np.cosh(u) ** 2, m.q_star)
+    assert m.xi_c == pytest.approx(-1 / math.log(2.0 * mean_dphi**2), rel=1e-4)
+    # Chaotic yet shallow-scaled: for tanh the correlation scale is longer than the gradient's.
+    assert m.phase == "chaotic" and m.xi_c > m.xi_grad

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradprobe import activations
 from gradprobe.errors import ConfigError, UnsupportedModelError
 
 
@@ -40,6 +41,8 @@ class Record:
     target: Tensor | None  # the module's own output: the gradient is taken with respect to it
     in_ms: Tensor | None
     out_ms: Tensor | None
+    saturated: Tensor | None = None  # activations: fraction of outputs the table calls saturated
+    common: Tensor | None = None  # activations: common-mode fraction (see :func:`common_mode`)
 
 
 @dataclass
@@ -53,11 +56,26 @@ class Measurement:
     g: list[float]
     sizes: list[float]
     out: Any
+    saturated: list[float]
+    common: list[float]
 
 
 def mean_square(t: Tensor) -> Tensor:
     """``E[t²]`` in float64, detached (no host sync)."""
     return t.detach().double().pow(2).mean()
+
+
+def common_mode(a: Tensor) -> Tensor:
+    """Fraction of an activation's second moment that is the same for every example:
+    ``Σ_j (E_b a_bj)² / Σ_j E_b a_bj²`` over units ``j`` and the batch ``b``.
+
+    0 for outputs centred per unit, 1 when every example gives the same output. It is the
+    measured mean shift (sigmoid's ``E[σ] = ½``: LeCun et al. 1998, "Efficient BackProp", §4.3)
+    and, in deep layers, the uncentred correlation between examples that mean-field theory's
+    correlation map drives towards its fixed point ``c*``.
+    """
+    flat = a.detach().double().reshape(a.shape[0], -1)
+    return flat.mean(0).pow(2).sum() / flat.pow(2).mean(0).sum().clamp_min(1e-300)
 
 
 def check_inputs(model: Any, inputs: Any) -> tuple[Tensor, ...]:
@@ -132,7 +150,13 @@ def measure(
                 # Downstream gets a clone, so an in-place successor (ReLU(inplace=True)) cannot
                 # overwrite the tensor we differentiate with respect to.
                 clone = output.clone()
-                recs.append(Record(label, module, x, clone, output, x_ms, mean_square(output)))
+                rec = Record(label, module, x, clone, output, x_ms, mean_square(output))
+                spec = activations.spec_for_module(module)
+                if spec is not None and output.ndim >= 1 and output.shape[0] >= 2:
+                    rec.common = common_mode(output)
+                    if spec.saturated is not None:
+                        rec.saturated = spec.saturated(output.detach()).double().mean()
+                recs.append(rec)
                 return clone
             recs.append(Record(label, module, x, None, None, x_ms, None))
             return None
@@ -171,7 +195,11 @@ def measure(
         gms.append(math.inf if value != value and g is not None else value)
     q = [math.nan if r.out_ms is None else float(r.out_ms) for r in recs]
     q = [math.inf if v != v and r.out_ms is not None else v for r, v in zip(recs, q)]
-    return Measurement(recs, q, gms, sizes, out)
+    def host(t: Tensor | None) -> float:
+        return math.nan if t is None else float(t)
+
+    return Measurement(recs, q, gms, sizes, out, [host(r.saturated) for r in recs],
+                       [host(r.common) for r in recs])
 
 
-__all__ = ["Measurement", "Record", "check_inputs", "loss_of", "mean_square", "measure"]
+__all__ = ["Measurement", "Record", "check_inputs", "common_mode", "loss_of", "mean_square", "measure"]

@@ -123,9 +123,14 @@ def preflight(
                 f"theory covers {len(steps.ratios)} of {len(weight_idx) - 1} layer-to-layer steps"
             )
     meanfield, fix = _typical_layer(links, layers, q_pred, verdict, notes)
+    decisive = pred_gain if basis == "theory" and pred_gain is not None else gain
+    hidden = [a for i, (_, a) in links.act_of.items() if a is not None and i in links.next_of]
+    train = _trainability(m, hidden, decisive, max(len(weight_idx) - 1, 0), meanfield, threshold)
+    notes += train.notes
     return PreflightReport(
         tuple(rows), verdict, gain, pred_gain, pred_verdict, len(weight_idx), meanfield, fix,
-        threshold, tuple(notes), basis,
+        threshold, tuple(notes), basis, train.trainable, train.reasons, abs(decisive) / threshold,
+        train.saturation, train.mean_shift, train.depth_over_xi_c,
     )
 
 
@@ -295,6 +300,81 @@ def _typical_layer(
     ):
         notes.append("measured trend disagrees with the typical layer's phase")
     return meanfield, fix
+
+
+SATURATED_MAJORITY = 0.5
+"""More than half of the hidden units saturated at initialisation: not trainable."""
+
+
+@dataclass
+class _Trainability:
+    trainable: bool
+    reasons: tuple[str, ...]
+    notes: list[str]
+    saturation: float
+    mean_shift: float
+    depth_over_xi_c: float
+
+
+def _trainability(
+    m: Measurement, hidden: list[int], gain: float, steps: int, meanfield: mf.MeanField | None,
+    threshold: float,
+) -> _Trainability:
+    """Whether training is predicted to work, and every reason it is not.
+
+    Three criteria, each from theory, none fitted to a benchmark:
+
+    1. *Gradient*: ``|G| > threshold`` (6): the gradient variance changes by more than ``e⁶``
+       between the first and the last weight layer, i.e. the depth exceeds ``6 ξ_∇``. The degree
+       ``|G| / 6`` says by how much (Schoenholz et al. 2017).
+    2. *Chaos*: in the chaotic phase, more than ``6 ξ_c`` layer-to-layer steps. Two different
+       inputs' correlation converges to ``c*`` over ``ξ_c`` layers whatever it started at, so the
+       deep layers no longer tell the inputs apart, even where the gradient gain is moderate
+       (Schoenholz et al. 2017, Fig. 5: trainable up to about ``6 ξ_c``).
+    3. *Saturation*: more than half (``SATURATED_MAJORITY``) of the hidden activations' outputs
+       saturated by the activation table's rule (derivative below 5 % of its maximum). Mean-field
+       ``χ₁`` averages ``φ'²`` over units, so a few unsaturated units with large weights can keep
+       it near 1 (sigmoid with N(0, 1) weights: ``χ₁ ≈ 1.1``) while each layer's Jacobian
+       ``diag(φ') W`` has lost most of its rank: the gradient reaches the weights through a
+       minority of units whose set changes from example to example.
+
+    The measured mean shift (common-mode fraction of the hidden activations, averaged over
+    layers) is reported and noted above ``1/2``; it does not decide on its own, since ReLU's
+    outputs are not centred either (``1/π`` of their second moment at the first layer) and
+    critical ReLU networks train.
+    """
+    sat = [m.saturated[a] for a in hidden if not math.isnan(m.saturated[a])]
+    shift = [m.common[a] for a in hidden if not math.isnan(m.common[a])]
+    saturation = float(np.mean(sat)) if sat else math.nan
+    mean_shift = float(np.mean(shift)) if shift else math.nan
+    reasons: list[str] = []
+    notes: list[str] = []
+    if abs(gain) > threshold:
+        way = "vanishes" if gain < 0 else "explodes"
+        reasons.append(
+            f"gradient variance {way} by e^{gain:+.1f} over {steps} layers: "
+            f"{abs(gain) / threshold:.2g}x the trainable depth 6 xi_grad"
+        )
+    ratio = math.nan
+    if meanfield is not None and meanfield.xi_c > 0 and math.isfinite(meanfield.xi_c):
+        ratio = steps / meanfield.xi_c
+        if meanfield.phase == "chaotic" and ratio > mf.DEPTH_FACTOR:
+            reasons.append(
+                f"chaotic phase: {steps} layers = {ratio:.3g} xi_c (xi_c = {meanfield.xi_c:.3g}) "
+                f"> {mf.DEPTH_FACTOR:g} xi_c: input correlations converge to c* = "
+                f"{meanfield.c_star:.3g}, deep layers no longer tell inputs apart"
+            )
+    if saturation > SATURATED_MAJORITY:
+        reasons.append(
+            f"saturated: {saturation:.0%} of hidden activations saturated at initialisation "
+            f"(> {SATURATED_MAJORITY:.0%})"
+        )
+    if mean_shift > 0.5:
+        notes.append(
+            f"hidden activations not centred: {mean_shift:.0%} of their second moment is common "
+            "to all examples (mean shift / converged correlations)"
+        )
+    return _Trainability(not reasons, tuple(reasons), notes, saturation, mean_shift, ratio)
 
 
 def _verdict(gain: float, threshold: float) -> Verdict:

@@ -76,6 +76,18 @@ class PreflightReport:
     threshold: float = mf.DEPTH_FACTOR
     notes: tuple[str, ...] = field(default_factory=tuple)
     verdict_basis: Literal["theory", "measurement"] = "measurement"
+    trainable: bool = True
+    """Whether training is predicted to work: no reason in ``reasons``."""
+    reasons: tuple[str, ...] = ()
+    """Why training is predicted to fail: gradient gain, chaos, saturation."""
+    degree: float = 0.0
+    """``|G| / threshold``: the depth as a multiple of the trainable depth ``6 ξ_∇``."""
+    saturation: float = math.nan
+    """Mean fraction of saturated hidden activations at initialisation (activation table)."""
+    mean_shift: float = math.nan
+    """Mean common-mode fraction of the hidden activations (0: centred; 1: same for all inputs)."""
+    depth_over_xi_c: float = math.nan
+    """Layer-to-layer steps over the correlation depth scale ``ξ_c`` (chaos fails above 6)."""
 
     @property
     def phase(self) -> str | None:
@@ -92,7 +104,17 @@ class PreflightReport:
         return pd.DataFrame([vars(layer) for layer in self.layers])
 
     def __str__(self) -> str:
-        lines = [f"preflight: {self.verdict.upper()} (from {self.verdict_basis})"]
+        head = f"preflight: {self.verdict.upper()} (from {self.verdict_basis})"
+        if self.verdict != "fine":
+            head += f", degree {self.degree:.2g} (|G| / {self.threshold:g})"
+        head += "; predicted to train" if self.trainable else "; predicted NOT to train"
+        lines = [head]
+        lines += [f"  does not train: {r}" for r in self.reasons]
+        if not (math.isnan(self.saturation) and math.isnan(self.mean_shift)):
+            lines.append(
+                f"  hidden activations at init: {_pct(self.saturation)} saturated, "
+                f"{_pct(self.mean_shift)} of their second moment common to all examples"
+            )
         lines.append(
             f"  measured gradient-variance gain first/last weight layer: "
             f"e^{self.measured_log_gain:+.2f} over {self.depth} weight layers "
@@ -108,10 +130,11 @@ class PreflightReport:
             lines.append(
                 f"  mean field ({m.activation}, sigma_w2={m.sigma_w2:.4g}, sigma_b2={m.sigma_b2:.3g}):"
                 f" q*={m.q_star:.4g}, chi1={m.chi1:.4f} -> {m.phase}; "
-                f"xi_grad={m.xi_grad:.3g}, xi_c={m.xi_c:.3g}, trainable depth ~{m.max_depth:.3g}"
+                f"xi_grad={m.xi_grad:.3g}, xi_q={m.xi_q:.3g}, xi_c={m.xi_c:.3g}, "
+                f"trainable depth ~{m.max_depth:.3g}"
             )
         if self.fix is not None:
-            label = "critical init" if self.verdict == "fine" else "fix"
+            label = "critical init" if self.trainable else "fix"
             lines.append(f"  {label}: {self.fix}")
         for note in self.notes:
             lines.append(f"  note: {note}")
@@ -128,6 +151,10 @@ class PreflightReport:
                 + ("yes" if r.theory else f"no theory ({r.note})")
             )
         return "\n".join(lines)
+
+
+def _pct(v: float) -> str:
+    return "-" if math.isnan(v) else f"{v:.0%}"
 
 
 def _fmt(v: float | None) -> str:
