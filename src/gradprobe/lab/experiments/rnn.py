@@ -1,0 +1,521 @@
+"""rnn: vanishing and exploding gradients through time, and what LSTM, GRU, IRNN and clipping do.
+
+A recurrent network applies the same ``W_hh`` at every step, ``h_t = φ(W_ih x_t + W_hh h_(t-1) + b)``,
+so the gradient reaching step ``t`` from the loss at the last step ``T`` is a product of ``T - t``
+Jacobians ``diag(φ'(z_k)) W_hh``. For a linear RNN it is ``(W_hhᵀ)^(T-t) ∂L/∂h_T``, whose norm
+grows or decays like ``ρ^(T-t)`` with ``ρ`` the spectral radius (largest eigenvalue modulus) of
+``W_hh``: ``ρ < 1`` is sufficient for vanishing, ``ρ > 1`` necessary for exploding (Bengio, Simard
+& Frasconi 1994; Pascanu, Mikolov & Bengio 2013, section 2). ``tanh' ≤ 1`` can only shrink it further.
+
+Tasks (Hochreiter & Schmidhuber 1997, as used by Le, Jaitly & Hinton 2015):
+
+* **adding problem**: inputs ``(value ~ U(0, 1), marker)``; two markers, one in each half of the
+  sequence; target the sum of the two marked values. Predicting the constant 1 gives
+  ``MSE = Var(u₁ + u₂) = 2/12 ≈ 0.167``, the baseline a network must beat.
+* **temporal order**: a distractor ``U(-1, 1)`` on channel 0 at every step; on channel 1 a symbol
+  ``X = +1`` or ``Y = -1`` at one step in ``[0.1T, 0.2T)`` and one in ``[0.5T, 0.6T)``; four
+  classes (XX, XY, YX, YY), chance accuracy 0.25.
+
+Models (hidden size ``hidden``, read-out from the last step):
+
+* ``tanh``: ``nn.RNN`` with PyTorch's default init, ``U(±1/√H)``;
+* ``relu``: ``nn.RNN(nonlinearity="relu")`` with random ``W_hh ~ N(0, g²/H)``, spectral radius
+  ``≈ g`` (circular law; ``g = relu_gain = 1.5`` by default): the forward state and the gradient
+  explode;
+* ``irnn``: ReLU RNN with ``W_hh = I``, input weights ``N(0, 0.001²)``, zero bias (Le et al.
+  2015), via ``gp.remedies.init_(rnn, "identity")``;
+* ``lstm``, ``gru``: PyTorch's defaults.
+
+Each is trained with Adam and with and without gradient-norm clipping (Pascanu et al. 2013:
+rescale the whole gradient to norm ``max_norm`` when it is larger).
+
+Example
+    >>> import gradprobe as gp
+    >>> r = gp.lab.run("rnn", lengths=(10,), steps=50)   # doctest: +SKIP
+    >>> r.tables["adding"]                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from gradprobe.errors import ConfigError
+from gradprobe.lab import train
+from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
+from gradprobe.remedies.init import init_
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+NAME = "rnn"
+KINDS = ("tanh", "relu", "irnn", "lstm", "gru")
+LABELS = {"tanh": "tanh RNN", "relu": "ReLU RNN (random W)", "irnn": "IRNN (W = I)",
+          "lstm": "LSTM", "gru": "GRU"}
+ADDING_BASELINE = 2.0 / 12.0
+"""MSE of predicting the constant 1 on the adding problem: Var(u₁ + u₂), u ~ U(0, 1)."""
+SOLVED_MSE = 0.05
+"""An adding-problem run counts as solved below this test MSE (30 % of the baseline)."""
+FAILED_MSE = 0.10
+"""... and as failed above this one (60 % of the baseline)."""
+
+
+@dataclass(frozen=True)
+class RnnConfig:
+    """Sequence ``lengths`` T; ``steps`` Adam steps of ``batch`` fresh sequences per run."""
+
+    lengths: tuple[int, ...] = (10, 30)
+    hidden: int = 64
+    steps: int = 300
+    batch: int = 64
+    lr: float = 0.01
+    max_norm: float = 1.0
+    relu_gain: float = 1.5
+    temporal_order: bool = True
+    spectral_length: int = 50
+    radii: tuple[float, ...] = (0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2)
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.lengths or min(self.lengths) < 4:
+            raise ConfigError(f"rnn: every sequence length must be >= 4, got {self.lengths}",
+                              hint="e.g. --lengths 10,50")
+        if self.hidden < 1 or self.steps < 1 or self.batch < 1 or self.spectral_length < 2:
+            raise ConfigError("rnn: hidden, steps, batch >= 1 and spectral_length >= 2",
+                              hint="e.g. --hidden 64 --steps 400 --batch 64")
+        for name in ("lr", "max_norm", "relu_gain"):
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                raise ConfigError(f"rnn: {name} must be a positive number, got {v}",
+                                  hint=f"e.g. --{name.replace('_', '-')} 1.0")
+        if not self.radii or any(not (r > 0 and math.isfinite(r)) for r in self.radii):
+            raise ConfigError(f"rnn: radii must be positive numbers, got {self.radii}",
+                              hint="e.g. --radii 0.9,1,1.1")
+
+
+# ----------------------------------------------------------------------------------- tasks
+def adding_problem(n: int, length: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``(x, y)``: x of shape ``(n, T, 2)`` (value, marker), y ``(n, 1)`` the marked values' sum."""
+    values = torch.rand(n, length, generator=gen)
+    half = length // 2
+    first = torch.randint(0, half, (n,), generator=gen)
+    second = torch.randint(half, length, (n,), generator=gen)
+    marks = torch.zeros(n, length)
+    rows = torch.arange(n)
+    marks[rows, first] = 1.0
+    marks[rows, second] = 1.0
+    return torch.stack([values, marks], dim=-1), (values * marks).sum(1, keepdim=True)
+
+
+def temporal_order(n: int, length: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``(x, y)``: x ``(n, T, 2)`` (distractor, symbol ±1 at two steps), y the class 0..3."""
+    x = torch.zeros(n, length, 2)
+    x[..., 0] = torch.rand(n, length, generator=gen) * 2 - 1
+    lo1, hi1 = int(0.1 * length), max(int(0.2 * length), int(0.1 * length) + 1)
+    lo2, hi2 = int(0.5 * length), max(int(0.6 * length), int(0.5 * length) + 1)
+    t1 = torch.randint(lo1, hi1, (n,), generator=gen)
+    t2 = torch.randint(lo2, hi2, (n,), generator=gen)
+    s1 = torch.randint(0, 2, (n,), generator=gen)
+    s2 = torch.randint(0, 2, (n,), generator=gen)
+    rows = torch.arange(n)
+    x[rows, t1, 1] = s1.float() * 2 - 1
+    x[rows, t2, 1] = s2.float() * 2 - 1
+    return x, s1 * 2 + s2
+
+
+TASKS = {"adding": (adding_problem, 1), "temporal order": (temporal_order, 4)}
+
+
+# ---------------------------------------------------------------------------------- models
+class SequenceModel(nn.Module):
+    """A one-layer recurrent network and a Linear read-out of its last hidden state."""
+
+    def __init__(self, kind: str, n_in: int, hidden: int, n_out: int) -> None:
+        super().__init__()
+        self.kind = kind
+        self.rnn: nn.RNNBase
+        if kind in ("tanh", "relu", "irnn"):
+            self.rnn = nn.RNN(n_in, hidden, batch_first=True,
+                              nonlinearity="tanh" if kind == "tanh" else "relu")
+        elif kind == "lstm":
+            self.rnn = nn.LSTM(n_in, hidden, batch_first=True)
+        else:
+            self.rnn = nn.GRU(n_in, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+def build(kind: str, n_in: int, hidden: int, n_out: int, *, relu_gain: float, seed: int
+          ) -> SequenceModel:
+    """The model of ``kind`` (see the module docstring), initialised from ``seed``."""
+    with train.seeded(seed):
+        model = SequenceModel(kind, n_in, hidden, n_out)
+    gen = torch.Generator().manual_seed(seed + 1)
+    if kind == "irnn":
+        init_(model.rnn, "identity", generator=gen)  # W_hh = I, W_ih ~ N(0, 0.001²), bias 0
+    elif kind == "relu":
+        with torch.no_grad():
+            w_hh = model.rnn.weight_hh_l0
+            assert isinstance(w_hh, Tensor)
+            w_hh.normal_(0.0, relu_gain / math.sqrt(hidden), generator=gen)
+    return model
+
+
+def _cell(model: SequenceModel) -> nn.RNNCellBase:
+    """A cell sharing the layer's parameters (the same tensors), to step through time by hand."""
+    rnn = model.rnn
+    cell: nn.RNNCellBase
+    if isinstance(rnn, nn.LSTM):
+        cell = nn.LSTMCell(rnn.input_size, rnn.hidden_size)
+    elif isinstance(rnn, nn.GRU):
+        cell = nn.GRUCell(rnn.input_size, rnn.hidden_size)
+    else:
+        assert isinstance(rnn, nn.RNN)
+        cell = nn.RNNCell(rnn.input_size, rnn.hidden_size, nonlinearity=str(rnn.nonlinearity))
+    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+        setattr(cell, name, getattr(rnn, f"{name}_l0"))
+    return cell
+
+
+def unroll(model: SequenceModel, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """The model's output and every hidden state ``h_1..h_T`` (each with ``retain_grad``), by
+    stepping a cell that shares the layer's weights (the fused layer hides its steps)."""
+    cell = _cell(model)
+    n = x.shape[0]
+    h = torch.zeros(n, model.rnn.hidden_size, dtype=x.dtype)
+    c = torch.zeros_like(h)
+    states: list[Tensor] = []
+    for t in range(x.shape[1]):
+        if isinstance(cell, nn.LSTMCell):
+            h, c = cell(x[:, t], (h, c))
+        else:
+            h = cell(x[:, t], h)
+        h.retain_grad()
+        states.append(h)
+    return model.head(h), states
+
+
+def gradient_through_time(model: SequenceModel, x: Tensor, y: Tensor, task: str) -> np.ndarray:
+    """``‖∂L/∂h_t‖`` for ``t = 1..T`` (Frobenius norm over the batch), by autograd."""
+    out, states = unroll(model, x)
+    loss = _loss(task, out, y)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    norms = torch.stack([s.grad.norm() if s.grad is not None else torch.zeros(()) for s in states])
+    model.zero_grad(set_to_none=True)
+    return norms.detach().numpy().astype(float)
+
+
+def _loss(task: str, out: Tensor, y: Tensor) -> Tensor:
+    if task == "adding":
+        return nn.functional.mse_loss(out, y)
+    return nn.functional.cross_entropy(out, y)
+
+
+# -------------------------------------------------------------------------------- training
+def fit(model: SequenceModel, task: str, length: int, config: RnnConfig, *, clip: bool,
+        seed: int) -> dict[str, Any]:
+    """Adam on fresh batches; the loss per step, the final test metric, divergence."""
+    make, _ = TASKS[task]
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[Tensor] = []
+    grad_norms: list[Tensor] = []
+    for _ in range(config.steps):
+        x, y = make(config.batch, length, gen)
+        loss = _loss(task, model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        # gradprobe.remedies.clip_gradients_ is not available here yet: torch's clip_grad_norm_
+        # is the same rescaling (by norm, Pascanu et al. 2013); max_norm=inf only measures.
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(
+            model.parameters(), config.max_norm if clip else math.inf))
+        opt.step()
+        losses.append(loss.detach())
+    curve = torch.stack(losses).numpy().astype(float)  # one host transfer per run
+    gnorm = torch.stack(grad_norms).numpy().astype(float)
+    xt, yt = make(2000, length, torch.Generator().manual_seed(10_000 + seed))
+    with torch.no_grad():
+        out = model(xt)
+        if task == "adding":
+            metric = float(nn.functional.mse_loss(out, yt))
+        else:
+            metric = float((out.argmax(1) == yt).double().mean())
+    return {"curve": curve, "grad_norm": gnorm, "metric": metric}
+
+
+def _final(curve: np.ndarray) -> float:
+    """Mean training loss over the last 10 % of steps (inf if any of them is not finite)."""
+    tail = curve[-max(1, len(curve) // 10):]
+    return float(tail.mean()) if np.isfinite(tail).all() else math.inf
+
+
+# ---------------------------------------------------------------------- spectral radius study
+def spectral_study(config: RnnConfig) -> pd.DataFrame:
+    """Linear and tanh RNNs with ``W_hh`` scaled to each spectral radius ρ in ``radii``.
+
+    ``W_hh = ρ·W₀/ρ(W₀)`` with ``W₀ ~ N(0, 1/H)``; inputs from the adding problem through
+    ``W_ih ~ N(0, 0.1²)``; ``L = Σ u ⊙ h_T`` with a fixed Gaussian ``u``. Per ρ and step t the
+    gradient ``‖∂L/∂h_t‖ / ‖∂L/∂h_T‖``, measured with autograd in float64.
+    """
+    T, H = config.spectral_length, config.hidden
+    gen = torch.Generator().manual_seed(config.seed + 7)
+    w0 = torch.randn(H, H, generator=gen, dtype=torch.float64) / math.sqrt(H)
+    w0 = w0 / torch.linalg.eigvals(w0).abs().max()
+    w_ih = (torch.randn(H, 2, generator=gen, dtype=torch.float64) * 0.1).requires_grad_(True)
+    x, _ = adding_problem(16, T, gen)
+    x = x.double()
+    u = torch.randn(16, H, generator=gen, dtype=torch.float64)
+    rows = []
+    for act in ("linear", "tanh"):
+        for rho in config.radii:
+            w = rho * w0
+            h = torch.zeros(16, H, dtype=torch.float64)
+            states = []
+            for t in range(T):
+                z = x[:, t] @ w_ih.T + h @ w.T
+                h = z if act == "linear" else torch.tanh(z)
+                h.retain_grad()
+                states.append(h)
+            (u * h).sum().backward()
+            top = float(states[-1].grad.norm())  # type: ignore[union-attr]
+            for t, s in enumerate(states, start=1):
+                rows.append({"activation": act, "rho": float(rho), "t": t,
+                             "ratio": float(s.grad.norm()) / top})  # type: ignore[union-attr]
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------- run
+def run(config: RnnConfig, *, progress: Progress = no_progress, out: Path | None = None
+        ) -> LabResult:
+    config.validate()
+    tasks = ["adding"] + (["temporal order"] if config.temporal_order else [])
+    # the temporal-order task only with clipping (the comparison of interest there is between
+    # architectures; it halves the run time)
+    plan = [(task, T, kind, clip) for task in tasks for T in config.lengths for kind in KINDS
+            for clip in ((False, True) if task == "adding" else (True,))]
+    rows: list[dict[str, Any]] = []
+    curves: dict[tuple[str, int, str, bool], np.ndarray] = {}
+    through_time: dict[str, np.ndarray] = {}
+    long_t = max(config.lengths)
+    with train.threads(1):
+        for i, (task, T, kind, clip) in enumerate(plan):
+            progress(f"{task} T={T} {kind}{' clip' if clip else ''}", i, len(plan))
+            make, n_out = TASKS[task]
+            model = build(kind, 2, config.hidden, n_out, relu_gain=config.relu_gain,
+                          seed=config.seed)
+            if task == "adding" and T == long_t and not clip:
+                x, y = make(256, T, torch.Generator().manual_seed(config.seed + 3))
+                through_time[kind] = gradient_through_time(model, x, y, task)
+            res = fit(model, task, T, config, clip=clip, seed=config.seed)
+            curves[(task, T, kind, clip)] = res["curve"]
+            final = _final(res["curve"])
+            metric = res["metric"]
+            rows.append({
+                "task": task, "T": T, "model": kind, "clip": clip,
+                "final_train_loss": final,
+                "test_mse" if task == "adding" else "test_acc": metric,
+                "max_grad_norm": float(np.nanmax(np.where(np.isfinite(res["grad_norm"]),
+                                                           res["grad_norm"], np.nan)))
+                if np.isfinite(res["grad_norm"]).any() else math.inf,
+                "diverged": bool(not math.isfinite(final) or not math.isfinite(metric)),
+            })
+        progress("spectral radius", len(plan), len(plan) + 1)
+        spectral = spectral_study(config)
+    progress("done", len(plan) + 1, len(plan) + 1)
+    runs = pd.DataFrame(rows)
+    tables = {"main": _pivot(runs, "adding", "test_mse"), "runs": runs,
+              "spectral": _spectral_table(spectral, config.spectral_length)}
+    if config.temporal_order:
+        tables["temporal_order"] = _pivot(runs, "temporal order", "test_acc")
+    result = LabResult(NAME, config, tables, data={
+        "curves": curves, "through_time": through_time, "spectral": spectral})
+    result.claims = _claims(config, runs, through_time, tables["spectral"])
+    return result
+
+
+def _pivot(runs: pd.DataFrame, task: str, col: str) -> pd.DataFrame:
+    """One row per model (and clipping), one column per length: the test metric."""
+    sub = runs[runs["task"] == task]
+    wide = sub.pivot_table(index=["model", "clip"], columns="T", values=col, sort=False,
+                           dropna=False)
+    wide.columns = [f"T={c}" for c in wide.columns]
+    wide = wide.reset_index()
+    wide["model"] = wide["model"].map(LABELS)
+    wide["clip"] = wide["clip"].map({False: "no", True: "by norm"})
+    return wide
+
+
+def _spectral_table(frame: pd.DataFrame, T: int) -> pd.DataFrame:
+    """Per activation and ρ: the gradient ratio over T-1 steps, ρ^(T-1), and the per-step factor."""
+    rows = []
+    for (act, rho), g in frame.groupby(["activation", "rho"], sort=False):
+        ratio = float(g[g.t == 1]["ratio"].iloc[0])
+        rows.append({"activation": act, "rho": rho, "rho^(T-1)": rho ** (T - 1),
+                     "grad_ratio h_1/h_T": ratio,
+                     "per_step_factor": ratio ** (1.0 / (T - 1)) if ratio > 0 else 0.0})
+    return pd.DataFrame(rows)
+
+
+def _claims(config: RnnConfig, runs: pd.DataFrame, through_time: dict[str, np.ndarray],
+            spectral: pd.DataFrame) -> list[Claim]:
+    T = max(config.lengths)
+    add = runs[(runs["task"] == "adding") & (runs["T"] == T)].set_index(["model", "clip"])
+
+    def mse(kind: str, clip: bool) -> float:
+        return float(add.loc[(kind, clip), "test_mse"])
+
+    tanh = min(mse("tanh", False), mse("tanh", True))
+    lstm = min(mse("lstm", False), mse("lstm", True))
+    irnn = min(mse("irnn", False), mse("irnn", True))
+    gru = min(mse("gru", False), mse("gru", True))
+    claims = [
+        Claim(f"adding problem, T = {T}: the tanh RNN fails (test MSE > {FAILED_MSE}) where LSTM "
+              f"and IRNN succeed (< {SOLVED_MSE}), with or without clipping (best of the two)",
+              bool(tanh > FAILED_MSE and lstm < SOLVED_MSE and irnn < SOLVED_MSE),
+              f"tanh {tanh:.3g}, LSTM {lstm:.3g}, IRNN {irnn:.3g} (baseline 0.167)"),
+        Claim(f"adding problem, T = {T}: the GRU succeeds (test MSE < {SOLVED_MSE}) where the tanh "
+              f"RNN fails (> {FAILED_MSE})", bool(tanh > FAILED_MSE and gru < SOLVED_MSE),
+              f"GRU {gru:.3g}, tanh {tanh:.3g}"),
+    ]
+    r0 = add.loc[("relu", False)]
+    r1 = add.loc[("relu", True)]
+    diverged = bool(r0["diverged"] or r0["test_mse"] > ADDING_BASELINE)
+    trains = bool(not r1["diverged"] and r1["test_mse"] < ADDING_BASELINE)
+    claims.append(Claim(
+        f"adding problem, T = {T}: clipping turns the ReLU RNN's divergence (test MSE above the "
+        f"constant predictor's {ADDING_BASELINE:.3f}, or not finite) into training (below it)",
+        diverged and trains,
+        f"without clipping {r0['test_mse']:.3g} (largest gradient norm {r0['max_grad_norm']:.3g}); "
+        f"with clipping {r1['test_mse']:.3g}"))
+    ratio = {k: float(v[0] / v[-1]) for k, v in through_time.items()}
+    claims.append(Claim(
+        f"at initialisation, T = {T}: ‖∂L/∂h_1‖/‖∂L/∂h_T‖ < 1e-2 for the tanh RNN (vanishes), "
+        "> 1e2 for the random ReLU RNN (explodes) and within [0.1, 10] for the IRNN",
+        bool(ratio["tanh"] < 1e-2 and ratio["relu"] > 1e2 and 0.1 <= ratio["irnn"] <= 10),
+        ", ".join(f"{k} {v:.3g}" for k, v in ratio.items())))
+    lin = spectral[spectral.activation == "linear"]
+    err = float((lin["per_step_factor"] / lin["rho"] - 1).abs().max())
+    claims.append(Claim(
+        f"linear RNN, T = {config.spectral_length}: the gradient changes by the spectral radius ρ "
+        "per step (per-step factor within 10 % of ρ for every ρ): ρ > 1 explodes, ρ < 1 vanishes",
+        bool(err < 0.10), f"largest relative deviation {err:.3f}"))
+    th = spectral[spectral.activation == "tanh"]
+    above = bool((th["per_step_factor"] <= th["rho"] * 1.02).all())
+    claims.append(Claim(
+        "tanh RNN: since tanh' ≤ 1, the gradient's per-step factor never exceeds ρ (2 % slack)",
+        above, ", ".join(f"ρ={r:g}: {f:.3f}" for r, f in zip(th["rho"], th["per_step_factor"]))))
+    return claims
+
+
+# ------------------------------------------------------------------------------------ plot
+def plot(result: LabResult) -> dict[str, Figure]:
+    from gradprobe.report import style
+
+    config: RnnConfig = result.config
+    T = max(config.lengths)
+    colors = dict(zip(KINDS, ("#1b6ca8", "#d1495b", "#edae49", "#66a182", "#2e4057")))
+
+    # gradient through time at initialisation
+    fig, axes = style.figure(1, 1, title=f"Gradient through time at initialisation "
+                                        f"(adding problem, T = {T})", size=(7.5, 4.6))
+    ax = axes[0, 0]
+    values: list[float] = []
+    for kind, norms in result.data["through_time"].items():
+        rel = norms / norms[-1]
+        ax.plot(np.arange(1, len(rel) + 1), rel, color=colors[kind], label=LABELS[kind])
+        values += list(rel[np.isfinite(rel) & (rel > 0)])
+    style.finish(ax, title="‖∂L/∂h_t‖ relative to the last step (L at step T)",
+                 xlabel="time step t", ylabel="‖∂L/∂h_t‖ / ‖∂L/∂h_T‖ (log)", scale="log")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+
+    # spectral radius
+    spec: pd.DataFrame = result.data["spectral"]
+    table: pd.DataFrame = result.tables["spectral"]
+    sfig, saxes = style.figure(1, 3, size=(16.5, 4.6), title=(
+        f"Spectral radius ρ of W_hh decides vanishing (ρ < 1) or exploding (ρ > 1), "
+        f"T = {config.spectral_length}"))
+    rho_colors = dict(zip(config.radii, _diverging(len(config.radii))))
+    for ax, act in zip(saxes[0, :2], ("linear", "tanh")):
+        for rho, g in spec[spec.activation == act].groupby("rho"):
+            ax.plot(g["t"], g["ratio"], color=rho_colors[float(rho)], label=f"ρ = {rho:g}")
+        style.finish(ax, title=f"{act} RNN: gradient through time",
+                     xlabel="time step t", ylabel="‖∂L/∂h_t‖ / ‖∂L/∂h_T‖ (log)", scale="log")
+    lo = min(spec["ratio"].min(), table["rho^(T-1)"].min())
+    hi = max(spec["ratio"].max(), table["rho^(T-1)"].max())
+    for ax in saxes[0, :2]:
+        ax.set_ylim(lo / 2, hi * 2)
+    saxes[0, 0].legend(fontsize="small", title="spectral radius", title_fontsize="small",
+                       loc="upper right")
+    ax = saxes[0, 2]
+    for act, marker in (("linear", "o"), ("tanh", "s")):
+        g = table[table.activation == act]
+        ax.plot(g["rho^(T-1)"], g["grad_ratio h_1/h_T"], marker=marker, linestyle="none",
+                markerfacecolor="none", label=f"{act} RNN (measured)")
+    ax.plot([lo, hi], [lo, hi], "k--", linewidth=1, label="ratio = ρ^(T-1)")
+    ax.set_xscale("log")
+    style.finish(ax, title="gradient ratio over T-1 steps against ρ^(T-1)",
+                 xlabel="ρ^(T-1) (log)", ylabel="‖∂L/∂h_1‖ / ‖∂L/∂h_T‖ (log)", scale="log")
+    ax.legend(fontsize="small", loc="upper left")
+
+    # loss curves: adding without and with clipping, temporal order (with clipping)
+    panels = [("adding", False), ("adding", True)]
+    if config.temporal_order:
+        panels.append(("temporal order", True))
+    lfig, laxes = style.figure(1, len(panels), size=(5.2 * len(panels) + 1.8, 4.4), title=(
+        f"Training loss at T = {T} (Adam, lr {config.lr:g}; clipping: gradient norm at most "
+        f"{config.max_norm:g}); running mean over 10 steps"))
+    curves = result.data["curves"]
+    for ax, (task, clip) in zip(laxes[0], panels):
+        vals = [v for k, c in curves.items() if k[0] == task and k[1] == T
+                for v in c[np.isfinite(c)]]
+        for kind in KINDS:
+            curve = curves[(task, T, kind, clip)]
+            ax.plot(np.arange(1, len(curve) + 1), _smooth(curve), color=colors[kind],
+                    label=LABELS[kind], linewidth=1.3)
+        base = ADDING_BASELINE if task == "adding" else math.log(4)
+        ax.axhline(base, color="0.3", linestyle=":", linewidth=1.2)
+        ylabel = "MSE (log)" if task == "adding" else "cross-entropy (log)"
+        style.finish(ax, title=f"{task}, {'with' if clip else 'no'} clipping",
+                     xlabel="Adam step", ylabel=ylabel, scale="log")
+        if vals:
+            ax.set_ylim(max(min(vals), 1e-5) / 1.5, min(max(vals), 1e6) * 1.5)
+        ax.text(0.99, base, "predict 1: 0.167" if task == "adding" else "chance: ln 4",
+                transform=ax.get_yaxis_transform(), ha="right", va="bottom", fontsize="small",
+                color="0.3")
+    if len(panels) > 2:  # the adding panels are compared: same y range
+        laxes[0, 1].sharey(laxes[0, 0])
+    laxes[0, -1].legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return {"gradient_through_time": fig, "spectral_radius": sfig, "loss_curves": lfig}
+
+
+def _smooth(curve: np.ndarray, k: int = 10) -> np.ndarray:
+    """Running mean over ``k`` steps (non-finite values stay non-finite, so they are not drawn)."""
+    if len(curve) < k:
+        return curve
+    kernel = np.ones(k) / k
+    out = np.convolve(curve, kernel, mode="full")[: len(curve)]
+    out[: k - 1] = np.cumsum(curve[: k - 1]) / np.arange(1, k)
+    return out
+
+
+def _diverging(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cm = colormaps["coolwarm"]
+    return [cm(i / max(n - 1, 1)) for i in range(n)]
+
+
+register(NAME, "recurrent nets on the adding and temporal-order tasks: tanh, ReLU, IRNN, LSTM, GRU, "
+         "with and without clipping; gradient through time and spectral radius", RnnConfig, run,
+         plot)
