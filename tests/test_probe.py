@@ -335,7 +335,7 @@ def test_parameters_without_gradient(tmp_path):
             opt.zero_grad()
     df = probe.run.scalars()
     unused = df[df.layer == "unused"]
-    assert set(unused.kind) == {"weight", "update", "drift"}
+    assert set(unused.kind) == {"weight", "update", "drift", "spread"}
     assert (unused[unused.kind == "update"]["norm"] == 0).all()
     layers = probe.run.layers.set_index("name")
     assert pd.isna(layers.loc["unused", "depth"]) and layers.loc["used", "depth"] == 0

@@ -85,7 +85,12 @@ def test_nonfinite_forward_event_and_raise_after_data_on_disk(tmp_path):
     run = gp.Run.open(tmp_path / "r")
     assert sorted(run.scalars().step.unique()) == [0, 1, 2, 3]  # flushed before raising
     ev = run.events()
-    assert ev.iloc[0]["pass"] == "forward" and ev.iloc[0]["nonfinite"] == 8  # one row of 8 units
+    # the first non-finite value of the step is the bad input itself (one element), recorded
+    # before layer 0's output (one row of 8 units)
+    assert ev.iloc[0]["pass"] == "forward" and ev.iloc[0]["kind"] == "input"
+    assert ev.iloc[0]["nonfinite"] == 1
+    out = run.scalars(kinds="act")
+    assert float(out[(out.step == 3) & (out.layer == "0")]["nonfinite"].iloc[0]) == 8
 
 
 class _NaNGrad(torch.autograd.Function):

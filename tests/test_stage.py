@@ -92,8 +92,11 @@ def test_row_beyond_the_bound_goes_to_the_per_step_path(tmp_path, monkeypatch):
     small = _train(tmp_path / "a", 6, [8], flush_every=4)
     monkeypatch.undo()
     full = _train(tmp_path / "b", 6, [8], flush_every=4)
-    num = full.select_dtypes("number").columns
+    num = [c for c in full.select_dtypes("number").columns if c != "std"]
     pd.testing.assert_frame_equal(small[num], full[num], rtol=1e-6, atol=1e-7)
+    # std = sqrt(sumsq/n - mean²) from float32 sums: relative error ~ ε·mean²/var (see
+    # gradprobe.stats.schema), 1e-5 for a sigmoid's output (mean 0.5, std 0.05)
+    pd.testing.assert_series_equal(small["std"], full["std"], rtol=1e-4, atol=1e-7)
 
 
 def test_stage_memory_is_bounded_and_stated(tmp_path):

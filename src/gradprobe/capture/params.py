@@ -9,8 +9,13 @@ other small tensors are deferred and summarised together, large ones one at a ti
 weight statistics and both differences find ``W`` in cache. :class:`ParamStats` decides only
 *which* tensors and rows; how a tensor is summarised is the recorder's choice.
 
+With the weights after the update, kind ``spread`` records how different each dense layer's
+units are (:mod:`gradprobe.stats.spread`: ``Σ_i ‖w_i − w̄‖²`` and ``Σ_i ‖w_i‖²`` of the weight
+rows), a fixed number of kernels per device and dtype (:class:`SpreadGroup`).
+
 Memory: one copy of the tracked parameters for ``update``/``drift`` (the weights before the
-step) and one more for ``drift`` (W0), plus one scratch buffer as large as the largest tensor.
+step) and one more for ``drift`` (W0), plus one scratch buffer as large as the largest tensor,
+plus the spread's index tensors (8 bytes per element of the small dense weights).
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ from torch import Tensor, nn
 
 from gradprobe.capture import stage as _stage
 from gradprobe.capture.recorder import Recorder
-from gradprobe.capture.select import Layer
+from gradprobe.capture.select import Layer, spread_weight
 from gradprobe.capture.stage import ParamSet
 from gradprobe.stats import batched as B
 from gradprobe.stats import eager as E
 from gradprobe.stats import schema as S
+from gradprobe.stats.spread import RowSpread
 
 WeightsBefore = Literal["live", "prev", "none"]
 """Where the weights before the update are: ``"live"`` the parameters now (before the
@@ -88,6 +94,35 @@ def make_groups(layers: list[Layer], kinds: tuple[str, ...],
     return groups
 
 
+@dataclass
+class SpreadGroup:
+    """The dense weights of one device and dtype whose row spread is recorded."""
+
+    params: list[Tensor]
+    rows: list[int]
+    rows_t: Tensor
+    numels: list[int]
+    kernel: RowSpread
+
+
+def make_spread_groups(layers: list[Layer]) -> list[SpreadGroup]:
+    by_key: dict[tuple[object, object], list[tuple[Tensor, int]]] = {}
+    for lay in layers:
+        row = lay.rows.get("spread")
+        w = spread_weight(lay)
+        if row is None or w is None:
+            continue
+        by_key.setdefault((w.device, w.dtype), []).append((w, row))
+    out = []
+    for items in by_key.values():
+        ws = [w for w, _ in items]
+        rows = [r for _, r in items]
+        dev = ws[0].device
+        out.append(SpreadGroup(ws, rows, torch.tensor(rows, dtype=torch.long, device=dev),
+                               [w.numel() for w in ws], RowSpread(ws, dev)))
+    return out
+
+
 class ParamStats:
     """The parameter side of a Probe: its groups, and the statistics of a step's parameters
     written into ``recorder``."""
@@ -101,6 +136,7 @@ class ParamStats:
         self.staged: list[Tensor] = []  # the parameters of the recorder's stage
         self._want_post = bool(set(kinds) & {"weight", "update", "drift"})
         self._stage(self.groups)
+        self.spreads = make_spread_groups(layers) if "spread" in kinds else []
 
     @property
     def staged_after(self) -> list[Tensor] | None:
@@ -236,6 +272,14 @@ class ParamStats:
             up_w, up_d, dr_d = self._large(g, ws, slot, skipped)
             if g.own:
                 self._ratios(g, ws, slot, skipped, up_w, up_d, dr_d)
+        self.spread(slot)
+
+    def spread(self, slot: int) -> None:
+        """The ``spread`` rows of the dense weights after the update (a fixed number of
+        kernels per device and dtype; see :mod:`gradprobe.stats.spread`)."""
+        for sg in self.spreads:
+            sp, ref = sg.kernel([p.detach() for p in sg.params])
+            self.recorder.add_many(slot, sg.rows, sg.rows_t, E.ratio_rows(sp, ref), sg.numels)
 
     def _large(self, g: ParamGroup, ws: list[Tensor], slot: int, skipped: bool
                ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -342,4 +386,5 @@ def _index_own(grp: ParamGroup, row_device: torch.device) -> None:
                 [grp.rows[kind][i] for i in grp.own], dtype=torch.long, device=row_device)
 
 
-__all__ = ["ParamGroup", "ParamStats", "WeightsBefore", "make_groups"]
+__all__ = ["ParamGroup", "ParamStats", "SpreadGroup", "WeightsBefore", "make_groups",
+           "make_spread_groups"]

@@ -20,6 +20,12 @@ What is recorded, per tracked layer and recorded step (``step % every == 0``):
   unscaled by an AMP ``GradScaler``), ``weight``: the parameters after the step, ``update``:
   ``‖W_{t+1} − W_t‖ / ‖W_{t+1}‖`` in column ``norm``, ``drift``: ``‖W_t − W_0‖ / ‖W_0‖`` in column
   ``norm`` (W0 = the parameters when the probe attached);
+* ``spread``: how different a dense layer's units are, ``sqrt(Σ_i ‖w_i − w̄‖² / Σ_i ‖w_i‖²)``
+  over the rows ``w_i`` of its weight after the step (Linear and ConvNd layers; column
+  ``norm``; :mod:`gradprobe.stats.spread`): 0 for units with identical incoming weights;
+* ``input``: the input of the first dense layer (Linear, ConvNd) to run in the forward pass,
+  fixed at the first forward call (a forward pre-hook on every dense layer until one has run,
+  then on that layer only): the model's input where the model starts with such a layer;
 * ``act``: the module's output (forward hooks), with the fraction of saturated units and of dead
   units for activation modules of :mod:`gradprobe.activations`; ``act_grad``: the gradient of
   the loss with respect to that output (a tensor hook registered on the output in the forward
@@ -27,6 +33,16 @@ What is recorded, per tracked layer and recorded step (``step % every == 0``):
   These are the back-propagated gradients whose variance Glorot & Bengio (2010) follow across
   layers. Forward passes under ``torch.no_grad()`` are not recorded (evaluation does not mix into
   training statistics).
+
+Recurrent layers (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``), with ``act_grad`` recorded and on the
+histogram schedule (``hist_every``): the gradient of the loss with respect to each time step of
+the layer's input and output sequences, reduced on the device to ``Σ grad²`` per time step
+(:meth:`gradprobe.Run.time_gradients`). The input side carries the gradient back-propagated
+through time; where the input does not require a gradient (data fed straight to the layer)
+the layer is handed a detached copy that does, whose gradient is reduced and dropped once
+accumulated (parameter gradients are unchanged). Packed sequences and bidirectional layers are
+not recorded (a packed batch has no time axis to reduce along without unpacking; the two
+directions of a bidirectional layer carry gradients in opposite directions of time).
 
 Statistics are the mergeable sums of :mod:`gradprobe.stats`, computed on the tensors' device
 with no host synchronisation in any hook; one device-to-host transfer per flush (every
@@ -57,12 +73,20 @@ from gradprobe.capture import stage as _stage
 from gradprobe.capture.hooks import first_float_tensor
 from gradprobe.capture.params import ParamStats, WeightsBefore
 from gradprobe.capture.recorder import Recorder, RowInfo
-from gradprobe.capture.select import Layer, check_kinds, check_optimizer, select_layers
+from gradprobe.capture.select import (
+    Layer,
+    check_kinds,
+    check_optimizer,
+    select_layers,
+    spread_weight,
+)
 from gradprobe.errors import ConfigError, NonFiniteError, RunDirError, UnsupportedModelError
+from gradprobe.layers import RECURRENT
 from gradprobe.stats import schema as S
+from gradprobe.stats.batched import SMALL
 from gradprobe.store.writer import RunWriter
 
-Kind = Literal["grad", "weight", "update", "drift", "act", "act_grad"]
+Kind = Literal["grad", "weight", "update", "drift", "spread", "input", "act", "act_grad"]
 
 
 class Probe:
@@ -78,7 +102,8 @@ class Probe:
         layers: glob pattern(s) on qualified module names (``"encoder.*"``); each must match.
         layer_types: module types to track instead of the default (modules owning parameters
             directly, plus the activation modules known to :mod:`gradprobe.activations`).
-        kinds: subset of ``("grad", "weight", "update", "drift", "act", "act_grad")``.
+        kinds: subset of ``("grad", "weight", "update", "drift", "spread", "input", "act",
+            "act_grad")``.
         hist_every: also record histograms every ``hist_every`` steps (0: never).
         hist_bins: number of histogram bins.
         flush_every: recorded steps held in the device buffer between writes.
@@ -113,11 +138,12 @@ class Probe:
         self.kinds = check_kinds(kinds)
         root: nn.Module = model
         if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
-            if set(self.kinds) & set(S.ACT_KINDS):
+            if set(self.kinds) & {*S.ACT_KINDS, "input"}:
                 raise UnsupportedModelError(
                     "model is a torch.compile'd module: forward hooks on its submodules are "
                     "compiled away, so activation statistics cannot be recorded",
-                    hint="pass kinds=('grad', 'weight', 'update', 'drift') for a compiled model, "
+                    hint="pass kinds=('grad', 'weight', 'update', 'drift', 'spread') for a "
+                    "compiled model, "
                     "or attach the Probe to the uncompiled model",
                 )
             root = model._orig_mod  # type: ignore[assignment]
@@ -184,6 +210,8 @@ class Probe:
         self._stepped = False
         self._orig_update: Any = None
         self._depth_handles: dict[int, Any] = {}
+        self._input_handles: dict[int, Any] = {}
+        self._input_layer: Layer | None = None
         self._hist_now = False
         self._passive = False  # attached on a non-zero rank: records nothing
 
@@ -217,6 +245,7 @@ class Probe:
                 rows.append(RowInfo(lay.layer_id, lay.name, kind, sat, dead))
             lay.act_row = lay.rows.get("act")
             lay.act_grad_row = lay.rows.get("act_grad")
+            lay.input_row = lay.rows.get("input")
             lay.sat_rule = lay.spec.saturated if lay.spec is not None else None
             lay.dead_rule = lay.spec.inactive if lay.spec is not None else None
         device = next(self.model.parameters()).device
@@ -239,6 +268,18 @@ class Probe:
                 h = lay.module.register_forward_hook(partial(self._depth_hook, lay))
                 self._handles.append(h)
                 self._depth_handles[lay.layer_id] = h
+        for lay in self._layers:
+            if lay.input_row is not None:  # until the first dense layer has run
+                h = lay.module.register_forward_pre_hook(partial(self._input_hook, lay))
+                self._handles.append(h)
+                self._input_handles[lay.layer_id] = h
+            if (self.hist_every and "act_grad" in self.kinds
+                    and isinstance(lay.module, RECURRENT)
+                    and not getattr(lay.module, "bidirectional", False)):
+                self._handles.append(lay.module.register_forward_pre_hook(
+                    partial(self._rnn_pre_hook, lay)))
+                self._handles.append(lay.module.register_forward_hook(
+                    partial(self._rnn_hook, lay)))
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._pre_step_hook))
             self._handles.append(self.optimizer.register_step_post_hook(self._post_step_hook))
@@ -329,11 +370,15 @@ class Probe:
         if self.hist_every:
             per_flush = math.ceil(self.flush_every * self.every / self.hist_every)
             hist_rows = sum(1 for lay in self._layers for k in lay.rows
-                            if k in ("grad", "weight", "act", "act_grad"))
+                            if k in ("grad", "weight", "input", "act", "act_grad"))
             hist = min(per_flush, self.flush_every) * hist_rows * (2 * self.hist_bins + 2) * 8
         sizes = [p.numel() * p.element_size() for lay in self._layers for p in lay.params]
         copies = int("update" in self.kinds or "drift" in self.kinds) + int("drift" in self.kinds)
         param_bytes = sum(sizes) * copies + max(sizes, default=0)
+        # the row spread's column indices (gradprobe.stats.spread), small dense weights only
+        spread_w = [w for lay in self._layers if "spread" in lay.rows
+                    for w in [spread_weight(lay)] if w is not None and w.numel() <= SMALL]
+        param_bytes += sum(8 * (w.numel() + w.numel() // max(w.shape[0], 1)) for w in spread_w)
         # the stage of small tensors (gradprobe.capture.stage), in the first parameters' precision
         first = next((p for lay in self._layers for p in lay.params), None)
         stage = _stage.MAX_ELEMS * (first.element_size() if first is not None else 4)
@@ -534,6 +579,79 @@ class Probe:
         row = lay.act_grad_row
         if row is not None and t.requires_grad:
             t.register_hook(partial(self._act_grad_hook, row, slot, self._gen))
+
+    def _input_hook(self, lay: Layer, module: nn.Module, args: Any) -> None:
+        if self._input_layer is None:  # the first dense layer to run: the input's layer
+            self._input_layer = lay
+            for lid, h in list(self._input_handles.items()):
+                if lid != lay.layer_id:
+                    h.remove()
+                    del self._input_handles[lid]
+        elif lay is not self._input_layer:
+            return
+        slot = self._slot
+        if slot is None or not torch.is_grad_enabled() or not args:
+            return
+        x = args[0]
+        if (not isinstance(x, Tensor) or not x.is_floating_point() or x.numel() == 0
+                or lay.input_row is None):
+            return
+        rec = self._recorder
+        assert rec is not None
+        xd = x.detach()
+        rec.observe(slot, lay.input_row, xd)
+        if self._hist_now:
+            with torch.no_grad():
+                rec.add_hist(slot, lay.input_row, xd)
+
+    def _rnn_pre_hook(self, lay: Layer, module: nn.Module, args: Any) -> Any:
+        """Hook ``∂L/∂x_t`` of a recurrent layer's input sequence (histogram steps only)."""
+        slot = self._slot
+        if slot is None or not self._hist_now or not torch.is_grad_enabled() or not args:
+            return None
+        x = args[0]
+        if not isinstance(x, Tensor) or not x.is_floating_point() or x.numel() == 0:
+            return None  # a PackedSequence, or no float sequence
+        tdim = 1 if getattr(module, "batch_first", False) and x.dim() == 3 else 0
+        hook = partial(self._time_hook, lay.layer_id, "input", slot, self._gen, tdim)
+        if x.requires_grad:
+            x.register_hook(hook)
+            return None
+        # data fed straight to the layer: a detached copy (same storage and values) that
+        # requires a gradient; its gradient is reduced, then dropped once accumulated
+        leaf = x.detach().requires_grad_()
+
+        def reduce_and_drop(t: Tensor) -> None:
+            if t.grad is not None:
+                hook(t.grad)
+            t.grad = None
+
+        leaf.register_post_accumulate_grad_hook(reduce_and_drop)
+        return (leaf, *args[1:])
+
+    def _rnn_hook(self, lay: Layer, module: nn.Module, args: Any, output: Any) -> None:
+        """Hook ``∂L/∂h_t`` of a recurrent layer's output sequence (histogram steps only)."""
+        slot = self._slot
+        if slot is None or not self._hist_now or not torch.is_grad_enabled():
+            return
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if not isinstance(out, Tensor) or not out.requires_grad or out.numel() == 0:
+            return  # a PackedSequence: skipped (see the module docstring)
+        tdim = 1 if getattr(module, "batch_first", False) and out.dim() == 3 else 0
+        out.register_hook(partial(self._time_hook, lay.layer_id, "output", slot, self._gen, tdim))
+
+    def _time_hook(self, layer_id: int, wrt: str, slot: int, gen: int, tdim: int,
+                   grad: Tensor) -> None:
+        if gen != self._gen or slot != self._slot or grad is None:
+            return
+        rec = self._recorder
+        assert rec is not None
+        with torch.no_grad():
+            g = grad.detach()
+            dims = tuple(d for d in range(g.dim()) if d != tdim)
+            acc = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None
+            norm = torch.linalg.vector_norm(g, 2, dim=dims, dtype=acc) if dims else g.abs()
+            rec.add_time(slot, layer_id, wrt, norm.to(torch.float64).square())
 
     def _act_grad_hook(self, row: int, slot: int, gen: int, grad: Tensor) -> None:
         if gen != self._gen or slot != self._slot or grad is None:

@@ -37,8 +37,8 @@ from gradprobe.stats.compiled import KERNELS, CompiledKernels
 from gradprobe.store.frames import Frames, HostFlush
 from gradprobe.store.writer import RunWriter
 
-PASS_OF_KIND = {"act": "forward", "act_grad": "act_grad", "grad": "grad", "weight": "weight",
-                "update": "weight", "drift": "weight"}
+PASS_OF_KIND = {"input": "forward", "act": "forward", "act_grad": "act_grad", "grad": "grad",
+                "weight": "weight", "update": "weight", "drift": "weight", "spread": "weight"}
 PENDING_LIMIT = 1 << 22
 """Elements of small tensors queued at most before they are summarised (32 MiB of float64)."""
 PASS_ORDER = {"forward": 0, "act_grad": 1, "grad": 2, "weight": 3}
@@ -146,6 +146,8 @@ class Recorder:
         self.losses = LossBuffer(loss_capacity, device)
         # (slot, row) -> [edges, counts, nonfinite]
         self.hist: dict[tuple[int, int], list[Tensor]] = {}
+        # (slot, layer_id, wrt) -> Σ over the other dimensions of grad² per time step [T]
+        self.time: dict[tuple[int, int, str], Tensor] = {}
         self._unit_masks: dict[tuple[int, int], Tensor] = {}
         # small tensors waiting to be summarised together: (slot, row, tensor, saturation rule,
         # inactive rule)
@@ -376,6 +378,26 @@ class Recorder:
             del self._unit_masks[key]
         for key in [k for k in self.hist if k[0] == slot]:
             del self.hist[key]
+        for tkey in [k for k in self.time if k[0] == slot]:
+            del self.time[tkey]
+
+    def add_time(self, slot: int, layer_id: int, wrt: str, sumsq: Tensor) -> None:
+        """Add a micro-batch's per-time-step ``Σ grad²`` (``[T]``, float64) of a recurrent
+        layer's ``wrt`` (``"input"`` or ``"output"``) sequence. Sequences of another length in
+        the same step are aligned at their first time step (the shorter one padded with 0)."""
+        key = (slot, layer_id, wrt)
+        v = sumsq.to(self.device, non_blocking=True)
+        prev = self.time.get(key)
+        if prev is None:
+            self.time[key] = v
+        elif prev.shape == v.shape:
+            prev.add_(v)
+        else:  # lengths are known on the host: no sync
+            n = max(prev.numel(), v.numel())
+            acc = torch.zeros(n, dtype=prev.dtype, device=prev.device)
+            acc[: prev.numel()] += prev
+            acc[: v.numel()] += v
+            self.time[key] = acc
 
     def add_hist(self, slot: int, row: int, x: Tensor) -> None:
         from gradprobe.stats.hist import histogram
@@ -446,9 +468,11 @@ class Recorder:
         if n == 0 and n_loss == 0:
             return None
         hist_items = sorted(self.hist.items())
+        time_items = sorted(self.time.items())
         pieces = [self.buf[:n].reshape(-1), self.scale[:n], self.losses.sum[:n_loss]]
         for _, (edges, counts, nonfinite) in hist_items:
             pieces += [edges, counts, nonfinite.reshape(1)]
+        pieces += [v.to(self.buf.dtype) for _, v in time_items]
         # the one device->host transfer of this flush; torch.cat allocates, so the host array
         # never aliases the ring buffer (also on CPU, where .cpu() is a no-op)
         host = torch.cat(pieces).cpu().numpy()
@@ -459,6 +483,9 @@ class Recorder:
         off += n
         losses = host[off : off + n_loss]
         off += n_loss
+        n_hist = len(hist_items) * (2 * self.hist_bins + 2)
+        time_lens = [v.numel() for _, v in time_items]
+        time_vals = host[off + n_hist :]
         touched = self.touched[:n].copy()
         skipped = np.asarray(self.skipped, dtype=bool)
         bad = ((stats[:, :, S.NONFINITE] > 0) & touched).any(1)
@@ -481,7 +508,10 @@ class Recorder:
             losses=losses,
             loss_count=self.losses.count[:n_loss].copy(),
             hist_keys=[key for key, _ in hist_items],
-            hist=host[off:].reshape(len(hist_items), 2 * self.hist_bins + 2),
+            hist=host[off : off + n_hist].reshape(len(hist_items), 2 * self.hist_bins + 2),
+            time_keys=[key for key, _ in time_items],
+            time_lens=time_lens,
+            time=time_vals,
             events=events,
             nonfinite=bool((bad & ~skipped).any()),
         )
@@ -490,6 +520,7 @@ class Recorder:
         self.checked.clear()
         self.losses.reset()
         self.hist.clear()
+        self.time.clear()
         return data
 
     def write(self, data: HostFlush) -> None:

@@ -23,6 +23,7 @@ from torch import nn
 
 from gradprobe.activations import ActivationSpec, spec_for_module
 from gradprobe.errors import ConfigError
+from gradprobe.layers import is_dense
 from gradprobe.stats import schema as S
 
 
@@ -40,6 +41,7 @@ class Layer:
     # read by the hooks on every call (set when the probe attaches)
     act_row: int | None = None
     act_grad_row: int | None = None
+    input_row: int | None = None
     sat_rule: Any = None
     dead_rule: Any = None
 
@@ -131,8 +133,31 @@ def select_layers(root: nn.Module, layers: Any, layer_types: Any,
                 result[by_name[owner]].params.append(p)
                 break
     for lay in result:
-        lay.rows = {k: -1 for k in kinds if k in S.ACT_KINDS or lay.params}
+        lay.rows = {k: -1 for k in kinds if _has_kind(lay, k)}
     return result
+
+
+def spread_weight(lay: Layer) -> nn.Parameter | None:
+    """The weight whose rows (output units or channels) kind ``spread`` compares: the ``weight``
+    of a dense layer (Linear, ConvNd) owned by this layer (a weight tied to an earlier layer
+    is counted there), with at least one dimension."""
+    w = getattr(lay.module, "weight", None)
+    if not is_dense(lay.module) or not isinstance(w, nn.Parameter) or w.dim() < 1:
+        return None
+    return w if any(p is w for p in lay.params) else None
+
+
+def _has_kind(lay: Layer, kind: str) -> bool:
+    """Whether ``lay`` gets a row of ``kind``: activation kinds for every layer, parameter
+    kinds for layers owning parameters, ``spread`` for dense layers owning their weight,
+    ``input`` for dense layers (only the first of them to run records it)."""
+    if kind in S.ACT_KINDS:
+        return True
+    if kind == "spread":
+        return spread_weight(lay) is not None
+    if kind == "input":
+        return is_dense(lay.module)
+    return bool(lay.params)
 
 
 def check_optimizer(optimizer: Any, root: nn.Module) -> None:
@@ -150,4 +175,5 @@ def check_optimizer(optimizer: Any, root: nn.Module) -> None:
                 )
 
 
-__all__ = ["Layer", "check_kinds", "check_optimizer", "display_name", "select_layers"]
+__all__ = ["Layer", "check_kinds", "check_optimizer", "display_name", "select_layers",
+           "spread_weight"]

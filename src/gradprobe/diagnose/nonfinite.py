@@ -46,7 +46,8 @@ def _first_scalar(frames: Frames) -> dict | None:
     first = rows.sort_values("step").iloc[0]
     kind = str(first["kind"])
     return {"step": int(first["step"]), "layer": first["layer"], "kind": kind,
-            "pass": {"act": "forward", "act_grad": "backward"}.get(kind, "step"),
+            "pass": {"input": "forward", "act": "forward",
+                     "act_grad": "backward"}.get(kind, "step"),
             "nonfinite": float(first["nonfinite"]), "n_events": int(rows["step"].nunique())}
 
 

@@ -30,11 +30,18 @@ Derived (``derive``), with ``n = count``:
 * ``abs_max = max(|min|, |max|)``; ``zero_frac = (n − nonzero) / n``;
 * ``saturated_frac = saturated / n`` (NaN where the module has no saturation rule);
 * ``dead_frac = dead / units`` (NaN where the module has no dead-unit rule);
-* for kinds ``update`` and ``drift`` the column ``norm`` holds the **ratio**
+* for kinds ``update``, ``drift`` and ``spread`` the column ``norm`` holds the **ratio**
   ``sqrt(sumsq / ref_sumsq)``: ``‖W_{t+1} − W_t‖ / ‖W_{t+1}‖`` and ``‖W_t − W_0‖ / ‖W_0‖``
   (the update-to-weight ratio whose healthy value is about 1e-3, Karpathy 2019, "A recipe for
   training neural networks"; the drift from initialisation that stays near 0 in layers whose
-  gradient vanishes, Glorot & Bengio 2010). Their other moment columns are NaN.
+  gradient vanishes, Glorot & Bengio 2010), and the **spread of the units**
+  ``sqrt(Σ_i ‖w_i − w̄‖² / Σ_i ‖w_i‖²)`` of a dense layer's weight rows ``w_i`` (one row per
+  output unit or channel, ``w̄`` their mean row): 0 when every unit has the same incoming
+  weights (a constant initialisation), ``sqrt(1 − 1/units)`` in expectation for i.i.d.
+  zero-mean rows. Their other moment columns are NaN.
+
+Kind ``input`` holds the ordinary statistics of the input of the first dense layer to run
+(the model's input where the model starts with a Linear or ConvNd layer).
 
 Dead units (Lu et al. 2019, "Dying ReLU and Initialization"): a unit is the channel (dimension 1)
 of an output with 4 or more dimensions (``N, C, H, W, …``) and the last dimension otherwise
@@ -80,10 +87,12 @@ DERIVED_COLUMNS = (
     "count", "mean", "std", "rms", "abs_mean", "norm", "min", "max", "abs_max", "zero_frac",
     "nonfinite", "saturated_frac", "dead_frac",
 )
-KINDS = ("grad", "weight", "update", "drift", "act", "act_grad")
+KINDS = ("grad", "weight", "update", "drift", "spread", "input", "act", "act_grad")
 PARAM_KINDS = ("grad", "weight", "update", "drift")
 ACT_KINDS = ("act", "act_grad")
-RATIO_KINDS = ("update", "drift")
+DENSE_KINDS = ("spread", "input")
+"""Kinds recorded for dense weight layers only (Linear, ConvNd: :data:`gradprobe.layers.DENSE`)."""
+RATIO_KINDS = ("update", "drift", "spread")
 ADD_FIELDS = DEVICE_FIELDS[:N_ADD]
 """Fields merged by addition; the others (``neg_min``, ``max``) merge by maximum."""
 
@@ -176,6 +185,7 @@ def derive_row(raw: dict[str, Any]) -> dict[str, float]:
 __all__ = [
     "ACT_KINDS",
     "ADD_FIELDS",
+    "DENSE_KINDS",
     "DERIVED_COLUMNS",
     "DEVICE_FIELDS",
     "KINDS",

@@ -8,7 +8,7 @@ directory on the writer thread. No torch here: only numpy, pandas and the schema
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,12 @@ class HostFlush:
     """Non-finite events found in slots not checked before (already in ``events.jsonl``)."""
     nonfinite: bool
     """Whether a step the AMP scaler did not skip holds a NaN/Inf (checked or not)."""
+    time_keys: list[tuple[int, int, str]] = field(default_factory=list)
+    """``(slot, layer_id, wrt)`` of each per-time-step gradient profile of a recurrent layer."""
+    time_lens: list[int] = field(default_factory=list)
+    """Number of time steps of each profile; the profiles lie one after the other in :attr:`time`."""
+    time: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    """``Σ grad²`` per time step of every profile, concatenated."""
 
     @property
     def what(self) -> str:
@@ -94,9 +100,25 @@ class Frames:
                     "nonfinite": int(h[2 * b + 1]),
                 })
             writer.write_part("hist", pd.DataFrame(recs), data.index)
+        if data.time_keys:
+            writer.write_part("time", self._time_frame(data), data.index)
         # The scalars part is written last: it commits the flush (readers ignore loss and
         # histogram parts whose scalars part is missing, e.g. after a SIGKILL in between).
         writer.write_part("scalars", self._scalars_frame(data), data.index)
+
+    def _time_frame(self, data: HostFlush) -> pd.DataFrame:
+        """One row per (step, layer, wrt, t): ``sumsq`` = ``Σ grad²`` over the batch and
+        features of time step ``t`` (gradients of an AMP-scaled loss unscaled)."""
+        lens = np.asarray(data.time_lens, dtype=np.int64)
+        slots = np.repeat([k[0] for k in data.time_keys], lens)
+        scale = data.scale[slots] if len(slots) else np.ones(0)
+        return pd.DataFrame({
+            "step": data.steps[slots].astype(np.int64),
+            "layer_id": np.repeat([k[1] for k in data.time_keys], lens).astype(np.int64),
+            "wrt": np.repeat([k[2] for k in data.time_keys], lens),
+            "t": np.concatenate([np.arange(n) for n in lens]).astype(np.int64),
+            "sumsq": data.time[: int(lens.sum())] / (scale * scale),
+        })
 
     def _scalars_frame(self, data: HostFlush) -> pd.DataFrame:
         slot_idx, row_idx = np.nonzero(data.touched)

@@ -11,7 +11,7 @@ Example
     ...         loss.backward(); opt.step(); opt.zero_grad()
     >>> run = probe.run
     >>> sorted(run.scalars()["kind"].unique())
-    ['act', 'act_grad', 'drift', 'grad', 'update', 'weight']
+    ['act', 'act_grad', 'drift', 'grad', 'input', 'spread', 'update', 'weight']
     >>> len(run.losses())
     3
 """
@@ -151,6 +151,37 @@ class Run:
         frame["bin_edges"] = frame["bin_edges"].map(lambda a: [float(v) for v in a])
         frame["counts"] = frame["counts"].map(lambda a: [int(v) for v in a])
         return frame[cols + ["layer_id"]].reset_index(drop=True)
+
+    def time_gradients(self, wrt: str = "input") -> pd.DataFrame:
+        """``step, layer, t, grad_norm, layer_id``: per time step ``t``, the norm (over the
+        batch and features) of the gradient of the loss with respect to a recurrent layer's
+        (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``) ``wrt`` sequence, on the histogram schedule.
+
+        ``wrt="input"`` (default): ``∂L/∂x_t`` of the layer's input sequence, which carries the
+        gradient back-propagated *through time* (``∂L/∂x_t = W_ihᵀ · diag(f') · dL/dh_t``,
+        where ``dL/dh_t`` sums the paths through every later step): its decay with the
+        distance from the end of the sequence is the vanishing gradient through time
+        (Bengio et al. 1994; Pascanu et al. 2013). ``wrt="output"``: ``∂L/∂h_t`` of the
+        output sequence as the layers after the recurrent one send it back (the direct part
+        only: the recurrence is inside the module). Sorted by step, layer and ``t``.
+        """
+        if wrt not in ("input", "output"):
+            raise ConfigError(f"wrt must be 'input' or 'output', got {wrt!r}")
+        frame = store.read_parts(self.path, "time")
+        cols = ["step", "layer", "t", "grad_norm", "layer_id"]
+        if frame.empty:
+            return pd.DataFrame({c: pd.Series(dtype="object" if c == "layer" else "float64")
+                                 for c in cols})
+        frame = frame[frame["wrt"] == wrt]
+        names = {int(r["layer_id"]): r["name"] for r in self.meta.get("layers", [])}
+        out = pd.DataFrame({
+            "step": frame["step"].to_numpy(),
+            "layer": frame["layer_id"].map(names).to_numpy(),
+            "t": frame["t"].to_numpy(),
+            "grad_norm": np.sqrt(frame["sumsq"].to_numpy(dtype=float)),
+            "layer_id": frame["layer_id"].to_numpy(),
+        })
+        return out.sort_values(["step", "layer_id", "t"]).reset_index(drop=True)
 
     def events(self) -> pd.DataFrame:
         """Non-finite events: ``step, layer, pass, kind, nonfinite, amp_skipped, layer_id``.

@@ -7,6 +7,8 @@ Layout::
       scalars/part-00000.parquet one row per (step, layer, kind): raw sufficient statistics
       hist/part-00000.parquet    one row per (step, layer, kind): bin_edges, counts, nonfinite
       losses/part-00000.parquet  step, loss, count (micro-batches averaged)
+      time/part-00000.parquet    step, layer_id, wrt, t, sumsq: per-time-step gradients of
+                                 recurrent layers (on the histogram schedule)
       events.jsonl               one JSON object per line (non-finite events), fsync'ed at once
 
 Every file is written under a hidden temporary name (``.NAME.tmp``) and renamed into place, so a
@@ -17,7 +19,7 @@ files are plain pyarrow tables, readable by pandas, polars and DuckDB.
 
 Parts are written off the training thread: :meth:`RunWriter.submit` hands a flush to one
 daemon writer thread per run, which writes flushes in the order they were handed over (within a
-flush: losses and histograms first, scalars last). At most ``MAX_PENDING`` flushes are handed
+flush: losses, histograms and time profiles first, scalars last). At most ``MAX_PENDING`` flushes are handed
 over and not yet written; the next one waits on the training thread until the writer catches up,
 so host memory stays bounded. A flush is durable once it was handed over **and** written; a
 process killed before that loses the flush as a whole (its scalars part, the commit marker, is
@@ -59,7 +61,7 @@ from gradprobe.errors import RunDirError
 SCHEMA_VERSION = 1
 META = "meta.json"
 EVENTS = "events.jsonl"
-PART_DIRS = ("scalars", "hist", "losses")
+PART_DIRS = ("scalars", "hist", "losses", "time")
 MAX_PENDING = 2
 """Flushes handed to the writer thread and not yet written (one being written, one waiting)."""
 
