@@ -30,13 +30,15 @@ from gradprobe.diagnose.inputs import input_scale
 from gradprobe.diagnose.loss import loss_plateau
 from gradprobe.diagnose.nonfinite import nonfinite
 from gradprobe.diagnose.optimisation import learning_rate
-from gradprobe.diagnose.units import dead_relu, saturation, symmetry
+from gradprobe.diagnose.recurrent import through_time
+from gradprobe.diagnose.symmetry import symmetry
+from gradprobe.diagnose.units import dead_relu, saturation
 
 Rule = Callable[[Frames], list[Finding]]
 
 RULES: tuple[Rule, ...] = (
-    nonfinite, vanishing, exploding_depth, exploding_steps, dead_relu, saturation, symmetry,
-    learning_rate, input_scale, loss_plateau,
+    nonfinite, vanishing, exploding_depth, exploding_steps, through_time, dead_relu, saturation,
+    symmetry, learning_rate, input_scale, loss_plateau,
 )
 """Every rule, in the order their findings are reported within a severity."""
 

@@ -50,6 +50,9 @@ class Frames:
     losses: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["step", "loss"]))
     events: pd.DataFrame = field(default_factory=pd.DataFrame)
     config: dict[str, Any] = field(default_factory=dict)
+    time: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
+        columns=["step", "layer", "t", "grad_norm"]))
+    """:meth:`Run.time_gradients`: per-time-step gradients of recurrent layers."""
 
     @classmethod
     def of(cls, run: Any) -> Frames:
@@ -62,7 +65,8 @@ class Frames:
             scalars = scalars.merge(units, on=["step", "layer_id", "kind"], how="left")
         meta = run.meta
         return cls(layers=run.layers, scalars=scalars, losses=run.losses(),
-                   events=run.events(), config=dict(meta.get("config") or {}))
+                   events=run.events(), config=dict(meta.get("config") or {}),
+                   time=run.time_gradients())
 
     # ------------------------------------------------------------------ views
 

@@ -34,6 +34,7 @@ import numpy as np
 from gradprobe.diagnose import cures
 from gradprobe.diagnose.finding import Evidence, Finding
 from gradprobe.diagnose.frames import AFFINE_TYPES, Frames, step_range
+from gradprobe.diagnose.input_stats import measured_input_scale
 
 SCALE = 10.0
 OUTLIER = 50.0
@@ -76,6 +77,9 @@ def input_rms(frames: Frames) -> tuple[str, float] | None:
 
 
 def input_scale(frames: Frames) -> list[Finding]:
+    measured = measured_input_scale(frames)  # the recorded input (kind "input") first
+    if measured is not None:
+        return measured
     est = input_rms(frames)
     if est is None:
         return []
