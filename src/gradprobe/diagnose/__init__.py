@@ -5,7 +5,10 @@ One module per rule family, each a pure function ``rule(frames) -> list[Finding]
 :mod:`~gradprobe.diagnose.growth` (exploding over steps), :mod:`~gradprobe.diagnose.nonfinite`,
 :mod:`~gradprobe.diagnose.units` (dead ReLU, saturation, symmetry),
 :mod:`~gradprobe.diagnose.loss`, :mod:`~gradprobe.diagnose.optimisation` (learning rate) and
-:mod:`~gradprobe.diagnose.inputs` (input scale); :mod:`~gradprobe.diagnose.api` runs them.
+:mod:`~gradprobe.diagnose.inputs` (input scale, first from the recorded input:
+:mod:`~gradprobe.diagnose.input_stats`), :mod:`~gradprobe.diagnose.symmetry` (units that stay
+identical, from the unit spread) and :mod:`~gradprobe.diagnose.recurrent` (vanishing and
+exploding through time); :mod:`~gradprobe.diagnose.api` runs them.
 Thresholds and their derivations are in each module's docstring and in docs/diagnose.md.
 
 This package's own import is light (the records only): the rules, pandas and the run reader are
