@@ -363,3 +363,27 @@ def test_bit_identical_training_with_time_hooks(tmp_path):
     plain, probed = train(), train(tmp_path / "r")
     for (n, a), b in zip(plain.named_parameters(), probed.parameters()):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("kinds", [None, ("spread",), ("update", "spread")])
+def test_spread_of_large_weights_with_and_without_the_weight_statistics(tmp_path, kinds):
+    """Σ‖w_i‖² of a large weight is taken from its weight statistics when they are computed, and
+    computed by the spread otherwise; both equal the explicit loop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(200, 64), nn.ReLU(), nn.Linear(64, 3))
+    assert model[0].weight.numel() > SMALL
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kw = {} if kinds is None else {"kinds": kinds}
+    weights = []
+    with gp.Probe(model, opt, run_dir=tmp_path / "r", **kw) as probe:
+        for _ in range(3):
+            model(torch.randn(8, 200)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            weights.append(model[0].weight.detach().clone())
+    raw = probe.run.raw_scalars()
+    raw = raw[(raw.kind == "spread") & (raw.layer == "0")].sort_values("step")
+    for (_, r), w in zip(raw.iterrows(), weights):
+        sp, ref = SP.reference(w)
+        assert r["ref_sumsq"] == pytest.approx(float(ref), rel=1e-5)
+        assert r["sumsq"] == pytest.approx(float(sp), rel=1e-4)

@@ -105,12 +105,14 @@ class SpreadGroup:
     kernel: RowSpread
 
 
-def make_spread_groups(layers: list[Layer]) -> list[SpreadGroup]:
+def make_spread_groups(layers: list[Layer], skip: set[int]) -> list[SpreadGroup]:
+    """The dense weights with a ``spread`` row, but those in ``skip`` (ids of the staged
+    parameters, whose spread the stage summarises), grouped by device and dtype."""
     by_key: dict[tuple[object, object], list[tuple[Tensor, int]]] = {}
     for lay in layers:
         row = lay.rows.get("spread")
         w = spread_weight(lay)
-        if row is None or w is None:
+        if row is None or w is None or id(w) in skip:
             continue
         by_key.setdefault((w.device, w.dtype), []).append((w, row))
     out = []
@@ -134,16 +136,20 @@ class ParamStats:
         self.groups = make_groups(layers, kinds, device)
         self._stage_group = self.groups[0]
         self.staged: list[Tensor] = []  # the parameters of the recorder's stage
-        self._want_post = bool(set(kinds) & {"weight", "update", "drift"})
-        self._stage(self.groups)
-        self.spreads = make_spread_groups(layers) if "spread" in kinds else []
+        self._want_post = bool(set(kinds) & {"weight", "update", "drift", "spread"})
+        self._stage(self.groups, layers)
+        # the staged dense weights' spread is summarised with the stage; the others here
+        staged = {id(p) for p in self.staged}
+        self.spreads = make_spread_groups(layers, staged) if "spread" in kinds else []
+        # Σ W² of the step's large weights, from their weight statistics (reused by spread)
+        self._wsq: dict[int, Tensor] = {}
 
     @property
     def staged_after(self) -> list[Tensor] | None:
         """The staged parameters whose values after the update the stage records."""
         return self.staged if self._want_post else None
 
-    def _stage(self, groups: list[ParamGroup]) -> None:
+    def _stage(self, groups: list[ParamGroup], layers: list[Layer]) -> None:
         """Hand the small parameters of the first group (and the small activations of its
         device and dtype) to the recorder's stage: one buffer row per step, summarised for
         many steps at once (:mod:`gradprobe.capture.stage`)."""
@@ -164,8 +170,11 @@ class ParamStats:
             init = torch.cat([g.init[g.staged[j]].reshape(-1) for j in order])
             assert g.init_sumsq is not None
             init_sumsq = g.init_sumsq[g.staged]
+        spread_of = {id(spread_weight(lay)): lay.rows["spread"] for lay in layers
+                     if "spread" in lay.rows and spread_weight(lay) is not None}
         pset = ParamSet([p.numel() for p in params], rows("update"), rows("drift"), init,
-                        init_sumsq)
+                        init_sumsq, spread_rows=[spread_of.get(id(p), -1) for p in params],
+                        units=[int(p.shape[0]) if p.dim() else 1 for p in params])
         rec.staged.setup(g.params[0].device, g.params[0].dtype, params,
                         rows("grad"), rows("weight"), pset)
         self.staged = params
@@ -278,8 +287,10 @@ class ParamStats:
         """The ``spread`` rows of the dense weights after the update (a fixed number of
         kernels per device and dtype; see :mod:`gradprobe.stats.spread`)."""
         for sg in self.spreads:
-            sp, ref = sg.kernel([p.detach() for p in sg.params])
+            known = [self._wsq.get(id(p)) for p in sg.params]
+            sp, ref = sg.kernel([p.detach() for p in sg.params], known)
             self.recorder.add_many(slot, sg.rows, sg.rows_t, E.ratio_rows(sp, ref), sg.numels)
+        self._wsq.clear()
 
     def _large(self, g: ParamGroup, ws: list[Tensor], slot: int, skipped: bool
                ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -300,6 +311,7 @@ class ParamStats:
             both = rec.summary.weight(w, g.prev[i] if want_u and not skipped else None,
                                       g.init[i] if want_d else None)
             if both is not None:
+                self._wsq[id(g.params[i])] = both[S.SUMSQ]
                 if want_w:
                     vecs.append(both[: S.N_STATS])
                 if want_u:
@@ -314,6 +326,8 @@ class ParamStats:
                 vecs.append(rec.summary.large_weight(w))
             if want_u:
                 up_w.append(vecs[-1][S.SUMSQ] if want_w else E.sumsq(w))
+            if want_w or want_u:
+                self._wsq[id(g.params[i])] = vecs[-1][S.SUMSQ] if want_w else up_w[-1]
                 if not skipped:
                     up_d.append(E.diff_sumsq(g.prev[i], w, g.scratch))
             if want_d:

@@ -200,10 +200,16 @@ class ParamSet:
     init: Tensor | None  # W0 of the parameters, flat, in `order`
     init_sumsq: Tensor | None  # Σ W0² per parameter (float64)
     order: list[int] = field(default_factory=list)  # parameters sorted by size (W_before layout)
+    spread_rows: list[int] = field(default_factory=list)  # per parameter, -1: no spread row
+    units: list[int] = field(default_factory=list)  # rows of each parameter (spread)
 
     def __post_init__(self) -> None:
         if not self.order:
             self.order = sorted(range(len(self.numels)), key=lambda j: self.numels[j])
+        if not self.spread_rows:
+            self.spread_rows = [-1] * len(self.numels)
+        if not self.units:
+            self.units = [1] * len(self.numels)
 
 
 class Stage:
@@ -324,7 +330,8 @@ class Stage:
             return None
         want_u = any(r >= 0 for r in ps.update_rows)
         want_d = any(r >= 0 for r in ps.drift_rows) and ps.init is not None
-        if not (want_u or want_d):
+        want_s = any(r >= 0 for r in ps.spread_rows)
+        if not (want_u or want_d or want_s):
             return None
         n_steps = x.shape[0]
         # W after the step: one contiguous [S, P] region, in the parameter set's size order
@@ -335,6 +342,10 @@ class Stage:
         wsq = _segment_sumsq(post, lens)  # [S, len(order)]
         mats: list[Tensor] = []
         rows: list[int] = []
+        if want_s:  # before the W_before region is consumed: post is read only
+            sp_mat, sp_rows = _spread(ps, post, wsq)
+            mats.append(sp_mat)
+            rows += sp_rows
         pre = x[:, plan.stats_width : plan.stats_width + post.shape[1]] if plan.has_pre else None
         if want_u:
             if pre is not None:
@@ -355,7 +366,35 @@ class Stage:
         if len(keep) != len(rows):
             mat = mat[:, keep]
             rows = [rows[i] for i in keep]
-        return _rows_tensor(plan, ("ratio", want_u, want_d), np.array(rows), x.device), mat
+        return _rows_tensor(plan, ("ratio", want_u, want_d, want_s), np.array(rows), x.device), mat
+
+
+def _spread(ps: ParamSet, post: Tensor, wsq: Tensor) -> tuple[Tensor, list[int]]:
+    """Rows of kind ``spread`` (:mod:`gradprobe.stats.spread`) of the staged steps' weights after
+    the update: per dense weight ``Σ_i ‖w_i − w̄‖² = Σ‖w_i‖² − ‖Σ_i w_i‖²/u`` and ``Σ‖w_i‖²``,
+    all staged steps of one weight in one reduction (``post`` ``[S, Σ lens]`` in ``ps.order``,
+    ``wsq`` its per-parameter ``Σ W²``)."""
+    n_steps = post.shape[0]
+    cols: list[Tensor] = []
+    refs: list[Tensor] = []
+    units: list[int] = []
+    rows: list[int] = []
+    off = 0
+    for k, p in enumerate(ps.order):
+        n = ps.numels[p]
+        if ps.spread_rows[p] >= 0:
+            u = ps.units[p]
+            colsum = post[:, off : off + n].reshape(n_steps, u, n // u).sum(1)
+            cols.append(torch.linalg.vector_norm(colsum, 2, dim=-1).to(E.STAT_DTYPE).square())
+            refs.append(wsq[:, k])
+            units.append(u)
+            rows.append(ps.spread_rows[p])
+        off += n
+    csq = torch.stack(cols, 1)
+    ref = torch.stack(refs, 1)
+    u_t = torch.tensor(units, dtype=E.STAT_DTYPE, device=post.device)
+    spread = (ref - csq / u_t).clamp_min_(0.0)
+    return E.ratio_rows(spread, ref), rows
 
 
 def _name(rule: Rule | None) -> str:

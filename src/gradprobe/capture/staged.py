@@ -252,7 +252,8 @@ class StagedSteps:
             numels = [float(e.numel) for e in stats_entries if e.role == STATS and e.param < 0]
             ps = st.params
             if post and ps is not None:
-                for kind_rows in (self._weight_rows, ps.update_rows, ps.drift_rows):
+                for kind_rows in (self._weight_rows, ps.spread_rows, ps.update_rows,
+                                  ps.drift_rows):
                     for r, n in zip(kind_rows, ps.numels):
                         if r >= 0:
                             rows.append(r)

@@ -20,7 +20,8 @@ device and dtype, whatever their number: the small tensors are concatenated once
 column sums ``Σ_i w_i`` formed by one ``index_add_`` over a column index laid out when the
 probe attaches; ``Σ_i ‖w_i‖²`` comes from one ``_foreach_norm``. Tensors of more than
 :data:`gradprobe.stats.batched.SMALL` elements are reduced one at a time (``sum`` over the rows,
-then a norm), each one pass over ``W``. Sums are accumulated in the weights' precision
+then a norm), each one pass over ``W`` where its ``Σ‖w_i‖²`` is handed in from the weight
+statistics, two passes otherwise. Sums are accumulated in the weights' precision
 (float32 for half precision) and combined in float64; the difference of two float32 sums of
 ``N`` elements is exact to about ``1e-5·Σ‖w_i‖²`` for ``N`` in the tens of thousands (the CPU's
 float32 reductions), so the derived ratio resolves about ``3e-3`` -- far below the 0.05 at
@@ -104,9 +105,12 @@ class RowSpread:
     def nbytes(self) -> int:
         return 8 * ((self.col_idx.numel() if self.col_idx is not None else 0) + self.n_cols)
 
-    def __call__(self, tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    def __call__(self, tensors: Sequence[Tensor],
+                 sumsq: Sequence[Tensor | None] | None = None) -> tuple[Tensor, Tensor]:
         """``(spread_sumsq[n], ref_sumsq[n])`` (float64) of ``tensors`` (the same shapes, device
-        and dtype as at construction), in their order. No host synchronisation."""
+        and dtype as at construction), in their order. ``sumsq[i]``, where given, is
+        ``Σ tensors[i]²`` already computed (the weight statistics of the step): a large tensor
+        then costs one pass (its column sums) instead of two. No host synchronisation."""
         with torch.no_grad():
             sp: list[Tensor] = []
             ref: list[Tensor] = []
@@ -131,9 +135,13 @@ class RowSpread:
                     rows = w.reshape(self.units[i], -1)
                     acc = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else None
                     colsum = rows.sum(0, dtype=acc)
-                    wsq_l.append(torch.linalg.vector_norm(w, dtype=acc))
+                    given = sumsq[i] if sumsq is not None else None
+                    if given is not None:
+                        wsq_l.append(given.to(STAT_DTYPE).reshape(()))
+                    else:
+                        wsq_l.append(torch.linalg.vector_norm(w, dtype=acc).to(STAT_DTYPE).square())
                     csq_l.append(torch.linalg.vector_norm(colsum))
-                wsq = torch.stack(wsq_l).to(STAT_DTYPE).square()
+                wsq = torch.stack(wsq_l)
                 csq = torch.stack(csq_l).to(STAT_DTYPE).square()
                 sp.append(wsq - csq / self.units_large)
                 ref.append(wsq)
