@@ -168,9 +168,9 @@ def test_time_section_shows_when_the_run_has_time_data(built, tmp_path):
     run, _, _ = built
 
     class TimedRun(gp.Run):
-        def time_grads(self) -> pd.DataFrame:
-            rows = [(s, HOSTILE, t, 0.5 ** (20 - t)) for s in (0, 10) for t in range(20)]
-            return pd.DataFrame(rows, columns=["step", "layer", "t", "norm"])
+        def time_gradients(self, wrt: str = "input") -> pd.DataFrame:
+            rows = [(s, HOSTILE, t, 0.5 ** (20 - t), 0) for s in (0, 10) for t in range(20)]
+            return pd.DataFrame(rows, columns=["step", "layer", "t", "grad_norm", "layer_id"])
 
     timed = TimedRun(run.path, run.meta)
     text = gp.report(timed, tmp_path / "t.html", diagnosis=Diagnosis([])).read_text()
@@ -248,3 +248,29 @@ def test_gp_report_is_the_function_in_any_import_order():
          "f = gradprobe.report; print('matplotlib' in sys.modules, callable(f))"],
         capture_output=True, text=True)
     assert light.stdout.split() == ["False", "True"], light.stderr
+
+
+def test_time_section_from_a_real_recurrent_run(tmp_path):
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = torch.nn.RNN(3, 8, batch_first=True)
+            self.head = torch.nn.Linear(8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0][:, -1])
+
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with gp.Probe(net, opt, run_dir=tmp_path / "r", hist_every=2) as probe:
+        for _ in range(4):
+            loss = net(torch.randn(4, 12, 3)).pow(2).mean()
+            probe.observe_loss(loss)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    assert len(probe.run.time_gradients())
+    text = gp.report(probe.run, tmp_path / "t.html", diagnosis=Diagnosis([])).read_text()
+    assert '<figure id="fig-time-grads">' in text

@@ -65,13 +65,16 @@ def layer_info(run: Any) -> Any:
 
 
 def time_frame(run: Any) -> pd.DataFrame | None:
-    """Per-time-step gradients of recurrent layers (``step, layer, t, norm``) when the run
-    exposes them through ``run.time_grads()``; None otherwise."""
-    getter = getattr(run, "time_grads", None)
+    """Per-time-step gradients of recurrent layers (``step, layer, t, norm``) from
+    :meth:`Run.time_gradients` (``∂L/∂x_t``, which carries the gradient through time); None
+    when the run recorded none (no recurrent layer, or no ``hist_every``)."""
+    getter = getattr(run, "time_gradients", None)
     if not callable(getter):
         return None
     frame = getter()
-    return frame if frame is not None and len(frame) else None
+    if frame is None or not len(frame):
+        return None
+    return frame.rename(columns={"grad_norm": "norm"})[["step", "layer", "t", "norm"]]
 
 
 def _header(run: Any, title: str) -> str:
@@ -173,8 +176,9 @@ def report(run_or_path: Any, out: str | os.PathLike[str] = "report.html", *,
     time_plot = F.time_grads(tframe, info) if tframe is not None else None
     if time_plot is not None:
         body.append(fig("time-grads", "Gradients through time (recurrent layers)", time_plot,
-                        "Norm of the loss gradient with respect to each time step's hidden "
-                        "output.", ""))
+                        "Norm of the loss gradient with respect to each time step's input to "
+                        "the recurrent layer: it carries the gradient back through time, so its "
+                        "decay towards early steps is the vanishing gradient through time.", ""))
         nav.append(("time-grads", "Through time"))
     body.append(P.section("layers", "Layers", _layer_table(run, info.order)))
     elapsed = time.perf_counter() - started
