@@ -19,7 +19,10 @@ saturation          ≥ 50 % of a hidden sigmoid/tanh layer's outputs with deriv
                     its maximum on the whole data set, after training
 symmetry            a hidden layer whose weight rows are all equal (to 1e-6 of their norm)
                     after training
-loss-plateau        whole-data loss after training ≥ 0.95 × before
+loss-plateau        whole-data loss after training ≥ 0.95 × before, or (classification) stuck
+                    at chance: the trained model's whole-data accuracy ≤ the majority
+                    class's frequency + 0.05 and its loss within 10 % of ln C (it predicts
+                    the prior)
 learning-rate       retraining with the learning rate × 0.1 (too large) or at a standard rate
                     (too small or zero) ends with ≤ 1/2 the whole-data loss (or finite where
                     the original was not); checked for the cases built for it
@@ -405,6 +408,24 @@ def full_loss(case, model, data):
         return float(_loss_fn("mse" if case.loss == "mse" else "ce")(model(x), y))
 
 
+def at_chance(case, model, data):
+    """Whole-data accuracy minus the majority class's frequency (classification only; NaN
+    unless the whole-data cross-entropy is within 10 % of ln C: the prior is predicted)."""
+    x, y = data
+    if case.loss == "mse" or y.dim() != 1:
+        return float("nan")
+    with torch.no_grad():
+        out = model(x.to(case.dtype))
+    if out.dim() != 2 or out.shape[1] < 2 or not bool(torch.isfinite(out).all()):
+        return float("nan")
+    ce = float(nn.functional.cross_entropy(out.double(), y))
+    if abs(ce - math.log(out.shape[1])) > 0.1 * math.log(out.shape[1]):
+        return float("nan")
+    acc = float((out.argmax(1) == y).double().mean())
+    prior = float(torch.bincount(y).max()) / len(y)
+    return acc - prior
+
+
 # ------------------------------------------------------------------ direct measurements
 
 WEIGHT_TYPES = (nn.Linear, nn.Conv2d)
@@ -505,7 +526,7 @@ def measure(case, before, after, data, rec):
     out["saturation"] = (sat >= 0.5, sat)
     out["symmetry"] = (equal_rows(after), float(equal_rows(after)))
     l0, l1 = full_loss(case, before, data), full_loss(case, after, data)
-    plateau = not math.isfinite(l1) or l1 >= 0.95 * l0
+    plateau = not math.isfinite(l1) or l1 >= 0.95 * l0 or at_chance(case, after, data) <= 0.05
     out["loss-plateau"] = (plateau and not rec["nonfinite"], l1 / l0)
     x = data[0].double()
     rms = x.pow(2).mean(0).sqrt()

@@ -6,7 +6,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gradprobe.diagnose import api, depth, growth, inputs, loss, nonfinite, optimisation, units
+from gradprobe.diagnose import (
+    api,
+    cures,
+    depth,
+    growth,
+    inputs,
+    loss,
+    nonfinite,
+    optimisation,
+    units,
+)
 from gradprobe.diagnose.frames import Frames
 
 COLS = ["count", "mean", "std", "rms", "abs_mean", "norm", "min", "max", "abs_max", "zero_frac",
@@ -240,3 +250,86 @@ def test_merge_keeps_one_finding_per_rule():
     assert d.rules.count("exploding-gradients") == 1
     f = next(iter(d))
     assert len(f.evidence) >= 3
+
+
+# ---------------------------------------------------------------- inputs, spikes, cures
+
+def _two_layer():
+    return layers([("fc0", "Linear", [[32, 8], [32]], None), ("r0", "ReLU", [], "relu"),
+                   ("fc1", "Linear", [[32, 32], [32]], None), ("r1", "ReLU", [], "relu"),
+                   ("head", "Linear", [[4, 32], [4]], None)])
+
+
+def test_small_inputs_seen_through_the_weight_gradient():
+    # ‖g_l‖² = κ ‖δ_l‖² (fan_in · E[x²] + 1); κ = 3 on both layers, layer 2's input RMS 0.7
+    def scal(x_rms):
+        k, d1, d2, h = 3.0, 0.5, 2.0, 0.7
+        return rows({
+            ("fc0", "grad"): {"norm": math.sqrt(k * d1 ** 2 * (8 * x_rms ** 2 + 1))},
+            ("fc1", "grad"): {"norm": math.sqrt(k * d2 ** 2 * (32 * h ** 2 + 1))},
+            ("fc0", "act_grad"): {"norm": d1}, ("fc1", "act_grad"): {"norm": d2},
+            ("r0", "act"): {"rms": h},
+            ("fc0", "act"): {"rms": 0.3, "abs_max": 1.0}, ("fc0", "weight"): {"rms": 0.3},
+        })
+    est = inputs.input_rms_from_gradients(frames(_two_layer(), scal(1e-3)))
+    assert est is not None and est[0] == "fc0" and est[1] < 0.01
+    assert inputs.input_rms_from_gradients(frames(_two_layer(), scal(1.0)))[1] == \
+        pytest.approx(1.0)
+    found = inputs.input_scale(frames(_two_layer(), scal(1e-3)))
+    assert found and "weight gradients" in found[0].evidence[0].name
+    assert not inputs.input_scale(frames(_two_layer(), scal(1.0)))
+
+
+def test_spikes_on_outlier_batches_are_the_inputs():
+    lay = _two_layer()
+    outliers = {15, 25, 33}
+
+    def scal(surge, spikes=(25, 33)):
+        return rows({
+            ("fc0", "weight"): {"rms": 0.1},
+            ("fc0", "act"): lambda s: {"rms": 100.0 if surge and s in outliers else 1.0,
+                                       "abs_max": 4.0},
+            ("fc0", "grad"): lambda s: {"norm": 100.0 if s in spikes else 1.0},
+        }, steps=40)
+    assert not growth.exploding_steps(frames(lay, scal(True)))
+    found = inputs.input_scale(frames(lay, scal(True)))
+    assert found and {e.name for e in found[0].evidence} >= {
+        "a batch's input RMS / the quiet batches'", "gradient-norm spike on an outlier batch"}
+    # the same spikes on clean batches are exploding gradients; a spike off the outliers too
+    assert growth.exploding_steps(frames(lay, scal(False)))
+    assert growth.exploding_steps(frames(lay, scal(True, spikes=(25, 30))))[0].steps == (30, 30)
+    assert not inputs.input_scale(frames(lay, scal(False)))
+
+
+def test_stuck_at_chance_after_falling_to_it():
+    lay = layers([("fc0", "Linear", [[8, 2], [8]], None), ("s", "Sigmoid", [], "sigmoid"),
+                  ("out", "Linear", [[1, 8], [1]], None)])
+    scal = rows({("fc0", "weight"): {"rms": 1.0}}, steps=60)
+
+    def losses(end):
+        return pd.DataFrame({"step": range(60), "loss": [end + (0.85 - end) * math.exp(-s / 5)
+                                                         for s in range(60)]})
+    found = loss.loss_plateau(frames(lay, scal, losses=losses(math.log(2))))
+    assert found and any("ln C" in e.name for e in found[0].evidence)
+    assert not loss.loss_plateau(frames(lay, scal, losses=losses(0.05)))
+
+
+def test_cures_from_the_run():
+    lay = _two_layer()
+    g = rows({("fc0", "grad"): lambda s: {"norm": 3.0 + (s % 2)}}, steps=30)
+    clip = cures.clip_for(frames(lay, g), "why")
+    assert clip.kwargs["max_norm"] == pytest.approx(5 * 3.5, rel=0.05)  # 2 significant digits
+    assert cures.clip_for(frames(lay, g[g["step"] < 3]), "why").kwargs == {"max_norm": 1.0}
+    rnn = layers([("rnn", "LSTM", [[64, 1], [64, 16]], None), ("head", "Linear", [[1, 16]],
+                                                                          None)])
+    first = cures.init_model(frames(rnn, g), "why")[0]
+    assert first.kwargs == {"scheme": "orthogonal", "gain": 1.0, "layers": ["rnn"]}
+    assert [r.name for r in cures.init_model(frames(lay, g), "why")] == ["init_"]
+
+
+def test_dead_relu_names_relu_for_the_swap():
+    lay = mlp_layers(2)
+    scal = rows({("act0", "act"): {"dead_frac": 0.9, "units": 16.0, "count": 64 * 16.0}})
+    swap = [r for r in units.dead_relu(frames(lay, scal))[0].remedies
+            if r.name == "swap_activations_"]
+    assert swap and swap[0].kwargs == {"to": "leaky_relu", "from_": "relu"}

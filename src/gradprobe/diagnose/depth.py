@@ -103,8 +103,8 @@ def _vanishing_remedies(frames: Frames) -> tuple:
     if acts & {"sigmoid", "tanh", "hardtanh"}:
         out.append(cures.swap("relu", "rectifiers pass gradient 1 where active; σ' ≤ 1/4 "
                               "shrinks it every layer (Glorot & Bengio 2010)"))
-    out.append(cures.init_for(acts, "variance-preserving initialisation keeps Var(δ) "
-                              "constant across layers (Glorot & Bengio 2010; He et al. 2015)"))
+    out.extend(cures.init_model(frames, "variance-preserving initialisation keeps Var(δ) "
+                                "constant across layers (Glorot & Bengio 2010; He et al. 2015)"))
     out.append(cures.norm("batch", "normalisation re-scales each layer's signal "
                           "(Ioffe & Szegedy 2015)"))
     out.append(cures.residual("identity paths carry the gradient past every block "
@@ -182,7 +182,6 @@ def exploding_depth(frames: Frames) -> list[Finding]:
         if rows:
             evidence.append(Evidence("activation RMS factor per layer",
                                      10 ** float(np.median(rows)), note="forward signal"))
-    acts_used = frames.activations()
     return [Finding(
         rule="exploding-gradients",
         severity="error" if decades >= 2 * EXPLODE_DECADES else "warning",
@@ -193,9 +192,10 @@ def exploding_depth(frames: Frames) -> list[Finding]:
                      "so it grows geometrically toward the input (Pascanu et al. 2013; "
                      "Glorot & Bengio 2010)."),
         remedies=(
-            cures.init_for(acts_used, "a variance-preserving initialisation keeps each "
-                           "layer's gain near 1 (Glorot & Bengio 2010; He et al. 2015)"),
-            cures.clip(1.0, "caps the step the exploded gradient takes (Pascanu et al. 2013)"),
+            *cures.init_model(frames, "a variance-preserving initialisation keeps each "
+                              "layer's gain near 1 (Glorot & Bengio 2010; He et al. 2015)"),
+            cures.clip_for(frames, "caps the step the exploded gradient takes "
+                           "(Pascanu et al. 2013)"),
             cures.norm("batch", "normalisation removes the per-layer gain "
                        "(Ioffe & Szegedy 2015)"),
             cures.lr(0.1, "a smaller step keeps the large gradients from diverging"),

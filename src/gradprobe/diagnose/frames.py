@@ -28,6 +28,7 @@ NORMALISER_TYPES = frozenset({
     "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "LocalResponseNorm",
 })
 EMBEDDING_TYPES = frozenset({"Embedding", "EmbeddingBag"})
+RECURRENT_TYPES = frozenset({"RNN", "LSTM", "GRU"})
 AFFINE_TYPES = frozenset({
     "Linear", "LazyLinear", "Conv1d", "Conv2d", "Conv3d", "LazyConv1d", "LazyConv2d",
     "LazyConv3d",
@@ -115,6 +116,14 @@ class Frames:
         names = set(keep["name"])
         return [n for n in self.depth_order() if n in names]
 
+    def recurrent(self) -> list[str]:
+        """Names of the recurrent layers (RNN, LSTM, GRU) that ran, in depth order."""
+        lay = self.layers
+        if lay.empty:
+            return []
+        names = set(lay[lay["type"].isin(RECURRENT_TYPES) & lay["depth"].notna()]["name"])
+        return [n for n in self.depth_order() if n in names]
+
     def layer_row(self, name: str) -> dict[str, Any]:
         rows = self.layers[self.layers["name"] == name]
         return rows.iloc[0].to_dict() if len(rows) else {}
@@ -160,6 +169,22 @@ def depth_slope(logs: np.ndarray) -> tuple[float, float]:
     return slope, agree
 
 
+def grad_norm(frames: Frames) -> pd.Series:
+    """Total gradient norm per step, ``G_t = sqrt(Σ_layers ‖∇θ_l‖²)`` (finite steps only)."""
+    rows = frames.kind("grad")
+    if rows.empty:
+        return pd.Series(dtype="float64")
+    sq = (rows["norm"].astype("float64") ** 2).groupby(rows["step"]).sum(min_count=1)
+    g = np.sqrt(sq)
+    return g[np.isfinite(g)].sort_index()
+
+
+def spike_ratios(values: pd.Series, window: int) -> pd.Series:
+    """``value / median of the previous window``, for steps with a full window."""
+    prev = values.shift(1).rolling(window, min_periods=window).median()
+    return (values / prev).dropna()
+
+
 def step_range(steps: Any) -> tuple[int, int] | None:
     s = [int(v) for v in steps]
     return (min(s), max(s)) if s else None
@@ -172,5 +197,5 @@ def tail(values: pd.Series | np.ndarray, frac: float = 1.0 / 3.0, minimum: int =
     return a[-k:]
 
 
-__all__ = ["AFFINE_TYPES", "EMBEDDING_TYPES", "NORMALISER_TYPES", "Frames", "depth_slope",
-           "empty_layers", "log10", "step_range", "tail"]
+__all__ = ["AFFINE_TYPES", "EMBEDDING_TYPES", "NORMALISER_TYPES", "RECURRENT_TYPES", "Frames", "depth_slope",
+           "empty_layers", "grad_norm", "log10", "spike_ratios", "step_range", "tail"]

@@ -17,6 +17,12 @@ size, width or dtype (each multiplies the whole series by one factor):
   loss near zero; or the loss's running median climbs to ``LOSS_SPIKE`` × its first value
   (divergence).
 
+Spikes on batches that carry input outliers (:func:`gradprobe.diagnose.outliers.outlier_steps`:
+the first layer's output jumped by ``SURGE`` × with its weights unchanged) are not counted: the
+first layer's weight gradient ``δ xᵀ`` scales with the input, so a 1000× outlier makes a large
+gradient without any feedback loop. The ``input-scale`` finding reports them, as one finding
+that explains both.
+
 Non-finite values are the ``nonfinite`` rule's (they are skipped here), AMP-skipped steps are
 removed before anything is compared.
 """
@@ -28,7 +34,8 @@ import pandas as pd
 
 from gradprobe.diagnose import cures
 from gradprobe.diagnose.finding import Evidence, Finding
-from gradprobe.diagnose.frames import Frames
+from gradprobe.diagnose.frames import Frames, grad_norm, spike_ratios
+from gradprobe.diagnose.outliers import outlier_steps
 
 GROWTH = 100.0
 SPIKE = 30.0
@@ -38,20 +45,13 @@ SMOOTH = 5
 MIN_STEPS = 12
 
 
-def grad_norm(frames: Frames) -> pd.Series:
-    """Total gradient norm per step (finite steps only)."""
-    rows = frames.kind("grad")
-    if rows.empty:
+def gradient_spikes(frames: Frames) -> pd.Series:
+    """``G_t / median of the WINDOW steps before``, at the steps where it reaches ``SPIKE``."""
+    g = grad_norm(frames)
+    if len(g) < MIN_STEPS:
         return pd.Series(dtype="float64")
-    sq = (rows["norm"].astype("float64") ** 2).groupby(rows["step"]).sum(min_count=1)
-    g = np.sqrt(sq)
-    return g[np.isfinite(g)].sort_index()
-
-
-def _spikes(values: pd.Series, factor: float, window: int) -> pd.Series:
-    """``value / median of the previous window``, for steps with a full window."""
-    prev = values.shift(1).rolling(window, min_periods=window).median()
-    return (values / prev).dropna()
+    ratio = spike_ratios(g, WINDOW)
+    return ratio[ratio >= SPIKE]
 
 
 def exploding_steps(frames: Frames) -> list[Finding]:
@@ -68,8 +68,8 @@ def exploding_steps(frames: Frames) -> list[Finding]:
                 evidence.append(Evidence("gradient norm (running median) / its start", growth,
                                          GROWTH, ">=", "first recorded step"))
                 steps += [int(smooth.idxmax())]
-        ratio = _spikes(g, SPIKE, WINDOW)
-        hits = ratio[ratio >= SPIKE] if len(g) >= MIN_STEPS else ratio.iloc[0:0]
+        hits = gradient_spikes(frames)
+        hits = hits[~hits.index.isin(outlier_steps(frames))] if len(hits) else hits
         if len(hits):
             evidence.append(Evidence("gradient-norm spike / median of previous steps",
                                      float(hits.max()), SPIKE, ">=",
@@ -87,7 +87,7 @@ def exploding_steps(frames: Frames) -> list[Finding]:
                                          float(smooth.max() / start), LOSS_SPIKE, ">=",
                                          "the loss diverges"))
                 steps += [int(smooth.idxmax())]
-            ratio = _spikes(series, LOSS_SPIKE, WINDOW)
+            ratio = spike_ratios(series, WINDOW)
             if len(series) < MIN_STEPS:
                 ratio = ratio.iloc[0:0]
             hits = ratio[(ratio >= LOSS_SPIKE) & (series.reindex(ratio.index) > abs(start))]
@@ -98,7 +98,6 @@ def exploding_steps(frames: Frames) -> list[Finding]:
                 steps += [int(hits.index.min()), int(hits.index.max())]
     if not evidence:
         return []
-    acts = frames.activations()
     return [Finding(
         rule="exploding-gradients",
         severity="error" if len(evidence) > 1 else "warning",
@@ -109,13 +108,13 @@ def exploding_steps(frames: Frames) -> list[Finding]:
                      "run's own history: the update overshoots a steep region of the loss and "
                      "feeds back into larger gradients (Pascanu et al. 2013)."),
         remedies=(
-            cures.clip(1.0, "bounds the step a spike can take (Pascanu et al. 2013)"),
+            cures.clip_for(frames, "bounds the step a spike can take (Pascanu et al. 2013)"),
             cures.lr(0.1, "a smaller step stays inside the region where the gradient is "
                      "informative"),
-            cures.init_for(acts, "a variance-preserving initialisation starts the layer gains "
-                           "near 1 (Glorot & Bengio 2010; He et al. 2015)"),
+            *cures.init_model(frames, "a variance-preserving initialisation starts the layer "
+                              "gains near 1 (Glorot & Bengio 2010; He et al. 2015)"),
         ),
     )]
 
 
-__all__ = ["GROWTH", "LOSS_SPIKE", "SPIKE", "exploding_steps", "grad_norm"]
+__all__ = ["GROWTH", "LOSS_SPIKE", "SPIKE", "exploding_steps", "grad_norm", "gradient_spikes"]

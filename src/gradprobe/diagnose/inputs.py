@@ -20,9 +20,35 @@ Outliers: a few huge inputs dominate the first layer (and blow up the loss; LeCu
 Gaussian pre-activations of a million elements stay below ~5.5 RMS, images and heavy-tailed
 features below ~15. The median over the steps is used.
 
-The first layer is the first weight layer in depth order; the estimate needs an affine layer
-with parameters (Linear, ConvNd) whose weight and activation statistics were recorded; a model
-that starts with an embedding or a normaliser has normalised inputs by construction.
+Inputs too small: ``ρ`` cannot see them, because the layer's output is then its bias
+(``RMS(y) → RMS(b)``) and the stored statistics pool a layer's weight and bias. The weight
+*gradient* sees them: it is proportional to the input. For an affine layer over a batch,
+``∂L/∂W = Σ_n δ_n x_nᵀ`` and ``∂L/∂b = Σ_n δ_n`` with ``δ_n = ∂L/∂y_n``; with ``δ`` and ``x``
+uncorrelated,
+
+    ``‖∇θ_l‖² ≈ κ_l · ‖δ_l‖² · (fan_in_l · E[x_{l−1}²] + [l has a bias])``
+
+where ``κ_l`` (1 for independent examples, up to the batch size for identical ones) says how
+coherent the per-example gradients are. Layer 2's input is recorded (the output of the module
+before it), which gives ``κ_2``; the same batch and backward signal one layer apart give
+``κ_1 ≈ κ_2``, and then layer 1's equation gives ``E[x²]``, the input's mean square per feature
+(``grad``, ``act_grad`` and ``act`` of the first two affine layers, median over the steps).
+It fires at ``≤ 1/SCALE``. Measured on the diagnosis suite: 0.66–3 on every healthy and
+otherwise pathological run, 0.05 for inputs scaled by 1e-3 (whose ``ρ`` was 0.36).
+
+Outlier batches: the per-step ratio ``RMS(y_t) / RMS(W_t)`` is proportional to the RMS of the
+step's inputs while the weights keep their initial scale (within a factor ``GROWN`` = 2). A
+batch whose ratio is ``SURGE`` (10) times the run's quiet level (its 10th percentile) carries
+inputs ten times larger than the rest: an outlier dominates it (batches of clean data differ
+by a few per cent, by the central limit theorem). Two such steps or more are evidence of
+outliers; gradient-norm spikes on those very steps (the first layer's weight gradient is
+proportional to its input) are reported here, as the inputs' doing, and not as exploding
+gradients (:func:`gradprobe.diagnose.outliers.outlier_steps`, which the exploding rule
+consults too).
+
+The first layer is the first weight layer in depth order; the estimates need affine layers
+with parameters (Linear, ConvNd) whose statistics were recorded; a model that starts with an
+embedding or a normaliser has normalised inputs by construction.
 """
 
 from __future__ import annotations
@@ -33,12 +59,15 @@ import numpy as np
 
 from gradprobe.diagnose import cures
 from gradprobe.diagnose.finding import Evidence, Finding
-from gradprobe.diagnose.frames import AFFINE_TYPES, Frames, step_range
+from gradprobe.diagnose.frames import AFFINE_TYPES, NORMALISER_TYPES, Frames, step_range
+from gradprobe.diagnose.growth import SPIKE, gradient_spikes
 from gradprobe.diagnose.input_stats import measured_input_scale
+from gradprobe.diagnose.outliers import SURGE, input_surges, outlier_steps
 
 SCALE = 10.0
 OUTLIER = 50.0
 MOVED = 0.1
+MIN_GRAD_STEPS = 5
 
 
 def first_layer(frames: Frames) -> str | None:
@@ -76,15 +105,65 @@ def input_rms(frames: Frames) -> tuple[str, float] | None:
     return name, float(a["rms"] / (wr["rms"] * math.sqrt(fan_in)))
 
 
+def _affine(frames: Frames, name: str) -> tuple[int, bool] | None:
+    """``(fan_in, has_bias)`` of an affine layer, else None."""
+    row = frames.layer_row(name)
+    shapes = row.get("param_shapes") or []
+    if row.get("type") not in AFFINE_TYPES or not shapes or len(shapes[0]) < 2:
+        return None
+    return int(np.prod(shapes[0][1:])), len(shapes) > 1
+
+
+def input_rms_from_gradients(frames: Frames) -> tuple[str, float, int] | None:
+    """``(layer, estimated input RMS per feature, steps used)`` from the weight gradients of the
+    first two affine layers (module docstring), or None where it cannot be estimated."""
+    chain = frames.chain()
+    if len(chain) < 2 or chain[0] != first_layer(frames):
+        return None
+    l1, l2 = chain[0], chain[1]
+    a1, a2 = _affine(frames, l1), _affine(frames, l2)
+    order = frames.depth_order()
+    if a1 is None or a2 is None or order.index(l2) == 0:
+        return None
+    prev = order[order.index(l2) - 1]
+    row = frames.layer_row(prev)
+    if prev != l1 and row.get("param_shapes") and row.get("type") not in NORMALISER_TYPES:
+        return None  # the module before layer 2 is not known to hand it its input
+    g = frames.wide("grad", "norm", [l1, l2])
+    d = frames.wide("act_grad", "norm", [l1, l2])
+    h = frames.wide("act", "rms", [prev])
+    if g.shape[1] < 2 or d.shape[1] < 2 or h.shape[1] < 1:
+        return None
+    steps = g.index.intersection(d.index).intersection(h.index)
+    g, d, h = (t.loc[steps].to_numpy(dtype="float64") for t in (g, d, h))
+    (f1, b1), (f2, b2) = a1, a2
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        kappa2 = g[:, 1] ** 2 / (d[:, 1] ** 2 * (f2 * h[:, 0] ** 2 + b2))
+        x2 = (g[:, 0] ** 2 / (kappa2 * d[:, 0] ** 2) - b1) / f1
+    x2 = x2[np.isfinite(x2)]
+    if len(x2) < MIN_GRAD_STEPS:
+        return None
+    return l1, math.sqrt(max(float(np.median(x2)), 0.0)), len(x2)
+
+
 def input_scale(frames: Frames) -> list[Finding]:
     measured = measured_input_scale(frames)  # the recorded input (kind "input") first
     if measured is not None:
         return measured
     est = input_rms(frames)
-    if est is None:
+    small = input_rms_from_gradients(frames)
+    surges = input_surges(frames)
+    hot = outlier_steps(frames)
+    if est is None and small is None and not len(hot):
         return []
-    name, rho = est
+    name, rho = est if est is not None else (first_layer(frames) or "", 1.0)
     evidence = []
+    if small is not None and small[1] <= 1.0 / SCALE and rho < SCALE:
+        name = small[0]
+        evidence.append(Evidence("input RMS per feature estimated from the weight gradients",
+                                 small[1], 1.0 / SCALE, "<=",
+                                 f"first two layers' grad / act_grad, median over {small[2]} "
+                                 "steps; normalised ≈ 1"))
     if rho >= SCALE or rho <= 1.0 / SCALE:
         evidence.append(Evidence("estimated input RMS per feature", rho,
                                  SCALE if rho >= SCALE else 1.0 / SCALE,
@@ -98,6 +177,17 @@ def input_scale(frames: Frames) -> list[Finding]:
         if peak >= OUTLIER:
             evidence.append(Evidence(f"{name} output abs_max / RMS", peak, OUTLIER, ">=",
                                      "outliers dominate the first layer; median over steps"))
+    if len(hot):
+        evidence.append(Evidence("a batch's input RMS / the quiet batches'",
+                                 float(surges.max()), SURGE, ">=",
+                                 f"{len(hot)} of {len(surges)} steps; RMS(y)/RMS(W) of the "
+                                 "first layer against its 10th percentile"))
+        spikes = gradient_spikes(frames)
+        on = spikes[spikes.index.isin(hot)]
+        if len(on):
+            evidence.append(Evidence("gradient-norm spike on an outlier batch", float(on.max()),
+                                     SPIKE, ">=", f"{len(on)} spike(s), each on a batch with "
+                                     "outliers: the weight gradient scales with the input"))
     if not evidence:
         return []
     return [Finding(
@@ -112,4 +202,5 @@ def input_scale(frames: Frames) -> list[Finding]:
     )]
 
 
-__all__ = ["OUTLIER", "SCALE", "input_rms", "input_scale"]
+__all__ = ["OUTLIER", "SCALE", "SURGE", "first_layer", "input_rms", "input_rms_from_gradients",
+           "input_scale", "input_surges", "outlier_steps"]

@@ -11,8 +11,14 @@ not matter:
 * *Chance level* (cross-entropy over ``C`` classes predicts ``1/C`` everywhere at
   ``L = ln C``): ``C`` is ``config["n_classes"]`` (or ``num_classes``/``classes``) if recorded,
   else the output layer's width when ``L0`` lies within 25 % of its ``ln C`` (the loss then is
-  cross-entropy from an uninformed start). A plateau whose ``L_end`` is within ``CHANCE``
-  (10 %) of ``ln C`` is reported as stuck at chance: the network predicts the class prior.
+  cross-entropy from an uninformed start); a single output (a binary classifier's logit,
+  ``binary_cross_entropy_with_logits``) counts as ``C = 2``. An ``L_end`` within ``CHANCE``
+  (10 %) of ``ln C`` is reported as stuck at chance: the network predicts the class prior. This
+  holds even when the loss improved on ``L0``, provided it stopped falling (the median of the
+  last fifth is within ``IMPROVE`` of the median of the fifth that ends halfway): a network
+  initialised far from the prior (large random weights give confident wrong outputs,
+  ``L0 > ln C``) first falls *to* chance, and staying there is the plateau; a slow run that
+  is passing through ``ln C`` on its way down is not.
 * *Oscillating*: the spread of the second half, ``(p90 − p10) / median``, reaches
   ``OSCILLATION`` (1): the loss jumps by its own size from step to step instead of settling
   (too large a learning rate; Goodfellow et al. 2016, §8.1.3).
@@ -46,8 +52,9 @@ def n_classes(frames: Frames, start_loss: float) -> int | None:
         return None
     shapes = frames.layer_row(chain[-1]).get("param_shapes") or []
     width = int(shapes[0][0]) if shapes and shapes[0] else 0
-    if width >= 2 and abs(start_loss - math.log(width)) <= 0.25 * math.log(width):
-        return width
+    classes = 2 if width == 1 else width
+    if classes >= 2 and abs(start_loss - math.log(classes)) <= 0.25 * math.log(classes):
+        return classes
     return None
 
 
@@ -66,19 +73,20 @@ def loss_plateau(frames: Frames) -> list[Finding]:
     if start == 0:
         return []
     improvement = (start - end) / abs(start)
-    if improvement >= IMPROVE:
+    classes = n_classes(frames, start)
+    chance = classes is not None and abs(end - math.log(classes)) <= CHANCE * math.log(classes)
+    k = max(START, len(values) // 5)
+    mid = float(np.median(values[max(0, len(values) // 2 - k):len(values) // 2]))
+    stalled = mid != 0 and (mid - end) / abs(mid) < IMPROVE
+    if improvement >= IMPROVE and not (chance and stalled):
         return []
     evidence = [Evidence("relative loss improvement since the start", improvement, IMPROVE,
                          "<", f"first loss {start:.4g}, median of the last fifth {end:.4g}")]
-    classes = n_classes(frames, start)
-    chance = False
-    if classes is not None:
+    if chance and classes is not None:
         ln_c = math.log(classes)
-        if abs(end - ln_c) <= CHANCE * ln_c:
-            chance = True
-            evidence.append(Evidence("final loss / ln C", end / ln_c,
-                                     note=f"ln C = {ln_c:.4g}: chance level of {classes} "
-                                     "classes"))
+        evidence.append(Evidence("final loss / ln C", end / ln_c,
+                                 note=f"within {CHANCE:.0%} of 1; ln C = {ln_c:.4g}: chance "
+                                 f"level of {classes} classes"))
     half = values[len(values) // 2:]
     med = float(np.median(half))
     spread = float((np.percentile(half, 90) - np.percentile(half, 10)) / med) if med > 0 else 0
@@ -100,6 +108,10 @@ def loss_plateau(frames: Frames) -> list[Finding]:
                      else "the loss oscillates: the step overshoots"),
             cures.init_for(acts, "a variance-preserving start lets every layer learn "
                            "(Glorot & Bengio 2010; He et al. 2015)"),
+            *((cures.swap("relu", "saturating units pass at most 1/4 (sigmoid) of the "
+                          "gradient per layer; rectifiers pass all of it where active "
+                          "(Glorot, Bordes & Bengio 2011)"),)
+              if acts & {"sigmoid", "tanh", "hardtanh"} else ()),
             cures.norm("batch", "normalisation conditions the problem (Ioffe & Szegedy 2015)"),
         ),
     )]

@@ -82,7 +82,8 @@ def nonfinite(frames: Frames) -> list[Finding]:
         explanation=f"First non-finite value in the {where} at step {step}. " + _EXPLAIN,
         remedies=(
             cures.lr(0.1, "too large a step is the commonest source of overflow"),
-            cures.clip(1.0, "bounds the update a huge gradient can make (Pascanu et al. 2013)"),
+            cures.clip_for(frames, "bounds the update a huge gradient can make "
+                           "(Pascanu et al. 2013)"),
             cures.standardize("inputs of large scale overflow the first layer"),
         ),
     )]

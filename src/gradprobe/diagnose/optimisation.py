@@ -11,7 +11,8 @@ cs231n's "ratio of updates to values"): a thousand steps to change a layer by it
   ``‖W−W0‖/‖W0‖`` reaches ``DRIFTED`` (10): the large early steps did not settle but carried
   the weights ten times their own size away (too large a step inflates the weights until the
   ratio looks small again, so the run's late median alone misses it). Error at ``1`` (each
-  step replaces the weights). A large rate that still trains (Adam at 2e-2 on a small MLP:
+  step replaces the weights). The remedy scales the rate by ``HEALTHY / ratio`` (to the healthy
+  ``1e-3``, within ``[1e-3, 0.1]``). A large rate that still trains (Adam at 2e-2 on a small MLP:
   early ratio 0.12, drift 2) does not fire.
 * **Too small**: even the layer that moves most changes by at most ``LOW`` (``1e-5``, two
   decades below healthy) per step, median over the steps: a hundred thousand steps to change a
@@ -35,6 +36,7 @@ from gradprobe.diagnose.frames import NORMALISER_TYPES, Frames, step_range
 
 HIGH = 0.1
 LOW = 1e-5
+HEALTHY = 1e-3
 EARLY = 5
 DRIFTED = 10.0
 REPLACE = 1.0
@@ -88,9 +90,11 @@ def learning_rate(frames: Frames) -> list[Finding]:
             explanation=("Each step changes the weights by a large fraction of themselves, far "
                          "above the healthy ~1e-3 (Karpathy 2019): the learning rate is too "
                          "large for the curvature of the loss (LeCun et al. 1998)."),
-            remedies=(cures.lr(round(min(0.1, 1e-2 / typical), 6) if typical > 0.1 else 0.1,
-                               "brings the update/weight ratio toward 1e-3"),
-                      cures.clip(1.0, "bounds the steps while the rate is tuned")),
+            remedies=(cures.lr(float(f"{min(0.1, max(1e-3, HEALTHY / typical)):.2g}")
+                               if typical > 0.1 else 0.1,
+                               "brings the update/weight ratio to the healthy 1e-3 (Adam's "
+                               "step is proportional to the rate; SGD's at least)"),
+                      cures.clip_for(frames, "bounds the steps while the rate is tuned")),
         )]
     if fastest <= LOW and finite_rows.sum() >= MIN_STEPS:
         factor = 10.0 if fastest == 0 else float(min(1e3, max(10.0, 1e-3 / fastest)))

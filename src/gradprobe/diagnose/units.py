@@ -92,7 +92,7 @@ def dead_relu(frames: Frames) -> list[Finding]:
                      "usually from a large learning rate or a negative bias."),
         remedies=(
             cures.swap("leaky_relu", "a negative slope keeps a gradient on every unit "
-                       "(Maas et al. 2013)"),
+                       "(Maas et al. 2013)", from_="relu"),
             cures.init_for(acts | {"relu"}, "He initialisation with zero bias starts half of "
                            "each unit's inputs active (He et al. 2015)"),
             cures.lr(0.1, "large steps push biases far negative and kill units"),
