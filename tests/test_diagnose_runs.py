@@ -139,6 +139,6 @@ def test_cli_json_and_terminal(runs):
 def test_diagnose_imports_no_capture_or_report():
     code = ("import sys, gradprobe.diagnose.api; "
             "print(sorted(m for m in ('gradprobe.capture', 'gradprobe.capture.probe', "
-            "'gradprobe.report', 'gradprobe.lab', 'matplotlib') if m in sys.modules))")
+            "'gradprobe.report.html', 'gradprobe.report.figures', 'gradprobe.lab', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stderr
