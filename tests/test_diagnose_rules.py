@@ -311,6 +311,9 @@ def test_stuck_at_chance_after_falling_to_it():
                                                          for s in range(60)]})
     found = loss.loss_plateau(frames(lay, scal, losses=losses(math.log(2))))
     assert found and any("ln C" in e.name for e in found[0].evidence)
+    for e in found[0].evidence:  # every comparison shown is one that holds
+        if e.relation == "<":
+            assert e.threshold is not None and e.value < e.threshold, e
     assert not loss.loss_plateau(frames(lay, scal, losses=losses(0.05)))
 
 

@@ -80,8 +80,13 @@ def loss_plateau(frames: Frames) -> list[Finding]:
     stalled = mid != 0 and (mid - end) / abs(mid) < IMPROVE
     if improvement >= IMPROVE and not (chance and stalled):
         return []
-    evidence = [Evidence("relative loss improvement since the start", improvement, IMPROVE,
-                         "<", f"first loss {start:.4g}, median of the last fifth {end:.4g}")]
+    if improvement < IMPROVE:
+        evidence = [Evidence("relative loss improvement since the start", improvement, IMPROVE,
+                             "<", f"first loss {start:.4g}, median of the last fifth {end:.4g}")]
+    else:  # fell to chance, then stopped: the comparison that fired is the later one
+        evidence = [Evidence("relative loss improvement over the second half", (mid - end) /
+                             abs(mid), IMPROVE, "<", f"median before the middle {mid:.4g}, "
+                             f"median of the last fifth {end:.4g}")]
     if chance and classes is not None:
         ln_c = math.log(classes)
         evidence.append(Evidence("final loss / ln C", end / ln_c,
