@@ -336,3 +336,20 @@ def test_dead_relu_names_relu_for_the_swap():
     swap = [r for r in units.dead_relu(frames(lay, scal))[0].remedies
             if r.name == "swap_activations_"]
     assert swap and swap[0].kwargs == {"to": "leaky_relu", "from_": "relu"}
+
+
+def test_growth_needs_a_sustained_rise_against_a_robust_start():
+    lay = _two_layer()
+
+    def run(norm):
+        return growth.exploding_steps(frames(lay, rows({("fc0", "grad"): lambda s: {
+            "norm": norm(s)}}, steps=60)))
+
+    # a tiny first gradient (a flat start), then an ordinary level: no explosion
+    assert not run(lambda s: 1e-3 if s == 0 else 0.2 + 0.05 * (s % 3))
+    # a rise (no step a spike) that passes 100x the start for 4 smoothed steps only
+    assert not run(lambda s: 1.27 ** s if s < 18 else 200.0 if s < 22 else 1.0)
+    # geometric growth that holds: explosion, with the start taken as a median
+    found = run(lambda s: 1.1 ** s)
+    assert found and found[0].rule == "exploding-gradients"
+    assert "median of the first" in found[0].evidence[0].note

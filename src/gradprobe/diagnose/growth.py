@@ -5,7 +5,11 @@ size, width or dtype (each multiplies the whole series by one factor):
 
 * **growth**: the total gradient norm ``G_t = sqrt(Σ_layers ‖∇W_l‖²)``, smoothed by a running
   median of ``SMOOTH`` steps (one spike does not make a trend), rises to at least
-  ``GROWTH`` (100×) its first value (the model as initialised). Healthy runs move ``G``
+  ``GROWTH`` (100×) its start (the median of the first ``SMOOTH`` steps: one odd first
+  gradient, e.g. a tiny one at a flat start, does not set the scale) and stays there for ``SMOOTH``
+  steps, or until the run ends: a feedback loop keeps growing, whereas a network leaving a
+  flat start (a deep sigmoid net whose first gradient is tiny) passes the mark once and falls
+  back. Healthy runs move ``G``
   by a factor of a few as the loss falls or the weights grow; two decades is a feedback loop
   (Pascanu et al. 2013: the gradient norm grows with the largest Jacobian singular value,
   geometrically in steps once weights grow).
@@ -45,6 +49,15 @@ SMOOTH = 5
 MIN_STEPS = 12
 
 
+def _longest_run(flags: np.ndarray) -> int:
+    """The longest stretch of consecutive True values."""
+    best = run = 0
+    for f in flags:
+        run = run + 1 if f else 0
+        best = max(best, run)
+    return best
+
+
 def gradient_spikes(frames: Frames) -> pd.Series:
     """``G_t / median of the WINDOW steps before``, at the steps where it reaches ``SPIKE``."""
     g = grad_norm(frames)
@@ -60,13 +73,15 @@ def exploding_steps(frames: Frames) -> list[Finding]:
     steps: list[int] = []
     g = grad_norm(frames)
     if len(g) > SMOOTH and (g > 0).any():
-        start = float(g.iloc[0])
         smooth = g.rolling(SMOOTH, min_periods=SMOOTH).median().dropna()
-        if start > 0 and len(smooth):
-            growth = float(smooth.max() / start)
-            if growth >= GROWTH:
+        start = float(smooth.iloc[0]) if len(smooth) else 0.0
+        if start > 0:
+            high = (smooth / start >= GROWTH).to_numpy()
+            if _longest_run(high) >= SMOOTH or (len(high) and high[-1]):
+                growth = float(smooth.max() / start)
                 evidence.append(Evidence("gradient norm (running median) / its start", growth,
-                                         GROWTH, ">=", "first recorded step"))
+                                         GROWTH, ">=", f"start: median of the first {SMOOTH} "
+                                         f"steps; held for {_longest_run(high)} steps"))
                 steps += [int(smooth.idxmax())]
         hits = gradient_spikes(frames)
         hits = hits[~hits.index.isin(outlier_steps(frames))] if len(hits) else hits
