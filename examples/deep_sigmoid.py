@@ -76,6 +76,6 @@ if __name__ == "__main__":
         sys.exit("usage: python examples/deep_sigmoid.py RUN_DIR")
     torch.manual_seed(0)
     model, optimizer = make()
-    with gp.Probe(model, optimizer, run_dir=sys.argv[1], overwrite=True) as probe:
+    with gp.Probe(model, optimizer, run_dir=sys.argv[1], hist_every=60, overwrite=True) as probe:
         val = train(model, optimizer, probe)
     print(f"held-out loss {val:.3f} (chance: ln 2 = 0.693); run written to {sys.argv[1]}")
