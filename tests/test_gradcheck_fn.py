@@ -282,3 +282,36 @@ def test_non_finite_perturbed_loss_names_the_coordinate():
     ) as info:
         gp.gradcheck_fn(lambda p: float(np.sum(np.log(p[0]))), [w], [1 / w])
     assert "eps" in (info.value.hint or "")
+
+
+# ------------------------------------------------------------------------------ options record
+
+_OPTION_DEFAULTS = {
+    "eps": 1e-7, "dtype": torch.float64, "mode": "full", "k": 32, "n_directions": 8, "seed": 0,
+    "ok_tol": 1e-7, "bug_tol": 1e-3, "vectorize": "auto", "chunk_size": None,
+    "max_memory_mb": 256.0, "n_worst": 5,
+}
+
+
+def test_options_are_one_frozen_validated_record_behind_both_signatures():
+    import dataclasses
+    import inspect
+
+    from gradprobe.check import CheckOptions
+
+    opts = CheckOptions()
+    assert {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)} == _OPTION_DEFAULTS
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.eps = 1e-6  # type: ignore[misc]
+    with pytest.raises(ConfigError, match="eps"):
+        CheckOptions(eps=-1.0)
+    model_only = {"regularization": None, "random_layers": "reseed"}
+    for fn, extra in ((gp.gradcheck, model_only), (gp.gradcheck_fn, {})):
+        kw = {
+            p.name: p.default
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind is p.KEYWORD_ONLY
+        }
+        assert kw == {**_OPTION_DEFAULTS, **extra}
+    with pytest.raises(TypeError, match="gradcheck_fn.*'epsilon'"):
+        gp.gradcheck_fn(_f, [np.ones(2)], [2 * np.ones(2)], epsilon=1e-6)

@@ -8,6 +8,7 @@ public functions).
 """
 
 from gradprobe.check.engine import gradcheck, gradcheck_fn
+from gradprobe.check.options import CheckOptions
 from gradprobe.check.report import CoordinateCheck, GradCheckReport, TensorCheck
 
-__all__ = ["CoordinateCheck", "GradCheckReport", "TensorCheck", "gradcheck", "gradcheck_fn"]
+__all__ = ["CheckOptions", "CoordinateCheck", "GradCheckReport", "TensorCheck", "gradcheck", "gradcheck_fn"]

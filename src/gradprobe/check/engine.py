@@ -63,11 +63,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from gradprobe.check.evaluator import (
     _Evaluator,
@@ -78,12 +79,13 @@ from gradprobe.check.options import (
     _KINK_SHARE,
     _MAX_CHUNK,
     _NOISE_SAFETY,
-    Mode,
+    CheckKwargs,
+    CheckOptions,
     ParamsLike,
     RandomLayers,
     Verdict,
-    _check_options,
     _unit_roundoff,
+    with_option_signature,
 )
 from gradprobe.check.report import CoordinateCheck, GradCheckReport, TensorCheck
 from gradprobe.errors import ConfigError, NonFiniteError
@@ -111,22 +113,14 @@ def _verdict(rel: float, floor: float, ok_tol: float, bug_tol: float, resolvable
 
 def _run(
     ev: _Evaluator,
+    opts: CheckOptions,
     *,
-    eps: float,
-    mode: Mode,
-    k: int,
-    n_directions: int,
-    seed: int,
-    ok_tol: float,
-    bug_tol: float,
-    chunk_size: int | None,
-    max_memory_mb: float,
-    n_worst: int,
-    dtype: torch.dtype,
     notes: list[str],
     warnings: list[str],
     started: float,
 ) -> GradCheckReport:
+    eps, dtype, mode, seed, n_worst = opts.eps, opts.dtype, opts.mode, opts.seed, opts.n_worst
+    ok_tol, bug_tol, chunk_size = opts.ok_tol, opts.bug_tol, opts.chunk_size
     u = _unit_roundoff(dtype)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     resolvable = _precision_check(ev, eps, dtype, bug_tol, warnings)
@@ -140,15 +134,15 @@ def _run(
         if mode == "full":
             m, idx = n, torch.arange(n)
         elif mode == "sample":
-            m = min(k, n)
+            m = min(opts.k, n)
             idx = torch.randperm(n, generator=gen)[:m].sort().values
         else:
-            m, idx = n_directions, None
+            m, idx = opts.n_directions, None
         per_row = 2 * (n + ev.act_numel) * itemsize * 3
         # Coordinates per vectorised call: within max_memory_mb, and at most _MAX_CHUNK (past a
         # few hundred the per-call overhead is amortised and bigger batches only spill caches),
         # split evenly so that no call is a small remainder.
-        chunk = chunk_size or int(max(1, min(_MAX_CHUNK, max_memory_mb * 2**20 // max(per_row, 1))))
+        chunk = chunk_size or int(max(1, min(_MAX_CHUNK, opts.max_memory_mb * 2**20 // max(per_row, 1))))
         if chunk_size is None:
             chunk = -(-m // -(-m // chunk))
         num, ana, fwd, bwd, jscale = (torch.empty(m, dtype=torch.float64) for _ in range(5))
@@ -317,26 +311,16 @@ def _precision_check(
 # ------------------------------------------------------------------------------------ public API
 
 
+@with_option_signature
 def gradcheck(
     model: nn.Module,
     loss_fn: Callable[..., Any],
     inputs: Any,
     targets: Any = None,
     *,
-    eps: float = 1e-7,
-    dtype: torch.dtype = torch.float64,
-    mode: Mode = "full",
-    k: int = 32,
-    n_directions: int = 8,
-    seed: int = 0,
-    ok_tol: float = 1e-7,
-    bug_tol: float = 1e-3,
     regularization: Callable[[nn.Module], Any] | None = None,
     random_layers: RandomLayers = "reseed",
-    vectorize: bool | Literal["auto"] = "auto",
-    chunk_size: int | None = None,
-    max_memory_mb: float = 256.0,
-    n_worst: int = 5,
+    **options: Unpack[CheckKwargs],
 ) -> GradCheckReport:
     """Check the gradient of ``J = loss_fn(model(inputs), targets) + regularization(model)``.
 
@@ -347,6 +331,9 @@ def gradcheck(
     grad is checked, tied parameters once.
 
     Args:
+        eps, dtype, mode, k, n_directions, seed, ok_tol, bug_tol, vectorize, chunk_size,
+            max_memory_mb, n_worst: the options of
+            :class:`~gradprobe.check.options.CheckOptions`, as keywords.
         eps: the step ε of the centred difference ``(J(θ+εe_i) − J(θ−εe_i)) / 2ε``.
         dtype: precision of the check; float32 with a small ε gives a warning, not a verdict.
         mode: ``"full"`` (every coordinate), ``"sample"`` (``k`` random coordinates per tensor),
@@ -401,7 +388,7 @@ def gradcheck(
         raise ConfigError(
             f"unknown random_layers {random_layers!r}", hint="choose 'reseed' or 'eval'"
         )
-    _check_options(eps, dtype, mode, k, n_directions, ok_tol, bug_tol, chunk_size, vectorize)
+    opts = CheckOptions.from_kwargs("gradcheck", options)
     notes: list[str] = []
     warnings: list[str] = []
     devices = sorted(
@@ -409,38 +396,22 @@ def gradcheck(
     )
     with torch.random.fork_rng(devices=devices):
         ev = _ModelEvaluator(
-            model, loss_fn, inputs, targets, dtype=dtype, regularization=regularization,
-            random_layers=random_layers, seed=seed, vectorize=vectorize, notes=notes,
+            model, loss_fn, inputs, targets, dtype=opts.dtype, regularization=regularization,
+            random_layers=random_layers, seed=opts.seed, vectorize=opts.vectorize, notes=notes,
             warnings=warnings,
         )
         try:
-            return _run(
-                ev, eps=eps, mode=mode, k=k, n_directions=n_directions, seed=seed,
-                ok_tol=ok_tol, bug_tol=bug_tol, chunk_size=chunk_size,
-                max_memory_mb=max_memory_mb, n_worst=n_worst, dtype=dtype, notes=notes,
-                warnings=warnings, started=started,
-            )
+            return _run(ev, opts, notes=notes, warnings=warnings, started=started)
         finally:
             ev.close()
 
 
+@with_option_signature
 def gradcheck_fn(
     f: Callable[[Any], Any],
     params: ParamsLike,
     claimed_grads: ParamsLike,
-    *,
-    eps: float = 1e-7,
-    dtype: torch.dtype = torch.float64,
-    mode: Mode = "full",
-    k: int = 32,
-    n_directions: int = 8,
-    seed: int = 0,
-    ok_tol: float = 1e-7,
-    bug_tol: float = 1e-3,
-    vectorize: bool | Literal["auto"] = "auto",
-    chunk_size: int | None = None,
-    max_memory_mb: float = 256.0,
-    n_worst: int = 5,
+    **options: Unpack[CheckKwargs],
 ) -> GradCheckReport:
     """Check ``claimed_grads`` against centred differences of a scalar function ``f(params)``.
 
@@ -463,15 +434,11 @@ def gradcheck_fn(
         ['w']
     """
     started = time.perf_counter()
-    _check_options(eps, dtype, mode, k, n_directions, ok_tol, bug_tol, chunk_size, vectorize)
-    notes: list[str] = []
-    warnings: list[str] = []
-    ev = _FunctionEvaluator(f, params, claimed_grads, dtype=dtype, vectorize=vectorize)
-    return _run(
-        ev, eps=eps, mode=mode, k=k, n_directions=n_directions, seed=seed, ok_tol=ok_tol,
-        bug_tol=bug_tol, chunk_size=chunk_size, max_memory_mb=max_memory_mb, n_worst=n_worst,
-        dtype=dtype, notes=notes, warnings=warnings, started=started,
+    opts = CheckOptions.from_kwargs("gradcheck_fn", options)
+    ev = _FunctionEvaluator(
+        f, params, claimed_grads, dtype=opts.dtype, vectorize=opts.vectorize
     )
+    return _run(ev, opts, notes=[], warnings=[], started=started)
 
 
 __all__ = ["CoordinateCheck", "GradCheckReport", "TensorCheck", "gradcheck", "gradcheck_fn"]

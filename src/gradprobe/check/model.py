@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -30,6 +30,13 @@ from gradprobe.errors import ConfigError, NonFiniteError, UnsupportedModelError
 
 
 class _ModelEvaluator(_Rank1FastPath, _Evaluator):
+    """J(θ) of a float64 (``dtype``) copy of the model, one parameter tensor at a time.
+
+    Set up in named steps: copy the model, collect the parameters, prepare random and
+    batch-norm layers, attach the kink hooks, find the rank-1 fast path's candidates, compute
+    the analytic gradient, record the kink patterns at θ, and find out whether the loss draws
+    random numbers."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -45,6 +52,29 @@ class _ModelEvaluator(_Rank1FastPath, _Evaluator):
         notes: list[str],
         warnings: list[str],
     ) -> None:
+        self.seed = seed
+        self.random = True  # reseed until the loss is known not to draw random numbers
+        clone = self._copy_model(model, dtype)
+        self.inputs = _convert(inputs, dtype)
+        self.targets = _convert(targets, dtype)
+        self.obj = _Objective(clone, loss_fn, regularization)
+        self._collect_parameters(clone)
+        self._setup_modules(clone, random_layers, notes)
+        self.buffers = [(b, b.detach().clone()) for b in clone.buffers()]
+        self.kink = _KinkState()
+        self._hook_handles = self._add_kink_hooks(clone)
+        self.has_hooks = bool(self._hook_handles)
+        self._setup_fast_path(clone)
+        self.want_vmap = vectorize is not False
+        self.force_vmap = vectorize is True
+        self._analytic_gradient(dtype)
+        j_again = self._record_reference(clone)
+        self._detect_randomness(dtype, j_again, notes, warnings)
+        self.n_evaluations = 4
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _copy_model(self, model: nn.Module, dtype: torch.dtype) -> nn.Module:
+        """A deep copy of the model in the check's dtype (the user's model is never touched)."""
         try:
             clone = copy.deepcopy(model)
         except Exception as e:  # deepcopy of arbitrary user objects can fail in many ways
@@ -53,12 +83,11 @@ class _ModelEvaluator(_Rank1FastPath, _Evaluator):
                 hint="make the model copyable (no open files or locks as attributes)",
             ) from e
         clone = clone.to(dtype)
-        self.seed = seed
-        self.random = True  # reseed until the loss is known not to draw random numbers
         self.cuda = any(p.device.type == "cuda" for p in clone.parameters())
-        self.inputs = _convert(inputs, dtype)
-        self.targets = _convert(targets, dtype)
-        self.obj = _Objective(clone, loss_fn, regularization)
+        return clone
+
+    def _collect_parameters(self, clone: nn.Module) -> None:
+        """The tensors to check: every parameter that requires grad, tied ones once."""
         named = [(n, p) for n, p in clone.named_parameters() if p.requires_grad]
         if not named:
             raise ConfigError(
@@ -70,10 +99,9 @@ class _ModelEvaluator(_Rank1FastPath, _Evaluator):
         self.params = [p for _, p in named]
         self.shapes = [tuple(p.shape) for p in self.params]
         self.base = [p.detach().clone().reshape(-1) for p in self.params]
-        self._setup_modules(clone, random_layers, notes)
-        self.buffers = [(b, b.detach().clone()) for b in clone.buffers()]
-        self.kink = _KinkState()
-        self._hook_handles = self._add_kink_hooks(clone)
+
+    def _setup_fast_path(self, clone: nn.Module) -> None:
+        """State of the rank-1 fast path (:class:`_Rank1FastPath`), and its candidates."""
         self._fast_state: tuple[nn.Module, str, Tensor, Tensor] | None = None
         self._sparse: list[tuple[nn.Module, Tensor, Tensor, Tensor, Tensor, int]] | None = None
         # Modules whose column-tracked outputs are left as NaN placeholders in this call, and
@@ -83,11 +111,9 @@ class _ModelEvaluator(_Rank1FastPath, _Evaluator):
         self.patched: list[nn.Module] = []
         self.fast = self._find_linear_params(clone)  # tensor index -> (module, "weight"/"bias")
         self.fast_ok: dict[int, frozenset[nn.Module] | None] = {}  # None: generic path
-        self.has_hooks = bool(self._hook_handles)
-        self.want_vmap = vectorize is not False
-        self.force_vmap = vectorize is True
 
-        # Analytic gradient (the code under test) and the loss at θ.
+    def _analytic_gradient(self, dtype: torch.dtype) -> None:
+        """The analytic gradient (the code under test) and the loss J(θ)."""
         self._reseed()
         with torch.enable_grad():
             j = self.obj(self.inputs, self.targets)
@@ -113,7 +139,10 @@ class _ModelEvaluator(_Rank1FastPath, _Evaluator):
             raise NonFiniteError(
                 f"the loss at the given parameters is {self.j0}", hint="check inputs and model"
             )
-        # Kink patterns at θ, and the size of the activations (for chunking).
+
+    def _record_reference(self, clone: nn.Module) -> float:
+        """Kink patterns at θ and the size of the activations (for chunking); returns J(θ)
+        evaluated again, with torch's RNG reseeded."""
         sizes: list[int] = []
         size_hooks = [
             m.register_forward_hook(
@@ -128,8 +157,13 @@ class _ModelEvaluator(_Rank1FastPath, _Evaluator):
         for h in size_hooks:
             h.remove()
         self.act_numel = int(sum(sizes))
-        # Does the loss draw random numbers at all? (torch.manual_seed costs milliseconds, so
-        # reseed before every evaluation only if it does.)
+        return j_again
+
+    def _detect_randomness(
+        self, dtype: torch.dtype, j_again: float, notes: list[str], warnings: list[str]
+    ) -> None:
+        """Does the loss draw random numbers at all? (torch.manual_seed costs milliseconds, so
+        reseed before every evaluation only if it does.) And is it deterministic once reseeded?"""
         self.random = False
         j_unseeded = self._plain({})
         same = 64.0 * _unit_roundoff(dtype) * abs(self.j0)  # GPU reductions may reorder sums
@@ -146,9 +180,7 @@ class _ModelEvaluator(_Rank1FastPath, _Evaluator):
                 f"reseeded; numeric gradients of a random function are meaningless (random "
                 f"numbers from numpy or Python's random module?)"
             )
-        self.n_evaluations = 4
 
-    # -- set-up ---------------------------------------------------------------------------------
     def _setup_modules(self, clone: nn.Module, random_layers: RandomLayers, notes: list[str]) -> None:
         randoms = [
             n for n, m in clone.named_modules() if isinstance(m, _RANDOM_LAYER_TYPES) and m.training
@@ -363,5 +395,3 @@ class _ModelEvaluator(_Rank1FastPath, _Evaluator):
         for m in self.patched:
             vars(m).pop("forward", None)
 
-
-ParamsLike = Mapping[str, Any] | Sequence[Any]
