@@ -63,6 +63,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -70,6 +71,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import Unpack
 
+from gradprobe.check.differences import Differences, measure, refine
 from gradprobe.check.evaluator import (
     _Evaluator,
 )
@@ -77,7 +79,6 @@ from gradprobe.check.function import _FunctionEvaluator
 from gradprobe.check.model import _ModelEvaluator
 from gradprobe.check.options import (
     _KINK_SHARE,
-    _MAX_CHUNK,
     _NOISE_SAFETY,
     CheckKwargs,
     CheckOptions,
@@ -88,7 +89,7 @@ from gradprobe.check.options import (
     with_option_signature,
 )
 from gradprobe.check.report import CoordinateCheck, GradCheckReport, TensorCheck
-from gradprobe.errors import ConfigError, NonFiniteError
+from gradprobe.errors import ConfigError
 
 
 def _rel(a: Tensor, b: Tensor) -> float:
@@ -111,6 +112,107 @@ def _verdict(rel: float, floor: float, ok_tol: float, bug_tol: float, resolvable
     return "suspicious"
 
 
+@dataclass(frozen=True)
+class _Judgement:
+    """The verdict on one tensor's differences, with what led to it."""
+
+    verdict: Verdict
+    rel: float
+    floor: float
+    rel_smooth: float
+    err: Tensor
+    crossed: Tensor
+    explained: Tensor
+
+
+def _judge(d: Differences, opts: CheckOptions, resolvable: bool) -> _Judgement:
+    ok_tol, bug_tol = opts.ok_tol, opts.bug_tol
+    num, ana, noise = d.num, d.ana, d.noise
+    err = (num - ana).abs()
+    split = (d.fwd - d.bwd).abs()
+    # A kink crossed on one side: the one-sided slopes disagree by far more than roundoff
+    # and the centred error is about half that disagreement (curvature, by contrast, makes
+    # split = ε·J'' with a centred error of O(ε²)). A coordinate the step ladder resolved is
+    # not a kink.
+    onesided = (split > 2.0 * noise) & (err > noise) & (err >= 0.3 * split) & ~d.refined
+    crossed = d.hook_crossed | onesided
+    explained = crossed & (err <= _KINK_SHARE * split + noise)
+    den = float(torch.linalg.vector_norm(num)) + float(torch.linalg.vector_norm(ana))
+    floor = float(torch.linalg.vector_norm(noise)) / den if den > 0 else 0.0
+    rel = _rel(num, ana)
+    verdict = _verdict(rel, floor, ok_tol, bug_tol, resolvable)
+    keep = ~explained
+    rel_smooth = _rel(num[keep], ana[keep])
+    if verdict != "ok" and bool(explained.any()):
+        den_s = float(torch.linalg.vector_norm(num[keep])) + float(
+            torch.linalg.vector_norm(ana[keep])
+        )
+        floor_s = float(torch.linalg.vector_norm(noise[keep])) / den_s if den_s > 0 else 0.0
+        smooth = _verdict(rel_smooth, floor_s, ok_tol, bug_tol, resolvable)
+        verdict = "kink" if smooth == "ok" else smooth
+    return _Judgement(verdict, rel, floor, rel_smooth, err, crossed, explained)
+
+
+def _row(ev: _Evaluator, t: int, d: Differences, j: _Judgement, n_worst: int) -> TensorCheck:
+    name, shape = ev.names[t], ev.shapes[t]
+    idx, num, ana = d.idx, d.num, d.ana
+    order = torch.argsort(j.err, descending=True)[:n_worst]
+    worst = tuple(
+        CoordinateCheck(
+            index=None if idx is None
+            else tuple(int(i) for i in np.unravel_index(int(idx[k]), shape)),
+            direction=int(k) if idx is None else None,
+            numeric=float(num[k]),
+            analytic=float(ana[k]),
+            abs_error=float(j.err[k]),
+            kink=bool(j.explained[k]),
+            step=float(d.step[k]),
+        )
+        for k in order.tolist()
+    )
+    return TensorCheck(
+        name=name,
+        shape=tuple(shape),
+        n_checked=num.numel(),
+        rel_error=j.rel,
+        abs_error=float(torch.linalg.vector_norm(num - ana)),
+        numeric_norm=float(torch.linalg.vector_norm(num)),
+        analytic_norm=float(torch.linalg.vector_norm(ana)),
+        noise_floor=j.floor,
+        rel_error_smooth=j.rel_smooth,
+        kinks_crossed=int(j.crossed.sum()),
+        verdict=j.verdict,
+        worst=worst,
+        steps=tuple(sorted({float(h) for h in d.step.unique().tolist()})),
+    )
+
+
+def _empty_row(ev: _Evaluator, t: int) -> TensorCheck:
+    """An empty tensor has no coordinate to get wrong: checked trivially."""
+    return TensorCheck(
+        name=ev.names[t], shape=tuple(ev.shapes[t]), n_checked=0, rel_error=0.0,
+        abs_error=0.0, numeric_norm=0.0, analytic_norm=0.0, noise_floor=0.0,
+        rel_error_smooth=0.0, kinks_crossed=0, verdict="ok", worst=(), steps=(),
+    )
+
+
+def _roundoff_warning(name: str, d: Differences, floor: float) -> str:
+    num_norm = float(torch.linalg.vector_norm(d.num))
+    ana_norm = float(torch.linalg.vector_norm(d.ana))
+    noise_norm = float(torch.linalg.vector_norm(d.noise))
+    if ana_norm <= noise_norm:
+        return (
+            f"{name}: the gradient is zero to within roundoff (analytic norm {ana_norm:.1e}, "
+            f"numeric norm {num_norm:.1e}, roundoff ≈ {noise_norm:.1e}); its relative error is "
+            f"not meaningful"
+        )
+    return (
+        f"{name}: roundoff alone can give a relative error of {floor:.1e} here (|J| ≈ "
+        f"{float(d.jscale.max()):.3g} against a gradient norm of {(num_norm + ana_norm) / 2:.3g}); "
+        f"a small error in this tensor cannot be told from noise"
+    )
+
+
 def _run(
     ev: _Evaluator,
     opts: CheckOptions,
@@ -119,143 +221,32 @@ def _run(
     warnings: list[str],
     started: float,
 ) -> GradCheckReport:
-    eps, dtype, mode, seed, n_worst = opts.eps, opts.dtype, opts.mode, opts.seed, opts.n_worst
-    ok_tol, bug_tol, chunk_size = opts.ok_tol, opts.bug_tol, opts.chunk_size
-    u = _unit_roundoff(dtype)
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    resolvable = _precision_check(ev, eps, dtype, bug_tol, warnings)
+    resolvable = _precision_check(ev, opts.eps, opts.dtype, opts.bug_tol, warnings)
     rows: list[TensorCheck] = []
     all_num: list[Tensor] = []
     all_ana: list[Tensor] = []
-    for t, (name, shape, base, grad) in enumerate(zip(ev.names, ev.shapes, ev.base, ev.grads)):
-        n = base.numel()
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + t)
-        idx: Tensor | None
-        if mode == "full":
-            m, idx = n, torch.arange(n)
-        elif mode == "sample":
-            m = min(opts.k, n)
-            idx = torch.randperm(n, generator=gen)[:m].sort().values
-        else:
-            m, idx = opts.n_directions, None
-        per_row = 2 * (n + ev.act_numel) * itemsize * 3
-        # Coordinates per vectorised call: within max_memory_mb, and at most _MAX_CHUNK (past a
-        # few hundred the per-call overhead is amortised and bigger batches only spill caches),
-        # split evenly so that no call is a small remainder.
-        chunk = chunk_size or int(max(1, min(_MAX_CHUNK, opts.max_memory_mb * 2**20 // max(per_row, 1))))
-        if chunk_size is None:
-            chunk = -(-m // -(-m // chunk))
-        num, ana, fwd, bwd, jscale = (torch.empty(m, dtype=torch.float64) for _ in range(5))
-        hook_crossed = torch.zeros(m, dtype=torch.bool)
-        j0 = 0.0
-        for a in range(0, m, chunk):
-            b = min(m, a + chunk)
-            c = b - a
-            # The first call also evaluates J(θ) (last row) through the same path as the
-            # perturbed values, for the one-sided differences.
-            center = a == 0
-            if idx is not None:
-                cols = idx[a:b].to(base.device)
-                analytic = grad[cols].to(torch.float64).cpu()
-                js, ks = ev.eval_coords(t, cols, eps, center=center)
-            else:
-                dirs = torch.randn(c, n, generator=gen, dtype=torch.float64)
-                dirs = dirs / torch.linalg.vector_norm(dirs, dim=1, keepdim=True)
-                dirs = dirs.to(device=base.device, dtype=base.dtype)
-                analytic = (dirs @ grad).to(torch.float64).cpu()
-                batch = [base + eps * dirs, base - eps * dirs] + ([base[None]] if center else [])
-                js, ks = ev.eval_rows(t, torch.cat(batch))
-                del dirs
-            if center:
-                j0 = float(js[2 * c])
-            jp, jm = js[:c], js[c : 2 * c]
-            finite = torch.isfinite(jp) & torch.isfinite(jm)
-            if not bool(finite.all()):
-                bad = int((~finite).nonzero()[0, 0]) + a
-                where = (
-                    f"direction {bad}" if idx is None
-                    else str([int(i) for i in np.unravel_index(int(idx[bad]), shape)])
-                )
-                raise NonFiniteError(
-                    f"the loss is not finite at {name} {where} moved by ±{eps:g}",
-                    hint="use a smaller eps, or inputs away from a singularity (log 0, 1/0)",
-                )
-            num[a:b] = (jp - jm) / (2.0 * eps)
-            ana[a:b] = analytic
-            fwd[a:b] = (jp - j0) / eps
-            bwd[a:b] = (j0 - jm) / eps
-            jscale[a:b] = torch.maximum(jp.abs(), jm.abs()).clamp_min(abs(j0))
-            if ks is not None:
-                hook_crossed[a:b] = (ks[:c] > 0) | (ks[c : 2 * c] > 0)
-        # Roundoff of one centred difference: two evaluations, each ≈ _NOISE_SAFETY·u·|J|.
-        noise = _NOISE_SAFETY * u * jscale / eps
-        err = (num - ana).abs()
-        split = (fwd - bwd).abs()
-        # A kink crossed on one side: the one-sided slopes disagree by far more than roundoff
-        # and the centred error is about half that disagreement (curvature, by contrast, makes
-        # split = ε·J'' with a centred error of O(ε²)).
-        onesided = (split > 2.0 * noise) & (err > noise) & (err >= 0.3 * split)
-        crossed = hook_crossed | onesided
-        explained = crossed & (err <= _KINK_SHARE * split + noise)
-        den = float(torch.linalg.vector_norm(num)) + float(torch.linalg.vector_norm(ana))
-        noise_norm = float(torch.linalg.vector_norm(noise))
-        floor = noise_norm / den if den > 0 else 0.0
-        rel = _rel(num, ana)
-        verdict = _verdict(rel, floor, ok_tol, bug_tol, resolvable)
-        keep = ~explained
-        rel_smooth = _rel(num[keep], ana[keep])
-        if verdict != "ok" and bool(explained.any()):
-            den_s = float(torch.linalg.vector_norm(num[keep])) + float(
-                torch.linalg.vector_norm(ana[keep])
-            )
-            floor_s = float(torch.linalg.vector_norm(noise[keep])) / den_s if den_s > 0 else 0.0
-            smooth = _verdict(rel_smooth, floor_s, ok_tol, bug_tol, resolvable)
-            verdict = "kink" if smooth == "ok" else smooth
-        order = torch.argsort(err, descending=True)[:n_worst]
-        worst = tuple(
-            CoordinateCheck(
-                index=None if idx is None
-                else tuple(int(i) for i in np.unravel_index(int(idx[j]), shape)),
-                direction=int(j) if idx is None else None,
-                numeric=float(num[j]),
-                analytic=float(ana[j]),
-                abs_error=float(err[j]),
-                kink=bool(explained[j]),
-            )
-            for j in order.tolist()
+    empty: list[str] = []
+    for t, name in enumerate(ev.names):
+        if ev.base[t].numel() == 0:
+            empty.append(f"{name} {tuple(ev.shapes[t])}")
+            rows.append(_empty_row(ev, t))
+            continue
+        d = measure(ev, t, opts)
+        j = _judge(d, opts, resolvable)
+        if resolvable and (j.verdict != "ok" or j.floor > opts.ok_tol):
+            n_refined = refine(ev, t, opts, d)
+            if n_refined:
+                j = _judge(d, opts, resolvable)
+                notes.append(_step_note(name, d, n_refined, opts.eps))
+        rows.append(_row(ev, t, d, j, opts.n_worst))
+        if resolvable and j.floor > 0.1 * opts.bug_tol:
+            warnings.append(_roundoff_warning(name, d, j.floor))
+        all_num.append(d.num)
+        all_ana.append(d.ana)
+    if empty:
+        notes.append(
+            f"empty tensors checked trivially (no coordinate to perturb): {', '.join(empty)}"
         )
-        rows.append(
-            TensorCheck(
-                name=name,
-                shape=tuple(shape),
-                n_checked=m,
-                rel_error=rel,
-                abs_error=float(torch.linalg.vector_norm(num - ana)),
-                numeric_norm=float(torch.linalg.vector_norm(num)),
-                analytic_norm=float(torch.linalg.vector_norm(ana)),
-                noise_floor=floor,
-                rel_error_smooth=rel_smooth,
-                kinks_crossed=int(crossed.sum()),
-                verdict=verdict,
-                worst=worst,
-            )
-        )
-        if resolvable and floor > 0.1 * bug_tol:
-            if float(torch.linalg.vector_norm(ana)) <= noise_norm:
-                warnings.append(
-                    f"{name}: the gradient is zero to within roundoff (analytic norm "
-                    f"{float(torch.linalg.vector_norm(ana)):.1e}, numeric norm "
-                    f"{float(torch.linalg.vector_norm(num)):.1e}, roundoff ≈ {noise_norm:.1e}); "
-                    f"its relative error is not meaningful"
-                )
-            else:
-                warnings.append(
-                    f"{name}: roundoff alone can give a relative error of {floor:.1e} here "
-                    f"(|J| ≈ {float(jscale.max()):.3g} against a gradient norm of "
-                    f"{den / 2:.3g}); a small error in this tensor cannot be told from noise"
-                )
-        all_num.append(num)
-        all_ana.append(ana)
     if ev.fast_used:
         notes.append(
             f"coordinates of {', '.join(ev.fast_used)} (nn.Linear) perturbed as rank-1 updates of "
@@ -268,20 +259,34 @@ def _run(
             f"are read only by such layers were left unmaterialised (NaN placeholders; checked "
             f"against full perturbed forward passes first)"
         )
+    if ev.vmap_notes:
+        notes.extend(ev.vmap_notes)
+    num_all = torch.cat(all_num) if all_num else torch.zeros(0, dtype=torch.float64)
+    ana_all = torch.cat(all_ana) if all_ana else torch.zeros(0, dtype=torch.float64)
     return GradCheckReport(
         rows=tuple(rows),
-        rel_error=_rel(torch.cat(all_num), torch.cat(all_ana)),
-        mode=mode,
-        eps=float(eps),
-        dtype=str(dtype).replace("torch.", ""),
-        ok_tol=ok_tol,
-        bug_tol=bug_tol,
+        rel_error=_rel(num_all, ana_all),
+        mode=opts.mode,
+        eps=float(opts.eps),
+        dtype=str(opts.dtype).replace("torch.", ""),
+        ok_tol=opts.ok_tol,
+        bug_tol=opts.bug_tol,
         n_evaluations=ev.n_evaluations,
         seconds=time.perf_counter() - started,
         vectorized=ev.vectorized,
         fallback_reason=ev.fallback_reason,
         notes=tuple(notes),
         warnings=tuple(warnings),
+    )
+
+
+def _step_note(name: str, d: Differences, n_refined: int, eps: float) -> str:
+    used = sorted({float(h) for h in d.step[d.refined].tolist()})
+    return (
+        f"{name}: {n_refined} of {d.num.numel()} checked values re-differenced with a step "
+        f"chosen per coordinate from eps·10^k, k ≤ 4 (steps used: "
+        f"{', '.join(f'{h:g}' for h in used)}; eps={eps:g} gave more rounding or truncation "
+        f"error there)"
     )
 
 

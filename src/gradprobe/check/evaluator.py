@@ -31,6 +31,8 @@ class _Evaluator:
     has_hooks: bool = False
     fast_used: tuple[str, ...] = ()
     fast_lean: tuple[str, ...] = ()
+    vmap_notes: tuple[str, ...] = ()
+    """What the report should say about tensors that were not vectorised, or only partly."""
 
     def eval_rows(self, t: int, values: Tensor) -> tuple[Tensor, Tensor | None]:
         """J with tensor t set to values[r] (flat) for every row r, and per row the number of

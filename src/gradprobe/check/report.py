@@ -23,6 +23,8 @@ class CoordinateCheck:
     analytic: float
     abs_error: float
     kink: bool
+    step: float | None = None
+    """The step of the centred difference that gave ``numeric``."""
 
     def where(self) -> str:
         return f"direction {self.direction}" if self.index is None else str(list(self.index))
@@ -35,7 +37,8 @@ class TensorCheck:
     ``rel_error`` is ``‖g̃ − g‖ / (‖g̃‖ + ‖g‖)`` over the checked coordinates (or directional
     derivatives); ``noise_floor`` the relative error roundoff alone can produce for this tensor;
     ``rel_error_smooth`` the same relative error without the coordinates whose discrepancy a
-    crossed kink explains; ``kinks_crossed`` how many checked coordinates crossed a kink.
+    crossed kink explains; ``kinks_crossed`` how many checked coordinates crossed a kink;
+    ``steps`` the steps used (see :mod:`gradprobe.check.differences`).
     """
 
     name: str
@@ -50,6 +53,9 @@ class TensorCheck:
     kinks_crossed: int
     verdict: Verdict
     worst: tuple[CoordinateCheck, ...]
+    steps: tuple[float, ...] = ()
+    """The steps of the centred differences used in this tensor: ``(eps,)`` unless some
+    coordinates were re-differenced with a step chosen for them (the report's notes say why)."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,7 @@ class GradCheckReport:
                     "rel_error_smooth": r.rel_error_smooth,
                     "kinks_crossed": r.kinks_crossed,
                     "verdict": r.verdict,
+                    "steps": ", ".join(f"{h:g}" for h in r.steps),
                     "worst": "; ".join(
                         f"{c.where()}: numeric {c.numeric:.6g} analytic {c.analytic:.6g}"
                         for c in r.worst[:3]
