@@ -84,3 +84,60 @@ def test_step_ladder_leaves_a_kink_a_kink():
     rep = gp.gradcheck_fn(lambda p: (p[0] - c).abs().sum(), [w], [torch.sign(w - c)])
     row = rep.rows[0]
     assert row.verdict == "kink" and row.worst[0].kink and row.worst[0].step == 1e-7, str(rep)
+
+
+_IDX = torch.tensor([0, 2])
+_WEIGHTS = torch.arange(12.0, dtype=torch.float64).view(4, 3)
+
+
+def _index_fill(p):
+    return (torch.index_fill(p["x"], 0, _IDX, p["v"]) * _WEIGHTS).sum()
+
+
+def test_vmap_that_batches_wrongly_is_caught_per_tensor_and_the_loop_used():
+    # Batching the 0-d value of index_fill gives every row the last value: J looks constant in
+    # v, so a right gradient read as a bug and a zeroed one as ok before.
+    p = {"x": torch.randn(4, 3, dtype=torch.float64), "v": torch.tensor(0.7, dtype=torch.float64)}
+    g = torch.func.grad(_index_fill)(p)
+    assert float(g["v"]) == float(_WEIGHTS[_IDX].sum())
+    rep = gp.gradcheck_fn(_index_fill, p, g)
+    assert rep.ok and rep.vectorized, str(rep)
+    assert rep.fallback_reason is not None and rep.fallback_reason.startswith("v: ")
+    assert "differs from the loop" in rep.fallback_reason and "x:" not in rep.fallback_reason
+    assert "partly vectorised" in str(rep)
+    zeroed = {"x": g["x"], "v": torch.zeros((), dtype=torch.float64)}
+    assert gp.gradcheck_fn(_index_fill, p, zeroed).failed == ["v"]
+
+
+def test_control_flow_on_one_tensor_falls_back_for_that_tensor_only():
+    def f(p):
+        if torch.any(p["b"] < 0):  # as gaussian_nll_loss checks its variance
+            raise ValueError("negative variance")
+        return (p["a"] ** 2).sum() + torch.log(p["b"]).sum()
+
+    a = torch.randn(3, dtype=torch.float64)
+    b = torch.rand(3, dtype=torch.float64) + 1.0
+    rep = gp.gradcheck_fn(f, {"a": a, "b": b}, {"a": 2 * a, "b": 1 / b})
+    assert rep.ok and rep.vectorized, str(rep)
+    assert rep.fallback_reason is not None and rep.fallback_reason.startswith("b: ")
+    assert "data-dependent control flow" in rep.fallback_reason
+    assert gp.gradcheck_fn(f, {"a": a, "b": b}, {"a": 2 * a, "b": b}).failed == ["b"]
+
+
+def test_model_with_control_flow_on_one_parameter_vectorises_the_others():
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.scale = nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            if torch.any(self.scale < 0):
+                raise ValueError("negative scale")
+            return self.lin(x) * self.scale
+
+    torch.manual_seed(0)
+    rep = gp.gradcheck(Gated(), lambda o: o.pow(2).mean(), torch.randn(5, 3))
+    assert rep.ok and rep.vectorized, str(rep)
+    assert rep.fallback_reason is not None and rep.fallback_reason.startswith("scale: ")
+    assert "lin.weight" not in rep.fallback_reason

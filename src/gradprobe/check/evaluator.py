@@ -11,7 +11,9 @@ from torch import Tensor, nn
 
 from gradprobe.check.options import (
     _as_scalar,
+    _unit_roundoff,
 )
+from gradprobe.errors import ConfigError, UnsupportedModelError
 
 # ----------------------------------------------------------------------------------- evaluators
 
@@ -25,9 +27,11 @@ class _Evaluator:
     grads: list[Tensor]  # flat analytic gradients, same dtype
     j0: float
     act_numel: int = 0
-    vectorized: bool = False
-    fallback_reason: str | None = None
     n_evaluations: int = 0
+    want_vmap: bool = False
+    force_vmap: bool = False
+    subject: str = "f"
+    """What the check evaluates, for messages: "the model" or "f"."""
     has_hooks: bool = False
     fast_used: tuple[str, ...] = ()
     fast_lean: tuple[str, ...] = ()
@@ -37,7 +41,92 @@ class _Evaluator:
     def eval_rows(self, t: int, values: Tensor) -> tuple[Tensor, Tensor | None]:
         """J with tensor t set to values[r] (flat) for every row r, and per row the number of
         activation inputs whose kink region differs from the one at θ (or None without hooks)."""
+        if self.vmap_ready(t, values):
+            try:
+                return self._batched(t, values)
+            except Exception as e:  # e.g. control flow on the values of some rows only
+                if self.force_vmap:
+                    raise
+                self._vmap_ok[t] = False
+                self._vmap_why[t] = f"torch.func.vmap cannot run {self.subject} ({_first_line(e)})"
+        return self._looped(t, values)
+
+    def _batched(self, t: int, values: Tensor) -> tuple[Tensor, Tensor | None]:
+        """:meth:`eval_rows` with ``torch.func.vmap``."""
         raise NotImplementedError
+
+    def _looped(self, t: int, values: Tensor) -> tuple[Tensor, Tensor | None]:
+        """:meth:`eval_rows` one row at a time (the reference)."""
+        raise NotImplementedError
+
+    # -- the choice between vmap and the loop, per tensor ----------------------------------------
+    @property
+    def _vmap_ok(self) -> dict[int, bool]:
+        return self.__dict__.setdefault("_vmap_ok_", {})
+
+    @property
+    def _vmap_why(self) -> dict[int, str]:
+        return self.__dict__.setdefault("_vmap_why_", {})
+
+    def vmap_ready(self, t: int, values: Tensor) -> bool:
+        """Whether tensor t is evaluated with vmap: decided at its first call, by evaluating
+        three of its rows (the first, the middle, the last: θ + εe_i, θ − εe_i and θ for the
+        first coordinate) both vectorised and in the loop. vmap must run and agree to
+        ``1e3·u·|J|``: some batching rules are wrong for some argument shapes (vmapping the 0-d
+        value of ``index_fill`` gives every row the last one), which the unperturbed point
+        alone cannot show. Tensors where it does not run or agree use the loop, and
+        :attr:`fallback_reason` says why."""
+        if t in self._vmap_ok:
+            return self._vmap_ok[t]
+        self._vmap_ok[t] = False
+        if not self.want_vmap:
+            return False
+        r = values.shape[0]
+        probe = values[sorted({0, r // 2, r - 1})]
+        try:
+            fast, _ = self._batched(t, probe)
+        except ConfigError:  # a bad function (not a scalar, say) is the user's to fix
+            raise
+        except Exception as e:  # any failure to batch means: use the loop
+            if self.force_vmap:
+                raise UnsupportedModelError(
+                    f"vectorize=True but torch.func.vmap cannot run {self.subject} "
+                    f"({_first_line(e)})",
+                    hint="use vectorize='auto' to fall back to a loop",
+                ) from e
+            self._vmap_why[t] = f"torch.func.vmap cannot run {self.subject} ({_first_line(e)})"
+            return False
+        slow, _ = self._looped(t, probe)
+        scale = max(float(slow.abs().max()), abs(self.j0), 1e-300)
+        tol = 1e3 * _unit_roundoff(self.base[t].dtype) * scale
+        gap = float((fast - slow).abs().max())
+        if not gap <= tol:
+            self._vmap_why[t] = (
+                f"the vmapped evaluation of {self.subject} differs from the loop by {gap:.2e} "
+                f"(J = {float(fast[0])!r} against {float(slow[0])!r} in the first row; a "
+                f"batching rule that is wrong for these shapes, or a random layer that draws "
+                f"differently under vmap?)"
+            )
+            return False
+        self._vmap_ok[t] = True
+        return True
+
+    @property
+    def vectorized(self) -> bool:
+        """Whether any tensor was evaluated with vmap."""
+        return any(self._vmap_ok.values())
+
+    @property
+    def fallback_reason(self) -> str | None:
+        """Why tensors were evaluated in a loop: one reason if it is the same for all of them,
+        else one per tensor, named; None if every tensor was vectorised."""
+        why = self._vmap_why
+        if not why:
+            return None
+        reasons = set(why.values())
+        if len(reasons) == 1 and not self.vectorized:
+            return reasons.pop()
+        return "; ".join(f"{self.names[t]}: {r}" for t, r in sorted(why.items()))
 
     def eval_coords(
         self, t: int, cols: Tensor, eps: float, center: bool = False

@@ -213,7 +213,7 @@ class _Rank1FastPath:
         cols = torch.unique(torch.tensor([0, n // 2, n - 1], device=self.base[t].device))
         steps = self._fast_inputs(t, cols, eps)
         # The reference: plain forward passes with the parameter itself moved by ±ε.
-        slow, slow_ks = self._loop(t, self._coord_values(t, cols, eps))
+        slow, slow_ks = self._looped(t, self._coord_values(t, cols, eps))
         tol = 100.0 * _NOISE_SAFETY * _unit_roundoff(self.base[t].dtype) * max(abs(self.j0), 1e-300)
 
         def agrees(stub: frozenset[nn.Module]) -> bool:

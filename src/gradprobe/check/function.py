@@ -12,14 +12,12 @@ from torch import Tensor
 
 from gradprobe.check.evaluator import (
     _Evaluator,
-    _first_line,
 )
 from gradprobe.check.options import (
     ParamsLike,
     _as_scalar,
-    _unit_roundoff,
 )
-from gradprobe.errors import ConfigError, NonFiniteError, UnsupportedModelError
+from gradprobe.errors import ConfigError, NonFiniteError
 
 
 class _FunctionEvaluator(_Evaluator):
@@ -148,7 +146,7 @@ class _FunctionEvaluator(_Evaluator):
             j = _as_scalar(self.f(args), "f")
         return float(j)
 
-    def _vmapped(self, t: int, values: Tensor) -> Tensor:
+    def _batched(self, t: int, values: Tensor) -> tuple[Tensor, Tensor | None]:
         def one(v: Tensor) -> Tensor:
             vals: list[Tensor] = [
                 (v if i == t else b).reshape(s)
@@ -160,29 +158,9 @@ class _FunctionEvaluator(_Evaluator):
         with torch.no_grad():
             js = torch.func.vmap(one)(values)
         self.n_evaluations += values.shape[0]
-        return js.detach().to(torch.float64).cpu()
+        return js.detach().to(torch.float64).cpu(), None
 
-    def eval_rows(self, t: int, values: Tensor) -> tuple[Tensor, Tensor | None]:
-        if self.want_vmap:
-            self.want_vmap = False
-            try:
-                js = self._vmapped(t, self.base[t].expand(2, -1))
-                tol = 1e4 * _unit_roundoff(values.dtype) * max(abs(self.j0), 1e-300)
-                if float((js - self.j0).abs().max()) <= tol:
-                    self.vectorized = True
-                else:
-                    self.fallback_reason = "vmapped f disagrees with f at the unperturbed point"
-            except ConfigError:
-                raise
-            except Exception as e:  # any failure to batch means: use the loop
-                if self.force_vmap:
-                    raise UnsupportedModelError(
-                        f"vectorize=True but torch.func.vmap cannot run f ({_first_line(e)})",
-                        hint="use vectorize='auto' to fall back to a loop",
-                    ) from e
-                self.fallback_reason = f"torch.func.vmap cannot run f ({_first_line(e)})"
-        if self.vectorized:
-            return self._vmapped(t, values), None
+    def _looped(self, t: int, values: Tensor) -> tuple[Tensor, Tensor | None]:
         js = torch.empty(values.shape[0], dtype=torch.float64)
         for r in range(values.shape[0]):
             js[r] = self._call(self._args(t, values[r]))

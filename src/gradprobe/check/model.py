@@ -67,6 +67,7 @@ class _ModelEvaluator(_Rank1FastPath, _Evaluator):
         self._setup_fast_path(clone)
         self.want_vmap = vectorize is not False
         self.force_vmap = vectorize is True
+        self.subject = "the model"
         self._analytic_gradient(dtype)
         j_again = self._record_reference(clone)
         self._detect_randomness(dtype, j_again, notes, warnings)
@@ -233,9 +234,8 @@ class _ModelEvaluator(_Rank1FastPath, _Evaluator):
     def eval_coords(
         self, t: int, cols: Tensor, eps: float, center: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        if self.want_vmap:
-            self._try_vmap(t)
-        if self.vectorized and t in self.fast:
+        vmap = self.vmap_ready(t, self._coord_values(t, cols[:1], eps, center=True))
+        if vmap and t in self.fast:
             if t not in self.fast_ok:
                 self.fast_ok[t] = self._validate_fast(t, eps)
             stub = self.fast_ok[t]
@@ -309,7 +309,7 @@ class _ModelEvaluator(_Rank1FastPath, _Evaluator):
         self._restore_buffers()
         return float(j)  # one host sync per evaluation: the loop path is the slow path
 
-    def _loop(self, t: int, values: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _looped(self, t: int, values: Tensor) -> tuple[Tensor, Tensor | None]:
         # Write each perturbed value into the copy's parameter (tied uses follow) and restore
         # it exactly afterwards: cheaper than functional_call's re-parametrisation per call.
         p = self.params[t]
@@ -330,7 +330,7 @@ class _ModelEvaluator(_Rank1FastPath, _Evaluator):
         self.n_evaluations += values.shape[0]
         return js, (ks if self.has_hooks else None)
 
-    def _vmapped(self, t: int, values: Tensor) -> tuple[Tensor, Tensor]:
+    def _batched(self, t: int, values: Tensor) -> tuple[Tensor, Tensor | None]:
         name, shape = self.full_names[t], self.shapes[t]
 
         def one(v: Tensor) -> tuple[Tensor, Tensor]:
@@ -349,45 +349,6 @@ class _ModelEvaluator(_Rank1FastPath, _Evaluator):
             self._restore_buffers()
         self.n_evaluations += values.shape[0]
         return js.detach().to(torch.float64).cpu(), ks.cpu()
-
-    def _try_vmap(self, t: int) -> None:
-        """Decide once whether vmap can run this model, by checking that it reproduces J(θ)."""
-        self.want_vmap = False
-        try:
-            js, _ = self._vmapped(t, self.base[t].expand(2, -1))
-        except Exception as e:  # any failure to batch means: use the loop
-            if self.force_vmap:
-                raise UnsupportedModelError(
-                    f"vectorize=True but torch.func.vmap cannot run this model "
-                    f"({_first_line(e)})",
-                    hint="use vectorize='auto' to fall back to a loop",
-                ) from e
-            self.fallback_reason = f"torch.func.vmap cannot run the model ({_first_line(e)})"
-            return
-        tol = 1e4 * _unit_roundoff(self.base[t].dtype) * max(abs(self.j0), 1e-300)
-        if float((js - self.j0).abs().max()) > tol:
-            self.fallback_reason = (
-                f"the vmapped evaluation gives J={float(js[0])!r} at the unperturbed point "
-                f"instead of {self.j0!r} (a random layer that draws differently under vmap?)"
-            )
-            return
-        self.vectorized = True
-
-    def eval_rows(self, t: int, values: Tensor) -> tuple[Tensor, Tensor | None]:
-        if self.want_vmap:
-            self._try_vmap(t)
-        if self.vectorized:
-            try:
-                return self._vmapped(t, values)
-            except Exception as e:  # e.g. control flow on one tensor's values only
-                if self.force_vmap:
-                    raise
-                self.vectorized = False
-                self.fallback_reason = (
-                    f"torch.func.vmap cannot run the model when {self.names[t]} is perturbed "
-                    f"({_first_line(e)})"
-                )
-        return self._loop(t, values)
 
     def close(self) -> None:
         for h in self._hook_handles:

@@ -64,6 +64,8 @@ class GradCheckReport:
 
     ``ok`` is true when every tensor reads ``"ok"`` or ``"kink"``; ``failed`` names the tensors
     that read ``"bug"``; ``suspicious`` those in between. ``table()`` gives a DataFrame.
+    ``vectorized`` is true when any tensor was evaluated with ``torch.func.vmap``;
+    ``fallback_reason`` says why the others (named, when some were vectorised) used the loop.
     """
 
     rows: tuple[TensorCheck, ...]
@@ -135,6 +137,8 @@ class GradCheckReport:
 
     def __str__(self) -> str:
         how = "vectorised" if self.vectorized else "loop"
+        if self.vectorized and self.fallback_reason:
+            how = "partly vectorised"
         lines = [
             f"gradcheck: {self.verdict.upper()}  (mode={self.mode}, eps={self.eps:g}, "
             f"{self.dtype}, {self.n_evaluations} evaluations in {self.seconds:.2f} s, {how})",
