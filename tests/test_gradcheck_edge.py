@@ -141,3 +141,17 @@ def test_model_with_control_flow_on_one_parameter_vectorises_the_others():
     assert rep.ok and rep.vectorized, str(rep)
     assert rep.fallback_reason is not None and rep.fallback_reason.startswith("scale: ")
     assert "lin.weight" not in rep.fallback_reason
+
+
+def test_float64_warnings_say_what_is_wrong_not_use_float64():
+    x = torch.tensor([0.3, 1.7, -2.2], dtype=torch.float64)
+    rep = gp.gradcheck_fn(lambda p: torch.floor(p[0]).sum(), [x], [torch.zeros(3)])
+    assert rep.ok and len(rep.warnings) == 1, str(rep)
+    assert "piecewise constant" in rep.warnings[0] and "float64" not in rep.warnings[0]
+    # |J| = 1e6 against a gradient of 1e-9: roundoff, not the dtype, is the problem.
+    w = torch.tensor([0.5, -0.25], dtype=torch.float64)
+    rep = gp.gradcheck_fn(lambda p: 1e6 + 1e-9 * p[0].sum(), [w], [1e-9 * torch.ones(2)])
+    assert rep.failed == [] and rep.warnings, str(rep)
+    text = rep.warnings[0]
+    assert "noise floor is above the verdict threshold" in text and "float64" not in text
+    assert "subtract" in text and "eps ≈" in text

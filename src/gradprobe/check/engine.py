@@ -303,13 +303,32 @@ def _precision_check(
     if rms > 0.0 and roundoff / rms <= 0.1 * bug_tol:
         return True
     best = float(torch.finfo(dtype).eps) ** (1.0 / 3.0)
-    warnings.append(
-        f"{str(dtype).replace('torch.', '')} with eps={eps:g} cannot give a meaningful answer: "
-        f"each difference carries roundoff ≈ machine_eps·|J|/eps ≈ {roundoff:.1e} (|J| = "
-        f"{abs(ev.j0):.3g}) against a typical gradient coordinate of {rms:.1e}; use "
-        f"dtype=torch.float64 (the default) or a larger step, eps ≈ {best:.0e} "
-        f"(≈ machine_eps^(1/3), the step that balances roundoff against truncation error)"
-    )
+    name = str(dtype).replace("torch.", "")
+    if rms == 0.0:
+        warnings.append(
+            "the analytic gradient is exactly zero: the function is piecewise constant here "
+            "(rounding, sign, comparisons, argmax), or does not depend on these parameters; "
+            "the check can only confirm that the numeric gradient is zero too (a jump crossed "
+            "by ±eps reads as an error); check at a point where the gradient is not zero"
+        )
+    elif dtype == torch.float64:
+        warnings.append(
+            f"the noise floor is above the verdict threshold: each difference carries roundoff "
+            f"≈ 10·u·|J|/eps ≈ {roundoff:.1e} (|J| = {abs(ev.j0):.3g}) against a typical "
+            f"gradient coordinate of {rms:.1e}, so an error below "
+            f"{roundoff / rms:.0e} of the gradient cannot be seen; check a loss with a smaller "
+            f"|J| (subtract its value at these parameters, or check the term of interest "
+            f"alone), or use a larger step, eps ≈ {best:.0e} (≈ machine_eps^(1/3), the step "
+            f"that balances roundoff against truncation error)"
+        )
+    else:
+        warnings.append(
+            f"{name} with eps={eps:g} cannot give a meaningful answer: each difference carries "
+            f"roundoff ≈ machine_eps·|J|/eps ≈ {roundoff:.1e} (|J| = {abs(ev.j0):.3g}) against "
+            f"a typical gradient coordinate of {rms:.1e}; use dtype=torch.float64 (the "
+            f"default) or a larger step, eps ≈ {best:.0e} (≈ machine_eps^(1/3), the step that "
+            f"balances roundoff against truncation error)"
+        )
     return False
 
 
