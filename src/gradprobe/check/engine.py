@@ -41,10 +41,15 @@ error is within that bound is *explained* and the tensor reads ``"kink"`` instea
 ``"bug"``; a real bug on top of a kink still shows.
 
 Speed. The perturbed forward passes of one tensor are evaluated together with
-:func:`torch.func.vmap` over :func:`torch.func.functional_call` (chunked to bound memory). Where
-vmap cannot run (an operator without a batching rule such as ``rrelu``, in-place buffer updates,
-data-dependent Python control flow) the check falls back to a loop and says why in
-:attr:`GradCheckReport.fallback_reason`.
+:func:`torch.func.vmap` over :func:`torch.func.functional_call` (chunked to bound memory),
+decided per tensor: vmap must run and agree with the loop on three perturbed rows of that tensor
+(an operator without a batching rule such as ``rrelu``, in-place buffer updates, data-dependent
+Python control flow, or a batching rule that is wrong for these shapes, send that tensor to the
+loop, and :attr:`GradCheckReport.fallback_reason` says which and why).
+
+The step. Where ``ε`` does not give a clean verdict, the worst coordinates are re-differenced
+with a step chosen per coordinate from ``ε·10^k`` (:mod:`gradprobe.check.differences`), so the
+noise floor the report states is as low as the function allows; the steps used are reported.
 
 Example
     >>> import torch, gradprobe as gp
