@@ -183,11 +183,14 @@ def _ladder_values(
     return value
 
 
-def refine(ev: _Evaluator, t: int, opts: CheckOptions, d: Differences) -> int:
-    """Re-difference the worst coordinates of tensor t on the step ladder (module docstring);
-    returns how many took a step other than ε."""
+def refine(
+    ev: _Evaluator, t: int, opts: CheckOptions, d: Differences, *, lower_floor: bool
+) -> int:
+    """Re-difference the worst coordinates of tensor t on the step ladder (module docstring):
+    those whose error exceeds their noise, and with ``lower_floor`` (the tensor's floor is above
+    ``ok_tol``) also those whose noise hides it; returns how many took a step other than ε."""
     err = (d.num - d.ana).abs()
-    badness = torch.maximum(err, d.noise)
+    badness = torch.maximum(err, d.noise) if lower_floor else torch.where(err > d.noise, err, -1.0)
     badness[d.hook_crossed] = -1.0  # a kink the hooks saw: ε is the step that sees least of it
     order = torch.argsort(badness, descending=True)
     rows = order[: min(_MAX_REFINE, int((badness > 0).sum()))]
