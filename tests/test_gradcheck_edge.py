@@ -155,3 +155,20 @@ def test_float64_warnings_say_what_is_wrong_not_use_float64():
     text = rep.warnings[0]
     assert "noise floor is above the verdict threshold" in text and "float64" not in text
     assert "subtract" in text and "eps ≈" in text
+
+
+def test_ladder_resolves_a_float64_check_that_eps_cannot():
+    # logcumsumexp of values near 1e4: |J| ≈ 1e4 against O(1) gradients, so roundoff at eps=1e-7
+    # hides errors below 2e-4; larger steps resolve it, and the eps warning gives way to a note.
+    gen = torch.Generator().manual_seed(0)
+    x = {"x": torch.full((5, 5), 1e4, dtype=torch.float64)}
+    w = torch.randn(5, 5, dtype=torch.float64, generator=gen)
+
+    def f(p):
+        return (torch.logcumsumexp(p["x"], 0) * w).sum()
+
+    g = torch.func.grad(f)(x)
+    rep = gp.gradcheck_fn(f, x, g)
+    assert rep.ok and rep["x"].noise_floor < 1e-6 and not rep.warnings, str(rep)
+    assert any("could not resolve" in n for n in rep.notes)
+    assert gp.gradcheck_fn(f, x, {"x": 1.01 * g["x"]}).failed == ["x"]

@@ -7,10 +7,8 @@ error ``h² J'''/6`` and a rounding error ``≈ η/h``, ``η`` the absolute erro
 of ``J``. The model ``η ≈ 10·u·|J|`` holds for most functions, but not where ``J`` is computed
 with cancellation (``ndtr`` in its lower tail evaluates ``1 + erf(x/√2)``: its ``η`` is about
 ``u``, not ``u·|J|``), and ``J'''`` is unknown. So where the verdict at ε is not a clean "ok",
-each such coordinate is re-differenced on the ladder ``h_k = ε·10^k``, ``k = 1 … 4`` (past the
-first rung only where that rung moved it towards the analytic value, or where roundoff hides its
-error: a bug or a kink does not move), and its error at each step is estimated from its
-neighbours on the ladder:
+each such coordinate is re-differenced on the ladder ``h_k = ε·10^k``, ``k = 1 … 4``, and its
+error at each step is estimated from its neighbours on the ladder:
 
 .. math::
 
@@ -22,10 +20,12 @@ smaller at ``h_{k−1}``) -- the step-sequence estimate of Stepleman & Winarsky 
 numdifftools. The step with the smallest ``ê_k`` is taken (steps whose perturbed ``J`` is not
 finite or crosses a kink the hooks see are skipped), and ``2·ê_k`` (at least the rounding model
 at that step) becomes that coordinate's noise, so the floor the report states is as low as the
-function allows. A coordinate keeps its value at ε unless the ladder improves both its estimated
-error and its agreement with the analytic value: a kink crossed at distance ``δ < ε`` makes
-``D(h) = ḡ + c·δ/h``, which looks like rounding on the ladder but only moves ``D`` further from
-the one-sided gradient autograd gives, so it stays a kink.
+function allows. A coordinate keeps its value at ε unless the ladder lowers its error bound.
+Kinks need a guard: one crossed at distance ``δ < ε`` makes ``D(h) = ḡ + c·δ/h``, which looks
+like rounding on the ladder but moves ``D`` away from the one-sided gradient autograd gives. So
+a coordinate whose one-sided slopes at ε disagree as at a kink goes past the first rung only if
+that rung moved it towards the analytic value, and takes a larger step only if that brings it
+closer: a kink costs two evaluations and stays a kink.
 """
 
 from __future__ import annotations
@@ -197,12 +197,15 @@ def refine(
     if rows.numel() == 0:
         return 0
     steps = [opts.eps] + [opts.eps * f for f in _LADDER]
-    # First rung for all: go on only where it moves D towards the analytic value (rounding at
-    # ε) or where roundoff already hides the error; a bug or a kink stays where it is, and
-    # costs two evaluations, not eight.
+    # Coordinates whose one-sided slopes at ε disagree as at a kink: on the ladder a kink looks
+    # like rounding (D(h) = ḡ + c·δ/h), so they go past the first rung only if it moved them
+    # towards the analytic value, and take a larger step only if it brought them closer (a kink
+    # costs two evaluations, and stays a kink).
+    split = (d.fwd - d.bwd).abs()
+    kinky = ((split > 2.0 * d.noise) & (err > d.noise) & (err >= 0.3 * split))[rows]
     first = _ladder_values(ev, t, opts, d, rows, steps[1])
-    promising = ((first - d.ana[rows]).abs() < 0.5 * err[rows]) | (err[rows] <= d.noise[rows])
-    rows, first = rows[promising], first[promising]
+    promising = ~kinky | ((first - d.ana[rows]).abs() < 0.5 * err[rows])
+    rows, first, kinky = rows[promising], first[promising], kinky[promising]
     if rows.numel() == 0:
         return 0
     ladder = torch.stack(
@@ -224,7 +227,8 @@ def refine(
     new_bound = bound.gather(0, pick)[0]
     ana = d.ana[rows]
     old_bound = torch.maximum(d.noise[rows], err[rows])
-    better = (best > 0) & (new_bound < old_bound) & ((value - ana).abs() < err[rows])
+    gap = (value - ana).abs()
+    better = (best > 0) & (new_bound < old_bound) & (~kinky | (gap < err[rows]))
     chosen = rows[better]
     d.num[chosen] = value[better]
     d.noise[chosen] = new_bound[better]

@@ -226,7 +226,9 @@ def _run(
     warnings: list[str],
     started: float,
 ) -> GradCheckReport:
+    n_warnings = len(warnings)
     resolvable = _precision_check(ev, opts.eps, opts.dtype, opts.bug_tol, warnings)
+    resolved = 0  # tensors the step ladder resolved although eps could not
     rows: list[TensorCheck] = []
     all_num: list[Tensor] = []
     all_ana: list[Tensor] = []
@@ -248,12 +250,18 @@ def _run(
                 j = _judge(d, opts, resolvable)
                 if not resolvable and j.floor <= 0.1 * opts.bug_tol:
                     j = _judge(d, opts, True)
+                    resolved += 1
                 notes.append(_step_note(name, d, n_refined, opts.eps))
         rows.append(_row(ev, t, d, j, opts.n_worst))
         if resolvable and j.floor > 0.1 * opts.bug_tol:
             warnings.append(_roundoff_warning(name, d, j.floor))
         all_num.append(d.num)
         all_ana.append(d.ana)
+    if not resolvable and resolved == len(ev.names) - len(empty):
+        # Every tensor was resolved with a larger step: the warning about eps no longer holds.
+        del warnings[n_warnings:n_warnings + 1]
+        notes.append(f"eps={opts.eps:g} could not resolve the gradient (roundoff); the steps the "
+                     f"ladder chose did, for every tensor")
     if empty:
         notes.append(
             f"empty tensors checked trivially (no coordinate to perturb): {', '.join(empty)}"
