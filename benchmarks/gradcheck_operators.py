@@ -23,6 +23,10 @@ Random operators draw from torch's RNG reseeded at every evaluation (they become
 their parameters); operators whose J is still not deterministic are skipped and counted. Casts to
 lower precision (half, bfloat16, float) and sparse inputs are left out: a cast is piecewise
 constant in float64, and the check does not take sparse tensors.
+
+Figures and the reading of every remaining disagreement: docs/gradcheck.md, "Across PyTorch's
+operators" (autograd is not the derivative of J for normal, native_*_norm, max_unpool and
+as_strided_scatter; those verdicts are right).
 """
 
 from __future__ import annotations
