@@ -136,10 +136,19 @@ def run(config: DriftConfig, *, progress: Progress = no_progress,
     progress("done", total, total)
     layers = pd.DataFrame(per_seed)
     table = _main_table(layers)
-    result = LabResult(NAME, config, {"main": table, "layers": layers,
+    result = LabResult(NAME, config, {"main": table, "layers": layers, "by_depth": _by_depth(layers),
                                       "curves": pd.concat(curves, ignore_index=True)}, runs=runs)
     result.claims = _claims(config, layers)
     return result
+
+
+def _by_depth(layers: pd.DataFrame) -> pd.DataFrame:
+    """Per (network, optimizer, depth): the drift's geometric mean, minimum and maximum over
+    seeds (drifts span decades, so the geometric mean is the centre the log axis shows)."""
+    g = layers.assign(log_drift=np.log(layers["drift"])).groupby(
+        ["network", "optimizer", "depth"], sort=False)
+    return pd.DataFrame({"drift_geomean": np.exp(g["log_drift"].mean()),
+                         "drift_min": g["drift"].min(), "drift_max": g["drift"].max()}).reset_index()
 
 
 def _ratios(layers: pd.DataFrame) -> pd.DataFrame:
@@ -235,6 +244,7 @@ def plot(result: LabResult) -> dict[str, Figure]:
 
     cfg: DriftConfig = result.config
     layers: pd.DataFrame = result.tables["layers"]
+    by_depth: pd.DataFrame = result.tables["by_depth"]
     curves: pd.DataFrame = result.tables["curves"]
     nets = list(NETWORKS)
     colors = style.category_colors(nets)
@@ -249,13 +259,13 @@ def plot(result: LabResult) -> dict[str, Figure]:
     for j, opt in enumerate(OPTIMIZERS):
         ax = axes[0, j]
         for net in nets:
-            f = layers[(layers.network == net) & (layers.optimizer == opt)]
-            g = f.groupby("depth")["drift"]
-            depth = g.mean().index.to_numpy()
-            gm = np.exp(np.log(f["drift"]).groupby(f["depth"]).mean()).to_numpy()
-            ax.fill_between(depth, g.min().to_numpy(), g.max().to_numpy(), color=colors[net],
-                            alpha=0.2, linewidth=0)
-            ax.plot(depth, gm, "o-", color=colors[net], markersize=3.5, label=net)
+            f = by_depth[(by_depth.network == net) & (by_depth.optimizer == opt)]
+            f = f.sort_values("depth")
+            depth = f["depth"].to_numpy()
+            ax.fill_between(depth, f["drift_min"].to_numpy(), f["drift_max"].to_numpy(),
+                            color=colors[net], alpha=0.2, linewidth=0)
+            ax.plot(depth, f["drift_geomean"].to_numpy(), "o-", color=colors[net], markersize=3.5,
+                    label=net)
         names = list(dict.fromkeys(layers["layer"]))
         lr = cfg.lr_sgd if opt == "sgd" else cfg.lr_adam
         style.finish(ax, title=f"{'SGD' if opt == 'sgd' else 'Adam'} (lr {lr:g})",

@@ -253,6 +253,7 @@ def plot(result: LabResult) -> dict[str, Figure]:
     cfg: OutliersConfig = result.config
     steps: pd.DataFrame = result.tables["steps"]
     per_seed: pd.DataFrame = result.tables["seeds"]
+    mean_acc = result.table.set_index("setting")["test_acc"]
     labels = list(SETTINGS)
     colors = style.category_colors(labels)
     one = steps[steps.seed == cfg.seed]
@@ -308,7 +309,7 @@ def plot(result: LabResult) -> dict[str, Figure]:
     ax = aaxes[0, 0]
     for i, label in enumerate(labels):
         f = per_seed[per_seed.setting == label]
-        ax.bar(i, f["test_acc"].mean(), color=colors[label], alpha=0.55)
+        ax.bar(i, mean_acc[label], color=colors[label], alpha=0.55)
         ax.plot(np.full(len(f), i) + np.linspace(-0.15, 0.15, len(f)), f["test_acc"], "o",
                 color=colors[label], markeredgecolor="black", markeredgewidth=0.4, markersize=4)
     ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")

@@ -136,9 +136,17 @@ def run(config: PretrainingConfig, *, progress: Progress = no_progress,
     per_seed = pd.DataFrame(rows)
     result = LabResult(NAME, config, {
         "main": _main_table(per_seed), "seeds": per_seed, "curves": pd.DataFrame(curves),
-        "reconstruction": pd.DataFrame(recon)})
+        "curve_summary": _curve_summary(pd.DataFrame(curves)), "reconstruction": pd.DataFrame(recon)})
     result.claims = _claims(config, per_seed, pd.DataFrame(recon))
     return result
+
+
+def _curve_summary(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, epoch): the training loss's mean, minimum and maximum over seeds (the figure
+    draws a min–max band: on a log axis mean ± std would cross zero)."""
+    g = curves.groupby(["model", "epoch"], sort=False)["loss"]
+    return pd.DataFrame({"loss_mean": g.mean(), "loss_min": g.min(),
+                         "loss_max": g.max()}).reset_index()
 
 
 def _main_table(per_seed: pd.DataFrame) -> pd.DataFrame:
@@ -202,7 +210,8 @@ def plot(result: LabResult) -> dict[str, Figure]:
     from gradprobe.report import style
 
     cfg: PretrainingConfig = result.config
-    curves: pd.DataFrame = result.tables["curves"]
+    curves: pd.DataFrame = result.tables["curve_summary"]
+    means = result.table.set_index("model")
     per_seed: pd.DataFrame = result.tables["seeds"]
     recon: pd.DataFrame = result.tables["reconstruction"]
     colors = style.category_colors(list(MODELS))
@@ -212,12 +221,12 @@ def plot(result: LabResult) -> dict[str, Figure]:
 
     ax = axes[0, 0]
     for label in MODELS:
-        f = curves[curves.model == label].pivot(index="epoch", columns="seed", values="loss")
-        epochs = f.index.to_numpy()
+        f = curves[curves.model == label].sort_values("epoch")
+        epochs = f["epoch"].to_numpy()
         # a log axis: the band is min–max over seeds (mean ± std would cross zero)
-        ax.fill_between(epochs, f.min(axis=1).to_numpy(), f.max(axis=1).to_numpy(),
+        ax.fill_between(epochs, f["loss_min"].to_numpy(), f["loss_max"].to_numpy(),
                         color=colors[label], alpha=0.2, linewidth=0)
-        ax.plot(epochs, f.mean(axis=1).to_numpy(), color=colors[label], linewidth=1.8,
+        ax.plot(epochs, f["loss_mean"].to_numpy(), color=colors[label], linewidth=1.8,
                 label=label)
     ax.axhline(math.log(10), color="black", linestyle=":", linewidth=0.9, zorder=0.5,
                label="ln 10 (chance)")
@@ -233,7 +242,7 @@ def plot(result: LabResult) -> dict[str, Figure]:
         for k, (stage, column) in enumerate((("before", "test_acc_before"),
                                              ("after", "test_acc_after"))):
             x = i + (k - 0.5) * width
-            ax.bar(x, f[column].mean(), width=width * 0.92, color=colors[label],
+            ax.bar(x, means.loc[label, column], width=width * 0.92, color=colors[label],
                    alpha=0.3 if stage == "before" else 0.75,
                    hatch="//" if stage == "before" else None, edgecolor=colors[label])
             ax.plot(np.full(len(f), x) + np.linspace(-0.08, 0.08, len(f)), f[column], "o",
