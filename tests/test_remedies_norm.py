@@ -189,3 +189,51 @@ def test_custom_module_inside_a_sequential_that_shifts():
         ("0", "1"), ("2.fc1", "3.fc1.1"), ("2.fc2", "3.fc2_norm")]
     assert isinstance(net[3], torch.fx.GraphModule)  # the rewritten Custom, at its new index
     assert net(torch.randn(4, 3)).shape == (4, 2)
+
+
+def named_mlp():
+    from collections import OrderedDict
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict([
+        ("fc1", nn.Linear(4, 16)), ("act1", nn.ReLU()), ("fc2", nn.Linear(16, 8)),
+        ("act2", nn.Tanh()), ("out", nn.Linear(8, 2))]))
+
+
+@pytest.mark.parametrize("position, names", [
+    ("before_activation", ["fc1", "fc1_norm", "act1", "fc2", "fc2_norm", "act2", "out"]),
+    ("after_activation", ["fc1", "act1", "fc1_norm", "fc2", "act2", "fc2_norm", "out"])])
+def test_named_sequential_keeps_names(position, names):
+    # Sequential(OrderedDict(...)) (as lab.zoo.mlp builds): nn.Sequential.insert needs integer
+    # names, so the children are rebuilt in order with every name kept
+    net = named_mlp()
+    reference = named_mlp()
+    x = torch.randn(32, 4)
+    rec = add_norm_(net, "layer", position=position)
+    assert rec.model is net and [n for n, _ in net.named_children()] == names
+    assert [(e.layer, e.norm, e.module) for e in rec] == [
+        ("fc1", "fc1_norm", "LayerNorm(16)"), ("fc2", "fc2_norm", "LayerNorm(8)")]
+    assert net.fc1 is net[0] and isinstance(net.fc1_norm, nn.LayerNorm)
+    # against the same network with the norms written out by hand
+    h = reference.fc1(x)
+    if position == "before_activation":
+        h = reference.act1(F.layer_norm(h, (16,)))
+        h = reference.act2(F.layer_norm(reference.fc2(h), (8,)))
+    else:
+        h = F.layer_norm(reference.act1(h), (16,))
+        h = F.layer_norm(reference.act2(reference.fc2(h)), (8,))
+    torch.testing.assert_close(net(x), reference.out(h))
+    assert isinstance(add_norm_(named_mlp(), "batch").model.fc2_norm, nn.BatchNorm1d)
+
+
+def test_named_sequential_norm_name_taken_and_last_activation():
+    from collections import OrderedDict
+    net = nn.Sequential(OrderedDict([("fc", nn.Linear(3, 8)), ("fc_norm", nn.Dropout(0.0)),
+                                     ("lin", nn.Linear(8, 8)), ("act", nn.ReLU())]))
+    rec = add_norm_(net, "layer", position="after_activation")  # after the last child
+    assert [n for n, _ in net.named_children()] == ["fc", "fc_norm", "lin", "act", "lin_norm"]
+    assert [e.norm for e in rec] == ["lin_norm"]
+    net = nn.Sequential(OrderedDict([("lin_norm", nn.Dropout(0.0)), ("lin", nn.Linear(3, 8)),
+                                     ("act", nn.ReLU())]))
+    rec = add_norm_(net, "batch")  # the name is taken: the next free one
+    assert [n for n, _ in net.named_children()] == ["lin_norm", "lin", "lin_norm_1", "act"]
+    assert [e.norm for e in rec] == ["lin_norm_1"]

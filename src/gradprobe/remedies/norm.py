@@ -14,6 +14,8 @@ Where
     A layer already followed by a normaliser is left alone (listed in ``record.skipped``).
 
     - ``nn.Sequential`` (nested too): the norm is inserted into the Sequential (later indices shift).
+      A Sequential with named children (``Sequential(OrderedDict(...))``) keeps its names; each
+      norm is named after its layer: ``fc1`` -> ``fc1_norm``.
     - Other modules: the module's own forward is traced with :mod:`torch.fx` (children as leaves).
       Where the layer is called once and only the activation reads it, the layer is replaced in
       place by ``nn.Sequential(layer, norm)`` (after: the activation module by
@@ -265,7 +267,9 @@ def add_norm_(
 def _sequential(prefix: str, seq: nn.Sequential, kind: str, after: bool,
                 inserted: list[tuple[Inserted, nn.Module]], skipped: list[Skipped],
                 norms: list[nn.Module]) -> None:
-    children = list(seq.named_children())
+    # positions in ``_modules`` (what insert and the rebuild below index), a shared child
+    # counted at each of its places
+    children = [(k, m) for k, m in seq._modules.items() if m is not None]
     plan: list[tuple[int, nn.Module, str, str, int, int | None]] = []
     for i, (cname, child) in enumerate(children[:-1]):
         if not isinstance(child, S.WEIGHT_LAYERS):
@@ -283,11 +287,36 @@ def _sequential(prefix: str, seq: nn.Sequential, kind: str, after: bool,
             continue
         norm, c, g = _make(kind, child, lname)
         plan.append((i + 2 if after else i + 1, norm, lname, act, c, g))
-    for index, norm, *_ in reversed(plan):
-        seq.insert(index, norm)
+    if len(children) == len(seq._modules) and all(k.isdigit() for k in seq._modules):
+        for index, norm, *_ in reversed(plan):
+            seq.insert(index, norm)
+    elif plan:
+        # named children (Sequential(OrderedDict(...))): nn.Sequential.insert renumbers by
+        # index and fails on names; rebuild the children in order, keep every name, and name
+        # each norm after its layer ("fc1" -> "fc1_norm", "fc1_norm_1" if taken)
+        at = {index: norm for index, norm, *_ in plan}
+        taken = set(seq._modules)
+        rebuilt: dict[str, nn.Module] = {}
+        for i, (cname, child) in enumerate(children):
+            if i in at:
+                rebuilt[_new_name(children[i - (2 if after else 1)][0], taken)] = at[i]
+            rebuilt[cname] = child
+        if len(children) in at:  # after the last child (its activation closes the Sequential)
+            rebuilt[_new_name(children[-2][0], taken)] = at[len(children)]
+        seq._modules = rebuilt  # type: ignore[assignment]
     for _, norm, lname, act, c, g in reversed(plan):  # reversed back at the end
         norms.append(norm)
         inserted.append((Inserted(lname, act, "", _describe(norm), c, g, "sequential"), norm))
+
+
+def _new_name(layer: str, taken: set[str]) -> str:
+    """``<layer>_norm`` (``_1``, ``_2``, ... if taken), added to ``taken``."""
+    name, i = f"{layer}_norm", 0
+    while name in taken:
+        i += 1
+        name = f"{layer}_norm_{i}"
+    taken.add(name)
+    return name
 
 
 def _custom(name: str, mod: nn.Module, kind: str, after: bool,
