@@ -9,7 +9,9 @@ experiment module can be read, changed or removed on its own.
 * :func:`propagate` and :class:`Signals`: one forward and backward pass keeping every hidden
   activation, its gradient and the preceding weight's gradient;
 * :func:`saturated_fraction`, :func:`dead_fraction`: the activation table's saturation and
-  dead-unit rules as fractions.
+  dead-unit rules as fractions;
+* :func:`standardized_digits` (``load_digits``, pixels standardised) and :func:`running_mean`
+  (the smoothing of loss curves, computed in ``run`` so that figures only draw).
 
 Example
     >>> import torch
@@ -28,11 +30,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from gradprobe import activations
-from gradprobe.lab import train
+from gradprobe.lab import data, train
 from gradprobe.remedies.init import InitRecord, Scheme, init_
 
 
@@ -67,6 +70,25 @@ def initialised_mlp(
     record = init_(model, cast(Scheme, scheme),
                    generator=torch.Generator().manual_seed(seed + 1), **dict(options or {}))
     return model, record
+
+
+def standardized_digits(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``load_digits`` split 70/30 (:func:`gradprobe.lab.data.digits`), each pixel standardised
+    with the training set's mean and std (constant pixels keep std 1)."""
+    xtr, ytr, xte, yte = data.digits(seed=seed)
+    mean, std = xtr.mean(0), xtr.std(0)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    return (xtr - mean) / std, ytr, (xte - mean) / std, yte
+
+
+def running_mean(curve: np.ndarray, k: int) -> np.ndarray:
+    """Running mean over the last ``k`` values (over the first ``i`` for ``i < k``), for loss
+    curves drawn in figures; non-finite values stay non-finite, so they are not drawn."""
+    if len(curve) < k:
+        return curve
+    out = np.convolve(curve, np.ones(k) / k, mode="full")[: len(curve)]
+    out[: k - 1] = np.cumsum(curve[: k - 1]) / np.arange(1, k)
+    return out
 
 
 @dataclass
@@ -150,6 +172,8 @@ __all__ = [
     "dead_fraction",
     "initialised_mlp",
     "propagate",
+    "running_mean",
     "saturated_fraction",
     "sequential_mlp",
+    "standardized_digits",
 ]

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from gradprobe.errors import ConfigError
 from gradprobe.lab import train
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
-from gradprobe.lab.experiments.normalization import standardized_digits
+from gradprobe.lab.common import standardized_digits
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

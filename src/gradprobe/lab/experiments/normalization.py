@@ -48,8 +48,9 @@ import torch
 from torch import Tensor, nn
 
 from gradprobe.errors import ConfigError
-from gradprobe.lab import data, train
+from gradprobe.lab import train
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
+from gradprobe.lab.common import standardized_digits
 from gradprobe.remedies.norm import add_norm_
 
 if TYPE_CHECKING:
@@ -84,15 +85,6 @@ class NormalizationConfig:
                               hint="e.g. --epochs 3 --mlp-depth 10")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"normalization: lr must be > 0, got {self.lr}", hint="e.g. 1e-3")
-
-
-def standardized_digits(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``load_digits`` split 70/30, each pixel standardised with the training set's mean and std
-    (constant pixels keep std 1)."""
-    xtr, ytr, xte, yte = data.digits(seed=seed)
-    mean, std = xtr.mean(0), xtr.std(0)
-    std = torch.where(std > 1e-6, std, torch.ones_like(std))
-    return (xtr - mean) / std, ytr, (xte - mean) / std, yte
 
 
 def build(arch: str, norm: str, config: NormalizationConfig) -> nn.Module:
