@@ -14,10 +14,15 @@ tried, each alone:
   does nothing to bound the *first* steps' size, so it is not expected to stop an explosion that
   happens in the first few steps -- the experiment checks this rather than assumes it.
 
+Every cure is attached to the optimizer by ``gp.remedies``: ``clip_gradients_(opt, max_norm=c)``,
+``clip_gradients_(opt, max_value=v)``, ``regularize_(opt, l2=λ)`` (for SGD the same as
+``weight_decay=λ``); the training loop is the same for all.
+
 Part 2 -- L1 vs L2 on the weights. A healthy MLP (He init) trained with no penalty, with
-``l1·Σ|w|`` and with ``l2·Σw²`` added to the loss (weights only, not biases), plain SGD: the L1 penalty's
+``regularize_(opt, l1=...)`` (the gradient of ``l1·Σ|w|``) and with ``regularize_(opt, l2=...)``
+(the gradient of ``(l2/2)·Σw²``), every parameter, plain SGD: the L1 penalty's
 gradient ``l1·sign(w)`` has the same size however small ``w`` is, so it drives many weights to
-(nearly) zero -- sparsity; the L2 penalty's gradient ``2·l2·w`` fades with ``w``, so it shrinks
+(nearly) zero -- sparsity; the L2 penalty's gradient ``l2·w`` fades with ``w``, so it shrinks
 all weights proportionally and rarely zeroes one (Tibshirani 1996; Goodfellow et al. 2016, 7.1).
 
 Data: scikit-learn's 8x8 digits, standardised; cross-entropy; test accuracy on the held-out 30 %.
@@ -44,6 +49,8 @@ from gradprobe.errors import ConfigError
 from gradprobe.lab import train
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
 from gradprobe.lab.common import standardized_digits
+from gradprobe.remedies import clip_gradients_, regularize_
+from gradprobe.remedies.optim import total_norm
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -68,7 +75,7 @@ class ClippingConfig:
     max_value: float = 0.01
     weight_decay: float = 0.05
     l1: float = 1e-3
-    l2: float = 1e-2
+    l2: float = 2e-2
     reg_lr: float = 0.1
     reg_steps: int = 1000
     seed: int = 0
@@ -120,20 +127,21 @@ def fit_cure(cure: str, x: Tensor, y: Tensor, config: ClippingConfig
     """SGD + momentum on the exploding network with one ``cure``; loss and the gradient norm
     (before clipping) per step. Training stops at the first non-finite loss."""
     model = build(config.depth, config.width, config.gain, config.seed)
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                          weight_decay=config.weight_decay if cure == "L2" else 0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    # each cure is a step pre-hook on the optimizer: the training loop is the same for all
+    if cure == "clip by norm":
+        clip_gradients_(opt, max_norm=config.max_norm)
+    elif cure == "clip by value":
+        clip_gradients_(opt, max_value=config.max_value)
+    elif cure == "L2":
+        regularize_(opt, l2=config.weight_decay)  # for SGD: weight_decay=config.weight_decay
     losses: list[float] = []
     norms: list[float] = []
     for idx in _batches(x.shape[0], config.batch, config.steps, config.seed):
         loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        # gradprobe.remedies.clip_gradients_ is not available here yet: torch's clip_grad_norm_ /
-        # clip_grad_value_ do the same rescaling / clamping.
-        norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), config.max_norm if cure == "clip by norm" else math.inf)
-        if cure == "clip by value":
-            torch.nn.utils.clip_grad_value_(model.parameters(), config.max_value)
+        norm = total_norm([p.grad for p in model.parameters() if p.grad is not None])  # unclipped
         opt.step()
         # host sync once per step: the loop stops at the first non-finite loss
         value = float(loss.detach())
@@ -145,19 +153,18 @@ def fit_cure(cure: str, x: Tensor, y: Tensor, config: ClippingConfig
 
 
 def fit_penalty(penalty: str, x: Tensor, y: Tensor, config: ClippingConfig) -> nn.Sequential:
-    """A healthy MLP (He init, depth 2) trained with plain SGD and ``penalty`` on the weights
-    (plain SGD: the penalty's gradient acts as written; Adam would rescale it per weight)."""
+    """A healthy MLP (He init, depth 2) trained with plain SGD and ``penalty`` added by
+    ``gp.remedies.regularize_`` (``g ← g + l1·sign(w)`` or ``g + l2·w`` for every parameter,
+    biases included; plain SGD: the penalty's gradient acts as written, Adam would rescale it
+    per weight)."""
     model = build(2, config.width, 1.0, config.seed)
-    weights = [m.weight for m in model if isinstance(m, nn.Linear)]
     opt = torch.optim.SGD(model.parameters(), lr=config.reg_lr)
+    if penalty == "L1":
+        regularize_(opt, l1=config.l1)
+    elif penalty == "L2":
+        regularize_(opt, l2=config.l2)
     for idx in _batches(x.shape[0], config.batch, config.reg_steps, config.seed):
         loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        # gradprobe.remedies.regularize_ is not available here yet: the penalty is added to the
-        # loss (weights only; biases are not penalised).
-        if penalty == "L1":
-            loss = loss + config.l1 * sum(w.abs().sum() for w in weights)
-        elif penalty == "L2":
-            loss = loss + config.l2 * sum(w.pow(2).sum() for w in weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
