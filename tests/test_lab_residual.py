@@ -44,6 +44,17 @@ def test_residual_model_is_x_plus_f_of_x():
     torch.testing.assert_close(res(x), [m for m in plain][-1](h))
 
 
+def test_scaled_residual_is_x_plus_f_of_x_over_sqrt_depth():
+    # ReLU is positively homogeneous: scaling the branch's Linear by 1/√L scales f by 1/√L
+    plain = Rs.build(4, 64, False, 0)
+    scaled = Rs.build(4, 64, True, 0, scaled=True)
+    x = torch.randn(5, 64)
+    h = x
+    for lin in [m for m in plain if isinstance(m, torch.nn.Linear)][:-1]:
+        h = h + torch.relu(lin(h)) / 2  # 1/√4
+    torch.testing.assert_close(scaled(x), [m for m in plain][-1](h))
+
+
 def test_profile_matches_autograd_on_weights(result):
     # ‖∂L/∂a_L‖ of the last hidden layer equals what autograd gives through the read-out
     xtr, ytr, _, _ = Rs.standardized_digits(0)

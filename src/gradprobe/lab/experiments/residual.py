@@ -39,14 +39,17 @@ from torch import Tensor, nn
 from gradprobe.errors import ConfigError
 from gradprobe.lab import train
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
-from gradprobe.lab.common import standardized_digits
-from gradprobe.remedies.residual import residual_
+from gradprobe.lab.common import running_mean, standardized_digits
+from gradprobe.remedies.residual import Residual, residual_
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 NAME = "residual"
-VARIANTS = ("plain", "residual")
+SMOOTH = 10
+"""Loss curves are drawn as running means over this many steps."""
+VARIANTS = ("plain", "residual", "residual, scaled")
+"""``plain``; ``residual``: ``x + f(x)``; ``residual, scaled``: ``x + f(x)/√L`` at initialisation."""
 
 
 @dataclass(frozen=True)
@@ -69,9 +72,18 @@ class ResidualConfig:
             raise ConfigError(f"residual: lr must be > 0, got {self.lr}", hint="e.g. 1e-3")
 
 
-def build(depth: int, width: int, residual: bool, seed: int) -> nn.Sequential:
+def build(depth: int, width: int, residual: bool, seed: int, *, scaled: bool = False
+          ) -> nn.Sequential:
     """``fc1, act1, ..., fc{depth}, act{depth}, out``; with ``residual`` the square blocks
-    ``fc_l, act_l`` (l ≥ 2) become ``x + f(x)`` via :func:`gradprobe.remedies.residual_`."""
+    ``fc_l, act_l`` become ``x + f(x)`` via :func:`gradprobe.remedies.residual_`.
+
+    ``scaled``: each block's Linear (weight and bias) is then multiplied by ``1/√L``, ``L`` the
+    number of blocks. ReLU is positively homogeneous, so the block computes ``x + f(x)/√L`` at
+    initialisation: the residual branches' variances add up to a constant instead of growing
+    with ``L`` (the ``1/√L`` branch scale of Hanin & Rolnick 2018 and Hayou et al. 2021, "Stable
+    ResNet"; Fixup, Zhang et al. 2019, and SkipInit, De & Smith 2020, scale the branch down at
+    initialisation for the same reason -- Fixup's zero-initialised last layer would leave this
+    one-layer ``Linear → ReLU`` branch with ReLU'(0) = 0, no gradient)."""
     with train.seeded(seed):
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         for i in range(1, depth + 1):
@@ -83,14 +95,21 @@ def build(depth: int, width: int, residual: bool, seed: int) -> nn.Sequential:
         record = residual_(model)
         # fc1 (64 -> width) is square too when width = 64, the digits' input size
         assert len(record) == depth - (width != 64), str(record)
+        if scaled:
+            blocks = [m for m in model.modules() if isinstance(m, Residual)]
+            with torch.no_grad():
+                for block in blocks:
+                    for lin in block.modules():
+                        if isinstance(lin, nn.Linear):
+                            lin.weight.mul_(1 / math.sqrt(len(blocks)))
+                            if lin.bias is not None:
+                                lin.bias.mul_(1 / math.sqrt(len(blocks)))
     return model
 
 
 def hidden_outputs(model: nn.Sequential, x: Tensor) -> tuple[Tensor, list[Tensor]]:
     """The logits and every hidden layer's output ``a_1..a_L`` (``retain_grad`` on each): the
     output of each ReLU in the plain network, of each block ``x + f(x)`` in the residual one."""
-    from gradprobe.remedies.residual import Residual
-
     h = x
     outs: list[Tensor] = []
     children = list(model.children())
@@ -147,7 +166,8 @@ def run(config: ResidualConfig, *, progress: Progress = no_progress, out: Path |
     with train.threads(1):
         for i, (depth, variant) in enumerate(plan):
             progress(f"depth {depth} {variant}", i, len(plan))
-            model = build(depth, config.width, variant == "residual", config.seed)
+            model = build(depth, config.width, variant != "plain", config.seed,
+                          scaled=variant == "residual, scaled")
             grads, rms = gradient_profile(model, xb, yb)
             profiles[(depth, variant)] = grads
             rms_profiles[(depth, variant)] = rms
@@ -167,7 +187,8 @@ def run(config: ResidualConfig, *, progress: Progress = no_progress, out: Path |
     progress("done", len(plan), len(plan))
     table = pd.DataFrame(rows)
     result = LabResult(NAME, config, {"main": table}, data={
-        "profiles": profiles, "rms": rms_profiles, "curves": curves})
+        "profiles": profiles, "rms": rms_profiles, "curves": curves,
+        "smoothed": {k: running_mean(c, SMOOTH) for k, c in curves.items()}})
     result.claims = _claims(config, table)
     return result
 
@@ -177,28 +198,33 @@ def _claims(config: ResidualConfig, t: pd.DataFrame) -> list[Claim]:
     deep = max(config.depths)
     shallow = min(config.depths)
     plain_ratio = float(idx.loc[(deep, "plain"), "grad_first/last"])
-    res_ratios = t[t.network == "residual"]["grad_first/last"]
+    res = t[t.network != "plain"]
     plain_acc = float(idx.loc[(deep, "plain"), "test_acc"])
     res_acc = float(idx.loc[(deep, "residual"), "test_acc"])
+    scaled_acc = float(idx.loc[(deep, "residual, scaled"), "test_acc"])
     shallow_plain = float(idx.loc[(shallow, "plain"), "test_acc"])
     res_rms = float(idx.loc[(deep, "residual"), "rms_last/first"])
+    scaled_rms = float(idx.loc[(deep, "residual, scaled"), "rms_last/first"])
     return [
         Claim(f"at initialisation the plain network's gradient vanishes with depth: at depth "
               f"{deep} the first hidden layer gets less than 1e-3 of the last one's gradient",
               bool(plain_ratio < 1e-3), f"‖∂L/∂a_1‖/‖∂L/∂a_L‖ = {plain_ratio:.3g}"),
-        Claim("at initialisation the residual network's gradient never vanishes: the first hidden "
-              "layer gets at least the last one's gradient at every depth",
-              bool((res_ratios >= 1.0).all()),
-              ", ".join(f"depth {d}: {r:.3g}" for d, r in
-                        zip(t[t.network == "residual"]["depth"], res_ratios))),
-        Claim(f"in training, at depth {deep} the residual network beats the plain one by more "
-              "than 0.2 test accuracy", bool(res_acc - plain_acc > 0.2),
-              f"residual {res_acc:.3f}, plain {plain_acc:.3f}"),
+        Claim("at initialisation the residual networks' gradient never vanishes: the first hidden "
+              "layer gets at least the last one's gradient at every depth, scaled or not",
+              bool((res["grad_first/last"] >= 1.0).all()),
+              ", ".join(f"depth {d} {v}: {r:.3g}" for d, v, r in
+                        zip(res["depth"], res["network"], res["grad_first/last"]))),
+        Claim(f"in training, at depth {deep} the residual network with 1/√L-scaled branches beats "
+              "the plain one by more than 0.2 test accuracy", bool(scaled_acc - plain_acc > 0.2),
+              f"scaled residual {scaled_acc:.3f}, plain {plain_acc:.3f} (unscaled residual "
+              f"{res_acc:.3f})"),
         Claim(f"at depth {shallow} the plain network trains (test accuracy > 0.8)",
               bool(shallow_plain > 0.8), f"{shallow_plain:.3f}"),
         Claim(f"the price of unscaled residual blocks: at depth {deep} the forward signal's RMS "
               "grows more than 10× from the first to the last hidden layer", bool(res_rms > 10),
               f"RMS(a_L)/RMS(a_1) = {res_rms:.3g}"),
+        Claim(f"scaling each branch by 1/√L keeps the forward signal's growth at depth {deep} "
+              "below 10×", bool(scaled_rms < 10), f"RMS(a_L)/RMS(a_1) = {scaled_rms:.3g}"),
     ]
 
 
@@ -208,7 +234,7 @@ def plot(result: LabResult) -> dict[str, Figure]:
     config: ResidualConfig = result.config
     depths = list(config.depths)
     colors = style.layer_colors([str(d) for d in depths])
-    fig, axes = style.figure(1, 2, size=(13, 4.8), title=(
+    fig, axes = style.figure(1, len(VARIANTS), size=(17, 4.8), title=(
         "Gradient reaching each hidden layer at initialisation (ReLU MLP, PyTorch default init)"))
     values = [v for p in result.data["profiles"].values() for v in p if v > 0]
     floor = min(values) / 3
@@ -222,15 +248,18 @@ def plot(result: LabResult) -> dict[str, Figure]:
                 underflow = True
                 ax.plot(zero + 1, np.full(zero.size, floor * 1.6), "v", color=colors[str(d)],
                         markersize=3)
-        style.finish(ax, title=f"{variant}" + (" (x + f(x))" if variant == "residual" else ""),
+        style.finish(ax, title=variant + {"plain": "", "residual": " (x + f(x))",
+                                          "residual, scaled": " (x + f(x)/√L)"}[variant],
                      xlabel="hidden layer l (1 = input side)",
                      ylabel="‖∂L/∂a_l‖ (log)", scale="log")
         ax.set_ylim(floor, max(values) * 3)
+    for ax in axes[0, 1:]:  # the panels are compared: one y axis
+        ax.sharey(axes[0, 0])
     if underflow:
         axes[0, 0].plot([], [], "v", color="0.3", markersize=4,
                         label="exactly 0 (float32 underflow)")
         axes[0, 0].legend(fontsize="small", loc="lower right")
-    axes[0, 1].legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5),
+    axes[0, -1].legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5),
                       title="network depth", title_fontsize="small")
 
     table: pd.DataFrame = result.tables["main"]
@@ -246,28 +275,20 @@ def plot(result: LabResult) -> dict[str, Figure]:
                  ylabel="test accuracy")
     ax.set_ylim(0, 1.02)
     ax.set_xticks(depths)
-    ax.legend(fontsize="small", loc="lower left")
+    ax.legend(fontsize="small", loc="center left")
     ax = taxes[0, 1]
-    curves = result.data["curves"]
+    curves = result.data["smoothed"]
     for d in depths:
-        for variant, ls in (("plain", "--"), ("residual", "-")):
+        for variant, ls in zip(VARIANTS, ("--", ":", "-")):
             c = curves[(d, variant)]
-            ax.plot(np.arange(1, len(c) + 1), _smooth(c, 10), color=colors[str(d)], linestyle=ls,
+            ax.plot(np.arange(1, len(c) + 1), c, color=colors[str(d)], linestyle=ls,
                     linewidth=1.3, label=f"depth {d}, {variant}")
     finite = [v for c in curves.values() for v in c if np.isfinite(v)]
-    style.finish(ax, title="training loss (running mean over 10 steps)", xlabel="Adam step",
+    style.finish(ax, title=f"training loss (running mean over {SMOOTH} steps)", xlabel="Adam step",
                  ylabel="cross-entropy (log)", scale="log")
     ax.set_ylim(max(min(finite), 1e-4) / 1.5, max(finite) * 1.5)
     ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5), ncol=1)
     return {"gradient_profile": fig, "training": tfig}
-
-
-def _smooth(curve: np.ndarray, k: int) -> np.ndarray:
-    if len(curve) < k:
-        return curve
-    out = np.convolve(curve, np.ones(k) / k, mode="full")[: len(curve)]
-    out[: k - 1] = np.cumsum(curve[: k - 1]) / np.arange(1, k)
-    return out
 
 
 register(NAME, "plain vs residual ReLU MLPs, depth 10-100: gradient depth profile at "
