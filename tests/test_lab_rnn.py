@@ -11,7 +11,8 @@ from gradprobe.errors import ConfigError
 from gradprobe.lab import train
 from gradprobe.lab.experiments import rnn as R
 
-SMALL = R.RnnConfig(lengths=(6, 30), hidden=64, steps=8, batch=16, temporal_order=False)
+SMALL = R.RnnConfig(lengths=(6, 30), hidden=64, steps=8, sgd_steps=20, batch=16,
+                    temporal_order=False)
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +81,13 @@ def test_init_and_spectral_claims_hold(result):
 def test_short_sequences_fail_the_gradient_claims():
     # at T = 5 nothing has had time to vanish or explode: the claims are measured, not assumed
     with train.threads(1):
-        r = R.run(R.RnnConfig(lengths=(5,), hidden=64, steps=2, batch=8, temporal_order=False,
-                              spectral_length=5))
+        r = R.run(R.RnnConfig(lengths=(5,), hidden=64, steps=2, sgd_steps=50, batch=8,
+                              temporal_order=False, spectral_length=5))
     assert not r.claim("at initialisation").holds
     assert not r.claim("linear RNN").holds
+    # five steps of ρ ≈ 1.5 do not overflow plain SGD: nothing for clipping to cure
+    assert r.tables["relu_sgd"]["first_nonfinite_step"].isna().all()
+    assert not r.claim("adding problem, T = 5, plain SGD").holds
 
 
 def test_training_claims_follow_the_table(result):
@@ -96,6 +100,31 @@ def test_training_claims_follow_the_table(result):
     assert not result.claim("adding problem, T = 30: the tanh").holds
     assert set(result.tables["main"]["clip"]) == {"no", "by norm"}
     assert np.isfinite(result.tables["spectral"]["grad_ratio h_1/h_T"]).all()
+
+
+def test_clipping_claims_at_small_size(result):
+    # plain SGD overflows at T = 30 without clipping and stays finite with it, already in 20 steps
+    sgd = result.tables["relu_sgd"].set_index("clip")
+    assert sgd.loc["no", "first_nonfinite_step"] <= 20
+    assert sgd["first_nonfinite_step"].isna().tolist() == [False, True]
+    assert result.claim("adding problem, T = 30, plain SGD").holds
+    # 8 Adam steps teach the clipped IRNN nothing: the "clipping turns the IRNN's failure into
+    # training" claim fails at this size
+    assert not result.claim("adding problem, T = 30, Adam: clipping").holds
+    runs = result.tables["runs"].set_index(["task", "T", "model", "clip"])
+    assert runs.loc[("adding", 30, "irnn", True), "test_mse"] > R.SOLVED_MSE
+
+
+def test_clip_hook_bounds_the_update():
+    # fit's clipping is gp.remedies.clip_gradients_: one SGD step (no momentum yet) moves the
+    # parameters by exactly sgd_lr · max_norm when the gradient is larger
+    cfg = R.RnnConfig(sgd_steps=1, batch=4, max_norm=0.5)
+    model = R.build("relu", 2, 16, 1, relu_gain=1.5, seed=0)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    res = R.fit(model, "adding", 20, cfg, clip=True, seed=0, optimizer="sgd")
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert res["grad_norm"][0] > cfg.max_norm
+    assert float((after - before).norm()) == pytest.approx(cfg.sgd_lr * cfg.max_norm, rel=1e-4)
 
 
 def test_bad_config():

@@ -26,8 +26,13 @@ Models (hidden size ``hidden``, read-out from the last step):
   2015), via ``gp.remedies.init_(rnn, "identity")``;
 * ``lstm``, ``gru``: PyTorch's defaults.
 
-Each is trained with Adam and with and without gradient-norm clipping (Pascanu et al. 2013:
-rescale the whole gradient to norm ``max_norm`` when it is larger).
+Each is trained with Adam (``lr``, ``steps`` steps) with and without gradient-norm clipping by
+``gp.remedies.clip_gradients_`` (Pascanu et al. 2013: rescale the whole gradient to norm
+``max_norm`` when it is larger; Le et al. 2015 clip their IRNNs too). Adam bounds each
+parameter's step by about ``lr`` whatever the gradient's size, so an exploding gradient shows
+there as a loss spike that throws the weights off (the IRNN's), not as overflow. Under plain SGD
+the step is ``lr·g`` and an exploding gradient overflows: the random ReLU RNN is also trained with
+SGD (``sgd_lr``, momentum 0.9, ``sgd_steps`` steps) with and without clipping.
 
 Example
     >>> import gradprobe as gp
@@ -50,7 +55,10 @@ from torch import Tensor, nn
 from gradprobe.errors import ConfigError
 from gradprobe.lab import train
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
+from gradprobe.lab.common import running_mean
+from gradprobe.remedies import clip_gradients_
 from gradprobe.remedies.init import init_
+from gradprobe.remedies.optim import total_norm
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -61,6 +69,8 @@ LABELS = {"tanh": "tanh RNN", "relu": "ReLU RNN (random W)", "irnn": "IRNN (W = 
           "lstm": "LSTM", "gru": "GRU"}
 ADDING_BASELINE = 2.0 / 12.0
 """MSE of predicting the constant 1 on the adding problem: Var(u₁ + u₂), u ~ U(0, 1)."""
+SMOOTH = 10
+"""Loss curves are drawn as running means over this many steps."""
 SOLVED_MSE = 0.05
 """An adding-problem run counts as solved below this test MSE (30 % of the baseline)."""
 FAILED_MSE = 0.10
@@ -69,14 +79,18 @@ FAILED_MSE = 0.10
 
 @dataclass(frozen=True)
 class RnnConfig:
-    """Sequence ``lengths`` T; ``steps`` Adam steps of ``batch`` fresh sequences per run."""
+    """Sequence ``lengths`` T; ``steps`` Adam steps of ``batch`` fresh sequences per run of the
+    adding problem (``order_steps`` for the temporal-order task, which is easier); ``sgd_steps`` SGD steps (``sgd_lr``) for the ReLU RNN's clipping comparison."""
 
     lengths: tuple[int, ...] = (10, 30)
     hidden: int = 64
-    steps: int = 300
+    steps: int = 800
+    order_steps: int = 300
     batch: int = 64
     lr: float = 0.01
     max_norm: float = 1.0
+    sgd_lr: float = 0.01
+    sgd_steps: int = 300
     relu_gain: float = 1.5
     temporal_order: bool = True
     spectral_length: int = 50
@@ -87,10 +101,11 @@ class RnnConfig:
         if not self.lengths or min(self.lengths) < 4:
             raise ConfigError(f"rnn: every sequence length must be >= 4, got {self.lengths}",
                               hint="e.g. --lengths 10,50")
-        if self.hidden < 1 or self.steps < 1 or self.batch < 1 or self.spectral_length < 2:
+        if (self.hidden < 1 or min(self.steps, self.order_steps, self.sgd_steps) < 1 or self.batch < 1
+                or self.spectral_length < 2):
             raise ConfigError("rnn: hidden, steps, batch >= 1 and spectral_length >= 2",
                               hint="e.g. --hidden 64 --steps 400 --batch 64")
-        for name in ("lr", "max_norm", "relu_gain"):
+        for name in ("lr", "max_norm", "relu_gain", "sgd_lr"):
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):
                 raise ConfigError(f"rnn: {name} must be a positive number, got {v}",
@@ -224,22 +239,29 @@ def _loss(task: str, out: Tensor, y: Tensor) -> Tensor:
 
 # -------------------------------------------------------------------------------- training
 def fit(model: SequenceModel, task: str, length: int, config: RnnConfig, *, clip: bool,
-        seed: int) -> dict[str, Any]:
-    """Adam on fresh batches; the loss per step, the final test metric, divergence."""
+        seed: int, optimizer: str = "adam") -> dict[str, Any]:
+    """Adam (``lr``, ``steps``) or SGD with momentum 0.9 (``sgd_lr``, ``sgd_steps``) on fresh
+    batches, clipped by ``gp.remedies.clip_gradients_`` when ``clip``; the loss and the
+    (unclipped) gradient norm per step, and the final test metric."""
     make, _ = TASKS[task]
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    opt: torch.optim.Optimizer
+    if optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+        steps = config.steps if task == "adding" else config.order_steps
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=config.sgd_lr, momentum=0.9)
+        steps = config.sgd_steps
+    if clip:
+        clip_gradients_(opt, max_norm=config.max_norm)  # a step pre-hook: the loop is unchanged
     gen = torch.Generator().manual_seed(seed)
     losses: list[Tensor] = []
     grad_norms: list[Tensor] = []
-    for _ in range(config.steps):
+    for _ in range(steps):
         x, y = make(config.batch, length, gen)
         loss = _loss(task, model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        # gradprobe.remedies.clip_gradients_ is not available here yet: torch's clip_grad_norm_
-        # is the same rescaling (by norm, Pascanu et al. 2013); max_norm=inf only measures.
-        grad_norms.append(torch.nn.utils.clip_grad_norm_(
-            model.parameters(), config.max_norm if clip else math.inf))
+        grad_norms.append(total_norm([p.grad for p in model.parameters() if p.grad is not None]))
         opt.step()
         losses.append(loss.detach())
     curve = torch.stack(losses).numpy().astype(float)  # one host transfer per run
@@ -325,23 +347,46 @@ def run(config: RnnConfig, *, progress: Progress = no_progress, out: Path | None
                 "task": task, "T": T, "model": kind, "clip": clip,
                 "final_train_loss": final,
                 "test_mse" if task == "adding" else "test_acc": metric,
-                "max_grad_norm": float(np.nanmax(np.where(np.isfinite(res["grad_norm"]),
-                                                           res["grad_norm"], np.nan)))
-                if np.isfinite(res["grad_norm"]).any() else math.inf,
+                "max_train_loss": _max_finite(res["curve"]),
+                "max_grad_norm": _max_finite(res["grad_norm"]),
                 "diverged": bool(not math.isfinite(final) or not math.isfinite(metric)),
             })
+        sgd: dict[bool, dict[str, Any]] = {}
+        for clip in (False, True):
+            progress(f"ReLU RNN SGD{' clip' if clip else ''}", len(plan), len(plan) + 1)
+            model = build("relu", 2, config.hidden, 1, relu_gain=config.relu_gain,
+                          seed=config.seed)
+            res = fit(model, "adding", long_t, config, clip=clip, seed=config.seed,
+                      optimizer="sgd")
+            curves[("adding SGD", long_t, "relu", clip)] = res["curve"]
+            finite = np.isfinite(res["curve"])
+            sgd[clip] = {"clip": "by norm" if clip else "no", "test_mse": res["metric"],
+                         "first_nonfinite_step": int(np.argmin(finite)) + 1
+                         if not finite.all() else None,
+                         "max_finite_loss": float(res["curve"][finite].max()),
+                         "max_grad_norm": _max_finite(res["grad_norm"])}
         progress("spectral radius", len(plan), len(plan) + 1)
         spectral = spectral_study(config)
     progress("done", len(plan) + 1, len(plan) + 1)
     runs = pd.DataFrame(rows)
-    tables = {"main": _pivot(runs, "adding", "test_mse"), "runs": runs,
+    sgd_table = pd.DataFrame([sgd[False], sgd[True]]).astype({"first_nonfinite_step": "Int64"})
+    tables = {"main": _pivot(runs, "adding", "test_mse"), "runs": runs, "relu_sgd": sgd_table,
               "spectral": _spectral_table(spectral, config.spectral_length)}
     if config.temporal_order:
         tables["temporal_order"] = _pivot(runs, "temporal order", "test_acc")
     result = LabResult(NAME, config, tables, data={
-        "curves": curves, "through_time": through_time, "spectral": spectral})
-    result.claims = _claims(config, runs, through_time, tables["spectral"])
+        "curves": curves, "smoothed": {k: running_mean(c, SMOOTH) for k, c in curves.items()},
+        "through_time": through_time,
+        "relative_through_time": {k: v / v[-1] for k, v in through_time.items()},
+        "spectral": spectral})
+    result.claims = _claims(config, runs, sgd, through_time, tables["spectral"])
     return result
+
+
+def _max_finite(values: np.ndarray) -> float:
+    """The largest finite value (inf if there is none)."""
+    finite = values[np.isfinite(values)]
+    return float(finite.max()) if finite.size else math.inf
 
 
 def _pivot(runs: pd.DataFrame, task: str, col: str) -> pd.DataFrame:
@@ -367,8 +412,8 @@ def _spectral_table(frame: pd.DataFrame, T: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _claims(config: RnnConfig, runs: pd.DataFrame, through_time: dict[str, np.ndarray],
-            spectral: pd.DataFrame) -> list[Claim]:
+def _claims(config: RnnConfig, runs: pd.DataFrame, sgd: dict[bool, dict[str, Any]],
+            through_time: dict[str, np.ndarray], spectral: pd.DataFrame) -> list[Claim]:
     T = max(config.lengths)
     add = runs[(runs["task"] == "adding") & (runs["T"] == T)].set_index(["model", "clip"])
 
@@ -388,16 +433,28 @@ def _claims(config: RnnConfig, runs: pd.DataFrame, through_time: dict[str, np.nd
               f"RNN fails (> {FAILED_MSE})", bool(tanh > FAILED_MSE and gru < SOLVED_MSE),
               f"GRU {gru:.3g}, tanh {tanh:.3g}"),
     ]
-    r0 = add.loc[("relu", False)]
-    r1 = add.loc[("relu", True)]
-    diverged = bool(r0["diverged"] or r0["test_mse"] > ADDING_BASELINE)
-    trains = bool(not r1["diverged"] and r1["test_mse"] < ADDING_BASELINE)
+    i0, i1 = add.loc[("irnn", False)], add.loc[("irnn", True)]
     claims.append(Claim(
-        f"adding problem, T = {T}: clipping turns the ReLU RNN's divergence (test MSE above the "
-        f"constant predictor's {ADDING_BASELINE:.3f}, or not finite) into training (below it)",
-        diverged and trains,
-        f"without clipping {r0['test_mse']:.3g} (largest gradient norm {r0['max_grad_norm']:.3g}); "
-        f"with clipping {r1['test_mse']:.3g}"))
+        f"adding problem, T = {T}, Adam: clipping turns the IRNN's failure (test MSE > "
+        f"{FAILED_MSE} without clipping) into training (< {SOLVED_MSE} with it)",
+        bool(i0["test_mse"] > FAILED_MSE and i1["test_mse"] < SOLVED_MSE),
+        f"without clipping {i0['test_mse']:.3g} (largest gradient norm {i0['max_grad_norm']:.3g}, "
+        f"largest batch loss {i0['max_train_loss']:.3g}); with clipping {i1['test_mse']:.3g}"))
+    s0, s1 = sgd[False], sgd[True]
+    claims.append(Claim(
+        f"adding problem, T = {T}, plain SGD: the random ReLU RNN's loss becomes inf/NaN without "
+        "clipping and stays finite with it",
+        bool(s0["first_nonfinite_step"] is not None and s1["first_nonfinite_step"] is None),
+        f"without clipping: first non-finite loss at step {s0['first_nonfinite_step']} (largest "
+        f"gradient norm {s0['max_grad_norm']:.3g}); with clipping: "
+        + ("finite at every step" if s1["first_nonfinite_step"] is None
+           else f"non-finite from step {s1['first_nonfinite_step']}")))
+    claims.append(Claim(
+        f"... but clipping does not make it learn: the clipped random ReLU RNN ends near the "
+        f"constant predictor (test MSE > 0.9 × {ADDING_BASELINE:.3f}) -- clipping bounds the step, "
+        "not the spectral radius",
+        bool(not s1["test_mse"] < 0.9 * ADDING_BASELINE),
+        f"clipped SGD test MSE {s1['test_mse']:.3g}"))
     ratio = {k: float(v[0] / v[-1]) for k, v in through_time.items()}
     claims.append(Claim(
         f"at initialisation, T = {T}: ‖∂L/∂h_1‖/‖∂L/∂h_T‖ < 1e-2 for the tanh RNN (vanishes), "
@@ -430,11 +487,8 @@ def plot(result: LabResult) -> dict[str, Figure]:
     fig, axes = style.figure(1, 1, title=f"Gradient through time at initialisation "
                                         f"(adding problem, T = {T})", size=(7.5, 4.6))
     ax = axes[0, 0]
-    values: list[float] = []
-    for kind, norms in result.data["through_time"].items():
-        rel = norms / norms[-1]
+    for kind, rel in result.data["relative_through_time"].items():
         ax.plot(np.arange(1, len(rel) + 1), rel, color=colors[kind], label=LABELS[kind])
-        values += list(rel[np.isfinite(rel) & (rel > 0)])
     style.finish(ax, title="‖∂L/∂h_t‖ relative to the last step (L at step T)",
                  xlabel="time step t", ylabel="‖∂L/∂h_t‖ / ‖∂L/∂h_T‖ (log)", scale="log")
     ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -472,16 +526,18 @@ def plot(result: LabResult) -> dict[str, Figure]:
     panels = [("adding", False), ("adding", True)]
     if config.temporal_order:
         panels.append(("temporal order", True))
-    lfig, laxes = style.figure(1, len(panels), size=(5.2 * len(panels) + 1.8, 4.4), title=(
+    lfig, laxes = style.figure(1, len(panels) + 1, size=(5.2 * (len(panels) + 1) + 1.8, 4.4),
+                               title=(
         f"Training loss at T = {T} (Adam, lr {config.lr:g}; clipping: gradient norm at most "
-        f"{config.max_norm:g}); running mean over 10 steps"))
+        f"{config.max_norm:g}); running mean over {SMOOTH} steps"))
     curves = result.data["curves"]
+    smoothed = result.data["smoothed"]
     for ax, (task, clip) in zip(laxes[0], panels):
         vals = [v for k, c in curves.items() if k[0] == task and k[1] == T
                 for v in c[np.isfinite(c)]]
         for kind in KINDS:
-            curve = curves[(task, T, kind, clip)]
-            ax.plot(np.arange(1, len(curve) + 1), _smooth(curve), color=colors[kind],
+            curve = smoothed[(task, T, kind, clip)]
+            ax.plot(np.arange(1, len(curve) + 1), curve, color=colors[kind],
                     label=LABELS[kind], linewidth=1.3)
         base = ADDING_BASELINE if task == "adding" else math.log(4)
         ax.axhline(base, color="0.3", linestyle=":", linewidth=1.2)
@@ -493,20 +549,27 @@ def plot(result: LabResult) -> dict[str, Figure]:
         ax.text(0.99, base, "predict 1: 0.167" if task == "adding" else "chance: ln 4",
                 transform=ax.get_yaxis_transform(), ha="right", va="bottom", fontsize="small",
                 color="0.3")
-    if len(panels) > 2:  # the adding panels are compared: same y range
-        laxes[0, 1].sharey(laxes[0, 0])
-    laxes[0, -1].legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    laxes[0, 1].sharey(laxes[0, 0])  # the adding panels are compared: same y range
+    # plain SGD: the random ReLU RNN with and without clipping
+    ax = laxes[0, -1]
+    sgd = result.tables["relu_sgd"].set_index("clip")
+    for clip, ls in ((False, "-"), (True, "--")):
+        curve = smoothed[("adding SGD", T, "relu", clip)]
+        label = "by norm" if clip else "no"
+        ax.plot(np.arange(1, len(curve) + 1), curve, color=colors["relu"], linestyle=ls,
+                linewidth=1.3, label=f"{LABELS['relu']}, {'clipped' if clip else 'not clipped'}")
+        stop = sgd.loc[label, "first_nonfinite_step"]
+        if not pd.isna(stop):  # the last finite loss, marked: the curve ends there
+            ax.plot([int(stop) - 1], [curve[int(stop) - 2]], "o", color=colors["relu"])
+            ax.axvline(int(stop), color=colors["relu"], linestyle=":", linewidth=1)
+            ax.text(int(stop), 0.97, f" loss inf/NaN\n from step {int(stop)}",
+                    transform=ax.get_xaxis_transform(), va="top", fontsize="small")
+    ax.axhline(ADDING_BASELINE, color="0.3", linestyle=":", linewidth=1.2)
+    style.finish(ax, title=f"adding, plain SGD (lr {config.sgd_lr:g}, momentum 0.9)",
+                 xlabel="SGD step", ylabel="MSE (log)", scale="log")
+    ax.legend(fontsize="small", loc="upper right")
+    laxes[0, 0].legend(fontsize="small", loc="upper right")
     return {"gradient_through_time": fig, "spectral_radius": sfig, "loss_curves": lfig}
-
-
-def _smooth(curve: np.ndarray, k: int = 10) -> np.ndarray:
-    """Running mean over ``k`` steps (non-finite values stay non-finite, so they are not drawn)."""
-    if len(curve) < k:
-        return curve
-    kernel = np.ones(k) / k
-    out = np.convolve(curve, kernel, mode="full")[: len(curve)]
-    out[: k - 1] = np.cumsum(curve[: k - 1]) / np.arange(1, k)
-    return out
 
 
 def _diverging(n: int) -> list[Any]:
