@@ -26,12 +26,14 @@ def test_batchnorm_mode_claims_hold(result):
 
 def test_small_batch_claims_are_computed_from_the_table(result):
     acc = result.tables["runs"].set_index(["arch", "norm", "batch"])["test_acc"]
-    for arch in ("MLP", "CNN"):
-        gn2, bn2 = acc[(arch, "group", 2)], acc[(arch, "batch", 2)]
-        bn_drop = acc[(arch, "batch", 8)] - bn2
-        gn_drop = acc[(arch, "group", 8)] - gn2
-        expected = bool(gn2 - bn2 > 0.05 and bn_drop > gn_drop)
-        assert result.claim(f"{arch}: at batch 2").holds == expected
+    gn2, bn2 = acc[("MLP", "group", 2)], acc[("MLP", "batch", 2)]
+    bn_drop = acc[("MLP", "batch", 8)] - bn2
+    gn_drop = acc[("MLP", "group", 8)] - gn2
+    expected = bool(gn2 - bn2 > 0.05 and bn_drop > gn_drop)
+    assert result.claim("MLP: at batch 2").holds == expected
+    # the CNN's BatchNorm pools 64 positions per image: its claim is that batch 2 does not hurt
+    expected = bool(acc[("CNN", "batch", 2)] >= acc[("CNN", "batch", 8)] - 0.05)
+    assert result.claim("CNN: BatchNorm2d").holds == expected
 
 
 def test_large_batches_only_fail_the_small_batch_claim():

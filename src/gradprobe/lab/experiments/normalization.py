@@ -12,11 +12,15 @@ mean and variance ``μ, σ²`` are taken over (Wu & He 2018, figure 2):
 * **InstanceNorm** (Ulyanov et al. 2016): each sample and channel over positions (CNN only).
 * **GroupNorm** (Wu & He 2018): each sample over groups of channels -- between the two. Its
   result does not depend on the batch size, which is Wu & He's point: it stays stable at batch
-  sizes where BatchNorm degrades.
+  sizes where BatchNorm degrades. How few values a BatchNorm statistic is estimated from is what
+  matters: in the MLP, ``batch``; in the CNN, ``batch × 64`` (each channel over the batch and the
+  8×8 positions), so batch 2 still gives 128 -- the experiment claims degradation for the MLP
+  and measures its absence for the CNN.
 
 Setting: scikit-learn's 8x8 digits (standardised with the training set's per-pixel mean and
 std), a deep ReLU MLP (``mlp_depth`` hidden layers of ``width``) and a deep CNN (``cnn_depth``
-3x3 convolutions of ``channels`` channels, global average pooling, Linear read-out), PyTorch's
+3x3 convolutions of ``channels`` channels, global average pooling, Linear read-out; both
+``nn.Sequential`` with named children: ``lab.zoo.mlp`` for the MLP), PyTorch's
 default initialisation, the norms inserted before every activation by
 ``gp.remedies.add_norm_``; Adam for ``epochs`` epochs at each batch size (the same examples seen, ``epochs·n/batch``
 steps); accuracy on the held-out
@@ -48,9 +52,9 @@ import torch
 from torch import Tensor, nn
 
 from gradprobe.errors import ConfigError
-from gradprobe.lab import train
+from gradprobe.lab import train, zoo
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
-from gradprobe.lab.common import standardized_digits
+from gradprobe.lab.common import running_mean, standardized_digits
 from gradprobe.remedies.norm import add_norm_
 
 if TYPE_CHECKING:
@@ -61,14 +65,16 @@ NORMS: dict[str, tuple[str, ...]] = {
     "MLP": ("none", "batch", "layer", "group"),  # InstanceNorm needs positions: CNN only
     "CNN": ("none", "batch", "layer", "instance", "group"),
 }
+SMOOTH = 20
+"""Loss curves are drawn as running means over this many steps."""
 LABELS = {"none": "none", "batch": "BatchNorm", "layer": "LayerNorm", "instance": "InstanceNorm",
           "group": "GroupNorm"}
 
 
 @dataclass(frozen=True)
 class NormalizationConfig:
-    batch_sizes: tuple[int, ...] = (2, 4, 16, 64)
-    epochs: int = 3
+    batch_sizes: tuple[int, ...] = (2, 8, 64)
+    epochs: int = 2
     lr: float = 1e-3
     mlp_depth: int = 10
     width: int = 64
@@ -92,12 +98,8 @@ def build(arch: str, norm: str, config: NormalizationConfig) -> nn.Module:
     ``add_norm_`` before every activation."""
     with train.seeded(config.seed):
         layers: OrderedDict[str, nn.Module] = OrderedDict()
-        if arch == "MLP":
-            widths = [64] + [config.width] * config.mlp_depth
-            for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]), start=1):
-                layers[f"fc{i}"] = nn.Linear(a, b)
-                layers[f"act{i}"] = nn.ReLU()
-            layers["out"] = nn.Linear(config.width, 10)
+        if arch == "MLP":  # fc1, act1, ..., out
+            model = zoo.mlp([64] + [config.width] * config.mlp_depth + [10], "relu")
         else:
             layers["unflatten"] = nn.Unflatten(1, (1, 8, 8))
             chans = [1] + [config.channels] * config.cnn_depth
@@ -107,8 +109,7 @@ def build(arch: str, norm: str, config: NormalizationConfig) -> nn.Module:
             layers["pool"] = nn.AdaptiveAvgPool2d(1)
             layers["flatten"] = nn.Flatten()
             layers["out"] = nn.Linear(config.channels, 10)
-        # integer child names: add_norm_ inserts with nn.Sequential.insert, which needs them
-        model = nn.Sequential(*layers.values())
+            model = nn.Sequential(layers)
     if norm != "none":
         record = add_norm_(model, norm)  # type: ignore[arg-type]
         assert record.model is model  # a Sequential is changed in place
@@ -168,7 +169,8 @@ def run(config: NormalizationConfig, *, progress: Progress = no_progress,
     main.columns = [c if isinstance(c, str) else f"batch {c}" for c in main.columns]
     main["norm"] = main["norm"].map(LABELS)
     result = LabResult(NAME, config, {"main": main, "runs": runs, "train_vs_eval": modes["table"]},
-                       data={"curves": curves, "modes": modes})
+                       data={"curves": curves, "modes": modes,
+                             "smoothed": {k: running_mean(c, SMOOTH) for k, c in curves.items()}})
     result.claims = _claims(config, runs, modes)
     return result
 
@@ -220,7 +222,7 @@ def _claims(config: NormalizationConfig, runs: pd.DataFrame, modes: dict[str, An
     small, large = min(config.batch_sizes), max(config.batch_sizes)
     acc = runs.set_index(["arch", "norm", "batch"])["test_acc"]
     claims = []
-    for arch in NORMS:
+    for arch in ("MLP",):
         bn_drop = float(acc[(arch, "batch", large)] - acc[(arch, "batch", small)])
         gn_drop = float(acc[(arch, "group", large)] - acc[(arch, "group", small)])
         gn_vs_bn = float(acc[(arch, "group", small)] - acc[(arch, "batch", small)])
@@ -231,6 +233,14 @@ def _claims(config: NormalizationConfig, runs: pd.DataFrame, modes: dict[str, An
             f"batch {small}: GroupNorm {acc[(arch, 'group', small)]:.3f}, BatchNorm "
             f"{acc[(arch, 'batch', small)]:.3f}; drop from batch {large}: BatchNorm {bn_drop:+.3f}, "
             f"GroupNorm {gn_drop:+.3f}"))
+    bn_small, bn_large = float(acc[("CNN", "batch", small)]), float(acc[("CNN", "batch", large)])
+    claims.append(Claim(
+        f"CNN: BatchNorm2d takes each channel's statistics over the batch *and* the 8×8 = 64 "
+        f"positions, so at batch {small} ({64 * small} values per statistic, against {small} in "
+        f"the MLP) it does not degrade: its test accuracy at batch {small} is at least its "
+        f"accuracy at batch {large} minus 0.05",
+        bool(bn_small >= bn_large - 0.05),
+        f"BatchNorm CNN: batch {small} {bn_small:.3f}, batch {large} {bn_large:.3f}"))
     a = modes["acc"]
     claims.append(Claim(
         "BatchNorm in training mode: the same image's logits change with the batch it is in "
@@ -274,14 +284,15 @@ def plot(result: LabResult) -> dict[str, Figure]:
     curves = result.data["curves"]
     lfig, laxes = style.figure(2, len(config.batch_sizes), sharex=False, size=(
         3.6 * len(config.batch_sizes) + 1.8, 7.2), title="Training loss per step (running mean "
-        "over 20 steps), per batch size")
+        f"over {SMOOTH} steps), per batch size")
     vals = [v for c in curves.values() for v in c]
+    smoothed = result.data["smoothed"]
     for r, arch in enumerate(NORMS):
         for c_i, b in enumerate(config.batch_sizes):
             ax = laxes[r, c_i]
             for norm in NORMS[arch]:
-                curve = curves[(arch, norm, b)]
-                ax.plot(np.arange(1, len(curve) + 1), _smooth(curve, 20), color=colors[norm],
+                curve = smoothed[(arch, norm, b)]
+                ax.plot(np.arange(1, len(curve) + 1), curve, color=colors[norm],
                         label=LABELS[norm], linewidth=1.3)
             style.finish(ax, title=f"{arch}, batch {b}", xlabel="Adam step",
                          ylabel="cross-entropy (log)", scale="log")
@@ -315,14 +326,6 @@ def plot(result: LabResult) -> dict[str, Figure]:
     ax.set_ylim(0, 1.1)
     ax.legend(fontsize="small", loc="upper right")
     return {"batch_size": fig, "loss_curves": lfig, "train_vs_eval": mfig}
-
-
-def _smooth(curve: np.ndarray, k: int) -> np.ndarray:
-    if len(curve) < k:
-        return curve
-    out = np.convolve(curve, np.ones(k) / k, mode="full")[: len(curve)]
-    out[: k - 1] = np.cumsum(curve[: k - 1]) / np.arange(1, k)
-    return out
 
 
 register(NAME, "none vs Batch/Layer/Instance/GroupNorm in a deep MLP and CNN on digits over batch "

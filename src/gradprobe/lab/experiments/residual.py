@@ -15,8 +15,10 @@ Setting: a ReLU MLP on scikit-learn's 8x8 digits (standardised), ``fc1: 64 → w
 ``1/6`` in variance); the residual network is the same model after
 ``gp.remedies.residual_`` (every square Linear+ReLU block becomes ``x + f(x)`` -- with the
 default width 64, the digits' input size, that includes the first; the weights are the same
-tensors). At initialisation: ``‖∂L/∂a_l‖`` for every hidden layer's output (cross-entropy
-on a batch of training data). Then Adam for ``steps`` steps; test accuracy.
+tensors); the *scaled* residual network multiplies each block's Linear by ``1/√L`` at
+initialisation, so the block computes ``x + f(x)/√L`` (see :func:`build`). At initialisation:
+``‖∂L/∂a_l‖`` for every hidden layer's output (cross-entropy on a batch of training data). Then
+Adam for ``steps`` steps; test accuracy.
 
 Example
     >>> import gradprobe as gp
