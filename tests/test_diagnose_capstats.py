@@ -256,3 +256,43 @@ def test_through_time_end_to_end(tmp_path, scale, fires):
         assert found and found[0].severity in ("warning", "error")
     else:  # default init on 40 steps: whatever it shows, the finding follows the measurement
         assert bool(found) is (ratio < 1e-2)
+
+
+def test_through_time_remedies_apply_to_a_model_with_a_head(tmp_path):
+    """Every remedy the recurrent rule names applies as the doctor applies it (an initialiser
+    aimed at the recurrent layer, not one that needs a gain for the Linear head)."""
+    from gradprobe.remedies import TARGETS
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.RNN(2, 32, nonlinearity="relu", batch_first=True)
+            self.head = nn.Linear(32, 1)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    def make():
+        torch.manual_seed(0)
+        net = Net()
+        nn.init.normal_(net.rnn.weight_hh_l0, 0.0, 0.3)  # spectral radius ~2: explodes
+        return net, torch.optim.SGD(net.parameters(), lr=1e-6)
+
+    net, opt = make()
+    with gp.Probe(net, opt, run_dir=tmp_path / "r", hist_every=2) as probe:
+        for _ in range(12):
+            loss = net(torch.randn(8, 40, 2)).pow(2).mean()
+            probe.observe_loss(loss)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    found = [f for f in gp.diagnose(probe.run)
+             if f.layers == ("rnn",) and f.rule == "exploding-gradients"]
+    assert found, gp.diagnose(probe.run).rules
+    named = [r for r in found[0].remedies if r.name in TARGETS]
+    assert {r.kwargs.get("scheme") for r in named if r.name == "init_"} == {"orthogonal",
+                                                                            "identity"}
+    for remedy in named:
+        net, opt = make()
+        target = net if TARGETS[remedy.name] == "model" else opt
+        getattr(gp.remedies, remedy.name)(target, **remedy.kwargs)

@@ -95,23 +95,30 @@ def profiles(frames: Frames) -> dict[str, pd.DataFrame]:
     return out
 
 
-def _remedies(vanishing: bool, gated: bool) -> tuple[Remedy, ...]:
+def _remedies(frames: Frames, name: str, vanishing: bool, gated: bool) -> tuple[Remedy, ...]:
+    """Cures aimed at the recurrent layer ``name`` itself (an initialiser for the whole model
+    would also need a gain for every feed-forward layer it cannot determine)."""
+    orthogonal = cures.init_recurrent([name], "orthogonal recurrent weights keep every singular "
+                                      "value of W_hh at 1, so the product over time neither "
+                                      "shrinks nor grows (Saxe et al. 2014)")
+    identity = Remedy("init_", {"scheme": "identity", "layers": [name]},
+                      f'gp.remedies.init_(model, "identity", layers={[name]!r})',
+                      "IRNN: W_hh = I, small input weights, zero bias pass the gradient "
+                      "unchanged through time (Le et al. 2015)")
     if vanishing:
-        out = [cures.init("orthogonal", "orthogonal recurrent weights keep every singular value "
-                          "of W_hh at 1, so the product over time neither shrinks nor grows "
-                          "(Saxe et al. 2014)")]
+        out = [orthogonal]
         if not gated:
             out.append(Remedy("setting", {}, "nn.LSTM(...) or nn.GRU(...) instead of nn.RNN",
                               "gated cells carry the gradient along an additive path "
                               "(Hochreiter & Schmidhuber 1997; Cho et al. 2014)"))
-            out.append(cures.init("identity", "IRNN: ReLU units with W_hh = I pass the "
-                                  "gradient unchanged through time (Le et al. 2015)"))
+            out.append(identity)
         return tuple(out)
-    return (
-        cures.clip(1.0, "caps the step an exploded gradient takes (Pascanu et al. 2013)"),
-        cures.init("orthogonal", "orthogonal W_hh has spectral radius 1 (Saxe et al. 2014)"),
-        cures.lr(0.1, "a smaller step keeps the large gradients from diverging"),
-    )
+    out = [cures.clip_for(frames, "caps the step an exploded gradient takes (Pascanu et al. "
+                          "2013)"), orthogonal]
+    if not gated:
+        out.append(identity)
+    out.append(cures.lr(0.1, "a smaller step keeps the large gradients from diverging"))
+    return tuple(out)
 
 
 def through_time(frames: Frames) -> list[Finding]:
@@ -156,7 +163,7 @@ def through_time(frames: Frames) -> list[Finding]:
                 + " (Bengio et al. 1994; Pascanu et al. 2013)."
                 + (" Gated cells can learn to keep it; reported for information." if gated
                    else "")),
-            remedies=_remedies(vanish, gated),
+            remedies=_remedies(frames, str(name), vanish, gated),
         ))
     return findings
 

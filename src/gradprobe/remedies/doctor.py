@@ -73,6 +73,10 @@ DATA_NEEDS: dict[str, str] = {"standardize_inputs_": "x", "pretrain_": "data"}
 """Remedies that need data, and the keyword it is passed as (``x``: a batch of inputs)."""
 
 
+HIST_EVERY = 10
+"""The doctor's default ``hist_every``: every 10th step also records histograms and, for
+recurrent layers, the gradient at every time step (vanishing or exploding through time)."""
+
 def _seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002 -- the user's code may draw from the legacy global RNG
@@ -286,7 +290,9 @@ def doctor(
             None: every remedy the findings name.
         max_remedies: the most candidates to try.
         workers: processes for the candidates (1: in this process). See the Note on pickling.
-        probe_kwargs: extra :class:`~gradprobe.Probe` arguments (``every=``, ``kinds=``, ...).
+        probe_kwargs: extra :class:`~gradprobe.Probe` arguments (``every=``, ``kinds=``, ...);
+            ``hist_every`` defaults to :data:`HIST_EVERY`, so histograms and the gradients
+            through time of recurrent layers (which the diagnosis of RNNs needs) are recorded.
         data: sample data for remedies that need it: ``standardize_inputs_`` gets a batch of
             inputs (``data`` if a tensor, else ``data[0]``, else a loader's first batch);
             ``pretrain_`` gets ``data`` as given. Without it those remedies are skipped.
@@ -305,7 +311,7 @@ def doctor(
     for name, value in (("max_remedies", max_remedies), ("workers", workers)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-    kwargs = dict(probe_kwargs or {})
+    kwargs = {"hist_every": HIST_EVERY, **(probe_kwargs or {})}
     if {"run_dir", "overwrite"} & set(kwargs):
         raise ConfigError("probe_kwargs must not set run_dir or overwrite: the doctor chooses them",
                           hint="pass out= for the directory")
@@ -352,5 +358,5 @@ def doctor(
     return report
 
 
-__all__ = ["DATA_NEEDS", "DoctorEntry", "DoctorReport", "candidates", "depth_profile", "doctor",
+__all__ = ["DATA_NEEDS", "HIST_EVERY", "DoctorEntry", "DoctorReport", "candidates", "depth_profile", "doctor",
            "label"]
