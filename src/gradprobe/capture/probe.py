@@ -55,7 +55,8 @@ Note:
     gradient and activation-gradient statistics are divided by the loss scale; steps the scaler
     skips are recorded with ``skipped=True`` (their non-finite gradients are expected). Under
     DistributedDataParallel the gradients seen at the optimizer step are already all-reduced;
-    activation statistics are those of the local rank.
+    activation statistics are merged across the ranks at each flush and rank 0 writes
+    (:mod:`gradprobe.capture.distributed`).
 """
 
 from __future__ import annotations
@@ -214,6 +215,7 @@ class Probe:
         self._input_layer: Layer | None = None
         self._hist_now = False
         self._passive = False  # attached on a non-zero rank: records nothing
+        self._sync: Any = None  # the flush exchange across torch.distributed ranks
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -231,11 +233,17 @@ class Probe:
         if self._used:
             raise ConfigError("this Probe has already recorded a run and was detached",
                               hint="create a new gp.Probe with a new run_dir")
-        from gradprobe.capture.distributed import rank
+        from gradprobe.capture import distributed as _dist
 
-        if rank() != 0:  # only rank 0 records: see gradprobe.capture.distributed
+        # every rank records and rank 0 writes: see gradprobe.capture.distributed
+        sync = _dist.Sync.create([k for lay in self._layers for k in lay.rows],
+                                 [k == "act" and lay.spec is not None
+                                  and lay.spec.inactive is not None
+                                  for lay in self._layers for k in lay.rows])
+        if sync is None and _dist.rank() != 0:  # a rank without a process group: passive
             self._attached = self._used = self._passive = True
             return self
+        self._sync = sync
         rows: list[RowInfo] = []
         for lay in self._layers:
             for kind in lay.rows:
@@ -250,14 +258,20 @@ class Probe:
             lay.dead_rule = lay.spec.inactive if lay.spec is not None else None
         device = next(self.model.parameters()).device
         config = self._config()
-        self._writer = RunWriter.create(self.run_dir, config=config, overwrite=self.overwrite)
+        if sync is not None and sync.rank != 0:  # only rank 0 writes
+            writer: RunWriter = _dist.NullWriter()  # type: ignore[assignment]
+        else:
+            writer = RunWriter.create(self.run_dir, config=config, overwrite=self.overwrite)
+        self._writer = writer
         self._recorder = Recorder(
             rows, capacity=self.flush_every, loss_capacity=self.flush_every * self.every,
-            device=device, writer=self._writer, hist_bins=self.hist_bins,
+            device=device, writer=writer, hist_bins=self.hist_bins,
         )
         self._params = ParamStats(self._layers, self.kinds, device, self._recorder)
-        self._writer.write_meta(layers=[lay.record() for lay in self._layers],
-                                memory_bytes=self.memory_bytes())
+        if sync is not None:  # unit masks are ANDed across ranks at each flush
+            self._recorder.kept_units = []
+        writer.write_meta(layers=[lay.record() for lay in self._layers],
+                          memory_bytes=self.memory_bytes())
         want_act = any(k in S.ACT_KINDS for k in self.kinds)
         for lay in self._layers:
             if want_act:
@@ -347,8 +361,8 @@ class Probe:
         # reader's module (tests/test_layout.py)
         import gradprobe
 
-        if self._passive:
-            raise RunDirError("this Probe runs on a non-zero torch.distributed rank and records "
+        if self._passive or (self._sync is not None and self._sync.rank != 0):
+            raise RunDirError("this Probe runs on a non-zero torch.distributed rank and writes "
                               "nothing", hint="read the run on rank 0")
         if self._writer is None:
             raise RunDirError("the Probe has not been attached yet: no run to read",
@@ -533,6 +547,11 @@ class Probe:
         assert self._recorder is not None and self._writer is not None
         recorder, writer = self._recorder, self._writer
         data = recorder.take()
+        if self._sync is not None:  # merged across ranks; None on the ranks that do not write
+            masks, recorder.kept_units = recorder.kept_units or [], []
+            data = self._sync.exchange(data, masks, writer)
+            if self._sync.rank != 0:
+                return []
         layers = [lay.record() for lay in self._layers]
         steps = self._step
 

@@ -161,6 +161,9 @@ class Recorder:
                              [r.saturation_rule for r in rows], [r.dead_rule for r in rows],
                              hist_bins)
         self.immediate = False  # the open step has statistics outside the stage
+        # Under torch.distributed the finished steps' unit masks are kept until the flush, to be
+        # ANDed across ranks (gradprobe.capture.distributed) instead of counted here.
+        self.kept_units: list[tuple[int, int, Tensor]] | None = None
         # small tensors of the stage's device and dtype, summarised many steps at once
         self.staged = StagedSteps(self)
 
@@ -334,14 +337,18 @@ class Recorder:
             prev.logical_and_(mask)
 
     def _close_units(self, slot: int, row: int, mask: Tensor) -> None:
+        if self.kept_units is not None:  # counted at the flush, across ranks
+            self.kept_units.append((slot, row, mask))
+            return
         self.buf[slot, row, S.DEAD] += mask.sum().to(self.device, non_blocking=True)
         self.units[slot, row] += mask.numel()
 
     def end(self, slot: int, *, skipped: bool, scale: Tensor | None) -> None:
         """Finish a recorded step: turn unit masks into dead counts, store the AMP scale."""
         keys = [k for k in self._unit_masks if k[0] == slot]
-        if len(keys) == 1:
-            self._close_units(slot, keys[0][1], self._unit_masks.pop(keys[0]))
+        if len(keys) == 1 or (keys and self.kept_units is not None):
+            for key in keys:
+                self._close_units(slot, key[1], self._unit_masks.pop(key))
         elif keys:  # all layers at once: one concatenation, one segment sum
             masks = [self._unit_masks.pop(k).reshape(-1) for k in keys]
             rows = tuple(k[1] for k in keys)
@@ -376,6 +383,8 @@ class Recorder:
             self.checked.pop()
         for key in [k for k in self._unit_masks if k[0] == slot]:
             del self._unit_masks[key]
+        if self.kept_units is not None:
+            self.kept_units = [k for k in self.kept_units if k[0] != slot]
         for key in [k for k in self.hist if k[0] == slot]:
             del self.hist[key]
         for tkey in [k for k in self.time if k[0] == slot]:

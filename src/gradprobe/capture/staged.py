@@ -44,6 +44,7 @@ class Books(Protocol):
     seq_counter: int
     touched: np.ndarray
     units: np.ndarray
+    kept_units: list[tuple[int, int, Tensor]] | None
 
     def defer(self, slot: int, row: int, x: Tensor, saturated: Rule | None = None,
               inactive: Rule | None = None) -> None: ...
@@ -307,6 +308,9 @@ class StagedSteps:
                     m = grp[0]
                     for other in grp[1:]:
                         m = m & other  # micro-batches of one step: dead on every one
+                    if self.rec.kept_units is not None:  # counted across ranks at the flush
+                        self.rec.kept_units += [(s, row, m[i]) for i, s in enumerate(slots)]
+                        continue
                     count = m.sum(-1).to(E.STAT_DTYPE)
                     dev = self.rec.device
                     self.rec.buf[slots_t.to(dev), row, S.DEAD] += count.to(dev)
