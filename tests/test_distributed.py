@@ -241,3 +241,78 @@ def test_math_of_act_grad_scaling():
     D._scale_act_grad(stats, np.array([0]), 2)
     assert stats[0, 0, S.SUM] == 1.0 and stats[0, 0, S.SUMSQ] == 2.0
     assert stats[0, 0, S.MAX] == 3.0 and math.isclose(stats[0, 0, S.NEG_MIN], 2.0)
+
+
+# ---------------------------------------------------------------- FSDP2 (fully_shard)
+
+ACT_KINDS = ("input", "act", "act_grad")
+
+
+def _fsdp_worker(rank: int, run_dir: str, port: int) -> None:
+    import torch.distributed as tdist
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                             world_size=WORLD, timeout=timedelta(seconds=60))
+    try:
+        model = _model()
+        for i in (0, 2, 4, 6):
+            fully_shard(model[i])
+        fully_shard(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with pytest.raises(gp.errors.UnsupportedModelError, match="sharded"):
+            gp.Probe(model, opt, run_dir=run_dir + "-refused")
+        part = slice(rank * LOCAL, (rank + 1) * LOCAL)
+        with gp.Probe(model, opt, run_dir=run_dir, flush_every=3, kinds=ACT_KINDS) as probe:
+            for step in range(STEPS):
+                x, y = _batch(step)
+                loss = (model(x[part]) - y[part]).pow(2).mean()
+                probe.observe_loss(loss)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+    finally:
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
+def test_fsdp_activation_statistics_equal_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    pytest.importorskip("torch.distributed.fsdp", reason="torch without FSDP")
+    mp.spawn(_fsdp_worker, args=(str(tmp_path / "fsdp"), _free_port()), nprocs=WORLD, join=True)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gp.Probe(model, opt, run_dir=tmp_path / "one", flush_every=3, kinds=ACT_KINDS) as probe:
+        for step in range(STEPS):
+            x, y = _batch(step)
+            loss = (model(x) - y).pow(2).mean()
+            probe.observe_loss(loss)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    fsdp, one = _frame(str(tmp_path / "fsdp")), _frame(str(tmp_path / "one"))
+    assert fsdp.index.equals(one.index)
+    table = equality_table(fsdp, one)
+    print("\n" + table.to_string())
+    assert table["nan_pattern_equal"].all()
+    assert (table["max_rel_diff"] < 1e-5).all(), table[table["max_rel_diff"] >= 1e-5]
+    assert (fsdp["dead"].fillna(0) > 0).any()
+
+
+def test_shard_statistics_merge_to_the_full_parameter():
+    """The design for sharded parameters: Σx² adds across shards (the norm of the full
+    parameter), never a combination of per-shard norms."""
+    from gradprobe.stats import eager as E
+
+    torch.manual_seed(1)
+    w = torch.randn(9, 5)
+    full = E.tensor_stats(w).double().numpy()
+    shards = [E.tensor_stats(s).double().numpy() for s in w.chunk(WORLD, dim=0)]
+    acc = shards[0].copy()
+    for other in shards[1:]:
+        S.merge(acc, other)
+    np.testing.assert_allclose(acc, full, rtol=1e-6)
+    per_shard_norms = sum(math.sqrt(s[S.SUMSQ]) for s in shards)
+    assert not math.isclose(per_shard_norms, math.sqrt(full[S.SUMSQ]), rel_tol=1e-3)

@@ -197,6 +197,9 @@ class Probe:
                 hint="choose a new directory, or pass overwrite=True to replace a previous run",
             )
         self._layers = select_layers(root, layers, layer_types, self.kinds)
+        from gradprobe.capture.distributed import check_sharded
+
+        check_sharded(self._layers, self.kinds)  # FSDP2: parameter kinds not yet
         check_optimizer(optimizer, root)
         self._attached = False
         self._used = False
