@@ -27,6 +27,7 @@ from typing import Literal
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
@@ -44,13 +45,15 @@ CATEGORY_COLORS = ("#1b6ca8", "#d1495b", "#edae49", "#00798c", "#66a182", "#8d96
 
 def figure(
     nrows: int = 1, ncols: int = 1, *, title: str | None = None,
-    size: tuple[float, float] | None = None, sharex: bool = False,
+    size: tuple[float, float] | None = None, sharex: bool | str = False,
+    sharey: bool | str = False,
 ) -> tuple[Figure, np.ndarray]:
-    """A new figure with a grid of axes (always a 2-D array) and constrained layout."""
+    """A new figure with a grid of axes (always a 2-D array) and constrained layout; ``sharex``
+    and ``sharey`` as :meth:`matplotlib.figure.Figure.subplots` (``"row"``, ``"col"``, ``True``)."""
     if size is None:
         size = (4.8 * ncols + 0.8, 3.4 * nrows + 0.6)
     fig = Figure(figsize=size, layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=sharex)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=sharex, sharey=sharey)  # type: ignore[arg-type]
     if title:
         fig.suptitle(title, fontsize="large", fontweight="bold")
     return fig, axes
@@ -64,6 +67,14 @@ def layer_colors(names: Sequence[str], cmap: str = LAYER_CMAP) -> dict[str, tupl
     cm = colormaps[cmap]
     n = len(names)
     return {name: tuple(cm(0.9 * i / max(n - 1, 1))) for i, name in enumerate(names)}
+
+
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def layer_linestyles(names: Sequence[str]) -> dict[str, str]:
+    """Line styles cycled over layers, so neighbouring layers differ by more than a shade."""
+    return {name: LINESTYLES[i % len(LINESTYLES)] for i, name in enumerate(names)}
 
 
 def category_colors(names: Sequence[str]) -> dict[str, str]:
@@ -120,6 +131,7 @@ def plot_layers(
     colors: Mapping[str, tuple[float, ...] | str] | None = None,
     legend: bool = True,
     linewidth: float = 1.6,
+    linestyles: Mapping[str, str] | None = None,
     marker: str | None = None,
     linestyle: str = "-",
 ) -> str:
@@ -133,7 +145,7 @@ def plot_layers(
     used = choose_scale(all_values, scale)
     for name, values in series.items():
         ax.plot(x, values, color=colors[name], label=name, linewidth=linewidth, marker=marker,
-                markersize=3.5, linestyle=linestyle)
+                markersize=3.5, linestyle=(linestyles or {}).get(name, linestyle))
     finish(ax, title=title, xlabel=xlabel, ylabel=ylabel, scale=used)
     if legend and series:
         layer_legend(ax)
@@ -164,6 +176,39 @@ def layer_legend(ax: Axes, *, title: str = "layer (input → output)", ncol: int
               ncol=ncol or (1 if n <= 6 else 2), loc="best", framealpha=0.85)
 
 
+def legend_outside(ax: Axes, *, title: str | None = None, ncol: int = 1,
+                   handles: Sequence[Artist] | None = None,
+                   labels: Sequence[str] | None = None) -> None:
+    """A legend to the right of ``ax``, outside the data (constrained layout makes room)."""
+    if handles is None or labels is None:
+        handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    ax.legend(list(handles), list(labels), title=title, fontsize="small", title_fontsize="small",
+              ncol=ncol,
+              loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
+
+
+def plot_positive(
+    ax: Axes, x: Sequence[float] | np.ndarray, values: Sequence[float] | np.ndarray, *,
+    color: tuple[float, ...] | str, label: str | None = None, **line: object,
+) -> bool:
+    """Draw ``values`` on a log axis without inventing a floor: exact zeros (underflow) are not
+    drawn as points but marked ``v`` on the bottom edge of the axes, where they do not stretch
+    the axis. Returns whether any zero was marked (say so in the legend or title)."""
+    v = np.asarray(values, dtype=float)
+    xs = np.asarray(x, dtype=float)
+    zero = v == 0
+    ax.plot(xs, np.where(zero, np.nan, v), color=color, label=label, **line)  # type: ignore[arg-type]
+    if zero.any():
+        ax.plot(xs[zero], np.full(int(zero.sum()), 0.015), linestyle="none", marker="v",
+                markersize=5, color=color, clip_on=False, transform=ax.get_xaxis_transform())
+    return bool(zero.any())
+
+
+ZERO_NOTE = "▼ on the bottom edge: exactly 0 (float32 underflow), not drawn"
+
+
 def band(
     ax: Axes, x: Sequence[float] | np.ndarray, mean: np.ndarray, std: np.ndarray, *,
     color: tuple[float, ...] | str, label: str | None = None,
@@ -178,6 +223,7 @@ def band(
 __all__ = [
     "CATEGORY_COLORS",
     "DECADES_FOR_LOG",
+    "ZERO_NOTE",
     "LAYER_CMAP",
     "band",
     "category_colors",
@@ -187,6 +233,9 @@ __all__ = [
     "finish",
     "layer_colors",
     "layer_legend",
+    "layer_linestyles",
+    "legend_outside",
+    "plot_positive",
     "plot_layers",
     "spans_decades",
 ]

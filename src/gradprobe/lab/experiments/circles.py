@@ -12,11 +12,15 @@ Part 1 (Keras defaults: Glorot-uniform weights, zero biases; Adam, lr 1e-3, batc
 Part 2 (weights ``N(0, 1)``, zero biases, as Keras' ``RandomNormal`` kernel
 initialiser; RMSprop with Keras' defaults lr 1e-3, ρ 0.9, ε 1e-7; batch 32, 100 epochs):
 2-5-5-5-5-1 with hidden sigmoid / tanh / ReLU. Every run is recorded by :class:`gradprobe.Probe`
-once per epoch (its first step, as the tutorial records): per layer the mean and standard
-deviation of the weights, and the mean, standard deviation and mean absolute value of the
-gradient. With a sigmoid, the derivative ``σ' ≤ 1/4`` shrinks the gradient at every layer on
-its way down (``|∂ℓ/∂W_1|`` ends up orders of magnitude below ``|∂ℓ/∂W_out|``) and the first
-layers barely move; ``N(0, 1)`` weights also push pre-activations into the flat tails.
+once per epoch (its first step, as the tutorial records): per layer the mean, standard deviation
+and mean absolute value of the gradient. The weight matrices' mean and standard deviation are
+taken at initialisation and at the end of every epoch (so the last point is the trained network).
+With a sigmoid, the derivative ``σ' ≤ 1/4`` shrinks the gradient at every layer on its way down
+(``|∂ℓ/∂W_1|`` ends up orders of magnitude below ``|∂ℓ/∂W_out|``). A small gradient is not a
+frozen layer, though: RMSprop divides each step by the gradient's running RMS, so fc1, with the
+smallest gradient, still takes lr-sized steps, and its weight std is the one that grows most
+(see ``part2_weights``); what the network lacks is a *useful* direction, not movement.
+``N(0, 1)`` weights also push pre-activations into the flat tails.
 
 Everything is repeated over ``seeds`` seeds (data, initialisation and shuffling all depend on
 the seed) and reported as mean ± standard deviation, since single runs of such small networks
@@ -24,8 +28,9 @@ vary a lot. Part 1 trains its seeds together as one stacked model
 (:class:`gradprobe.lab.train.StackedMLP`: numerically the same as separate runs, faster).
 
 Note:
-    Layer statistics are over *all* the layer's parameters (weight and bias), as the Probe
-    records them per module; the tutorial plotted the weight matrices (kernels) only.
+    The gradient statistics are over *all* the layer's parameters (weight and bias), as the
+    Probe records them per module (the figure's labels say "W and b"); the weight statistics
+    are over the weight matrix alone, as the tutorial plotted them (kernels).
 
 >>> import gradprobe as gp
 >>> r = gp.lab.run("circles", epochs=3, seeds=2, part1=False)   # doctest: +SKIP
@@ -60,6 +65,10 @@ PART1 = [  # (label, sizes, activation, tutorial's accuracy after 100 epochs, Ke
     ("2-5-1 sigmoid", (2, 5, 1), "sigmoid", 0.654),
     ("2-5-5-5-1 sigmoid", (2, 5, 5, 5, 1), "sigmoid", 0.533),
 ]
+RATIO_GAP = 10.0
+"""How much smaller the sigmoid network's fc1/out gradient ratio must be than the other networks'
+(the tutorial's figure shows a decade or more between layers; equal ratios would mean no vanishing)."""
+
 TUTORIAL_PART2 = {"sigmoid": 0.652, "tanh": 0.994, "relu": 0.995}
 """The tutorial's accuracy after its hand-written RMSprop loop, N(0,1) weights (one run each)."""
 
@@ -185,18 +194,21 @@ def _run(config: CirclesConfig, progress: Progress, out: Path | None) -> LabResu
     arch = "-".join(str(v) for v in sizes2)
     runs: dict[str, Path] = {}
     layer_frames: list[pd.DataFrame] = []
+    kernel_frames: list[pd.DataFrame] = []
     for act in config.activations:
         label = f"{arch} {act}, N(0,{config.weight_std:g}²)"
         for s in seeds:
             model = _build(sizes2, act, "normal", s, config.weight_std)
             run_dir = runs_root / f"{act}-seed{s}"
             x, y, xt, yt = data[s]
+            kernels = _KernelStats(model)
             res = train.fit(
                 model, x, y, loss="bce", optimizer="rmsprop", batch_size=config.batch_size,
                 epochs=config.epochs, seed=s, x_test=xt, y_test=yt, run_dir=run_dir,
                 probe_options={"kinds": ("grad", "weight"), "overwrite": True},
-                on_epoch=tick(f"part 2: {act} seed {s}"),
+                on_epoch=kernels.after(tick(f"part 2: {act} seed {s}")),
             )
+            kernel_frames.append(kernels.frame(act, s))
             done += config.epochs
             runs[f"{act}-seed{s}"] = run_dir
             recorded = gp.Run.open(run_dir)
@@ -232,15 +244,46 @@ def _run(config: CirclesConfig, progress: Progress, out: Path | None) -> LabResu
     main["test_acc_std"] = main["test_acc_std"].fillna(0.0)
     curves_table = pd.DataFrame(curves)
     layers = pd.concat(layer_frames, ignore_index=True) if layer_frames else pd.DataFrame()
+    kernels = pd.concat(kernel_frames, ignore_index=True) if kernel_frames else pd.DataFrame()
     gradient_ratio = _gradient_ratio(layers)
     claims = _claims(config, seeds_table, gradient_ratio)
     return LabResult(
         name=NAME, config=config,
         tables={"main": main, "seeds": seeds_table, "curves": curves_table,
                 "loss_by_epoch": _loss_by_epoch(curves_table), "layers": layers,
-                "gradient_ratio": gradient_ratio},
+                "kernels": kernels, "gradient_ratio": gradient_ratio},
         claims=claims, runs=runs,
     )
+
+
+class _KernelStats:
+    """Mean and standard deviation of every Linear's weight matrix (kernel, no bias) at
+    initialisation (epoch 0) and at the end of every epoch, so the last point is the trained
+    network. One host transfer after training (:meth:`frame`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names = [n for n, m in model.named_children() if isinstance(m, nn.Linear)]
+        self.weights = [m.weight for m in model.children() if isinstance(m, nn.Linear)]
+        self.snaps: list[torch.Tensor] = []
+        self.snapshot()
+
+    def snapshot(self) -> None:
+        with torch.no_grad():
+            self.snaps.append(torch.stack([torch.stack([w.mean(), w.std(unbiased=False)])
+                                           for w in self.weights]))
+
+    def after(self, on_epoch: Any) -> Any:
+        def both(epoch: int, epochs: int) -> None:
+            self.snapshot()
+            on_epoch(epoch, epochs)
+        return both
+
+    def frame(self, activation: str, seed: int) -> pd.DataFrame:
+        values = torch.stack(self.snaps).tolist()
+        return pd.DataFrame([
+            {"activation": activation, "seed": seed, "epoch": e, "layer": name,
+             "mean": v[0], "std": v[1]}
+            for e, per_layer in enumerate(values) for name, v in zip(self.names, per_layer)])
 
 
 def _loss_by_epoch(curves: pd.DataFrame) -> pd.DataFrame:
@@ -288,9 +331,10 @@ def _claims(cfg: CirclesConfig, seeds_table: pd.DataFrame, ratio: pd.DataFrame) 
             lambda v: float(np.exp(np.log(v).mean())))
         others = [a for a in geo.index if a != "sigmoid"]
         claims.append(Claim(
-            "part 2: in the sigmoid network the first layer's gradient is smallest relative to the "
-            "output layer's (vanishing)",
-            all(geo["sigmoid"] < geo[a] for a in others),
+            "part 2: in the sigmoid network the first layer's gradient, relative to the output "
+            f"layer's, is over {RATIO_GAP:g} times smaller than in the {' and '.join(others)} "
+            "networks (vanishing)",
+            all(geo["sigmoid"] * RATIO_GAP < geo[a] for a in others),
             "mean|∂ℓ/∂θ| fc1 / out: " + "; ".join(f"{a} {geo[a]:.2g}" for a in geo.index),
         ))
     part1 = seeds_table[seeds_table.part == 1].groupby("model", sort=False)["acc_after"].mean()
@@ -301,21 +345,29 @@ def _claims(cfg: CirclesConfig, seeds_table: pd.DataFrame, ratio: pd.DataFrame) 
             bool(relu > sig),
             "; ".join(f"{m} {v:.3f}" for m, v in part1.items()),
         ))
+        deep = part1[PART1[2][0]]
+        claims.append(Claim(
+            f"part 1: more layers is even worse: 2-5-5-5-1 sigmoid ends less accurate than 2-5-1 "
+            f"sigmoid ({n}-seed mean)",
+            bool(deep < sig), f"{PART1[2][0]} {deep:.3f} vs {PART1[1][0]} {sig:.3f}",
+        ))
     return claims
 
 
-LAYER_PANELS: dict[str, tuple[tuple[str, str, str, Literal["linear", "log"]], ...]] = {
-    # kind: rows of (recorded column, panel title, y label, y scale) in the Part 2 figures
-    "weight": (("mean", "weight mean", "mean of W, b", "linear"),
-               ("std", "weight std", "std of W, b", "linear")),
-    "grad": (("mean", "gradient mean", "mean ∂ℓ/∂θ", "linear"),
-             ("std", "gradient std", "std ∂ℓ/∂θ", "log"),
-             ("abs_mean", "mean |gradient|", "mean |∂ℓ/∂θ|", "log")),
-}
+GRAD_PANELS: tuple[tuple[str, str, str, Literal["linear", "log"]], ...] = (
+    # rows of the gradient figure: (recorded column, panel title, y label, y scale)
+    ("mean", "gradient mean", "mean ∂ℓ/∂θ (W and b)", "linear"),
+    ("std", "gradient std", "std ∂ℓ/∂θ (W and b, log)", "log"),
+    ("abs_mean", "mean |gradient|", "mean |∂ℓ/∂θ| (W and b, log)", "log"),
+)
+WEIGHT_PANELS = (("mean", "weight mean", "mean of W (weights only)"),
+                 ("std", "weight std", "std of W (weights only)"))
 
 
 def plot(result: LabResult) -> dict[str, Figure]:
     """Accuracy over seeds; loss curves; Part 2 weights and gradients per layer per epoch."""
+    import math
+
     from matplotlib.ticker import MaxNLocator
 
     from gradprobe.report import style
@@ -324,15 +376,18 @@ def plot(result: LabResult) -> dict[str, Figure]:
     figures: dict[str, Figure] = {}
     seeds_table: pd.DataFrame = result.tables["seeds"]
     summary = result.tables["main"].set_index("model")
-    curves: pd.DataFrame = result.tables["curves"]
     bands: pd.DataFrame = result.tables["loss_by_epoch"]
-
-    # accuracy: mean ± std bars with every seed as a dot, and the tutorial's value
-    fig, axes = style.figure(1, 2, size=(14.0, 4.8),
-                             title=f"Two circles: accuracy and loss over {cfg.seeds} seeds")
-    ax = axes[0, 0]
+    ln2 = math.log(2.0)
     models = list(dict.fromkeys(seeds_table["model"]))
     colors = style.category_colors(models)
+    parts = list(dict.fromkeys(seeds_table["part"]))
+    part_name = {1: "part 1: Glorot-uniform init, Adam",
+                 2: f"part 2: N(0,{cfg.weight_std:g}²) init, RMSprop"}
+
+    # accuracy (mean ± std bars, every seed a dot, the tutorial's value) and one loss panel per part
+    fig, axes = style.figure(1, 1 + len(parts), size=(5.6 + 4.6 * len(parts), 4.8),
+                             title=f"Two circles: accuracy and loss over {cfg.seeds} seeds")
+    ax = axes[0, 0]
     for i, m in enumerate(models):
         frame = seeds_table[seeds_table.model == m]
         ax.bar(i, summary.loc[m, "acc_after"], yerr=summary.loc[m, "acc_after_std"],
@@ -343,34 +398,38 @@ def plot(result: LabResult) -> dict[str, Figure]:
         if np.isfinite(tut):
             ax.plot([i - 0.35, i + 0.35], [tut, tut], color="black", linestyle=":", linewidth=1.2)
     ax.plot([], [], color="black", linestyle=":", label="tutorial (one run)")
-    ax.plot([], [], "o", color="grey", label="one seed")
+    ax.plot([], [], "o", color="grey", markeredgecolor="black", markeredgewidth=0.4,
+            label="one seed")
+    ax.plot([], [], color="grey", linewidth=0.8, label="chance (0.5)")
     ax.set_xticks(range(len(models)), [m.replace(", ", "\n") for m in models], fontsize="small",
                   rotation=20, ha="right")
     ax.axhline(0.5, color="grey", linewidth=0.8)
-    parts = list(dict.fromkeys(seeds_table["part"]))
-    if len(parts) == 2:  # separate and name the two studies
+    if len(parts) == 2:  # separate the two studies
         n1 = int((seeds_table.drop_duplicates("model")["part"] == 1).sum())
         ax.axvline(n1 - 0.5, color="black", linewidth=0.8)
-        ax.text(-0.4, 1.005, "part 1: Glorot init, Adam", fontsize="small", va="bottom")
-        ax.text(n1 - 0.4, 1.005, f"part 2: N(0,{cfg.weight_std:g}²) init, RMSprop", fontsize="small", va="bottom")
-    style.finish(ax, title="training accuracy after training (bar: mean ± std)", xlabel="",
-                 ylabel="accuracy")
-    ax.set_ylim(0.4, 1.06)
-    ax.legend(fontsize="small", loc="lower left")
+    style.finish(ax, title="training accuracy after training (bar: mean ± std)",
+                 xlabel="network (part 1 | part 2)", ylabel="accuracy")
+    ax.set_ylim(0.4, 1.02)
+    style.legend_outside(ax)
 
-    ax = axes[0, 1]
-    for m in models:
-        band = bands[bands.model == m]
-        style.band(ax, band["epoch"].to_numpy(), band["loss_mean"].to_numpy(),
-                   band["loss_std"].to_numpy(), color=colors[m], label=m)
-    style.finish(ax, title="training loss per epoch (mean ± std over seeds)", xlabel="epoch",
-                 ylabel="binary cross-entropy",
-                 scale=style.choose_scale(curves["loss"]))
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize="small")
+    for k, part in enumerate(parts, start=1):
+        ax = axes[0, k]
+        if k > 1:
+            ax.sharey(axes[0, 1])
+        for m in dict.fromkeys(seeds_table[seeds_table.part == part]["model"]):
+            band = bands[bands.model == m]
+            style.band(ax, band["epoch"].to_numpy(), band["loss_mean"].to_numpy(),
+                       band["loss_std"].to_numpy(), color=colors[m], label=m)
+        ax.axhline(ln2, color="black", linestyle="--", linewidth=1.0, label="ln 2 (chance)")
+        style.finish(ax, title=f"{part_name[part]}: training loss (mean ± std)",
+                     xlabel="epoch", ylabel="binary cross-entropy")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(bottom=0.0)
+        style.legend_outside(ax)
     figures["accuracy_loss"] = fig
 
     layers: pd.DataFrame = result.tables["layers"]
+    kernels: pd.DataFrame = result.tables["kernels"]
     if layers.empty:
         return figures
     first_seed = cfg.seed
@@ -378,44 +437,52 @@ def plot(result: LabResult) -> dict[str, Figure]:
     one = layers[layers.seed == first_seed]
     names = list(dict.fromkeys(one["layer"]))
     lcolors = style.layer_colors(names)
+    lstyles = style.layer_linestyles(names)
+    legend_title = "layer (input → output)"
 
-    grad_std_all = layers[(layers.kind == "grad")]["std"]
-    lo, hi = float(grad_std_all[grad_std_all > 0].min()), float(grad_std_all.max())
-
-    def layer_rows(axes: np.ndarray, kind: str, xlabel: str) -> None:
-        """One row of panels per recorded column of ``kind`` (:data:`LAYER_PANELS`), one
-        column per activation, one line per layer; log rows share the gradients' y range."""
-        for j, act in enumerate(acts):
-            frame = one[(one.activation == act) & (one.kind == kind)]
-            for i, (column, title, ylabel, scale) in enumerate(LAYER_PANELS[kind]):
-                sub = frame.pivot(index="epoch", columns="layer", values=column)
-                style.plot_layers(axes[i, j], sub.index.to_numpy(),
-                                  {n: sub[n].to_numpy() for n in names if n in sub},
-                                  title=f"{act}: {title}", xlabel=xlabel, ylabel=ylabel,
-                                  colors=lcolors, scale=scale, legend=i == 0 and j == 0)
-                if scale == "log":
-                    axes[i, j].set_ylim(lo / 2, hi * 2)
-
-    # weights: mean and std per layer per epoch, one column per activation
-    fig, axes = style.figure(2, len(acts), size=(4.6 * len(acts) + 0.6, 7.2), title=(
-        f"Part 2 weights per layer per epoch (N(0,{cfg.weight_std:g}²) init, RMSprop, seed "
-        f"{first_seed})"))
-    layer_rows(axes, "weight", "epoch")
-    for ax in axes.ravel():
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # weights (kernels only): mean and std per layer, epoch 0 = initialisation, last = trained
+    fig, axes = style.figure(2, len(acts), size=(4.4 * len(acts) + 1.8, 7.2), sharey="row",
+                             sharex=True, title=(
+        f"Part 2 weights per layer (N(0,{cfg.weight_std:g}²) init, RMSprop, seed {first_seed}): "
+        "weight matrices only, biases excluded"))
+    kone = kernels[kernels.seed == first_seed]
+    for j, act in enumerate(acts):
+        frame = kone[kone.activation == act]
+        for i, (column, title, ylabel) in enumerate(WEIGHT_PANELS):
+            sub = frame.pivot(index="epoch", columns="layer", values=column)
+            style.plot_layers(axes[i, j], sub.index.to_numpy(),
+                              {n: sub[n].to_numpy() for n in names if n in sub},
+                              title=f"{act}: {title}", ylabel=ylabel if j == 0 else "",
+                              xlabel="epoch (0 = initialisation, last = end of training)"
+                              if i == 1 else "",
+                              colors=lcolors, linestyles=lstyles, scale="linear", legend=False)
+            axes[i, j].xaxis.set_major_locator(MaxNLocator(integer=True))
+    style.legend_outside(axes[0, -1], title=legend_title)
     figures["part2_weights"] = fig
 
-    # gradients: mean, std (log), mean |g| (log) per layer per epoch, and the loss
-    fig, axes = style.figure(4, len(acts), size=(4.6 * len(acts) + 0.6, 13.0), sharex=True, title=(
+    # gradients: mean, std (log), mean |g| (log) per layer, rows sharing their y-axis; the loss
+    fig, axes = style.figure(4, len(acts), size=(4.4 * len(acts) + 1.8, 13.0), sharex=True,
+                             sharey="row", title=(
         f"Part 2 gradients per layer per epoch (first step of each epoch, seed {first_seed})"))
-    layer_rows(axes, "grad", "")
     for j, act in enumerate(acts):
-        lc = curves[(curves.part == 2) & (curves.seed == first_seed)
-                    & curves.model.str.contains(f" {act},", regex=False)]
-        axes[3, j].plot(lc["epoch"], lc["loss"], color="black")
+        frame = one[(one.activation == act) & (one.kind == "grad")]
+        for i, (column, title, ylabel, scale) in enumerate(GRAD_PANELS):
+            sub = frame.pivot(index="epoch", columns="layer", values=column)
+            style.plot_layers(axes[i, j], sub.index.to_numpy(),
+                              {n: sub[n].to_numpy() for n in names if n in sub},
+                              title=f"{act}: {title}", xlabel="", ylabel=ylabel if j == 0 else "",
+                              colors=lcolors, linestyles=lstyles, scale=scale, legend=False)
+        model = next(m for m in models if f" {act}," in m)
+        band = bands[(bands.part == 2) & (bands.model == model)]
+        style.band(axes[3, j], band["epoch"].to_numpy(), band["loss_mean"].to_numpy(),
+                   band["loss_std"].to_numpy(), color="black", label=f"mean ± std, {cfg.seeds} seeds")
+        axes[3, j].axhline(ln2, color="black", linestyle="--", linewidth=1.0, label="ln 2 (chance)")
         style.finish(axes[3, j], title=f"{act}: training loss", xlabel="epoch",
-                     ylabel="binary cross-entropy")
+                     ylabel="binary cross-entropy" if j == 0 else "")
         axes[3, j].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[3, 0].set_ylim(bottom=0.0)
+    style.legend_outside(axes[0, -1], title=legend_title)
+    style.legend_outside(axes[3, -1])
     figures["part2_gradients"] = fig
     return figures
 
