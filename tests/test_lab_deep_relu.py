@@ -61,3 +61,24 @@ def test_figures(result):
     assert set(figs) == {"deep_relu", "grad_norms"}
     ax = figs["deep_relu"].axes[0]
     assert ax.get_yscale() == "log" and ax.get_title() and ax.get_xlabel()
+
+
+def test_weight_and_bias_gradients_apart_recompose_the_probes_record(result):
+    """The hooks' weight-only and bias-only norms at the Probe's steps give back what the Probe
+    recorded for the whole module: ‖(∂W, ∂b)‖² = ‖∂W‖² + ‖∂b‖²."""
+    for frame in result.data["grad_norms"].values():
+        both = (frame["norm"] ** 2 + frame["bias_norm"] ** 2) ** 0.5
+        assert both.to_numpy() == pytest.approx(frame["norm_w_and_b"].to_numpy(), rel=1e-4)
+
+
+def test_xavier_stall_is_uniformly_small_weight_gradients(result):
+    """docs/initialisation.md: with Xavier the gradient reaching layer l shrinks √2 per layer
+    going down, the activations shrink going up, and the weight gradients come out equally small
+    in every layer; He's are orders of magnitude larger."""
+    x, h = result.data["profiles"]["Xavier"], result.data["profiles"]["He"]
+    L = SMALL.depth
+    arriving = x["act_grad_norm"].iloc[0] / x["act_grad_norm"].iloc[-1]
+    assert 0.5 < arriving / 2 ** (-(L - 1) / 2) < 2.0
+    w = x["weight_grad_norm"]
+    assert w.max() / w.min() < 10
+    assert w.max() < 1e-3 * h["weight_grad_norm"].min()

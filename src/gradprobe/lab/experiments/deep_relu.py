@@ -71,6 +71,7 @@ def run(config: DeepReluConfig, *, progress: Progress = no_progress,
     act_vars: dict[str, list[float]] = {}
     curves: dict[str, list[float]] = {}
     grads: dict[str, pd.DataFrame] = {}
+    profiles: dict[str, pd.DataFrame] = {}
     runs: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix="gradprobe-deep-relu-") as tmp:
         for k, (label, (scheme, kwargs)) in enumerate(INITS.items()):
@@ -82,15 +83,26 @@ def run(config: DeepReluConfig, *, progress: Progress = no_progress,
             var = [float(a.var()) for a in sig.acts]
             act_vars[label] = var
             norms = [float(g.norm()) for g in sig.weight_grads]
+            profiles[label] = pd.DataFrame({
+                "layer": np.arange(1, len(norms) + 1),
+                "act_rms": [float(a.pow(2).mean().sqrt()) for a in sig.acts],
+                "act_grad_norm": [float(g.norm()) for g in sig.act_grads],
+                "weight_grad_norm": norms,
+            })
             run_dir = (out / "runs" / label.lower()) if out is not None else Path(tmp) / label
-            fit = train.fit(
-                model, xtr, ytr, loss="cross_entropy", optimizer="momentum", lr=config.lr,
-                optimizer_options={"momentum": config.momentum}, epochs=config.epochs,
-                batch_size=config.batch_size, seed=config.seed, x_test=xte, y_test=yte,
-                run_dir=run_dir, probe_options={"kinds": ("grad",), "overwrite": True},
-            )
+            watch = _WeightGradNorms(model)
+            try:
+                fit = train.fit(
+                    model, xtr, ytr, loss="cross_entropy", optimizer="momentum", lr=config.lr,
+                    optimizer_options={"momentum": config.momentum}, epochs=config.epochs,
+                    batch_size=config.batch_size, seed=config.seed, x_test=xte, y_test=yte,
+                    run_dir=run_dir, probe_options={"kinds": ("grad",), "overwrite": True},
+                )
+            finally:
+                watch.remove()
             scal = gp.Run.open(run_dir).scalars(kinds="grad")
-            grads[label] = scal[scal["layer"].str.startswith("fc")][["step", "layer", "norm"]].copy()
+            frame = scal[scal["layer"].str.startswith("fc")][["step", "layer", "norm"]]
+            grads[label] = watch.frame(frame.rename(columns={"norm": "norm_w_and_b"}))
             curves[label] = fit.epoch_losses
             if out is not None:
                 runs[label] = run_dir
@@ -105,10 +117,45 @@ def run(config: DeepReluConfig, *, progress: Progress = no_progress,
     progress("done", len(INITS), len(INITS))
     table = pd.DataFrame(rows)
     result = LabResult(NAME, config, {"main": table},
-                       data={"act_var": act_vars, "loss_curves": curves, "grad_norms": grads},
+                       data={"act_var": act_vars, "loss_curves": curves, "grad_norms": grads,
+                             "profiles": profiles},
                        runs=runs)
     result.claims = _claims(config, table, curves)
     return result
+
+
+class _WeightGradNorms:
+    """``‖∂L/∂W‖`` and ``‖∂L/∂b‖`` of every ``fc`` layer at every optimizer step, kept apart (the
+    Probe records a module's weight and bias together). Tensor hooks append a norm (no host
+    sync); :meth:`frame` stacks them once after training."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.names: list[str] = []
+        self.norms: dict[tuple[str, str], list[torch.Tensor]] = {}
+        self.handles = []
+        for name, mod in model.named_children():
+            if name.startswith("fc") and isinstance(mod, torch.nn.Linear):
+                self.names.append(name)
+                for kind, p in (("w", mod.weight), ("b", mod.bias)):
+                    if p is not None:
+                        store = self.norms.setdefault((name, kind), [])
+                        self.handles.append(p.register_hook(
+                            lambda g, store=store: store.append(g.detach().norm())))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def frame(self, recorded: pd.DataFrame) -> pd.DataFrame:
+        """The Probe's rows (``step``, ``layer``, ``norm_w_and_b``) with the weight-only
+        ``norm`` and the bias-only ``bias_norm`` of the same step added."""
+        stacked = {k: torch.stack(v).tolist() for k, v in self.norms.items()}
+        out = recorded.copy()
+        out["norm"] = [stacked[(lay, "w")][int(st)] for st, lay in zip(out["step"], out["layer"])]
+        out["bias_norm"] = [stacked[(lay, "b")][int(st)] if (lay, "b") in stacked else 0.0
+                            for st, lay in zip(out["step"], out["layer"])]
+        return out.reset_index(drop=True)
 
 
 def _claims(config: DeepReluConfig, t: pd.DataFrame, curves: dict[str, list[float]]) -> list[Claim]:
@@ -141,32 +188,48 @@ def plot(result: LabResult) -> dict[str, Figure]:
 
     config: DeepReluConfig = result.config
     colors = style.category_colors(list(INITS))
-    fig, axes = style.figure(1, 2, title=f"{config.depth}-layer ReLU MLP: Xavier (Var W = 1/n) "
-                                          "vs He (Var W = 2/n)")
+    fig, axes = style.figure(1, 3, size=(17.0, 4.6),
+                             title=f"{config.depth}-layer ReLU MLP: Xavier, gain 1 (Var W = 1/n) "
+                                   "vs He (Var W = 2/n)")
+    ax = axes[0, 0]
     for label, var in result.data["act_var"].items():
-        axes[0, 0].plot(np.arange(1, len(var) + 1), var, "o-", markersize=3, color=colors[label],
-                        label=label)
+        ax.plot(np.arange(1, len(var) + 1), var, "o-", markersize=3, color=colors[label],
+                label=label)
     theory = [result.data["act_var"]["Xavier"][0] * 2.0 ** -i for i in range(config.depth)]
-    axes[0, 0].plot(np.arange(1, config.depth + 1), theory, "k--", linewidth=1,
-                    label="Xavier theory: halves per layer")
-    style.finish(axes[0, 0], title="activation variance per layer at initialisation",
+    ax.plot(np.arange(1, config.depth + 1), theory, "k--", linewidth=1,
+            label="Xavier theory: halves per layer")
+    style.finish(ax, title="forward: activation variance at initialisation",
                  xlabel="layer (depth)", ylabel="Var[a_l] (log)", scale="log")
-    axes[0, 0].legend(fontsize="small")
-    for label, curve in result.data["loss_curves"].items():
-        axes[0, 1].plot(np.arange(1, len(curve) + 1), curve, color=colors[label], label=label)
-    axes[0, 1].axhline(math.log(10.0), color="0.5", linestyle=":", label="ln 10 (chance)")
-    style.finish(axes[0, 1], title="training loss (SGD + momentum)", xlabel="epoch",
-                 ylabel="cross-entropy (log)", scale="log")
-    axes[0, 1].legend(fontsize="small")
+    style.legend_outside(ax)
 
-    gfig, gaxes = style.figure(1, 2, sharex=True,
-                               title="Weight-gradient norm per layer during training (gp.Probe)")
+    ax = axes[0, 1]
+    for label, prof in result.data["profiles"].items():
+        ax.plot(prof["layer"], prof["act_grad_norm"], "o-", markersize=3, color=colors[label],
+                label=f"{label}: ‖∂L/∂a_l‖ (reaching layer l)")
+        ax.plot(prof["layer"], prof["weight_grad_norm"], "s--", markersize=3, color=colors[label],
+                label=f"{label}: ‖∂L/∂W_l‖ (weights)")
+    style.finish(ax, title="backward at initialisation (cross-entropy on all of digits)",
+                 xlabel="layer (depth)", ylabel="gradient norm (log)", scale="log")
+    style.legend_outside(ax)
+
+    ax = axes[0, 2]
+    for label, curve in result.data["loss_curves"].items():
+        ax.plot(np.arange(1, len(curve) + 1), curve, color=colors[label], label=label)
+    ax.axhline(math.log(10.0), color="0.3", linestyle=":", label="ln 10 (chance)")
+    style.finish(ax, title="training loss (SGD + momentum)", xlabel="epoch",
+                 ylabel="cross-entropy")
+    ax.set_ylim(bottom=0.0)
+    style.legend_outside(ax)
+
+    gfig, gaxes = style.figure(1, 2, sharex=True, sharey=True, size=(11.0, 4.4), title=(
+        "Weight-gradient norm ‖∂L/∂W_l‖ per layer during training (weights only, biases apart; "
+        "first step of each epoch)"))
     for c, (label, frame) in enumerate(result.data["grad_norms"].items()):
         layers = list(dict.fromkeys(frame["layer"]))
         series = {n: frame[frame["layer"] == n]["norm"].to_numpy() for n in layers}
         steps = frame[frame["layer"] == layers[0]]["step"].to_numpy()
         style.plot_layers(gaxes[0, c], steps, series, title=f"{label}", xlabel="optimizer step",
-                          ylabel="‖∂L/∂W‖", scale="log", legend=False)
+                          ylabel="‖∂L/∂W_l‖ (log)" if c == 0 else "", scale="log", legend=False)
     sm = _depth_colorbar(gfig, gaxes, config.depth)
     sm.set_label("layer depth (1 = input side)")
     return {"deep_relu": fig, "grad_norms": gfig}
