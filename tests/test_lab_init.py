@@ -96,5 +96,41 @@ def test_bad_options_are_clear_errors():
 def test_figures(result):
     figs = S.plot(result)
     assert set(figs) == {"gain_study", "accuracy", "grad_ratio", "grad_profiles"}
-    for ax in figs["gain_study"].axes[:6]:
-        assert ax.get_yscale() == "log" and ax.get_title() and ax.get_xlabel()
+    for k, ax in enumerate(figs["gain_study"].axes[:6]):
+        assert ax.get_yscale() == "log" and ax.get_title() and ax.get_ylabel()
+        assert ax.get_xlabel() or k < 3  # the top row shares the bottom row's x-axis
+
+
+def test_scaled_init_claim_can_fail():
+    """The ratio band is tight enough to fail: a table where one init's first layer gets 5x the
+    last layer's gradient (N(0, 1)-like growth) breaks it."""
+    main = S.pd.DataFrame({
+        "activation": ["tanh", "tanh"], "key": ["he_normal", "orthogonal"], "init": ["He", "orth"],
+        "grad_ratio": [1.2, 5.0], "test_acc_after": [0.9, 0.9]})
+    gains = S.pd.DataFrame(columns=["activation", "gain"])
+    sym = S.pd.DataFrame({"activation": ["tanh"], "steps": [1], "loss_last": [0.69],
+                          "loss_constant": [True], "loss_minus_ln2": [0.0], "units_identical": [True]})
+    cfg = S.InitStudyConfig(activations=("tanh",), inits=("he_normal", "orthogonal"), gains=(2.0,))
+    claim = next(c for c in S._claims(cfg, main, gains, sym) if c.text.startswith("tanh: every"))
+    assert not claim.holds
+    main.loc[1, "grad_ratio"] = 3.0
+    claim = next(c for c in S._claims(cfg, main, gains, sym) if c.text.startswith("tanh: every"))
+    assert claim.holds
+
+
+def test_rows_are_named_by_scheme_and_gain(result):
+    main = result.tables["main"].set_index(["activation", "key"])
+    assert main.loc[("relu", "he_normal"), "row"] == "He normal × g"
+    assert main.loc[("relu", "he_normal"), "gain"] == pytest.approx(2 ** 0.5)
+    assert main.loc[("tanh", "orthogonal"), "gain"] == pytest.approx(5 / 3)
+    assert math.isnan(main.loc[("tanh", "zeros"), "gain"])
+
+
+def test_gain_profile_is_float64_and_draws_no_floor(result):
+    for p in result.data["gain_profiles"].values():
+        assert min(p["bwd_var"]) > 0  # 1e-37 and below are representable: nothing underflows
+    figs = S.plot(result)
+    for ax in figs["grad_profiles"].axes:
+        for line in ax.get_lines():
+            y = line.get_ydata()
+            assert not (S.np.asarray(y, float) <= 1e-39).any()  # no zero drawn at a floor

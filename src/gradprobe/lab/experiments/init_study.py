@@ -12,13 +12,19 @@ Three parts:
 2. **Gain study.** Which gain ``g`` in ``W ~ N(0, g²/n)`` keeps the forward activation variance
    and the backward gradient variance constant across depth, for tanh, sigmoid and the centred
    sigmoid ``σ(x) - ½``? Glorot & Bengio (2010) derive their normalised initialisation for units
-   in the linear regime: ``Var[a_l] = n·Var[W]·φ'(0)²·Var[a_(l-1)]``, so ``g = 1/φ'(0)``: 1 for
-   tanh and 4 for sigmoid (``σ'(0) = ¼``). PyTorch's ``calculate_gain('tanh') = 5/3`` is chosen
-   for the forward fixed point. This part measures what each gain does.
+   in the linear regime with ``f'(0) = 1`` (tanh): ``Var[a_l] = n·Var[W]·φ'(0)²·Var[a_(l-1)]``.
+   The same derivation with ``g = 1/φ'(0)`` gives 4 for sigmoid (``σ'(0) = ¼``); that factor is
+   not in the paper but in the Theano tutorial that accompanied it (deeplearning.net,
+   "Multilayer Perceptron"). PyTorch's ``calculate_gain('tanh') = 5/3`` is chosen for the
+   forward fixed point. This part measures what each gain does (in float64, so no variance
+   underflows to 0).
 3. **Deep MLPs** (``depth`` hidden layers) with tanh, sigmoid and ReLU on ``load_digits`` or
    ``make_moons`` from zeros, N(0, 1), N(0, 0.01²), LeCun, Xavier uniform/normal, He
-   uniform/normal and orthogonal (gains from :mod:`gradprobe.activations`: tanh 5/3, ReLU √2,
-   sigmoid 1): the ratio of the first to the last hidden layer's weight-gradient norm at
+   uniform/normal and orthogonal, every scaled scheme with the activation's gain ``g`` from
+   :mod:`gradprobe.activations` (tanh 5/3, ReLU √2, sigmoid 1). Rows are named by scheme and
+   gain: on these square layers ``Xavier normal × g`` (``Var W = g²·2/(fan_in+fan_out)``) and
+   ``He normal × g`` (``Var W = g²/fan_in``) are the *same* distribution, so for ReLU both are
+   ``Var W = 2/n``; the Xavier that stalls in ``deep-relu`` is Xavier with gain 1. Measured: the ratio of the first to the last hidden layer's weight-gradient norm at
    initialisation, and the test accuracy after a fixed budget of Adam steps.
 
 Findings are written up in ``docs/initialisation.md``.
@@ -72,6 +78,30 @@ INITS: dict[str, tuple[str, str, dict[str, float]]] = {
 SCALED = ("lecun_normal", "xavier_uniform", "xavier_normal", "he_uniform", "he_normal", "orthogonal")
 """The variance-scaled initialisations (std ∝ 1/√fan)."""
 
+RATIO_BAND = 4.0
+"""A gradient that neither vanishes nor explodes over the hidden layers: first/last-layer norm
+within this factor (measured 0.4-3.6 at the default size; N(0, 0.01²) and sigmoid are 1e-6 or
+less, N(0, 1) with tanh over 10)."""
+
+GAIN_SCHEMES = ("xavier_uniform", "xavier_normal", "he_uniform", "he_normal", "orthogonal")
+"""The schemes that take the activation's gain g (LeCun's gain is 1 by definition)."""
+
+HIGHLIGHT_GAINS = {1.0: "#1b6ca8", 5.0 / 3.0: "#d1495b", 4.0: "#edae49"}
+"""The gains the text discusses (Glorot's 1, PyTorch's tanh 5/3, the factor 4), drawn in colour."""
+
+
+def gain_text(g: float) -> str:
+    """``5/3``, ``√2``, ``1``... for the gains the activation table uses.
+
+    >>> gain_text(5 / 3), gain_text(2 ** 0.5), gain_text(1.0), gain_text(0.75)
+    ('5/3', '√2', '1', '0.75')
+    """
+    for value, text in ((5 / 3, "5/3"), (2 ** 0.5, "√2"), (4.0, "4")):
+        if math.isclose(g, value, rel_tol=1e-6):
+            return text
+    return f"{g:.3g}"
+
+
 def _gain_saturated(name: str, a: Tensor) -> float:
     """Saturated fraction by the activation table's rule (σ − ½ is shifted back to σ)."""
     if name == "tanh":
@@ -105,7 +135,7 @@ class InitStudyConfig:
     gain_depth: int = 30
     gain_width: int = 128
     gain_samples: int = 256
-    gains: tuple[float, ...] = (0.5, 1.0, 5.0 / 3.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
+    gains: tuple[float, ...] = (1.0, 5.0 / 3.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
     seed: int = 0
 
     def validate(self) -> None:
@@ -185,14 +215,15 @@ def gain_profile(
     square layers, no bias; ``∂L/∂a_L ~ N(0, 1)``. Written out by hand (no modules) so that any
     elementwise function can be studied."""
     n = x.shape[1]
-    h = x
+    h = x.double()
     acts: list[Tensor] = []
     for _ in range(depth):
-        w = (torch.randn(n, n, generator=generator) * (gain / math.sqrt(n))).requires_grad_()
+        w = (torch.randn(n, n, generator=generator, dtype=torch.float64)
+             * (gain / math.sqrt(n))).requires_grad_()
         h = fn(h @ w.T)
         h.retain_grad()
         acts.append(h)
-    g = torch.randn(h.shape, generator=generator)
+    g = torch.randn(h.shape, generator=generator, dtype=torch.float64)
     (h * g).sum().backward()
     return {
         "acts_last": acts[-1].detach(),
@@ -249,9 +280,9 @@ def run(config: InitStudyConfig, *, progress: Progress = no_progress,
         for key in config.inits:
             label, scheme, kwargs = INITS[key]
             progress(f"{act} {label}", done, total)
-            model, _ = initialised_mlp([xtr.shape[1]] + [config.width] * config.depth, act,
-                                       scheme, seed=config.seed, bias=True, head=n_out,
-                                       options=kwargs)
+            model, record = initialised_mlp([xtr.shape[1]] + [config.width] * config.depth, act,
+                                            scheme, seed=config.seed, bias=True, head=n_out,
+                                            options=kwargs)
             lossf = nn.functional.cross_entropy if loss_name == "cross_entropy" else \
                 nn.functional.binary_cross_entropy_with_logits
             batch = slice(0, min(256, len(xtr)))
@@ -261,8 +292,10 @@ def run(config: InitStudyConfig, *, progress: Progress = no_progress,
             fit = train.fit(model, xtr, ytr, loss=loss_name, optimizer="adam", lr=config.lr,
                             epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
                             x_test=xte, y_test=yte)
+            gain = record.entries[0].gain if key in GAIN_SCHEMES else math.nan
             rows.append({
-                "activation": act, "init": label, "key": key,
+                "activation": act, "init": label, "key": key, "gain": gain,
+                "row": f"{label} × g" if key in GAIN_SCHEMES else label,
                 "grad_first": norms[0], "grad_last": norms[-1],
                 "grad_ratio": norms[0] / norms[-1] if norms[-1] > 0 else math.nan,
                 "loss_before": fit.loss_before, "loss_after": fit.loss_after,
@@ -326,7 +359,7 @@ def _claims(config: InitStudyConfig, main: pd.DataFrame, gains: pd.DataFrame,
                   f"(layer {L} above 1/10 of layer 1): the mean ½ feeds it",
                   smin > 0.1, f"smallest ratio {smin:.3g}"),
             Claim("σ(x) − ½ with gain 4 keeps the backward variance like tanh with gain 1 (per-layer "
-                  "factor within 10 %): with the mean removed, Glorot's factor 4 is right for sigmoid",
+                  "factor within 10 %): with the mean removed, the factor 4 = 1/σ'(0) is right for sigmoid",
                   abs(c4 / tb1 - 1) < 0.1, f"per-layer factors {c4:.3f} vs {tb1:.3f}"),
         ]
 
@@ -348,8 +381,8 @@ def _claims(config: InitStudyConfig, main: pd.DataFrame, gains: pd.DataFrame,
             ratio = cell(act, scaled, "grad_ratio")
             claims.append(Claim(
                 f"{act}: every variance-scaled init ({scaled_names}) trains (test accuracy above 0.8) "
-                "with first/last-layer gradient ratio between 0.1 and 10",
-                bool((acc > 0.8).all() and ratio.between(0.1, 10).all()),
+                f"with first/last-layer gradient ratio between 1/{RATIO_BAND:g} and {RATIO_BAND:g}",
+                bool((acc > 0.8).all() and ratio.between(1 / RATIO_BAND, RATIO_BAND).all()),
                 f"accuracy {acc.min():.3f}-{acc.max():.3f}, ratio {ratio.min():.3g}-{ratio.max():.3g}"))
     if "sigmoid" in config.activations and scaled:
         acc = cell("sigmoid", scaled, "test_acc_after")
@@ -384,25 +417,32 @@ def _gain_figure(result: LabResult) -> Figure:
 
     config: InitStudyConfig = result.config
     profiles = result.data["gain_profiles"]
-    fig, axes = style.figure(2, len(GAIN_FUNCTIONS), size=(15, 8),
-                             title=f"Gain study: W ~ N(0, g²/n), {config.gain_depth} square "
-                                   f"layers of {config.gain_width}, no bias")
-    names = [f"g = {g:.3g}" for g in config.gains]
-    colors = style.layer_colors(names, cmap="plasma")
+    fig, axes = style.figure(2, len(GAIN_FUNCTIONS), size=(16, 8), sharex=True, title=(
+        f"Gain study: W ~ N(0, g²/n), {config.gain_depth} square layers of {config.gain_width}, "
+        "no bias, float64 (the gains discussed in colour)"))
+    others = [g for g in config.gains if not any(math.isclose(g, h) for h in HIGHLIGHT_GAINS)]
+    greys = {g: str(0.8 - 0.5 * k / max(len(others) - 1, 1)) for k, g in enumerate(sorted(others))}
     depth = np.arange(1, config.gain_depth + 1)
+    zero = False
     for c, fname in enumerate(GAIN_FUNCTIONS):
-        for name, gain in zip(names, config.gains):
+        for gain in config.gains:
+            hl = next((col for h, col in HIGHLIGHT_GAINS.items() if math.isclose(gain, h)), None)
+            kw = ({"color": hl, "linewidth": 2.4, "zorder": 3} if hl is not None
+                  else {"color": greys[gain], "linewidth": 1.0, "zorder": 2})
             p = profiles[(fname, gain)]
-            axes[0, c].plot(depth, np.maximum(np.asarray(p["fwd_var"]), 1e-45), color=colors[name],
-                            label=name)
-            bwd = np.maximum(np.asarray(p["bwd_var"]), 1e-45)
-            axes[1, c].plot(depth, bwd, color=colors[name], label=name)
-        style.finish(axes[0, c], title=f"{fname}: forward Var[a_l]", xlabel="layer (depth)",
+            label = f"g = {gain_text(gain)}"
+            zero |= style.plot_positive(axes[0, c], depth, p["fwd_var"], label=label, **kw)
+            zero |= style.plot_positive(axes[1, c], depth, p["bwd_var"], label=label, **kw)
+        style.finish(axes[0, c], title=f"{fname}: forward Var[a_l]", xlabel="",
                      ylabel="activation variance (log)", scale="log")
-        style.finish(axes[1, c], title=f"{fname}: backward Var[∂L/∂a_l] (0 drawn at 1e-45)",
-                     xlabel="layer (depth)",
+        style.finish(axes[1, c], title=f"{fname}: backward Var[∂L/∂a_l]", xlabel="layer (depth)",
                      ylabel="gradient variance (log)", scale="log")
-    axes[0, 0].legend(title="gain (small → large)", fontsize="small", ncol=2)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: config.gains[i])
+    note = ("\n▼ on the bottom edge: exactly 0\n(σ(x) − ½ rounds to 0 in float64\nfor |x| < 1e-16), not drawn"
+            if zero else "")
+    style.legend_outside(axes[0, -1], title="gain (grey: others, light = small)" + note,
+                         handles=[handles[i] for i in order], labels=[labels[i] for i in order])
     return fig
 
 
@@ -411,48 +451,65 @@ def _heatmap(result: LabResult, col: str, title: str, *, log: bool) -> Figure:
 
     main = result.tables["main"]
     acts = list(dict.fromkeys(main["activation"]))
-    inits = list(dict.fromkeys(main["init"]))
-    grid = main.pivot(index="init", columns="activation", values=col).loc[inits, acts]
+    rows = list(dict.fromkeys(main["row"]))
+    grid = main.pivot(index="row", columns="activation", values=col).loc[rows, acts]
+    gains = main.dropna(subset=["gain"]).drop_duplicates("activation").set_index("activation")["gain"]
     values = grid.to_numpy(dtype=float)
     shown = np.log10(np.clip(values, 1e-30, None)) if log else values
-    fig, axes = style.figure(1, 1, size=(2.0 * len(acts) + 3.0, 0.45 * len(inits) + 2.0),
+    fig, axes = style.figure(1, 1, size=(2.2 * len(acts) + 3.4, 0.45 * len(rows) + 2.4),
                              title=title)
     ax = axes[0, 0]
     im = ax.imshow(shown, cmap="RdBu_r" if log else "viridis", aspect="auto",
                    vmin=-8 if log else 0.0, vmax=8 if log else 1.0)
-    for i in range(len(inits)):
+    for i in range(len(rows)):
         for j in range(len(acts)):
             v = values[i, j]
             text = "n/a" if not np.isfinite(v) else (f"{v:.1e}" if log else f"{v:.2f}")
             ax.text(j, i, text, ha="center", va="center", fontsize=8,
                     color="white" if (log and abs(shown[i, j]) > 4) or (not log and v < 0.5) else "black")
-    ax.set_xticks(range(len(acts)), acts)
-    ax.set_yticks(range(len(inits)), inits)
-    ax.set_xlabel("hidden activation")
-    ax.set_ylabel("initialisation")
-    ax.set_title("log10 colour scale, clipped at ±8" if log else "")
+    ax.set_xticks(range(len(acts)),
+                  [f"{a}\ng = {gain_text(gains[a])}" if a in gains else a for a in acts])
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("hidden activation (g: its gain)")
+    ax.set_ylabel("initialisation (scheme × gain)")
+    ax.set_title(("log10 colour scale, clipped at ±8. " if log else "")
+                 + "On square layers Xavier × g and He × g are the same distribution",
+                 fontsize="small")
     fig.colorbar(im, ax=ax, label="log10 ratio" if log else "test accuracy")
     return fig
 
 
 def _profile_figure(result: LabResult) -> Figure:
+    from matplotlib.ticker import MaxNLocator
+
     from gradprobe.report import style
 
     config: InitStudyConfig = result.config
     profiles = result.data["grad_profiles"]
-    labels = [INITS[k][0] for k in config.inits]
-    colors = style.distinct_colors(labels)
-    fig, axes = style.figure(1, len(config.activations), size=(5.2 * len(config.activations), 4.4),
-                             title="Weight-gradient norm per hidden layer at initialisation")
+    main = result.tables["main"].drop_duplicates("key").set_index("key")
+    labels = {k: str(main.loc[k, "row"]) for k in config.inits}
+    colors = style.distinct_colors(list(labels.values()))
+    scaled = [k for k in config.inits if k in SCALED]
+    nrows = 2 if scaled else 1
+    fig, axes = style.figure(nrows, len(config.activations),
+                             size=(4.6 * len(config.activations) + 2.4, 4.0 * nrows + 0.6),
+                             sharex=True, title="Weight-gradient norm per hidden layer at "
+                                                "initialisation")
+    any_zero = False
     for c, act in enumerate(config.activations):
-        ax = axes[0, c]
-        for key, label in zip(config.inits, labels):
-            norms = np.maximum(np.asarray(profiles[(act, key)]), 1e-40)
-            ax.plot(np.arange(1, len(norms) + 1), norms, marker="o", markersize=3,
-                    color=colors[label], label=label)
-        style.finish(ax, title=f"{act} (values at 1e-40 are exactly 0)", xlabel="hidden layer (depth)",
-                     ylabel="‖∂L/∂W_l‖ (log)", scale="log")
-    axes[0, 0].legend(fontsize="x-small", ncol=2)
+        for r, keys in enumerate([list(config.inits), scaled][:nrows]):
+            ax = axes[r, c]
+            for key in keys:
+                any_zero |= style.plot_positive(
+                    ax, np.arange(1, len(profiles[(act, key)]) + 1), profiles[(act, key)],
+                    color=colors[labels[key]], label=labels[key], marker="o", markersize=3)
+            style.finish(ax, title=f"{act}: " + ("every initialisation" if r == 0
+                                                  else "variance-scaled only (zoom)"),
+                         xlabel="hidden layer (depth)" if r == nrows - 1 else "",
+                         ylabel="‖∂L/∂W_l‖ (log)", scale="log")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    style.legend_outside(axes[0, -1], title=style.ZERO_NOTE.replace(": ", ":\n", 1)
+                         if any_zero else None)
     return fig
 
 
