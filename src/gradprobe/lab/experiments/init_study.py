@@ -427,12 +427,13 @@ def _gain_figure(result: LabResult) -> Figure:
     for c, fname in enumerate(GAIN_FUNCTIONS):
         for gain in config.gains:
             hl = next((col for h, col in HIGHLIGHT_GAINS.items() if math.isclose(gain, h)), None)
-            kw = ({"color": hl, "linewidth": 2.4, "zorder": 3} if hl is not None
-                  else {"color": greys[gain], "linewidth": 1.0, "zorder": 2})
+            color = hl if hl is not None else greys[gain]
+            width, z = (2.4, 3) if hl is not None else (1.0, 2)
             p = profiles[(fname, gain)]
             label = f"g = {gain_text(gain)}"
-            zero |= style.plot_positive(axes[0, c], depth, p["fwd_var"], label=label, **kw)
-            zero |= style.plot_positive(axes[1, c], depth, p["bwd_var"], label=label, **kw)
+            for r, key in enumerate(("fwd_var", "bwd_var")):
+                zero |= style.plot_positive(axes[r, c], depth, p[key], color=color, label=label,
+                                            linewidth=width, zorder=z)
         style.finish(axes[0, c], title=f"{fname}: forward Var[a_l]", xlabel="",
                      ylabel="activation variance (log)", scale="log")
         style.finish(axes[1, c], title=f"{fname}: backward Var[∂L/∂a_l]", xlabel="layer (depth)",
