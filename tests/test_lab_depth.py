@@ -19,7 +19,7 @@ def result():
 
 
 def test_every_displayed_claim_holds_at_small_size(result):
-    assert len(result.claims) == 7
+    assert len(result.claims) == 8
     for claim in result.claims:
         assert claim.holds, (claim.text, claim.evidence)
     assert result.claim("tanh N(0, 0.01²): layer-10 activation std is below 1e-4").holds
@@ -104,4 +104,25 @@ def test_figures_are_labelled():
     assert set(figs) == {"activations", "activation_gradients", "std_by_depth"}
     lines = figs["std_by_depth"].axes
     assert all(ax.get_yscale() == "log" and ax.get_xlabel() and ax.get_title() for ax in lines)
-    assert [t.get_text() for t in lines[0].get_legend().get_texts()] == result.data["rows"]
+    assert [t.get_text() for t in lines[1].get_legend().get_texts()] == result.data["rows"]
+    # the histogram grid shares its x-axis along each row (one init), so a collapse shows
+    grid = figs["activations"].axes
+    assert grid[0].get_shared_x_axes().joined(grid[0], grid[1])
+    assert not grid[0].get_shared_x_axes().joined(grid[0], grid[3])  # next row: own range
+
+
+def test_tightened_claims_can_fail(result):
+    """Each threshold is what the phenomenon means, and a table without it fails: ReLU Xavier
+    keeping its std, tanh Xavier collapsing like N(0, 0.01²), He drifting by 30 %."""
+    t = result.tables["main"].copy()
+    L = SMALL.depth
+
+    def scale(key, factor):
+        rows = (t["init"] == key) & (t["layer"] == L)
+        t.loc[rows, "act_std"] = t.loc[rows, "act_std"] * factor
+
+    scale("relu Xavier normal", 10.0)
+    scale("tanh Xavier normal", 0.5)
+    scale("relu He normal", 0.7)
+    failed = [c.text.split(":")[0] for c in dh._claims(t, L, SMALL.sizes) if not c.holds]
+    assert failed == ["tanh Xavier normal", "ReLU Xavier normal", "ReLU He normal"]
