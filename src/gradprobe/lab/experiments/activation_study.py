@@ -163,31 +163,39 @@ def _claims(config: ActivationStudyConfig, t: pd.DataFrame) -> list[Claim]:
 
 
 def plot(result: LabResult) -> dict[str, Figure]:
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+
     from gradprobe.report import style
 
     t = result.tables["main"]
     names = list(t["activation"])
     colors = style.distinct_colors(names)
-    fig, axes = style.figure(1, 3, size=(17, 4.8), title=(
+    fig, axes = style.figure(1, 3, size=(18.5, 4.8), title=(
         f"{result.config.depth} hidden layers of {result.config.width}, each activation with its "
         "recommended initialisation"))
+    any_zero = False
     for name in names:
         before, _ = result.data["grad_profiles"][name]
-        axes[0, 0].plot(np.arange(1, len(before) + 1), np.maximum(before, 1e-40), "o-",
-                        markersize=3, color=colors[name], label=name)
+        any_zero |= style.plot_positive(axes[0, 0], np.arange(1, len(before) + 1), before,
+                                        color=colors[name], label=name, marker="o", markersize=3)
         curve = result.data["loss_curves"][name]
         axes[0, 1].plot(np.arange(1, len(curve) + 1), curve, color=colors[name], label=name)
-    style.finish(axes[0, 0], title="weight-gradient norm per layer at initialisation",
+    style.finish(axes[0, 0], title="weight-gradient norm per layer at initialisation"
+                 + ("\n" + style.ZERO_NOTE if any_zero else ""),
                  xlabel="hidden layer (depth)", ylabel="‖∂L/∂W_l‖ (log)", scale="log")
     style.finish(axes[0, 1], title="training loss", xlabel="epoch", ylabel="loss (log)",
                  scale="log")
-    axes[0, 0].legend(fontsize="x-small", ncol=2)
+    for ax in axes[0, :2]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    style.legend_outside(axes[0, 1], title="activation (both panels)")
     ax = axes[0, 2]
     x = np.arange(len(names))
-    ax.bar(x - 0.2, t["test_acc"], 0.4, color=[colors[n] for n in names], label="test accuracy")
-    ax.bar(x + 0.2, t["dead_after"].fillna(0.0), 0.4, color="0.3", label="dead-unit fraction (after)")
+    ax.bar(x - 0.2, t["test_acc"], 0.4, color=[colors[n] for n in names], edgecolor="black",
+           linewidth=0.6)
+    ax.bar(x + 0.2, t["dead_after"].fillna(0.0), 0.4, color="0.3")
     ax.bar(x + 0.2, t["saturated_after"].fillna(0.0), 0.4, bottom=t["dead_after"].fillna(0.0),
-           color="0.7", label="saturated fraction (after)")
+           color="0.7")
     for i in range(len(names)):
         if np.isnan(t["dead_after"].iloc[i]) and np.isnan(t["saturated_after"].iloc[i]):
             ax.text(x[i] + 0.2, 0.01, "no rule", rotation=90, fontsize=7, ha="center", va="bottom")
@@ -195,7 +203,11 @@ def plot(result: LabResult) -> dict[str, Figure]:
     style.finish(ax, title="accuracy, dead and saturated units after training",
                  xlabel="activation", ylabel="fraction")
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize="x-small")
+    handles = [Patch(facecolor="white", edgecolor="black", linewidth=0.6),
+               Patch(facecolor="0.3"), Patch(facecolor="0.7")]
+    style.legend_outside(ax, handles=handles, labels=[
+        "test accuracy\n(left bar, in the\nactivation's colour)", "dead-unit fraction\n(after)",
+        "saturated fraction\n(after)"])
     return {"activations": fig}
 
 
