@@ -215,7 +215,8 @@ def run(config: LinearChainConfig, *, progress: Progress = no_progress, out: Pat
 
 
 def plot(result: LabResult) -> dict[str, Figure]:
-    """Measured (markers) against formula (dashed) per layer, forward and backward, log scale."""
+    """Measured (open circles, every few layers) against the formula (black dashes, drawn on
+    top) per layer, forward and backward, log scale."""
     from gradprobe.report import style
 
     layers: pd.DataFrame = result.tables["layers"]
@@ -231,16 +232,19 @@ def plot(result: LabResult) -> dict[str, Figure]:
     ]
     for ax, (meas, form, title, ylabel) in zip(axes[0], panels):
         values = []
+        every = max(1, cfg.depth // 12)  # a marker every few layers leaves the formula in view
         for a, frame in layers.groupby("a", sort=False):
             c = colors[f"{a:g}"]
-            ax.plot(frame["layer"], frame[form], color=c, linestyle="--", linewidth=1.0, zorder=3)
             ax.plot(frame["layer"], frame[meas], color=c, linestyle="none", marker="o",
-                    markersize=4, markerfacecolor="none", label=f"a = {a:g}")
+                    markersize=6, markerfacecolor="none", markeredgewidth=0.9, alpha=0.8,
+                    markevery=every, zorder=2, label=f"a = {a:g}")
+            ax.plot(frame["layer"], frame[form], color="black", linestyle="--", linewidth=1.1,
+                    zorder=3)
             values += list(frame[meas]) + list(frame[form])
         style.finish(ax, title=title, xlabel="layer l", ylabel=ylabel,
                      scale=style.choose_scale(values))
-    axes[0, 0].plot([], [], color="grey", linestyle="--", label="formula")
-    axes[0, 0].legend(fontsize="small", title="measured (circles)", title_fontsize="small")
+    axes[0, -1].plot([], [], color="black", linestyle="--", label="formula a^(…)")
+    style.legend_outside(axes[0, -1], title="measured (circles,\nevery few layers)")
     return {"linear_chain": fig}
 
 
