@@ -70,8 +70,10 @@ def test_figure(result):
     figs = S.plot(result)
     ax = figs["activations"].axes[0]
     assert ax.get_yscale() == "log" and ax.get_title() and ax.get_xlabel()
-    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    # one legend, beside the loss panel, names the lines of both line panels
+    labels = [t.get_text() for t in figs["activations"].axes[1].get_legend().get_texts()]
     assert labels == list(S.DEFAULT_ACTIVATIONS)
+    assert [line.get_label() for line in ax.get_lines()][:len(labels)] == labels
     colors = {line.get_color() if isinstance(line.get_color(), str) else tuple(line.get_color())
               for line in ax.get_lines()}
     assert len(colors) == len(S.DEFAULT_ACTIVATIONS)  # one distinct colour each
