@@ -60,9 +60,6 @@ TINY: dict[str, dict[str, object]] = {
 KNOWN_FAULTS: dict[tuple[str, str], str] = {
     # (experiment, figure) -> what fails the reading test today, at the TINY size (these
     # experiments are being reworked apart from this test; remove an entry once it reads well)
-    ("residual", "gradient_profile"): "the residual panel's log y axis spans 3.1 decades for data "
-                                      "spanning 0.2",
-    ("residual", "training"): "the legend ('plain', ...) covers points of the test-accuracy panel",
     ("clipping", "exploding"): "the legend ('none', ...) covers the training-loss and gradient-norm "
                                "curves",
     ("pretraining", "pretraining"): "the test-accuracy panel has no x label",

@@ -567,8 +567,8 @@ def plot(result: LabResult) -> dict[str, Figure]:
     ax.axhline(ADDING_BASELINE, color="0.3", linestyle=":", linewidth=1.2)
     style.finish(ax, title=f"adding, plain SGD (lr {config.sgd_lr:g}, momentum 0.9)",
                  xlabel="SGD step", ylabel="MSE (log)", scale="log")
-    ax.legend(fontsize="small", loc="upper right")
-    laxes[0, 0].legend(fontsize="small", loc="upper right")
+    style.legend_outside(ax)
+    style.legend_outside(laxes[0, 0])
     return {"gradient_through_time": fig, "spectral_radius": sfig, "loss_curves": lfig}
 
 
