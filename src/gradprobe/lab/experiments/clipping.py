@@ -265,7 +265,7 @@ def plot(result: LabResult) -> dict[str, Figure]:
     config: ClippingConfig = result.config
     colors = style.category_colors(list(CURES))
     colors["L2"] = "0.1"  # far from "none"'s blue: the two curves can coincide
-    fig, axes = style.figure(1, 2, size=(13, 4.6), title=(
+    fig, axes = style.figure(1, 2, size=(14, 4.6), title=(
         f"Exploding ReLU MLP ({config.depth} layers, weights {config.gain:g}× He), SGD + momentum, "
         f"lr {config.lr:g}"))
     curves = result.data["curves"]
@@ -290,8 +290,12 @@ def plot(result: LabResult) -> dict[str, Figure]:
     axes[0, 0].plot([], [], "x", color="0.3", label="last finite value (then inf/NaN)")
     axes[0, 1].axhline(config.max_norm, color="0.4", linestyle=":", linewidth=1,
                        label=f"clipping threshold max_norm = {config.max_norm:g}")
-    axes[0, 1].legend(fontsize="small", loc="upper right")
-    axes[0, 0].legend(fontsize="small", loc="upper right")
+    # one legend for both panels, beside them: inside, it covered the curves at small sizes
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    h1, l1 = axes[0, 1].get_legend_handles_labels()
+    extra = [(h, lab) for h, lab in zip(h1, l1) if lab not in labels]
+    style.legend_outside(axes[0, 1], title="cure", handles=handles + [h for h, _ in extra],
+                         labels=labels + [lab for _, lab in extra])
 
     weights = result.data["weights"]
     pcolors = style.category_colors(list(PENALTIES))
