@@ -257,7 +257,8 @@ def plot(result: LabResult) -> dict[str, Figure]:
                       markeredgewidth=0.4, label="one seed (bar: mean)")]
     ax.axhline(0.1, color="black", linestyle=":", linewidth=0.9)
     ax.set_xticks(range(len(MODELS)), [m.replace(", ", ",\n") for m in MODELS])
-    style.finish(ax, title="test accuracy (dotted: chance, 0.1)", xlabel="",
+    style.finish(ax, title="test accuracy (dotted: chance, 0.1)",
+                 xlabel="model (activation, initialisation)",
                  ylabel="test accuracy")
     ax.set_ylim(0, 1.25)
     ax.legend(handles=handles, fontsize="small", loc="upper center", ncol=2)
