@@ -260,7 +260,7 @@ def plot(result: LabResult) -> dict[str, Figure]:
     spe = math.ceil(cfg.n_samples / 2 / cfg.batch_size)
 
     n = len(labels)
-    fig, axes = style.figure(2, n, size=(3.3 * n + 0.6, 6.4), sharex=True, title=(
+    fig, axes = style.figure(2, n, size=(3.3 * n + 2.8, 6.4), sharex=True, title=(
         f"{int(per_seed['outlier_rows'].max())} of {cfg.n_samples // 2} training rows ×"
         f"{cfg.magnitude:g}: batch loss and first-layer gradient at every SGD step "
         f"(seed {cfg.seed}; grey: the clean run)"))
@@ -272,11 +272,14 @@ def plot(result: LabResult) -> dict[str, Figure]:
     limits = {}
     for column in ("loss", "grad_fc1"):
         v = steps[column].replace([np.inf, -np.inf], np.nan).dropna()
-        top = 10 ** math.ceil(math.log10(float(v.max())))
-        # the clean run sets the bottom: a decade (gradient: three) below its smallest value;
-        # smaller values (a network that died: gradient ≈ 0) are drawn on the bottom edge
+        v = v[v > 0]
+        top = 2.0 * float(v.max())
+        # the clean run sets the lowest bottom: a decade (gradient: three) below its smallest
+        # value; smaller values (a network that died: gradient ≈ 0) are drawn on the bottom edge.
+        # The axis goes no lower than the data, so it spans the decades the data needs.
         margin = 1 if column == "loss" else 3
-        bottom = 10 ** (math.floor(math.log10(float(ref[column][ref[column] > 0].min()))) - margin)
+        floor = float(ref[column][ref[column] > 0].min()) / 10 ** margin
+        bottom = max(floor, float(v.min()) / 2.0)
         limits[column] = (bottom, top)
     for j, label in enumerate(labels):
         f = one[one.setting == label]
@@ -286,12 +289,14 @@ def plot(result: LabResult) -> dict[str, Figure]:
             ax = axes[i, j]
             bottom, top = limits[column]
             if label != "clean":
-                ax.plot(ref["step"] / spe, ref[column], color="0.6", linewidth=0.6)
+                ax.plot(ref["step"] / spe, ref[column], color="0.6", linewidth=0.6,
+                        label="the clean run (for reference)")
             values = f[column].to_numpy()
             ax.plot(f["step"] / spe, np.clip(values, bottom, None), color=colors[label],
-                    linewidth=0.7)
+                    linewidth=0.7, label="the run named above the column")
             if column == "loss":
-                ax.axhline(math.log(2), color="black", linestyle=":", linewidth=0.9, zorder=0.5)
+                ax.axhline(math.log(2), color="black", linestyle=":", linewidth=0.9, zorder=0.5,
+                           label="ln 2: the loss of a constant\n50 % prediction")
             if (values < bottom).any():
                 ax.text(0.97, 0.03, f"values < {bottom:.0e} (≈ 0)\ndrawn on the bottom edge",
                         transform=ax.transAxes, ha="right", va="bottom", fontsize="x-small",
@@ -299,8 +304,9 @@ def plot(result: LabResult) -> dict[str, Figure]:
             style.finish(ax, title=label if i == 0 else "", xlabel="epoch" if i == 1 else "",
                          ylabel=ylabel if j == 0 else "", scale="log")
             ax.set_ylim(bottom, top)
-    axes[0, 0].text(0.97, 0.97, "dotted: ln 2, the loss of\na constant 50 % prediction",
-                    transform=axes[0, 0].transAxes, ha="right", va="top", fontsize="x-small")
+    # one legend for all panels, beside the last column (inside, it would cover the spikes)
+    handles, names = axes[0, 1].get_legend_handles_labels()
+    style.legend_outside(axes[0, n - 1], handles=handles, labels=names)
     figures = {"loss_and_gradient": fig}
 
     afig, aaxes = style.figure(1, 1, size=(7.5, 4.2), title=(
@@ -316,7 +322,8 @@ def plot(result: LabResult) -> dict[str, Figure]:
     ax.set_xticks(range(n), [lab.replace(" + ", "\n+ ") for lab in labels], fontsize="small")
     ax.plot([], [], "o", color="grey", label="one seed (bar: mean)")
     ax.plot([], [], ":", color="grey", label="chance (0.5)")
-    style.finish(ax, title="", xlabel="", ylabel="test accuracy")
+    style.finish(ax, title="", xlabel="training setting (outliers: a few rows ×"
+                 f"{cfg.magnitude:g}; then the input scaling)", ylabel="test accuracy")
     ax.set_ylim(0, 1.18)
     ax.legend(fontsize="small", loc="upper center", ncol=2)
     figures["accuracy"] = afig
