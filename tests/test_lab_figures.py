@@ -60,7 +60,6 @@ TINY: dict[str, dict[str, object]] = {
 KNOWN_FAULTS: dict[tuple[str, str], str] = {
     # (experiment, figure) -> what fails the reading test today, at the TINY size (these
     # experiments are being reworked apart from this test; remove an entry once it reads well)
-    ("drift", "drift_by_layer"): "log y axes fixed at 1e-4-1 span 4 decades for data spanning 1.5",
 }
 
 

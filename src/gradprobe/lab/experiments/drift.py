@@ -251,8 +251,12 @@ def plot(result: LabResult) -> dict[str, Figure]:
     lo = float(min(layers["drift"].min(), curves["drift"][curves["drift"] > 0].min()))
     hi = float(max(layers["drift"].max(), curves["drift"].max()))
     ylim = (10 ** math.floor(math.log10(lo)), 10 ** math.ceil(math.log10(hi)))
+    # the end-of-training figure spans the decades its own data needs (every seed's layer, so
+    # the min–max bands fit), not those of the whole training run
+    end = layers["drift"][layers["drift"] > 0]
+    end_ylim = (float(end.min()) / 2.0, float(end.max()) * 2.0)
 
-    fig, axes = style.figure(1, 2, size=(11.5, 4.4), title=(
+    fig, axes = style.figure(1, 2, size=(14.0, 4.4), title=(
         f"How far each layer's weight moved from its initialisation by the start of epoch {cfg.epochs} "
         f"({cfg.depth} hidden layers, load_digits, {cfg.seeds} seeds)"))
     fig.axes[1].sharey(fig.axes[0])
@@ -271,11 +275,11 @@ def plot(result: LabResult) -> dict[str, Figure]:
         style.finish(ax, title=f"{'SGD' if opt == 'sgd' else 'Adam'} (lr {lr:g})",
                      xlabel=f"layer depth (1 = input side, {len(names)} = output layer)",
                      ylabel="‖W − W₀‖ / ‖W₀‖ (log)", scale="log")
-        ax.set_ylim(*ylim)
+        ax.set_ylim(*end_ylim)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if j == 0:
-            ax.plot([], [], " ", label="line: geometric mean, band: min–max over seeds")
-            ax.legend(fontsize="small", loc="lower right")
+        if j == 1:  # one legend for both panels, beside them (inside, it covered the curves)
+            ax.plot([], [], " ", label="line: geometric mean,\nband: min–max over seeds")
+            style.legend_outside(ax, title="network")
     figures = {"drift_by_layer": fig}
 
     # drift over training, one panel per (network, optimizer), first seed, layers coloured by depth
