@@ -158,7 +158,8 @@ class DoctorReport:
                      f"depth ratio {_num(b.depth_ratio, '.2g')}")
         if self.entries:
             w = max(30, *(len(e.label) for e in self.entries))
-            lines.append(f"{'rank':>4}  {'remedy':<{w}}  {'pathologies after':<28} "
+            pw = max(17, *(len(", ".join(e.pathologies) or "none") for e in self.entries))
+            lines.append(f"{'rank':>4}  {'remedy':<{w}}  {'pathologies after':<{pw}} "
                          f"{'gone':>4} {'new':>3}  {'final loss':<18} {'depth ratio':>11}")
             for i, e in enumerate(self.entries, 1):
                 if e.error is not None:
@@ -167,7 +168,7 @@ class DoctorReport:
                 change = e.loss_change
                 loss = _num(e.final_loss) + ("" if change is None else f" ({change:+.0%})")
                 after = ", ".join(e.pathologies) or "none"
-                lines.append(f"{i:>4}  {e.label:<{w}}  {after:<28} {len(e.gone):>4} "
+                lines.append(f"{i:>4}  {e.label:<{w}}  {after:<{pw}} {len(e.gone):>4} "
                              f"{len(e.new):>3}  {loss:<18} {_num(e.depth_ratio, '.2g'):>11}")
         lines.extend(f"skipped: {r.name}{'(' + ', '.join(f'{k}={v!r}' for k, v in r.kwargs.items()) + ')'}: "
                      f"{why}" for r, why in self.skipped)
