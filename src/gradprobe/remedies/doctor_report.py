@@ -209,7 +209,10 @@ class DoctorReport:
         diagnoses = [Diagnosis(list(e.findings), run=str(e.run_dir)) for e in done]
         if len(done) >= 2:
             return compare([e.run_dir for e in done], path, labels=[e.label for e in done],
-                           diagnoses=diagnoses)
+                           diagnoses=diagnoses, title="gradprobe doctor: the baseline and each "
+                           "remedy, re-trained with the same budget and seed",
+                           summary=("The doctor's ranking (final loss: the value train() "
+                                    "returned)", str(self)))
         if done:
             return report(done[0].run_dir, path, diagnosis=diagnoses[0],
                           title=f"{done[0].label}: nothing to cure" if self.healthy else None)

@@ -224,16 +224,20 @@ def load(runs: Sequence[Any], labels: Sequence[str] | None = None,
 
 def compare(runs: Sequence[Any], out: str | os.PathLike[str] = "compare.html", *,
             labels: Sequence[str] | None = None, diagnoses: Sequence[Any] | None = None,
-            frames: Sequence[_Frames] | None = None) -> Path:
+            frames: Sequence[_Frames] | None = None, title: str | None = None,
+            summary: tuple[str, str] | None = None) -> Path:
     """Write the comparison page of ``runs`` (Runs or paths, at least two) to ``out``.
 
     ``labels`` name the runs (default: their folder names); ``diagnoses`` are their
     Diagnosis objects (default: each run diagnosed, when this gradprobe can). ``frames`` are
     runs already read with :func:`load` (the CLI reads them once for its table and the page).
+    ``title`` replaces the heading; ``summary`` is a ``(heading, plain text)`` section shown
+    first, as preformatted text (the doctor's ranking).
     """
     path = P.check_out(out, "compare.html")
     frames = list(frames) if frames is not None else load(runs, labels, diagnoses)
-    body = [P.section("table", "Runs", _table_html(rows(frames)) +
+    body = [P.section("summary", summary[0], f"<pre>{P.esc(summary[1])}</pre>")] if summary else []
+    body += [P.section("table", "Runs", _table_html(rows(frames)) +
                       '<p class="muted">Gradient RMS at each run\'s last recorded step; first and '
                       "last layer are its first and last weight layers in depth order.</p>")]
     for f in frames:
@@ -249,9 +253,9 @@ def compare(runs: Sequence[Any], out: str | os.PathLike[str] = "compare.html", *
     for sec_id, title, plot, missing in figs:
         content = P.figure_block(plot, sec_id, title) if plot is not None else P.empty(missing)
         body.append(P.section(sec_id, title, content))
-    nav = [("table", "Runs")] + [(s[0], s[1]) for s in figs]
-    names = " vs ".join(f.label for f in frames)
-    heading = f"gradprobe comparison: {names}"
+    nav = ([("summary", summary[0])] if summary else []) + [("table", "Runs")] + [
+        (s[0], s[1]) for s in figs]
+    heading = title or "gradprobe comparison: " + " vs ".join(f.label for f in frames)
     head = (f"<h1>{P.esc(heading)}</h1><div class=\"meta\">"
             + "<br>".join(f"{P.esc(f.label)}: <code>{P.esc(Path(f.run.path).resolve())}</code>"
                          for f in frames)
