@@ -108,6 +108,7 @@ def test_deep_sigmoid_is_cured_and_the_cure_ranks_first(tmp_path):
     html = page.read_text()
     assert '<section id="summary">' in html and "best: init_(scheme=&#x27;normal&#x27;" in html
     assert html.index('id="summary"') < html.index('id="table"')  # the ranking comes first
+    assert "<h1>gradprobe doctor: the baseline and each remedy" in html
 
 
 def test_healthy_baseline_has_nothing_to_cure(tmp_path):

@@ -44,7 +44,7 @@ def test_table_rows_are_the_runs_values(runs):
     rows = C.rows(frames)
     assert [r["run"] for r in rows] == ["before", "after"]
     assert [r["steps"] for r in rows] == [10, 8]
-    assert rows[0]["final loss"] == pytest.approx(float(before.losses()["loss"].iloc[-1]))
+    assert rows[0]["last-step loss"] == pytest.approx(float(before.losses()["loss"].iloc[-1]))
     grads = before.scalars(kinds="grad")
     last = grads[grads["step"] == grads["step"].max()].set_index("layer")["rms"]
     assert rows[0]["first layer"] == "inp" and rows[0]["last layer"] == "out"
@@ -79,7 +79,7 @@ def test_cli_report_and_compare(runs, tmp_path):
     out = _cli("runs", "compare", str(before.path), str(after.path), "-o",
                str(tmp_path / "c.html"))
     assert out.returncode == 0, out.stderr
-    assert "final loss" in out.stdout and "before" in out.stdout and "after" in out.stdout
+    assert "last-step loss" in out.stdout and "before" in out.stdout and "after" in out.stdout
     assert (tmp_path / "c.html").is_file()
 
 

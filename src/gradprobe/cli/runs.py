@@ -134,7 +134,7 @@ def compare_cmd(
     rows = comparison.rows(frames)
     table = Table(title="runs compared", title_style="bold")
     for col in comparison.TABLE_COLUMNS:
-        table.add_column(col, justify="right" if "RMS" in col or col in ("steps", "final loss",
+        table.add_column(col, justify="right" if "RMS" in col or col in ("steps", "last-step loss",
                                                                           "findings") else "left")
     for r in rows:
         table.add_row(*(escape(comparison.fmt(r[c])) for c in comparison.TABLE_COLUMNS))

@@ -37,7 +37,7 @@ from gradprobe.errors import ConfigError
 from gradprobe.report import page as P
 from gradprobe.report.html import layer_info, open_run
 
-TABLE_COLUMNS = ("run", "steps", "final loss", "findings", "rules", "first layer",
+TABLE_COLUMNS = ("run", "steps", "last-step loss", "findings", "rules", "first layer",
                  "first-layer grad RMS", "last layer", "last-layer grad RMS")
 
 
@@ -81,7 +81,7 @@ def rows(frames: Sequence[_Frames]) -> list[dict[str, Any]]:
         out.append({
             "run": f.label,
             "steps": int(grads["step"].max()) + 1 if len(grads) else 0,
-            "final loss": float(f.losses["loss"].iloc[-1]) if len(f.losses) else math.nan,
+            "last-step loss": float(f.losses["loss"].iloc[-1]) if len(f.losses) else math.nan,
             "findings": None if d is None else len(d),
             "rules": None if d is None else ", ".join(dict.fromkeys(x.rule for x in d)) or "none",
             "first layer": f.first or "-",
@@ -236,6 +236,7 @@ def compare(runs: Sequence[Any], out: str | os.PathLike[str] = "compare.html", *
     """
     path = P.check_out(out, "compare.html")
     frames = list(frames) if frames is not None else load(runs, labels, diagnoses)
+    heading = title or "gradprobe comparison: " + " vs ".join(f.label for f in frames)
     body = [P.section("summary", summary[0], f"<pre>{P.esc(summary[1])}</pre>")] if summary else []
     body += [P.section("table", "Runs", _table_html(rows(frames)) +
                       '<p class="muted">Gradient RMS at each run\'s last recorded step; first and '
@@ -250,12 +251,12 @@ def compare(runs: Sequence[Any], out: str | os.PathLike[str] = "compare.html", *
         ("first-last", "Gradient RMS of the first and last layer", first_last_figure(frames),
          "No run recorded parameter gradients."),
     ]
-    for sec_id, title, plot, missing in figs:
-        content = P.figure_block(plot, sec_id, title) if plot is not None else P.empty(missing)
-        body.append(P.section(sec_id, title, content))
+    for sec_id, sec_title, plot, missing in figs:
+        content = (P.figure_block(plot, sec_id, sec_title) if plot is not None
+                   else P.empty(missing))
+        body.append(P.section(sec_id, sec_title, content))
     nav = ([("summary", summary[0])] if summary else []) + [("table", "Runs")] + [
         (s[0], s[1]) for s in figs]
-    heading = title or "gradprobe comparison: " + " vs ".join(f.label for f in frames)
     head = (f"<h1>{P.esc(heading)}</h1><div class=\"meta\">"
             + "<br>".join(f"{P.esc(f.label)}: <code>{P.esc(Path(f.run.path).resolve())}</code>"
                          for f in frames)
