@@ -181,7 +181,8 @@ def test_imports_follow_the_allowed_arrows():
 
 
 @pytest.mark.parametrize("mod", ["gradprobe.stats.schema", "gradprobe.store.run",
-                                 "gradprobe.store.writer", "gradprobe.store.frames"])
+                                 "gradprobe.store.parts", "gradprobe.store.writer",
+                                 "gradprobe.store.frames"])
 def test_storage_side_imports_no_torch(mod):
     path = modules().get(mod)
     if path is None:

@@ -36,10 +36,16 @@ class UnsupportedModelError(GradprobeError, TypeError):
     """A model or module gradprobe cannot instrument, with the reason and a workaround."""
 
 
+class RunDataWarning(UserWarning):
+    """Part of a run directory could not be read (a damaged or missing part, a garbled line of
+    ``events.jsonl``) and was skipped; the message says which steps are missing."""
+
+
 __all__ = [
     "ConfigError",
     "GradprobeError",
     "NonFiniteError",
+    "RunDataWarning",
     "RunDirError",
     "UnsupportedModelError",
 ]

@@ -85,7 +85,7 @@ from gradprobe.errors import ConfigError, NonFiniteError, RunDirError, Unsupport
 from gradprobe.layers import RECURRENT
 from gradprobe.stats import schema as S
 from gradprobe.stats.batched import SMALL
-from gradprobe.store.writer import RunWriter
+from gradprobe.store.writer import RunWriter, check_run_dir
 
 Kind = Literal["grad", "weight", "update", "drift", "spread", "input", "act", "act_grad"]
 
@@ -111,7 +111,9 @@ class Probe:
         scaler: the ``torch.amp.GradScaler`` in use, to unscale and to mark skipped steps.
         on_nonfinite: ``"record"`` an event, or also ``"raise"`` :class:`NonFiniteError` once the
             data is on disk.
-        overwrite: allow replacing a previous run in ``run_dir``.
+        overwrite: allow replacing a previous run in ``run_dir``: only a directory that is
+            provably a gradprobe run (its ``meta.json`` parses and has the run's fields), and
+            only the run's own files; others are kept (see ``store.writer.check_run_dir``).
     """
 
     def __init__(
@@ -190,12 +192,8 @@ class Probe:
         from gradprobe.capture.distributed import rank
 
         # Only rank 0 writes run_dir; on other ranks it may already hold rank 0's files.
-        if (rank() == 0 and self.run_dir.is_dir() and any(self.run_dir.iterdir())
-                and not overwrite):
-            raise RunDirError(
-                f"run_dir {str(self.run_dir)!r} is not empty",
-                hint="choose a new directory, or pass overwrite=True to replace a previous run",
-            )
+        if rank() == 0:  # the store decides: empty, or (overwrite) provably a previous run
+            check_run_dir(self.run_dir, overwrite=overwrite)
         self._layers = select_layers(root, layers, layer_types, self.kinds)
         from gradprobe.capture.distributed import check_sharded
 
@@ -339,16 +337,18 @@ class Probe:
         if self._slot is not None:  # a step begun but never finished by an optimizer step
             self._recorder.discard_open(self._slot)
             self._slot = None
+        status = "interrupted"  # unless every buffered step is handed to the writer
         try:
             self._flush()
+            status = "closed"
         finally:
             try:
                 # every flush handed over is written and the writer thread joined; a write
-                # that failed is raised here if it was not raised before
-                self._writer.close()
+                # that failed is raised here if it was not raised before. meta.json's status
+                # says what is on disk (failed, or interrupted also by a Ctrl-C in this wait)
+                self._writer.close(status=status, steps=self._step,
+                                   layers=[lay.record() for lay in self._layers])
             finally:
-                self._writer.write_meta(layers=[lay.record() for lay in self._layers],
-                                        status="closed", steps=self._step, fsync=True)
                 assert self._params is not None
                 self._params.release()
 

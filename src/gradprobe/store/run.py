@@ -26,9 +26,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradprobe.errors import ConfigError
+from gradprobe.errors import ConfigError, RunDirError
 from gradprobe.stats.schema import DERIVED_COLUMNS, KINDS, RAW_COLUMNS, derive
+from gradprobe.store import parts
 from gradprobe.store import writer as store
+from gradprobe.store.parts import Damage
 
 _SCALAR_COLUMNS = ["step", "layer", "kind", *DERIVED_COLUMNS]
 
@@ -39,12 +41,22 @@ def _as_list(value: str | Iterable[str] | None) -> list[str] | None:
     return [value] if isinstance(value, str) else list(value)
 
 
+TRUNCATED = ("interrupted", "failed")
+"""Statuses of a run that holds fewer steps than were trained."""
+
+
 class Run:
-    """A run directory, read lazily: each accessor re-reads the finished parts on disk."""
+    """A run directory, read lazily: each accessor re-reads the finished parts on disk.
+
+    Damage (a truncated, zeroed or deleted part, a garbled line of ``events.jsonl``) does not
+    stop a read: the damaged piece is skipped, a :class:`~gradprobe.errors.RunDataWarning`
+    says which steps are missing (once per piece), and :attr:`damaged` lists it.
+    """
 
     def __init__(self, path: Path, meta: dict[str, Any]) -> None:
         self.path = path
         self._meta = meta
+        self._seen: dict[str, Damage] = {}
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Run:
@@ -60,6 +72,52 @@ class Run:
         """``meta.json`` as a dict (schema_version, config, environment, layers, status)."""
         self._meta = store.read_meta(self.path)
         return self._meta
+
+    @property
+    def status(self) -> str:
+        """What ``meta.json`` says: ``running`` (being written, or its process was killed),
+        ``closed`` (every step is on disk), ``interrupted`` (detach was interrupted, e.g. a
+        second Ctrl-C: the steps after ``meta["committed_step"]`` are lost) or ``failed`` (a
+        write failed: some steps are not in the run)."""
+        return str(self.meta.get("status", "unknown"))
+
+    @property
+    def damaged(self) -> list[Damage]:
+        """Pieces that cannot be read: parts whose footer is unreadable, lost flushes (a gap in
+        the part numbers), skipped lines of ``events.jsonl``, and whatever a read met so far
+        (a part unreadable past its footer). Each says which steps are missing."""
+        found = {d.file: d for d in parts.scan(self.path)}
+        return list({**self._seen, **found}.values())
+
+    @property
+    def truncated(self) -> bool:
+        """Whether steps are missing: the status says so (``interrupted``, ``failed``) or a
+        part is damaged or lost. A run whose process was killed keeps status ``running``."""
+        return (self.status in TRUNCATED
+                or any(d.file != parts.EVENTS for d in self.damaged))
+
+    def _read(self, kind: str) -> pd.DataFrame:
+        frame, damage = parts.read_parts_checked(self.path, kind)
+        self._report(damage)
+        return frame
+
+    def _report(self, damage: list[Damage]) -> None:
+        new = [d for d in damage if self._seen.get(d.file) != d]
+        for d in new:
+            self._seen[d.file] = d
+        parts.warn_damage(self.path, new, stacklevel=4)
+
+    def _check_kinds(self, frame: pd.DataFrame) -> None:
+        unknown = sorted(set(frame["kind"].astype(str)) - set(KINDS)) if "kind" in frame else []
+        if unknown:
+            from gradprobe._version import __version__
+
+            written = self.meta.get("environment", {}).get("gradprobe", "?")
+            raise RunDirError(
+                f"run {str(self.path)!r} holds kinds {unknown} unknown to gradprobe "
+                f"{__version__}: it was written by a newer gradprobe ({written})",
+                hint="upgrade gradprobe to read it",
+            )
 
     @property
     def layers(self) -> pd.DataFrame:
@@ -79,7 +137,8 @@ class Run:
 
     def raw_scalars(self) -> pd.DataFrame:
         """The stored sufficient statistics (``step, layer_id, layer, kind, count, sum, ...``)."""
-        raw = store.read_parts(self.path, "scalars")
+        raw = self._read("scalars")
+        self._check_kinds(raw)
         if raw.empty:
             cols = ["step", "layer_id", "layer", "kind", *RAW_COLUMNS, "skipped"]
             return pd.DataFrame({c: pd.Series(dtype="float64") for c in cols})
@@ -130,7 +189,7 @@ class Run:
 
     def losses(self) -> pd.DataFrame:
         """``step, loss``: the mean of the losses observed in each step."""
-        frame = store.read_parts(self.path, "losses")
+        frame = self._read("losses")
         if frame.empty:
             return pd.DataFrame({"step": pd.Series(dtype="int64"),
                                  "loss": pd.Series(dtype="float64")})
@@ -142,10 +201,11 @@ class Run:
         Bins are linear between the finite minimum and maximum of the values; non-finite values
         are not dropped silently but counted in ``nonfinite``.
         """
-        frame = store.read_parts(self.path, "hist")
+        frame = self._read("hist")
         cols = ["step", "layer", "kind", "bin_edges", "counts", "nonfinite"]
         if frame.empty:
             return pd.DataFrame({c: pd.Series(dtype="object") for c in cols})
+        self._check_kinds(frame)
         names = {int(r["layer_id"]): r["name"] for r in self.meta.get("layers", [])}
         frame["layer"] = frame["layer_id"].map(names)
         frame["bin_edges"] = frame["bin_edges"].map(lambda a: [float(v) for v in a])
@@ -190,7 +250,9 @@ class Run:
         execution order (``forward`` activations, then ``act_grad`` in backward order, then
         parameter ``grad``); ``n_layers`` counts all (layer, kind) records affected that step.
         """
-        events = [e for e in store.read_events(self.path) if e.get("type", "nonfinite") == "nonfinite"]
+        found, damage = parts.read_events_checked(self.path)
+        self._report(damage)  # lines skipped: torn by a kill, not UTF-8, not a JSON object
+        events = [e for e in found if e.get("type", "nonfinite") == "nonfinite"]
         cols = ["step", "layer", "pass", "kind", "nonfinite", "n_layers", "amp_skipped",
                 "layer_id"]
         if not events:

@@ -46,7 +46,7 @@ import json
 import os
 import platform
 import queue
-import shutil
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -57,11 +57,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gradprobe.errors import RunDirError
+from gradprobe.store.parts import (  # the layout, and the reading side kept importable here
+    EVENTS,
+    META,
+    PART_DIRS,
+    part_files,
+    read_events,
+    read_parts,
+)
 
 SCHEMA_VERSION = 1
-META = "meta.json"
-EVENTS = "events.jsonl"
-PART_DIRS = ("scalars", "hist", "losses", "time")
 MAX_PENDING = 2
 """Flushes handed to the writer thread and not yet written (one being written, one waiting)."""
 
@@ -90,12 +95,116 @@ def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> None:
     (power loss), at a cost of milliseconds per file.
     """
     tmp = path.with_name("." + path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: leave no temporary file behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+_PART = re.compile(r"part-\d{5,}\.parquet")
+_PART_TMP = re.compile(r"\.part-\d{5,}\.parquet\.tmp")
+_OWN_TOP = {META, EVENTS, "." + META + ".tmp", ".write-test"}
+RUN_FIELDS = ("schema_version", "config", "environment", "layers", "status")
+"""The fields every ``meta.json`` holds."""
+
+
+def run_files(path: Path) -> tuple[list[Path], list[Path]]:
+    """``(own, foreign)``: the entries of ``path`` a run writes (``meta.json``, ``events.jsonl``,
+    the part folders and their parts, the temporary files of a killed writer), and the others.
+    Part folders are listed before their parts; a symbolic link is never a run's own."""
+    own: list[Path] = []
+    foreign: list[Path] = []
+    for child in sorted(path.iterdir()):
+        if child.name in PART_DIRS and child.is_dir() and not child.is_symlink():
+            own.append(child)
+            for part in sorted(child.iterdir()):
+                named = bool(_PART.fullmatch(part.name) or _PART_TMP.fullmatch(part.name))
+                ok = named and part.is_file() and not part.is_symlink()
+                (own if ok else foreign).append(part)
+        elif child.name in _OWN_TOP and child.is_file() and not child.is_symlink():
+            own.append(child)
+        else:
+            foreign.append(child)
+    return own, foreign
+
+
+def check_meta(meta: Any, where: Path, *, fields: tuple[str, ...] = ("schema_version",)
+               ) -> dict[str, Any]:
+    """``meta`` (parsed ``meta.json``) if it is a run's: a JSON object with ``fields``, a
+    positive integer ``schema_version`` (``true`` is not one), ``config`` an object and
+    ``layers`` a list when present. :class:`RunDirError` naming ``where`` otherwise."""
+    if not isinstance(meta, dict):
+        raise RunDirError(f"{where} is not a gradprobe meta.json: it holds a JSON "
+                          f"{type(meta).__name__}, not an object",
+                          hint="pass the run_dir given to gp.Probe")
+    missing = [f for f in fields if f not in meta]
+    if missing:
+        raise RunDirError(f"{where} is not a gradprobe meta.json: no {', '.join(missing)}",
+                          hint="pass the run_dir given to gp.Probe")
+    version = meta.get("schema_version")
+    if type(version) is not int or version < 1:
+        raise RunDirError(f"{where} has schema_version {version!r}, not a positive integer",
+                          hint="the file is damaged or not written by gradprobe")
+    for name, kind in (("config", dict), ("layers", list)):
+        if name in meta and not isinstance(meta[name], kind):
+            raise RunDirError(f"{where} has a {name} that is a JSON {type(meta[name]).__name__}",
+                              hint="the file is damaged or not written by gradprobe")
+    return meta
+
+
+def check_run_dir(run_dir: str | os.PathLike[str], *, overwrite: bool) -> Path:
+    """``run_dir`` as a Path if a new run may be written there; nothing is changed.
+
+    It must be absent or empty, or, with ``overwrite``, hold a previous run: its ``meta.json``
+    parses and has every field of :data:`RUN_FIELDS` (or, without one, the folder holds nothing
+    but a run's empty folders and temporary files). :class:`RunDirError` names the directory
+    and why otherwise. The Probe calls this when it is made, :meth:`RunWriter.create` again.
+    """
+    if not isinstance(run_dir, (str, os.PathLike)):
+        raise RunDirError(
+            f"run_dir must be a path, got {type(run_dir).__name__}",
+            hint='pass run_dir="runs/my-run"',
+        )
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"run_dir {str(path)!r} exists and is not a directory",
+                          hint="choose another run_dir")
+    if not path.is_dir() or not any(path.iterdir()):
+        return path
+    if not overwrite:
+        raise RunDirError(
+            f"run_dir {str(path)!r} is not empty",
+            hint="choose a new directory, or pass overwrite=True to replace a previous run",
+        )
+    refuse = (f"run_dir {str(path)!r} is not empty and holds no gradprobe run "
+              "(overwrite=True only replaces a previous run; nothing was deleted)")
+    hint = "choose a new or empty directory"
+    own, foreign = run_files(path)
+    meta_path = path / META
+    if meta_path.is_file() and not meta_path.is_symlink():
+        try:
+            check_meta(json.loads(meta_path.read_text(encoding="utf-8")), meta_path,
+                       fields=RUN_FIELDS)
+        except (OSError, ValueError) as exc:
+            why = exc.message if isinstance(exc, RunDirError) else f"cannot read it: {exc}"
+            raise RunDirError(f"{refuse}: {why}", hint=hint) from exc
+        clash = [p.name for p in foreign if p.parent == path and p.name in (*PART_DIRS, EVENTS)]
+        if clash:  # e.g. a link named scalars: the new run would write through it
+            raise RunDirError(f"run_dir {str(path)!r}: {clash[0]!r} is a link or not of the "
+                              "kind a run writes there; nothing was deleted",
+                              hint="choose a new or empty directory")
+        return path  # RunWriter.create deletes `own`; `foreign` files stay
+    data = [p for p in own if p.is_file() and not p.name.startswith(".")]
+    if foreign or data:
+        first = (foreign or data)[0]
+        raise RunDirError(f"{refuse}: no {META}, and it holds {first.name!r}", hint=hint)
+    return path  # only a killed writer's empty folders and temporary files
 
 
 class RunWriter:
@@ -113,38 +222,40 @@ class RunWriter:
         self._lock = threading.Lock()
         self._error: RunDirError | None = None
         self._failed_after = 0
+        self.failed_writes = 0
+        """Jobs that failed (their steps are not in the run); never reset."""
+        self._committed: set[int] = set()  # flushes whose scalars part is written
+        self.committed_step: int | None = None
+        """The last step of the flushes whose scalars part is written (``None``: none yet)."""
+        self._flush_last: dict[int, int] = {}
+        self._meta_lock = threading.Lock()  # meta.json is written by both threads
+        self._final = False  # the final meta.json is written: later updates are ignored
+        self._abandon = threading.Event()  # close() was interrupted: the thread stops
+        self._drained = False  # the abandoned thread has finished its last job
+        self._close_status = "closed"  # what close() was asked to write
 
     @classmethod
     def create(cls, run_dir: str | os.PathLike[str], *, config: dict[str, Any],
                overwrite: bool) -> RunWriter:
-        """Make ``run_dir`` (must be absent or empty; with ``overwrite``, a previous run there is
-        removed) and write its first ``meta.json``. Errors are :class:`RunDirError`."""
-        if not isinstance(run_dir, (str, os.PathLike)):
-            raise RunDirError(
-                f"run_dir must be a path, got {type(run_dir).__name__}",
-                hint='pass run_dir="runs/my-run"',
-            )
-        path = Path(run_dir)
-        if path.exists() and not path.is_dir():
-            raise RunDirError(f"run_dir {str(path)!r} exists and is not a directory",
-                              hint="choose another run_dir")
-        if path.is_dir() and any(path.iterdir()):
-            if not overwrite:
-                raise RunDirError(
-                    f"run_dir {str(path)!r} is not empty",
-                    hint="choose a new directory, or pass overwrite=True to replace a previous run",
-                )
-            if not (path / META).exists():
-                raise RunDirError(
-                    f"run_dir {str(path)!r} is not empty and holds no gradprobe run; "
-                    "overwrite=True only replaces a previous run",
-                    hint="choose a new or empty directory",
-                )
-            for child in path.iterdir():
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
+        """Make ``run_dir`` and write its first ``meta.json``. Errors are :class:`RunDirError`.
+
+        ``run_dir`` must be absent or empty. With ``overwrite``, a directory that is provably a
+        previous run (see :func:`check_run_dir`) is cleared of the run's own files (``meta.json``,
+        ``events.jsonl``, the parts and the temporary files a killed writer left behind); other
+        files in it are kept, and a directory that is not a run is refused with nothing deleted.
+        """
+        path = check_run_dir(run_dir, overwrite=overwrite)
+        for own in run_files(path)[0] if path.is_dir() else []:
+            if own.is_dir():
+                continue  # a part folder: its own files are in the list, foreign ones stay
+            try:
+                own.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise RunDirError(f"cannot remove {own} of the previous run: "
+                                  f"{exc.strerror or exc}",
+                                  hint="check the permissions of run_dir") from exc
         try:
             path.mkdir(parents=True, exist_ok=True)
             for d in PART_DIRS:
@@ -169,6 +280,14 @@ class RunWriter:
         return writer
 
     def write_meta(self, *, fsync: bool = False, **updates: Any) -> None:
+        """Update ``meta.json`` (atomically; from either thread). Ignored once :meth:`close`
+        wrote the final one."""
+        with self._meta_lock:
+            if self._final:
+                return
+            self._write_meta_locked(fsync=fsync, **updates)
+
+    def _write_meta_locked(self, *, fsync: bool, **updates: Any) -> None:
         self.meta.update(updates)
         data = json.dumps(self.meta, indent=1, default=str).encode()
         try:
@@ -195,10 +314,22 @@ class RunWriter:
         # the defaults cost twice the time of the whole write for a larger file.
         table = pa.Table.from_pandas(frame, preserve_index=False, nthreads=1)
         names = set(table.column_names)
-        pq.write_table(table, tmp,  # no fsync: see atomic_write_bytes
-                       use_dictionary=[c for c in ("kind",) if c in names],
-                       write_statistics=["step"] if "step" in names else False)
-        os.replace(tmp, target)
+        try:
+            pq.write_table(table, tmp,  # no fsync: see atomic_write_bytes
+                           use_dictionary=[c for c in ("kind",) if c in names],
+                           write_statistics=["step"] if "step" in names else False)
+            os.replace(tmp, target)
+        except BaseException:  # a full disk: leave no temporary file behind
+            tmp.unlink(missing_ok=True)
+            raise
+        if "step" in names and len(frame):
+            top = int(frame["step"].max())
+            self._flush_last[index] = max(top, self._flush_last.get(index, top))
+        if kind == "scalars":  # the flush is committed
+            self._committed.add(index)
+            last = self._flush_last.pop(index, None)
+            if last is not None and (self.committed_step is None or last > self.committed_step):
+                self.committed_step = last
         return target
 
     def append_event(self, event: dict[str, Any]) -> None:
@@ -246,34 +377,102 @@ class RunWriter:
         self._queue.join()
         self.raise_error()
 
-    def close(self) -> None:
+    def close(self, *, status: str | None = None, **meta: Any) -> None:
         """Finish every submitted job and stop the writer thread (joined), then raise a
-        failure, if any. The writer may be used again: the next submit starts a new thread."""
-        thread = self._thread
-        if thread is not None:
-            if thread.is_alive():
-                self._queue.put(None)
-                thread.join()
-            self._thread = None
+        failure, if any. The writer may be used again: the next submit starts a new thread.
+
+        With ``status`` (``"closed"`` when every step was handed over, ``"interrupted"`` when
+        the caller lost some) the final ``meta.json`` is written, fsync'ed, saying what is on
+        disk: ``status`` becomes ``"failed"`` if a write failed, and ``"interrupted"`` if a
+        flush was taken (:meth:`next_flush`) and never written, e.g. a :meth:`submit`
+        interrupted by a Ctrl-C, or if the wait is itself interrupted (a
+        second Ctrl-C: the interrupt is re-raised at once, and the writer thread stops after
+        the part it is writing, skipping the flushes still queued, then corrects the status and
+        ``committed_step``, the last step whose flush was written). ``meta`` updates other
+        fields (e.g. ``steps``). Later :meth:`write_meta` calls are ignored.
+        """
+        interrupted: BaseException | None = None
+        try:
+            thread = self._thread
+            if thread is not None:
+                if thread.is_alive():
+                    self._queue.put(None)
+                    thread.join()
+                self._thread = None
+        except BaseException as exc:  # KeyboardInterrupt while waiting for the writer thread
+            interrupted = exc
+            self._abandon.set()
+            if thread is not None and not thread.is_alive():  # it had finished every job
+                with self._meta_lock:
+                    self._drained = True
+            try:  # wake a thread waiting for work; a full queue: it sees the flag next
+                self._queue.put_nowait(None)
+            except queue.Full:
+                pass
+        finally:
+            if status is not None:
+                self._finish(status, meta)
+        if interrupted is not None:
+            raise interrupted
         self.raise_error()
+
+    def _status(self) -> str:
+        """The final status: what close() was asked to write, unless steps were lost."""
+        if self.failed_writes:
+            return "failed"
+        if (len(self._committed) < self._flushes  # a flush taken and never written
+                or (self._abandon.is_set() and not self._drained)):
+            return "interrupted"
+        return self._close_status
+
+    def _finish(self, status: str, meta: dict[str, Any]) -> None:
+        with self._meta_lock:
+            if self._final:
+                return
+            self._close_status = status
+            self._write_meta_locked(fsync=True, status=self._status(),
+                                    committed_step=self.committed_step, **meta)
+            self._final = True
+
+    def _abandoned(self) -> None:
+        """The writer thread's last act after an interrupted close(): drop the jobs it will
+        not write, and correct the final ``meta.json`` (its status and last committed step)."""
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self._queue.task_done()
+        with self._meta_lock:
+            self._drained = True
+            if self._final:
+                self._write_meta_locked(fsync=True, status=self._status(),
+                                        committed_step=self.committed_step)
 
     def _work(self) -> None:
         while True:
             item = self._queue.get()
             try:
                 if item is None:
+                    if self._abandon.is_set():
+                        self._abandoned()
                     return
-                job, what = item
-                try:
-                    job()
-                except Exception as exc:  # kept for the training thread, never lost
-                    with self._lock:
-                        if self._error is None:
-                            self._error = _write_error(self.path, what, exc)
-                        else:  # an earlier failure is not raised yet: counted in its message
-                            self._failed_after += 1
+                if not self._abandon.is_set():
+                    job, what = item
+                    try:
+                        job()
+                    except Exception as exc:  # kept for the training thread, never lost
+                        with self._lock:
+                            self.failed_writes += 1
+                            if self._error is None:
+                                self._error = _write_error(self.path, what, exc)
+                            else:  # an earlier failure is not raised yet: counted in its message
+                                self._failed_after += 1
             finally:
                 self._queue.task_done()
+            if self._abandon.is_set():  # close() was interrupted: stop after this job
+                self._abandoned()
+                return
 
 
 def _write_error(path: Path, what: str, exc: Exception) -> RunDirError:
@@ -288,6 +487,8 @@ def _write_error(path: Path, what: str, exc: Exception) -> RunDirError:
 
 
 def read_meta(path: Path) -> dict[str, Any]:
+    """``meta.json`` of the run in ``path``, checked (:func:`check_meta`); a run written by a
+    newer gradprobe is refused. Errors are :class:`RunDirError`."""
     meta_path = path / META
     if not meta_path.is_file():
         raise RunDirError(
@@ -295,52 +496,23 @@ def read_meta(path: Path) -> dict[str, Any]:
             hint="pass the run_dir given to gp.Probe",
         )
     try:
-        meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise RunDirError(f"cannot read {meta_path}: {exc}") from exc
-    version = meta.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        meta = check_meta(json.loads(meta_path.read_text(encoding="utf-8")), meta_path)
+    except RunDirError:
+        raise
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise RunDirError(f"cannot read {meta_path}: {exc}",
+                          hint="the file is damaged; the parts may still be read with "
+                          "pyarrow") from exc
+    version = meta["schema_version"]
+    if version > SCHEMA_VERSION:
         raise RunDirError(
-            f"{meta_path} has schema_version {version!r}; this gradprobe reads up to "
-            f"{SCHEMA_VERSION}",
+            f"{meta_path} has schema_version {version}: written by a newer gradprobe "
+            f"(this one reads up to {SCHEMA_VERSION})",
             hint="upgrade gradprobe",
         )
     return meta
 
 
-def part_files(path: Path, kind: str) -> list[Path]:
-    """Finished parts of ``kind`` in order (temporary files are skipped)."""
-    d = path / kind
-    if not d.is_dir():
-        return []
-    return sorted(p for p in d.glob("part-*.parquet") if not p.name.startswith("."))
-
-
-def read_parts(path: Path, kind: str) -> pd.DataFrame:
-    """Concatenate the committed parts of ``kind`` (an empty frame when there are none)."""
-    files = part_files(path, kind)
-    if kind != "scalars":
-        committed = {p.name for p in part_files(path, "scalars")}
-        files = [f for f in files if f.name in committed]
-    if not files:
-        return pd.DataFrame()
-    frames = [pq.read_table(f).to_pandas() for f in files]
-    frames = [f for f in frames if len(f)] or frames[:1]
-    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-
-
-def read_events(path: Path) -> list[dict[str, Any]]:
-    """Events from ``events.jsonl``; a torn last line (killed mid-write) is ignored."""
-    f = path / EVENTS
-    if not f.is_file():
-        return []
-    out = []
-    for line in f.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
-
-
-__all__ = ["SCHEMA_VERSION", "RunWriter", "part_files", "read_events", "read_meta", "read_parts"]
+__all__ = ["EVENTS", "META", "PART_DIRS", "RUN_FIELDS", "SCHEMA_VERSION", "RunWriter",
+           "check_meta", "check_run_dir", "part_files", "read_events", "read_meta", "read_parts",
+           "run_files"]
