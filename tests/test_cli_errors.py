@@ -22,7 +22,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 CASES = {
     "unknown-command": (["bogus"], "No such command 'bogus'", "see `gradprobe --help`"),
     "no-arguments": ([], "Missing command", "choose one of: "),
-    "group-without-command": (["runs"], "Missing command", "choose one of: ls, show"),
+    "group-without-command": (["runs"], "Missing command", "choose one of: compare, ls, show"),
     "missing-argument": (["runs", "show"], "Missing argument", "`gradprobe runs show --help`"),
     "option-without-value": (["runs", "show", "x", "--kind"], "'--kind' requires an argument",
                              "--help"),

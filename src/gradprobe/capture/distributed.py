@@ -153,7 +153,7 @@ class NullWriter:
     def wait(self) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, *, status: str | None = None, **meta: Any) -> None:
         pass
 
 
