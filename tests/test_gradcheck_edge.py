@@ -172,3 +172,22 @@ def test_ladder_resolves_a_float64_check_that_eps_cannot():
     assert rep.ok and rep["x"].noise_floor < 1e-6 and not rep.warnings, str(rep)
     assert any("could not resolve" in n for n in rep.notes)
     assert gp.gradcheck_fn(f, x, {"x": 1.01 * g["x"]}).failed == ["x"]
+
+
+def test_integer_features_get_a_clear_error():
+    with pytest.raises(gp.ConfigError) as info:
+        gp.gradcheck(torch.nn.Linear(3, 2), lambda o, t: (o - t).pow(2).mean(),
+                     torch.randint(0, 3, (4, 3)), torch.zeros(4, 2))
+    assert "int64" in info.value.hint and "x.float()" in info.value.hint
+
+
+def test_full_mode_on_a_large_model_warns_with_the_cost(monkeypatch):
+    from gradprobe.check import engine
+
+    monkeypatch.setattr(engine, "FULL_WARN", 10)
+    net = torch.nn.Linear(4, 3)
+    with pytest.warns(UserWarning, match="mode='directional'"):
+        report = gp.gradcheck(net, lambda o, t: (o - t).pow(2).mean(), torch.randn(5, 4),
+                              torch.zeros(5, 3))
+    assert any("15 parameters" in w for w in report.warnings)
+

@@ -375,3 +375,16 @@ def test_chaos_and_degree_decide_trainability():
     deep = gp.preflight(relu, torch.randn(256, 32))
     assert deep.degree == pytest.approx(20 * math.log(2) / 6, rel=0.1) and not deep.trainable
     assert "degree" in str(deep) and "fix:" in str(deep)
+
+
+def test_preflight_on_a_model_without_weight_layers_says_so():
+    with pytest.raises(gp.UnsupportedModelError, match="no weight layer"):
+        gp.preflight(torch.nn.Sequential(torch.nn.Tanh()), torch.randn(8, 3))
+
+
+def test_preflight_cli_refuses_an_unbounded_mlp():
+    from gradprobe.cli.preflight import parse_sizes
+
+    with pytest.raises(gp.ConfigError, match="100,001 layers"):
+        parse_sizes("4,8x100000,1")
+    assert parse_sizes("4,8x3,1") == [4, 8, 8, 8, 1]

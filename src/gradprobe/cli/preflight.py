@@ -30,6 +30,11 @@ INIT_HELP = (
 )
 
 
+MAX_LAYERS = 2_000
+MAX_PARAMS = 200_000_000
+"""Bounds on what ``--mlp`` builds (one forward and backward at initialisation)."""
+
+
 def parse_sizes(spec: str) -> list[int]:
     """``"784,512x10,10"`` -> ``[784] + [512] * 10 + [10]``."""
     sizes: list[int] = []
@@ -49,6 +54,15 @@ def parse_sizes(spec: str) -> list[int]:
     if len(sizes) < 2 or any(s < 1 for s in sizes):
         raise ConfigError(
             f"--mlp {spec!r} needs at least two positive widths", hint='e.g. "784,512x10,10"'
+        )
+    params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+    if len(sizes) - 1 > MAX_LAYERS or params > MAX_PARAMS:
+        raise ConfigError(
+            f"--mlp {spec!r} builds {len(sizes) - 1:,} layers and {params:,} parameters, more "
+            f"than preflight measures from the command line ({MAX_LAYERS:,} layers, "
+            f"{MAX_PARAMS:,} parameters)",
+            hint="mean-field predictions for deeper networks need no network: see "
+            "gradprobe.theory; or call gp.preflight(model, x) in Python",
         )
     return sizes
 

@@ -66,7 +66,7 @@ import torch
 from torch import Tensor, nn
 
 from gradprobe import activations
-from gradprobe.errors import ConfigError, NonFiniteError
+from gradprobe.errors import ConfigError, NonFiniteError, UnsupportedModelError
 from gradprobe.theory import meanfield as mf
 from gradprobe.theory.dataflow import WEIGHT_TYPES, Dataflow, Links, link, transparent
 from gradprobe.theory.measure import Measurement, check_inputs, measure
@@ -104,6 +104,12 @@ def preflight(
     _require_finite(m)
     links = link(Dataflow(m))
     layers = _weight_layers(m)
+    if not layers:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no weight layer (Linear, Conv, RNN, LSTM, GRU) that ran "
+            "in the forward pass: there is no gradient gain to predict",
+            hint="pass the model whose layers you want judged",
+        )
     q_pred = _predict_q(m, links, layers)
     rows, steps = _rows(m, links, layers, q_pred)
     notes: list[str] = []
