@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -313,7 +315,7 @@ torch.set_num_threads(1)
 real = RunWriter.write_part
 def slow(self, kind, frame, index):  # a slow disk: the close has to wait for it
     if kind == "scalars" and index >= 2:
-        print("writing", index, flush=True)
+        sys.stdout.write(f"writing {index}\\n"); sys.stdout.flush()  # one write: no interleaving
         time.sleep(1.0)
     return real(self, kind, frame, index)
 RunWriter.write_part = slow
@@ -325,7 +327,7 @@ try:
             model(torch.randn(5, 4)).sum().backward()
             opt.step()
             opt.zero_grad()
-        print("ready", flush=True)
+        sys.stdout.write("ready\\n"); sys.stdout.flush()
         time.sleep(60)  # more work: the first Ctrl-C comes here
 except KeyboardInterrupt:
     print("interrupted", flush=True)
@@ -335,18 +337,36 @@ except KeyboardInterrupt:
 """
 
 
-def _readline(proc: subprocess.Popen, timeout: float = 60.0) -> str:
-    """The child's next line of stdout; on a hang, its stacks (faulthandler) in the failure."""
-    import select
+_LINES: dict[int, queue.Queue] = {}
 
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    if not ready:
+
+def _readline(proc: subprocess.Popen, timeout: float = 60.0) -> str:
+    """The child's next line of stdout; on a hang, its stacks (faulthandler) in the failure.
+
+    A reader thread feeds a queue: select() on a buffered pipe misses lines already read into
+    the buffer, and readline() at the end of the output returns "" at once."""
+    if proc.pid not in _LINES:
+        lines: queue.Queue = queue.Queue()
+        _LINES[proc.pid] = lines
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in iter(proc.stdout.readline, ""):
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+    try:
+        line = _LINES[proc.pid].get(timeout=timeout)
+    except queue.Empty:
         proc.send_signal(signal.SIGUSR1)
         time.sleep(1)
         proc.kill()
         pytest.fail("the child hangs:\n" + proc.communicate()[1])
-    return proc.stdout.readline()
+    if line is None:  # end of output: the child has exited
+        pytest.fail(f"the child exited ({proc.wait()}) early:\n" + (proc.stderr.read()
+                                                                      if proc.stderr else ""))
+    return line
 
 
 def test_second_ctrl_c_during_detach_says_interrupted_with_the_last_committed_step(tmp_path):
@@ -361,7 +381,11 @@ def test_second_ctrl_c_during_detach_says_interrupted_with_the_last_committed_st
         assert _readline(proc).startswith("writing")
         time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
+        rest = []
+        while (line := _LINES[proc.pid].get(timeout=10)) is not None:
+            rest.append(line)
+        out, err = "".join(rest), (proc.stderr.read() if proc.stderr else "")
     finally:
         if proc.poll() is None:
             proc.kill()
