@@ -334,9 +334,15 @@ class Probe:
             else:
                 self.scaler.update = self._orig_update
         assert self._recorder is not None and self._writer is not None
+        incomplete: int | None = None
         if self._slot is not None:  # a step begun but never finished by an optimizer step
-            self._recorder.discard_open(self._slot)
-            self._slot = None
+            slot, self._slot = self._slot, None
+            if self._recorder.recorded(slot):  # e.g. a NaN-loss guard raised before the step
+                incomplete = self._step
+                self._close_incomplete(slot)
+            else:  # nothing of it was recorded (the step after the last optimizer step)
+                self._recorder.discard_open(slot)
+        extra: dict[str, Any] = {} if incomplete is None else {"incomplete_step": incomplete}
         status = "interrupted"  # unless every buffered step is handed to the writer
         try:
             self._flush()
@@ -347,10 +353,33 @@ class Probe:
                 # that failed is raised here if it was not raised before. meta.json's status
                 # says what is on disk (failed, or interrupted also by a Ctrl-C in this wait)
                 self._writer.close(status=status, steps=self._step,
-                                   layers=[lay.record() for lay in self._layers])
+                                   layers=[lay.record() for lay in self._layers], **extra)
             finally:
                 assert self._params is not None
                 self._params.release()
+
+    def _close_incomplete(self, slot: int) -> None:
+        """Keep the open step that never reached its optimizer step (the loop stopped before
+        ``optimizer.step()``): its activations, the gradients as they are now and the weights
+        (unchanged: update 0), and its non-finite event marked ``incomplete``, written whatever
+        the device or ``on_nonfinite`` (one host read, at detach)."""
+        rec, params, writer = self._recorder, self._params, self._writer
+        assert rec is not None and params is not None and writer is not None
+        with torch.no_grad():
+            if not rec.staged.pre_done:  # the pre-step hook did not run
+                params.grads(slot, self._hist_now)
+                params.stage_before(slot, "none", self._hist_now)
+            params.params(slot, True, self._hist_now)
+            rec.staged.post(slot, params.staged_after, True)
+            rec.process_pending()
+        scale = self.scaler._scale if self.scaler is not None else None
+        rec.end(slot, skipped=False, scale=scale)
+        nonfinite = rec.slot_nonfinite(slot)
+        if nonfinite.any():
+            ev = rec.event_for(slot, nonfinite)
+            if ev is not None:
+                ev["incomplete"] = True
+                writer.append_event(ev)
 
     @property
     def attached(self) -> bool:

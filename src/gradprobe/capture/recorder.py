@@ -371,6 +371,14 @@ class Recorder:
         if scale is not None:
             self.scale[slot].copy_(scale.reshape(()))
 
+    def recorded(self, slot: int) -> bool:
+        """Whether the open step ``slot`` holds anything (a forward or backward pass ran)."""
+        return bool(self.touched[slot].any() or self.staged.holds(slot)
+                    or any(p[0] == slot for p in self._pending)
+                    or any(v[0] == slot for v in self._vectors)
+                    or any(m[0] == slot for m in self._mats)
+                    or any(k[0] == slot for k in self._unit_masks))
+
     def discard_open(self, slot: int) -> None:
         """Drop an unfinished step (detached between forward and optimizer step)."""
         self.staged.discard(slot)

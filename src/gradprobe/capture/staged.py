@@ -316,6 +316,15 @@ class StagedSteps:
                     self.rec.buf[slots_t.to(dev), row, S.DEAD] += count.to(dev)
                     self.rec.units[slots_np, row] += m.shape[-1]
 
+    def holds(self, slot: int) -> bool:
+        """Whether the open step ``slot`` has anything staged."""
+        return self._staged_row or (self._open_slot == slot and bool(self._open))
+
+    @property
+    def pre_done(self) -> bool:
+        """The open step's row was written by :meth:`pre` (its optimizer step began)."""
+        return self._staged_row
+
     def discard(self, slot: int) -> None:
         """Drop the staged part of an unfinished step."""
         if self._open_slot == slot:

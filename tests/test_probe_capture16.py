@@ -1,0 +1,100 @@
+"""Failure paths of the capture side (issue 16): the step that produced a NaN, runs without
+an optimizer step, bad losses, sampled steps, closure optimizers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradprobe as gp
+from gradprobe.errors import NonFiniteError
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def _data(n, bad_step):
+    g = torch.Generator().manual_seed(5)
+    out = [(torch.randn(6, 4, generator=g), torch.randint(0, 2, (6,), generator=g))
+           for _ in range(n)]
+    out[bad_step][0][2, 1] = math.nan
+    return out
+
+
+class Guard(Exception):
+    pass
+
+
+def _guarded(run_dir, how, **kw):
+    """The usual loop guard: stop before backward/optimizer.step() on a non-finite loss."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = gp.Probe(model, opt, run_dir=run_dir, **kw)
+    try:
+        with probe:
+            for x, y in _data(5, bad_step=2):
+                loss = nn.functional.cross_entropy(model(x), y)
+                probe.observe_loss(loss)
+                if not torch.isfinite(loss):
+                    if how == "raise":
+                        raise Guard("non-finite loss")
+                    break
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+    except Guard:
+        pass
+    return gp.Run.open(run_dir)
+
+
+@pytest.mark.parametrize("how", ["raise", "break"])
+@pytest.mark.parametrize("on_nonfinite", ["record", "raise"])
+def test_open_nan_step_reaches_disk(tmp_path, how, on_nonfinite):
+    run = _guarded(tmp_path / "r", how, on_nonfinite=on_nonfinite)
+    ev = run.events()
+    assert list(ev.step) == [2]
+    assert ev["pass"].iloc[0] == "forward" and ev.layer.iloc[0] == "0"
+    assert bool(ev["incomplete"].iloc[0])
+    df = run.scalars()
+    assert sorted(df.step.unique()) == [0, 1, 2]
+    act = df[(df.step == 2) & (df.kind == "act") & (df.layer == "0")]
+    assert len(act) == 1 and act.nonfinite.iloc[0] > 0
+    meta = json.loads((tmp_path / "r" / "meta.json").read_text())
+    assert meta["status"] == "closed" and meta["incomplete_step"] == 2 and meta["steps"] == 2
+    assert run.losses().step.max() == 2
+
+
+def test_clean_run_has_no_incomplete_step(tmp_path):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gp.Probe(model, opt, run_dir=tmp_path / "r") as probe:
+        for x, y in _data(4, bad_step=0)[1:]:
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    run = probe.run
+    assert sorted(run.scalars().step.unique()) == [0, 1, 2]
+    assert run.events().empty
+    assert "incomplete_step" not in run.meta
+
+
+def test_nonfinite_raise_path_still_complete(tmp_path):
+    """With on_nonfinite="raise" and no guard, the NaN step is complete (not incomplete)."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(NonFiniteError), \
+            gp.Probe(model, opt, run_dir=tmp_path / "r", on_nonfinite="raise"):
+        for x, y in _data(4, bad_step=1):
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    ev = gp.Run.open(tmp_path / "r").events()
+    assert list(ev.step) == [1]
+    assert "incomplete" not in ev or not ev["incomplete"].fillna(False).any()
