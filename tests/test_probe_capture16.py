@@ -98,3 +98,61 @@ def test_nonfinite_raise_path_still_complete(tmp_path):
     ev = gp.Run.open(tmp_path / "r").events()
     assert list(ev.step) == [1]
     assert "incomplete" not in ev or not ev["incomplete"].fillna(False).any()
+
+
+# ---------------------------------------------------------------- item 7 (capture parts)
+
+
+def test_no_optimizer_step_warns(tmp_path):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    other = torch.optim.SGD(model.parameters(), lr=0.1)  # the loop steps another optimizer
+    with pytest.warns(RuntimeWarning, match=r"optimizer\.step\(\) was never called"), \
+            gp.Probe(model, opt, run_dir=tmp_path / "a"):
+        for x, y in _data(3, bad_step=0)[1:]:
+            nn.functional.cross_entropy(model(x), y).backward()
+            other.step()
+            other.zero_grad()
+
+
+def test_no_probe_step_warns_how_to_call_it(tmp_path):
+    model = _mlp()
+    with pytest.warns(RuntimeWarning, match=r"call probe\.step\(\) after each weight update"), \
+            gp.Probe(model, run_dir=tmp_path / "a"):
+        model(torch.randn(3, 4)).sum().backward()
+
+
+def test_stepped_run_does_not_warn(tmp_path, recwarn):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gp.Probe(model, opt, run_dir=tmp_path / "a"):
+        model(torch.randn(3, 4)).sum().backward()
+        opt.step()
+    assert not [w for w in recwarn if "no completed step" in str(w.message)]
+
+
+@pytest.mark.parametrize("loss", [torch.tensor(3), torch.tensor(True), torch.tensor(1 + 2j)])
+def test_observe_loss_refuses_non_float(tmp_path, loss):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gp.Probe(model, opt, run_dir=tmp_path / "a") as probe:
+        with pytest.raises(gp.errors.ConfigError, match="floating-point") as info:
+            probe.observe_loss(loss)
+        assert "float" in info.value.hint
+        model(torch.randn(3, 4)).sum().backward()
+        opt.step()
+
+
+def test_sampled_event_says_so(tmp_path):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    data = _data(6, bad_step=0)
+    for x, _ in data[4:]:  # loop steps are data[1:]: NaN from step 3 on, first sampled at 4
+        x[0, 0] = math.nan
+    with gp.Probe(model, opt, run_dir=tmp_path / "a", every=2) as probe:
+        for x, y in data[1:]:
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    ev = probe.run.events()
+    assert list(ev.step) == [4] and int(ev.sampled_every.iloc[0]) == 2

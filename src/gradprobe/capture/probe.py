@@ -269,6 +269,8 @@ class Probe:
             device=device, writer=writer, hist_bins=self.hist_bins,
         )
         self._params = ParamStats(self._layers, self.kinds, device, self._recorder)
+        if self.every > 1:  # a NaN is seen at the first sampled step, not where it began
+            self._recorder.event_extra = {"sampled_every": self.every}
         if sync is not None:  # unit masks are ANDed across ranks at each flush
             self._recorder.kept_units = []
         writer.write_meta(layers=[lay.record() for lay in self._layers],
@@ -343,6 +345,8 @@ class Probe:
             else:  # nothing of it was recorded (the step after the last optimizer step)
                 self._recorder.discard_open(slot)
         extra: dict[str, Any] = {} if incomplete is None else {"incomplete_step": incomplete}
+        if self._step == 0:
+            self._warn_no_step(incomplete is not None)
         status = "interrupted"  # unless every buffered step is handed to the writer
         try:
             self._flush()
@@ -357,6 +361,19 @@ class Probe:
             finally:
                 assert self._params is not None
                 self._params.release()
+
+    def _warn_no_step(self, kept: bool) -> None:
+        import warnings
+
+        how = ("optimizer.step() was never called on the optimizer given to the Probe "
+               "(a step is one optimizer.step(); is it another optimizer, or a step "
+               "function that bypasses it?)" if self.optimizer is not None else
+               "probe.step() was never called (without an optimizer, call probe.step() "
+               "after each weight update)")
+        what = ("step 0 is kept, marked incomplete" if kept else
+                "nothing was recorded")
+        warnings.warn(f"gradprobe: the Probe detached with no completed step: {how}; {what}",
+                      RuntimeWarning, stacklevel=3)
 
     def _close_incomplete(self, slot: int) -> None:
         """Keep the open step that never reached its optimizer step (the loop stopped before
@@ -480,6 +497,11 @@ class Probe:
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ConfigError("observe_loss expects a scalar loss tensor",
                               hint="pass the tensor you call .backward() on")
+        if not loss.is_floating_point():
+            raise ConfigError(
+                f"observe_loss expects a real floating-point loss, got dtype {loss.dtype}",
+                hint="pass the float loss you call .backward() on (not an accuracy count or "
+                "a boolean); convert with loss.float() if it is one on purpose")
         if self._passive:
             return
         assert self._recorder is not None

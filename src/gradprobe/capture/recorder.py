@@ -161,6 +161,7 @@ class Recorder:
                              [r.saturation_rule for r in rows], [r.dead_rule for r in rows],
                              hist_bins)
         self.immediate = False  # the open step has statistics outside the stage
+        self.event_extra: dict[str, Any] = {}  # fields added to every non-finite event
         # Under torch.distributed the finished steps' unit masks are kept until the flush, to be
         # ANDed across ranks (gradprobe.capture.distributed) instead of counted here.
         self.kept_units: list[tuple[int, int, Tensor]] | None = None
@@ -454,6 +455,7 @@ class Recorder:
             "nonfinite": int(nonfinite[first]),
             "n_layers": int(hit.size),
             "amp_skipped": bool(self.skipped[slot]),
+            **self.event_extra,
         }
 
     # ------------------------------------------------------------------ flush
