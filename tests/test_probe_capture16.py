@@ -156,3 +156,53 @@ def test_sampled_event_says_so(tmp_path):
             opt.zero_grad()
     ev = probe.run.events()
     assert list(ev.step) == [4] and int(ev.sampled_every.iloc[0]) == 2
+
+
+# ---------------------------------------------------------------- item 4: closure optimizers
+
+
+def _closure(model, opt, x, y):
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    return closure
+
+
+def test_lbfgs_refused_at_attach(tmp_path):
+    model = _mlp()
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=3)
+    with pytest.raises(gp.errors.UnsupportedModelError, match="LBFGS") as info:
+        gp.Probe(model, opt, run_dir=tmp_path / "a")
+    assert "probe.step()" in info.value.hint
+    assert not (tmp_path / "a").exists()
+
+
+def test_closure_step_refused_at_first_closure_step(tmp_path):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _data(2, bad_step=0)[1]
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(gp.errors.UnsupportedModelError, match=r"SGD steps with a closure"), \
+            gp.Probe(model, opt, run_dir=tmp_path / "a"):
+        opt.step(_closure(model, opt, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_lbfgs_works_with_probe_step(tmp_path):
+    """What the refusal recommends: optimizer=None and probe.step() after each closure step."""
+    model = _mlp()
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=4)
+    with gp.Probe(model, run_dir=tmp_path / "a") as probe:
+        for x, y in _data(4, bad_step=0)[1:]:
+            opt.step(_closure(model, opt, x, y))
+            probe.step()
+    df = probe.run.scalars()
+    assert sorted(df.step.unique()) == [0, 1, 2]
+    grad = df[df.kind == "grad"]
+    assert len(grad) > 0
+    assert grad.groupby("step").size().min() == grad.groupby("step").size().max()
+    act = df[(df.kind == "act") & (df.step == 0)]
+    assert (act["count"] > 6 * 8).any()  # several closure forwards merged into step 0
+    assert (df[df.kind == "update"]["norm"] > 0).all()

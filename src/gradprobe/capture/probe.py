@@ -78,6 +78,7 @@ from gradprobe.capture.select import (
     Layer,
     check_kinds,
     check_optimizer,
+    closure_error,
     select_layers,
     spread_weight,
 )
@@ -216,6 +217,7 @@ class Probe:
         self._input_layer: Layer | None = None
         self._hist_now = False
         self._passive = False  # attached on a non-zero rank: records nothing
+        self._raising = False  # detaching because an exception left `with probe:`
         self._sync: Any = None  # the flush exchange across torch.distributed ranks
 
     # ------------------------------------------------------------------ lifecycle
@@ -224,7 +226,11 @@ class Probe:
         return self.attach()
 
     def __exit__(self, *exc: object) -> None:
-        self.detach()
+        self._raising = exc[0] is not None  # the loop's exception speaks for itself: no warning
+        try:
+            self.detach()
+        finally:
+            self._raising = False
 
     def attach(self) -> Probe:
         """Register every hook and create the run directory. Prefer ``with probe:``."""
@@ -345,7 +351,7 @@ class Probe:
             else:  # nothing of it was recorded (the step after the last optimizer step)
                 self._recorder.discard_open(slot)
         extra: dict[str, Any] = {} if incomplete is None else {"incomplete_step": incomplete}
-        if self._step == 0:
+        if self._step == 0 and not self._raising:
             self._warn_no_step(incomplete is not None)
         status = "interrupted"  # unless every buffered step is handed to the writer
         try:
@@ -509,6 +515,9 @@ class Probe:
             self._recorder.losses.add(self._step, loss)
 
     def _pre_step_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        # args are (optimizer, *step_args): a closure is the first step argument
+        if (len(args) > 1 and args[1] is not None) or (kwargs or {}).get("closure") is not None:
+            raise closure_error(type(optimizer).__name__)
         if self._slot is None:
             return
         self._before_update(self._slot, "live")

@@ -19,10 +19,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from gradprobe.activations import ActivationSpec, spec_for_module
-from gradprobe.errors import ConfigError
+from gradprobe.errors import ConfigError, UnsupportedModelError
 from gradprobe.layers import is_dense
 from gradprobe.stats import schema as S
 
@@ -164,6 +165,8 @@ def check_optimizer(optimizer: Any, root: nn.Module) -> None:
     """Refuse an optimizer holding parameters that are not the model's."""
     if optimizer is None:
         return
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise closure_error(type(optimizer).__name__)
     own = {id(p) for p in root.parameters()}
     for gi, group in enumerate(optimizer.param_groups):
         for p in group["params"]:
@@ -175,5 +178,16 @@ def check_optimizer(optimizer: Any, root: nn.Module) -> None:
                 )
 
 
-__all__ = ["Layer", "check_kinds", "check_optimizer", "display_name", "select_layers",
+def closure_error(name: str) -> UnsupportedModelError:
+    """The refusal of a closure optimizer (its forward passes run inside ``step``)."""
+    return UnsupportedModelError(
+        f"optimizer {name} steps with a closure (optimizer.step(closure)): its forward and "
+        "backward passes run inside the optimizer step, between the Probe's step hooks, so "
+        "they cannot be attributed to a step",
+        hint="pass optimizer=None and call probe.step() after each optimizer.step(closure): "
+        "every forward pass of the closure is then merged into that step as a micro-batch",
+    )
+
+
+__all__ = ["Layer", "closure_error", "check_kinds", "check_optimizer", "display_name", "select_layers",
            "spread_weight"]
