@@ -25,3 +25,6 @@ def register(app: typer.Typer) -> None:
     from gradprobe.cli import report
 
     report.register(app)
+    from gradprobe.cli import export
+
+    export.register(app)
