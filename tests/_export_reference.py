@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -120,16 +121,13 @@ def check_tensorboard(log_dir: Path, run: gp.Run) -> None:
         assert f"step {ev['step']}" in line and f"layer '{ev['layer']}'" in line, line
 
 
-def read_wandb(root: Path) -> list[dict[str, Any]]:
-    """The history rows of the one offline run under ``root``, read from W&B's ``.wandb`` file
-    (its record log: LevelDB log format, 32 KiB blocks, 7-byte chunk headers; each record a
-    ``wandb_internal_pb2.Record``)."""
+def _wandb_records(data: bytes) -> list[Any]:
+    """The records of a ``.wandb`` file (W&B's record log: LevelDB log format, 32 KiB blocks,
+    7-byte chunk headers; each record a ``wandb_internal_pb2.Record``)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    (path,) = root.glob("wandb/offline-run-*/run-*.wandb")
-    data = path.read_bytes()
     assert data[:4] == b":W&B"
-    rows: list[dict[str, Any]] = []
+    records: list[Any] = []
     pos, buf, block = 7, b"", 32768
     while pos + 7 <= len(data):
         left = block - pos % block
@@ -145,17 +143,35 @@ def read_wandb(root: Path) -> list[dict[str, Any]]:
         if kind in (1, 4):  # FULL or LAST chunk
             record = pb.Record()
             record.ParseFromString(buf)
+            records.append(record)
             buf = b""
-            if record.WhichOneof("record_type") == "history":
-                row: dict[str, Any] = {}
-                for item in record.history.item:
-                    keys = list(item.nested_key) or [item.key]
-                    value = json.loads(item.value_json)
-                    if len(keys) == 1:
-                        row[keys[0]] = value
-                    else:
-                        row.setdefault("/".join(keys[:-1]), {})[keys[-1]] = value
-                rows.append(row)
+    return records
+
+
+def read_wandb(root: Path, timeout: float = 20.0) -> list[dict[str, Any]]:
+    """The history rows of the one offline run under ``root``, read from W&B's ``.wandb`` file
+    once it ends with its ``exit`` record (W&B's service may still be writing it after
+    ``finish()`` returned)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        (path,) = root.glob("wandb/offline-run-*/run-*.wandb")
+        records = _wandb_records(path.read_bytes())
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            break
+        assert time.monotonic() < deadline, f"{path} has no exit record after {timeout} s"
+        time.sleep(0.05)
+    rows: list[dict[str, Any]] = []
+    for record in records:
+        if record.WhichOneof("record_type") == "history":
+            row: dict[str, Any] = {}
+            for item in record.history.item:
+                keys = list(item.nested_key) or [item.key]
+                value = json.loads(item.value_json)
+                if len(keys) == 1:
+                    row[keys[0]] = value
+                else:
+                    row.setdefault("/".join(keys[:-1]), {})[keys[-1]] = value
+            rows.append(row)
     return rows
 
 
@@ -167,14 +183,15 @@ def check_wandb(rows: list[dict[str, Any]], run: gp.Run) -> None:
     assert steps == sorted(set(steps)) == sorted(set(run.losses()["step"].astype(int)))
     by_step = {r["probe/step"]: r for r in ours}
     want = expected_scalars(run)
-    keys = {k for r in ours for k, v in r.items() if isinstance(v, (int, float))} - {"probe/step"}
-    assert keys == set(want)
+    keys = {k for r in ours for k, v in r.items()  # W&B's own keys start with "_"
+            if isinstance(v, (int, float)) and not k.startswith("_")} - {"probe/step"}
+    assert keys == set(want), keys ^ set(want)
     for tag, values in want.items():
         got = {s: r[tag] for s, r in by_step.items() if tag in r}
         assert got == values, tag
     hists = expected_histograms(run)
     keys = {k for r in ours for k, v in r.items() if isinstance(v, dict)}
-    assert keys == set(hists)
+    assert keys == set(hists), keys ^ set(hists)
     for tag, values in hists.items():
         got = {s: (r[tag]["bins"], r[tag]["values"]) for s, r in by_step.items() if tag in r}
         assert got == values, tag

@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from _export_reference import NAN_STEP, check_tensorboard, read_tensorboard, train
 
 import gradprobe as gp
+from _export_reference import NAN_STEP, check_tensorboard, read_tensorboard, train
 from gradprobe.errors import ConfigError, RunDirError
 from gradprobe.integrations import tensorboard
 
@@ -70,7 +70,7 @@ def test_live_follower_polled_while_training(tmp_path):
     def on_step(probe, s):
         if not follower:
             follower.append(tensorboard.live(probe, tmp_path / "tb", start=False))
-        probe.run  # waits until the flushes handed to the writer thread are on disk
+        _ = probe.run  # waits until the flushes handed to the writer thread are on disk
         written.append((s, follower[0].poll()))
 
     run = train(tmp_path / "run", steps=5, on_step=on_step)

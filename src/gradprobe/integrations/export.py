@@ -236,6 +236,9 @@ def open_run(source: Any) -> Run:
     if not isinstance(path, (str, os.PathLike)):
         raise ConfigError(f"expected a run directory, a gp.Run or a gp.Probe, got "
                           f"{type(source).__name__}", hint="pass e.g. 'runs/demo' or the probe")
+    if not Path(path).exists():
+        raise RunDirError(f"run directory {str(path)!r} does not exist",
+                          hint="pass the run_dir given to gp.Probe (see `gradprobe runs ls`)")
     return Run.open(Path(path))
 
 
