@@ -137,3 +137,18 @@ def test_not_a_run(tmp_path):
     with pytest.raises(RunDirError):
         tensorboard.export(tmp_path, tmp_path / "tb")
     assert not (tmp_path / "tb").exists()
+
+
+def test_a_damaged_part_is_skipped_with_a_warning(tmp_path):
+    import shutil
+
+    from gradprobe.errors import RunDataWarning
+
+    src = train(tmp_path / "run")
+    shutil.copytree(src.path, tmp_path / "copy")
+    (tmp_path / "copy" / "hist" / "part-00001.parquet").write_bytes(b"")  # steps 2-3
+    with pytest.warns(RunDataWarning, match="hist/part-00001.parquet"):
+        tensorboard.export(tmp_path / "copy", tmp_path / "tb")
+    acc = read_tensorboard(tmp_path / "tb")
+    assert [e.step for e in acc.Histograms("act/hist/1")] == [0, 1, 4]
+    assert [e.step for e in acc.Scalars("nonfinite/grad/0")] == [0, 1, 2, 3, 4]

@@ -28,13 +28,14 @@ the ``nonfinite/...`` tag): nothing is re-binned, and NaN never reaches TensorBo
 code. The columns written per kind are :data:`DEFAULT_COLUMNS`; ``columns="all"`` writes every
 derived column.
 
-The follower (:class:`Follower`) reads the run with :class:`gradprobe.Run`, so it needs no
-change to the Probe: each :meth:`Follower.poll` reads the committed parts and hands the steps
-after the last one exported, up to the last step of the committed ``scalars`` parts (a flush
-commits its ``scalars`` part last, after its losses and histograms; non-finite events are
-appended before), to a sink. Steps therefore arrive in order and each once, a flush at a time:
-a live view lags training by up to ``flush_every`` steps. Each poll re-reads the run's parts
-(cheap for the runs the Probe writes; poll every few seconds, not every step).
+The follower (:class:`Follower`) reads the run directory as the Probe writes it, so it needs no
+change to the Probe: a flush is committed once its ``scalars`` part exists (the Probe writes a
+flush's losses and histograms first, its ``scalars`` part last, each under a temporary name then
+renamed, and appends the non-finite events of its steps before); each :meth:`Follower.poll` reads
+the parts of the flushes committed since the last poll (only those: a poll costs the new steps,
+not the whole run) and hands their steps, in order and each once, to a sink. A live view
+therefore lags training by up to ``flush_every`` steps. A damaged part is skipped with a
+:class:`~gradprobe.errors.RunDataWarning`, as :class:`gradprobe.Run` does.
 """
 
 from __future__ import annotations
@@ -49,9 +50,12 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from gradprobe.errors import ConfigError, RunDirError
 from gradprobe.stats.schema import DERIVED_COLUMNS, KINDS, RATIO_KINDS, derive
+from gradprobe.store import parts
 from gradprobe.store.run import Run
 
 DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -104,7 +108,7 @@ def columns_for(columns: Literal["default", "all"] | Mapping[str, Iterable[str]]
 
 def layer_tag(name: Any) -> str:
     """``<layer>`` in a tag: the qualified name, ``model`` for the root module."""
-    return str(name) if isinstance(name, str) and name else ROOT
+    return ROOT if name == "" else str(name)
 
 
 @dataclass(frozen=True)
@@ -149,18 +153,16 @@ def _scalar_rows(raw: pd.DataFrame, columns: dict[str, tuple[str, ...]],
     if raw.empty:
         return
     derived = derive(raw)
-    steps = raw["step"].to_numpy(dtype=np.int64)
-    kinds = raw["kind"].astype(str).to_numpy()
-    layers = [layer_tag(n) for n in raw["layer"]]
-    nonfinite = derived["nonfinite"].to_numpy(dtype=float)
-    values = {c: derived[c].to_numpy(dtype=float) for c in DERIVED_COLUMNS}
+    values = {c: derived[c].to_numpy(dtype=float).tolist() for c in DERIVED_COLUMNS}
     values["ratio"] = values["norm"]
-    for i in range(len(raw)):
-        rec = out.setdefault(int(steps[i]), StepRecord(int(steps[i])))
+    kinds = raw["kind"].astype(str).tolist()
+    layers = [layer_tag(n) for n in raw["layer"].tolist()]
+    for i, step in enumerate(raw["step"].to_numpy(dtype=np.int64).tolist()):
+        rec = out.get(step) or out.setdefault(step, StepRecord(step))
         kind, layer = kinds[i], layers[i]
-        rec.scalars[f"nonfinite/{kind}/{layer}"] = float(nonfinite[i])
+        rec.scalars[f"nonfinite/{kind}/{layer}"] = values["nonfinite"][i]
         for col in columns[kind]:
-            v = float(values[col][i])
+            v = values[col][i]
             if math.isfinite(v):
                 rec.scalars[f"{kind}/{col}/{layer}"] = v
 
@@ -173,11 +175,11 @@ def _hist_rows(hist: pd.DataFrame, raw: pd.DataFrame, kinds: Iterable[str],
     sums: dict[tuple[int, int, str], tuple[float, float]] = {}
     if not raw.empty:
         exact = raw[raw["nonfinite"] == 0]
-        for s, lid, k, a, b in zip(exact["step"], exact["layer_id"], exact["kind"],
-                                   exact["sum"], exact["sumsq"]):
+        for s, lid, k, a, b in zip(*(exact[c].tolist() for c in
+                                     ("step", "layer_id", "kind", "sum", "sumsq"))):
             sums[(int(s), int(lid), str(k))] = (float(a), float(b))
-    for s, lid, name, kind, edges, counts in zip(hist["step"], hist["layer_id"], hist["layer"],
-                                                 hist["kind"], hist["bin_edges"], hist["counts"]):
+    for s, lid, name, kind, edges, counts in zip(*(hist[c].tolist() for c in (
+            "step", "layer_id", "layer", "kind", "bin_edges", "counts"))):
         e = np.asarray(edges, dtype=float)
         c = np.asarray(counts, dtype=np.int64)
         if c.sum() == 0 or not np.isfinite(e).all():
@@ -274,6 +276,7 @@ class Follower:
         self.columns = columns_for(columns)
         self.last_step = -1
         """The last step handed to the sink (-1: none yet)."""
+        self._flush = -1  # the last flush (scalars part number) read
         self._run: Run | None = source if isinstance(source, Run) else None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -289,25 +292,53 @@ class Follower:
                 return None  # not written yet
         return self._run
 
+    def _flushes(self, run: Run) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+        """``(raw scalars, histograms, losses)`` of the flushes committed since the last call
+        (a flush is committed once its ``scalars`` part exists: it is written last)."""
+        new = {i: p for p in parts.part_files(run.path, "scalars")
+               if (i := parts.part_index(p)) is not None and i > self._flush}
+        if not new:
+            empty = pd.DataFrame()
+            return empty, empty, empty
+        self._flush = max(new)
+        names = {int(r["layer_id"]): r["name"] for r in run.meta.get("layers", [])}
+        damage: list[parts.Damage] = []
+        frames = []
+        for kind in ("scalars", "hist", "losses"):
+            files = new if kind == "scalars" else {
+                i: p for p in parts.part_files(run.path, kind)
+                if (i := parts.part_index(p)) in new}
+            read = []
+            for _, f in sorted(files.items()):
+                try:
+                    read.append(pq.read_table(f).to_pandas())
+                except (pa.ArrowException, OSError, ValueError) as exc:
+                    damage.append(parts.Damage(f"{kind}/{f.name}", f"unreadable ({exc})"))
+            frame = pd.concat(read, ignore_index=True) if read else pd.DataFrame()
+            if "layer_id" in frame:
+                frame["layer"] = frame["layer_id"].map(names)
+            frames.append(frame)
+        parts.warn_damage(run.path, damage, stacklevel=5)
+        return frames[0], frames[1], frames[2]
+
     def records(self, *, final: bool = False) -> list[StepRecord]:
-        """The records of the steps after :attr:`last_step` that are committed (all steps on
-        disk with ``final=True``), in step order; advances :attr:`last_step`."""
+        """The records of the flushes committed since the last call, in step order, with the
+        non-finite events of their steps (with ``final=True``: every event not yet written)."""
         run = self._open()
         if run is None:
             return []
-        raw = run.raw_scalars()  # first: its last step bounds what the other files may add
-        after = self.last_step
-        upto = math.inf if final else (float(raw["step"].max()) if len(raw) else -1.0)
-        raw = _between(raw, after, upto)
+        raw, hist, losses = self._flushes(run)
         out: dict[int, StepRecord] = {}
-        _scalar_rows(raw, self.columns, out)
-        _loss_rows(_between(run.losses(), after, upto), out)
-        _hist_rows(_between(run.histograms(), after, upto), raw, self.columns, out)
-        _event_rows(_between(run.events(), after, upto), out)
+        if not raw.empty:
+            _scalar_rows(raw, self.columns, out)
+        if not losses.empty:
+            _loss_rows(losses.sort_values("step"), out)
+        if not hist.empty:
+            _hist_rows(hist, raw, self.columns, out)
+        upto = math.inf if final else max(out, default=self.last_step)
+        _event_rows(_between(run.events(), self.last_step, upto), out)
         if out:
-            self.last_step = max(out)
-        if not final and upto > self.last_step:
-            self.last_step = int(upto)
+            self.last_step = max(self.last_step, *out)
         return [out[s] for s in sorted(out)]
 
     def poll(self, *, final: bool = False) -> int:
