@@ -40,6 +40,18 @@ def test_export_tensorboard_default_folder(run, capsys):
     check_tensorboard(run.path / "tensorboard", run)
 
 
+def test_overwrite_replaces_the_event_files_only(run, tmp_path, capsys):
+    out = tmp_path / "tb"
+    out.mkdir()
+    (out / "events.out.tfevents.1.host").write_bytes(b"stale")
+    (out / "notes.txt").write_text("mine")
+    code, _, err = _main(capsys, "export", "tensorboard", str(run.path), "--out", str(out),
+                         "--overwrite")
+    assert code == 0, err
+    assert not (out / "events.out.tfevents.1.host").exists() and (out / "notes.txt").exists()
+    check_tensorboard(out, run)
+
+
 def test_export_wandb_offline(run, tmp_path, capsys, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -70,6 +82,10 @@ CASES = {
                       "is a file, not a folder", "folder"),
     "bad-mode": (["export", "wandb", "{run}", "--project", "p", "--mode", "sometimes"],
                  "mode must be", "offline"),
+    "out-holds-event-files": (["export", "tensorboard", "{run}", "--out", "{tmp}/old"],
+                              "already holds TensorBoard event files", "--overwrite"),
+    "bad-project": (["export", "wandb", "{run}", "--project", "a/b", "--dir", "{tmp}/w"],
+                    "W&B could not start a run: Invalid project name 'a/b'", "--project"),
     "wandb-not-installed": (["export", "wandb", "{run}", "--project", "p"],
                             "Weights & Biases is not installed", "gradprobe[wandb]"),
     "tensorboard-not-installed": (["export", "tensorboard", "{run}", "--out", "{tmp}/tb"],
@@ -84,7 +100,11 @@ def test_wrong_arguments_one_line_and_a_hint(case, run, tmp_path, capsys, monkey
         _missing(monkeypatch, "wandb")
     if case == "tensorboard-not-installed":
         _missing(monkeypatch, "tensorboard", "torch.utils.tensorboard")
+    if case == "out-holds-event-files":
+        (tmp_path / "old").mkdir()
+        (tmp_path / "old" / "events.out.tfevents.1.host").write_bytes(b"")
     monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.chdir(tmp_path)
     argv = [a.format(tmp=tmp_path, run=run.path) for a in args]
     code, out, err = _main(capsys, *argv)

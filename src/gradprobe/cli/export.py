@@ -30,6 +30,8 @@ def tensorboard_cmd(
     out: Path = typer.Option(None, "-o", "--out",
                              help="Folder for the event files (default RUN/tensorboard)."),
     columns: str = typer.Option("default", "--columns", help=_COLUMNS_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace the event files already in the folder."),
 ) -> None:
     """Write RUN as TensorBoard event files: scalars per layer and kind, histograms, non-finite
     events. View them with `tensorboard --logdir DIR`."""
@@ -40,7 +42,8 @@ def tensorboard_cmd(
     run = open_run(run_dir)  # a bad RUN is reported before a folder is made
     log_dir = out if out is not None else run_dir / "tensorboard"
     started = time.perf_counter()
-    steps = tensorboard.export(run, log_dir, columns=cols)  # type: ignore[arg-type]
+    steps = tensorboard.export(run, log_dir, columns=cols,
+                               overwrite=overwrite)  # type: ignore[arg-type]
     typer.echo(f"{steps} steps written to {log_dir} ({time.perf_counter() - started:.1f} s); "
                f"view with: tensorboard --logdir {log_dir}")
 

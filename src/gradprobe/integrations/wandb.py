@@ -3,8 +3,8 @@
     >>> from gradprobe.integrations import wandb as gp_wandb                  # doctest: +SKIP
     >>> gp_wandb.export("runs/demo", project="my-project")                     # doctest: +SKIP
     >>> follower = gp_wandb.live(probe, wandb_run=wandb.run, every_secs=10)    # doctest: +SKIP
-    >>> ...  # train, logging your own metrics with wandb.log as usual
-    >>> follower.close()   # after the Probe detached: logs the last steps
+    >>> train(model, optimizer, probe)  # your own wandb.log calls as usual  # doctest: +SKIP
+    >>> follower.close()  # after the Probe detached: logs the last steps       # doctest: +SKIP
 
 CLI: ``gradprobe export wandb RUN --project P [--name N] [--dir D] [--mode offline]``.
 
@@ -102,9 +102,15 @@ def _sink(run: Any, *, wandb_run: Any, project: str | None, name: str | None,
                           hint="offline writes the run to sync later with `wandb sync`")
     path = run.path if isinstance(run, _export.Run) else Path(getattr(run, "run_dir", run))
     config = run.meta.get("config", {}) if isinstance(run, _export.Run) else {}
-    started = wandb.init(project=project, name=name or path.name, mode=mode,
-                         dir=None if dir is None else str(dir), job_type="gradprobe",
-                         config={"gradprobe": config, "run_dir": str(path)}, reinit="create_new")
+    try:
+        started = wandb.init(project=project, name=name or path.name, mode=mode,
+                             dir=None if dir is None else str(dir), job_type="gradprobe",
+                             config={"gradprobe": config, "run_dir": str(path)},
+                             reinit="create_new")
+    except wandb.errors.Error as exc:  # W&B's own errors: a bad project name, no login, ...
+        raise ConfigError(f"W&B could not start a run: {' '.join(str(exc).split())}",
+                          hint="check --project, run `wandb login`, or pass --mode offline",
+                          ) from exc
     return WandbSink(started, finish=True)
 
 
