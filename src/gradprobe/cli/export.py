@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Literal
 
 import typer
 
@@ -15,13 +16,13 @@ app = typer.Typer(name="export", help="Export a run to TensorBoard or Weights & 
 _COLUMNS_HELP = "Columns per kind: 'default' (those the diagnosis reads) or 'all'."
 
 
-def _columns(value: str) -> str:
+def _columns(value: str) -> Literal["default", "all"]:
     from gradprobe.errors import ConfigError
 
     if value not in ("default", "all"):
         raise ConfigError(f"--columns must be 'default' or 'all', got {value!r}",
                           hint="e.g. --columns all")
-    return value
+    return "all" if value == "all" else "default"
 
 
 @app.command("tensorboard")
@@ -43,7 +44,7 @@ def tensorboard_cmd(
     log_dir = out if out is not None else run_dir / "tensorboard"
     started = time.perf_counter()
     steps = tensorboard.export(run, log_dir, columns=cols,
-                               overwrite=overwrite)  # type: ignore[arg-type]
+                               overwrite=overwrite)
     typer.echo(f"{steps} steps written to {log_dir} ({time.perf_counter() - started:.1f} s); "
                f"view with: tensorboard --logdir {log_dir}")
 
@@ -68,7 +69,7 @@ def wandb_cmd(
     gp_wandb._wandb()  # "not installed" before anything starts
     started = time.perf_counter()
     steps = gp_wandb.export(run, project=project, name=name, dir=dir, mode=mode,
-                            columns=cols)  # type: ignore[arg-type]
+                            columns=cols)
     typer.echo(f"{steps} steps logged to W&B project {project} "
                f"({time.perf_counter() - started:.1f} s)")
 
