@@ -59,7 +59,7 @@ def expected_scalars(run: gp.Run) -> dict[str, dict[int, float]]:
     ``nonfinite/...`` at every recorded (step, layer, kind)."""
     out: dict[str, dict[int, float]] = {}
     for row in run.scalars().to_dict("records"):
-        kind, layer, step = row["kind"], row["layer"] or "model", int(row["step"])
+        kind, layer, step = row["kind"], row["layer"], int(row["step"])
         out.setdefault(f"nonfinite/{kind}/{layer}", {})[step] = float(row["nonfinite"])
         for col in DEFAULT_COLUMNS[kind]:
             value = float(row["norm" if col == "ratio" else col])
@@ -79,7 +79,7 @@ def expected_histograms(run: gp.Run) -> dict[str, dict[int, tuple[list[float], l
     out: dict[str, dict[int, tuple[list[float], list[int]]]] = {}
     for row in run.histograms().to_dict("records"):
         if sum(row["counts"]) > 0:
-            tag = f"{row['kind']}/hist/{row['layer'] or 'model'}"
+            tag = f"{row['kind']}/hist/{row['layer']}"
             out.setdefault(tag, {})[int(row["step"])] = (row["bin_edges"], row["counts"])
     return out
 

@@ -19,14 +19,14 @@ tag                                 value
 ``probe/step``                      (W&B only) the step, the x axis of every tag above
 ==================================  ===========================================================
 
-``<layer>`` is the qualified module name (``model`` for the root module). Only finite values are
-written: a moment made NaN by non-finite data (and a column that does not apply, such as
-``saturated_frac`` of a layer with no saturation rule) is left out, and the ``nonfinite/...``
-tag counts the non-finite values, at every recorded step (0 when there were none). Histograms
-hold the finite values only (the stored bins count finite values; the stored non-finite count is
-the ``nonfinite/...`` tag): nothing is re-binned, and NaN never reaches TensorBoard's histogram
-code. The columns written per kind are :data:`DEFAULT_COLUMNS`; ``columns="all"`` writes every
-derived column.
+``<layer>`` is the layer's name in the run (the qualified module name; ``(model)`` for the
+root). Only finite values are written: a moment made NaN by non-finite data (and a column that
+does not apply, such as ``saturated_frac`` of a layer with no saturation rule) is left out, and
+the ``nonfinite/...`` tag counts the non-finite values, at every recorded step (0 when there were
+none). Histograms hold the finite values only (the stored bins count finite values; the stored
+non-finite count is the ``nonfinite/...`` tag): nothing is re-binned, and NaN never reaches
+TensorBoard's histogram code. The columns written per kind are :data:`DEFAULT_COLUMNS`;
+``columns="all"`` writes every derived column.
 
 The follower (:class:`Follower`) reads the run directory as the Probe writes it, so it needs no
 change to the Probe: a flush is committed once its ``scalars`` part exists (the Probe writes a
@@ -77,10 +77,6 @@ ALL_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 """Every derived column (``nonfinite`` has its own tag, ``count`` never changes)."""
 
-ROOT = "model"
-"""``<layer>`` of the root module (whose qualified name is empty)."""
-
-
 def columns_for(columns: Literal["default", "all"] | Mapping[str, Iterable[str]] | None,
                 ) -> dict[str, tuple[str, ...]]:
     """The columns per kind: ``"default"`` (or None), ``"all"``, or a mapping ``kind -> columns``
@@ -107,8 +103,8 @@ def columns_for(columns: Literal["default", "all"] | Mapping[str, Iterable[str]]
 
 
 def layer_tag(name: Any) -> str:
-    """``<layer>`` in a tag: the qualified name, ``model`` for the root module."""
-    return ROOT if name == "" else str(name)
+    """``<layer>`` in a tag: the layer's name in the run."""
+    return str(name)
 
 
 @dataclass(frozen=True)
