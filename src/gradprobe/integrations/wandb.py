@@ -18,7 +18,9 @@ is declared (``define_metric``) the x axis of those keys: gradprobe never passes
 W&B's step counter.
 
 A ``wandb_run`` passed in is left open; a run this module starts (``wandb.init(project=...,
-config=<the run's config>)``) is finished when the export or the follower closes. W&B's own
+config=<the run's config>, reinit="create_new")``: a W&B run already open in the process is
+neither reused nor finished; wandb 0.19.10 or later) is finished when the export or the follower
+closes. W&B's own
 settings apply (``WANDB_MODE=offline`` writes the run under ``dir`` to ``wandb sync`` later).
 """
 
