@@ -34,6 +34,10 @@ there as a loss spike that throws the weights off (the IRNN's), not as overflow.
 the step is ``lr·g`` and an exploding gradient overflows: the random ReLU RNN is also trained with
 SGD (``sgd_lr``, momentum 0.9, ``sgd_steps`` steps) with and without clipping.
 
+The tasks, the models and the hand-stepped unroll are :mod:`gradprobe.lab.sequences` (imported
+here under their names, so ``rnn.adding_problem`` and ``rnn.build`` still work); this module
+holds the experiment: training, the spectral-radius study, the tables, the claims and the figures.
+
 Example
     >>> import gradprobe as gp
     >>> r = gp.lab.run("rnn", lengths=(10,), steps=50)   # doctest: +SKIP
@@ -56,19 +60,27 @@ from gradprobe.errors import ConfigError
 from gradprobe.lab import train
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
 from gradprobe.lab.common import running_mean
+from gradprobe.lab.sequences import (
+    ADDING_BASELINE,
+    KINDS,
+    TASKS,
+    SequenceModel,
+    adding_problem,
+    build,
+    gradient_through_time,
+    task_loss,
+    temporal_order,
+    unroll,
+)
 from gradprobe.remedies import clip_gradients_
-from gradprobe.remedies.init import init_
 from gradprobe.remedies.optim import total_norm
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 NAME = "rnn"
-KINDS = ("tanh", "relu", "irnn", "lstm", "gru")
 LABELS = {"tanh": "tanh RNN", "relu": "ReLU RNN (random W)", "irnn": "IRNN (W = I)",
           "lstm": "LSTM", "gru": "GRU"}
-ADDING_BASELINE = 2.0 / 12.0
-"""MSE of predicting the constant 1 on the adding problem: Var(u₁ + u₂), u ~ U(0, 1)."""
 SMOOTH = 10
 """Loss curves are drawn as running means over this many steps."""
 SOLVED_MSE = 0.05
@@ -115,128 +127,6 @@ class RnnConfig:
                               hint="e.g. --radii 0.9,1,1.1")
 
 
-# ----------------------------------------------------------------------------------- tasks
-def adding_problem(n: int, length: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """``(x, y)``: x of shape ``(n, T, 2)`` (value, marker), y ``(n, 1)`` the marked values' sum."""
-    values = torch.rand(n, length, generator=gen)
-    half = length // 2
-    first = torch.randint(0, half, (n,), generator=gen)
-    second = torch.randint(half, length, (n,), generator=gen)
-    marks = torch.zeros(n, length)
-    rows = torch.arange(n)
-    marks[rows, first] = 1.0
-    marks[rows, second] = 1.0
-    return torch.stack([values, marks], dim=-1), (values * marks).sum(1, keepdim=True)
-
-
-def temporal_order(n: int, length: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """``(x, y)``: x ``(n, T, 2)`` (distractor, symbol ±1 at two steps), y the class 0..3."""
-    x = torch.zeros(n, length, 2)
-    x[..., 0] = torch.rand(n, length, generator=gen) * 2 - 1
-    lo1, hi1 = int(0.1 * length), max(int(0.2 * length), int(0.1 * length) + 1)
-    lo2, hi2 = int(0.5 * length), max(int(0.6 * length), int(0.5 * length) + 1)
-    t1 = torch.randint(lo1, hi1, (n,), generator=gen)
-    t2 = torch.randint(lo2, hi2, (n,), generator=gen)
-    s1 = torch.randint(0, 2, (n,), generator=gen)
-    s2 = torch.randint(0, 2, (n,), generator=gen)
-    rows = torch.arange(n)
-    x[rows, t1, 1] = s1.float() * 2 - 1
-    x[rows, t2, 1] = s2.float() * 2 - 1
-    return x, s1 * 2 + s2
-
-
-TASKS = {"adding": (adding_problem, 1), "temporal order": (temporal_order, 4)}
-
-
-# ---------------------------------------------------------------------------------- models
-class SequenceModel(nn.Module):
-    """A one-layer recurrent network and a Linear read-out of its last hidden state."""
-
-    def __init__(self, kind: str, n_in: int, hidden: int, n_out: int) -> None:
-        super().__init__()
-        self.kind = kind
-        self.rnn: nn.RNNBase
-        if kind in ("tanh", "relu", "irnn"):
-            self.rnn = nn.RNN(n_in, hidden, batch_first=True,
-                              nonlinearity="tanh" if kind == "tanh" else "relu")
-        elif kind == "lstm":
-            self.rnn = nn.LSTM(n_in, hidden, batch_first=True)
-        else:
-            self.rnn = nn.GRU(n_in, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, n_out)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out, _ = self.rnn(x)
-        return self.head(out[:, -1])
-
-
-def build(kind: str, n_in: int, hidden: int, n_out: int, *, relu_gain: float, seed: int
-          ) -> SequenceModel:
-    """The model of ``kind`` (see the module docstring), initialised from ``seed``."""
-    with train.seeded(seed):
-        model = SequenceModel(kind, n_in, hidden, n_out)
-    gen = torch.Generator().manual_seed(seed + 1)
-    if kind == "irnn":
-        init_(model.rnn, "identity", generator=gen)  # W_hh = I, W_ih ~ N(0, 0.001²), bias 0
-    elif kind == "relu":
-        with torch.no_grad():
-            w_hh = model.rnn.weight_hh_l0
-            assert isinstance(w_hh, Tensor)
-            w_hh.normal_(0.0, relu_gain / math.sqrt(hidden), generator=gen)
-    return model
-
-
-def _cell(model: SequenceModel) -> nn.RNNCellBase:
-    """A cell sharing the layer's parameters (the same tensors), to step through time by hand."""
-    rnn = model.rnn
-    cell: nn.RNNCellBase
-    if isinstance(rnn, nn.LSTM):
-        cell = nn.LSTMCell(rnn.input_size, rnn.hidden_size)
-    elif isinstance(rnn, nn.GRU):
-        cell = nn.GRUCell(rnn.input_size, rnn.hidden_size)
-    else:
-        assert isinstance(rnn, nn.RNN)
-        cell = nn.RNNCell(rnn.input_size, rnn.hidden_size, nonlinearity=str(rnn.nonlinearity))
-    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-        setattr(cell, name, getattr(rnn, f"{name}_l0"))
-    return cell
-
-
-def unroll(model: SequenceModel, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """The model's output and every hidden state ``h_1..h_T`` (each with ``retain_grad``), by
-    stepping a cell that shares the layer's weights (the fused layer hides its steps)."""
-    cell = _cell(model)
-    n = x.shape[0]
-    h = torch.zeros(n, model.rnn.hidden_size, dtype=x.dtype)
-    c = torch.zeros_like(h)
-    states: list[Tensor] = []
-    for t in range(x.shape[1]):
-        if isinstance(cell, nn.LSTMCell):
-            h, c = cell(x[:, t], (h, c))
-        else:
-            h = cell(x[:, t], h)
-        h.retain_grad()
-        states.append(h)
-    return model.head(h), states
-
-
-def gradient_through_time(model: SequenceModel, x: Tensor, y: Tensor, task: str) -> np.ndarray:
-    """``‖∂L/∂h_t‖`` for ``t = 1..T`` (Frobenius norm over the batch), by autograd."""
-    out, states = unroll(model, x)
-    loss = _loss(task, out, y)
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    norms = torch.stack([s.grad.norm() if s.grad is not None else torch.zeros(()) for s in states])
-    model.zero_grad(set_to_none=True)
-    return norms.detach().numpy().astype(float)
-
-
-def _loss(task: str, out: Tensor, y: Tensor) -> Tensor:
-    if task == "adding":
-        return nn.functional.mse_loss(out, y)
-    return nn.functional.cross_entropy(out, y)
-
-
 # -------------------------------------------------------------------------------- training
 def fit(model: SequenceModel, task: str, length: int, config: RnnConfig, *, clip: bool,
         seed: int, optimizer: str = "adam") -> dict[str, Any]:
@@ -258,7 +148,7 @@ def fit(model: SequenceModel, task: str, length: int, config: RnnConfig, *, clip
     grad_norms: list[Tensor] = []
     for _ in range(steps):
         x, y = make(config.batch, length, gen)
-        loss = _loss(task, model(x), y)
+        loss = task_loss(task, model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norms.append(total_norm([p.grad for p in model.parameters() if p.grad is not None]))
@@ -582,3 +472,8 @@ def _diverging(n: int) -> list[Any]:
 register(NAME, "recurrent nets on the adding and temporal-order tasks: tanh, ReLU, IRNN, LSTM, GRU, "
          "with and without clipping; gradient through time and spectral radius", RnnConfig, run,
          plot)
+
+__all__ = [  # the tasks and models of gradprobe.lab.sequences stay readable as rnn.*
+    "ADDING_BASELINE", "KINDS", "TASKS", "RnnConfig", "SequenceModel", "adding_problem", "build",
+    "fit", "gradient_through_time", "plot", "run", "spectral_study", "temporal_order", "unroll",
+]
