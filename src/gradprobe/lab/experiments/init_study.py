@@ -17,7 +17,7 @@ Three parts:
    not in the paper but in the Theano tutorial that accompanied it (deeplearning.net,
    "Multilayer Perceptron"). PyTorch's ``calculate_gain('tanh') = 5/3`` is chosen for the
    forward fixed point. This part measures what each gain does (in float64, so no variance
-   underflows to 0).
+   underflows to 0): :mod:`gradprobe.lab.gains`.
 3. **Deep MLPs** (``depth`` hidden layers) with tanh, sigmoid and ReLU on ``load_digits`` or
    ``make_moons`` from zeros, N(0, 1), N(0, 0.01²), LeCun, Xavier uniform/normal, He
    uniform/normal and orthogonal, every scaled scheme with the activation's gain ``g`` from
@@ -39,7 +39,6 @@ Example
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -54,6 +53,7 @@ from gradprobe.errors import ConfigError
 from gradprobe.lab import data, train
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
 from gradprobe.lab.common import initialised_mlp, propagate, sequential_mlp
+from gradprobe.lab.gains import GAIN_FUNCTIONS, gain_profile, gain_study
 from gradprobe.remedies.init import init_
 
 if TYPE_CHECKING:
@@ -100,25 +100,6 @@ def gain_text(g: float) -> str:
         if math.isclose(g, value, rel_tol=1e-6):
             return text
     return f"{g:.3g}"
-
-
-def _gain_saturated(name: str, a: Tensor) -> float:
-    """Saturated fraction by the activation table's rule (σ − ½ is shifted back to σ)."""
-    if name == "tanh":
-        rule = activations.get("tanh").saturated
-    else:
-        rule = activations.get("sigmoid").saturated
-        a = a + 0.5 if name != "sigmoid" else a
-    assert rule is not None
-    return float(rule(a).double().mean())
-
-
-GAIN_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "tanh": activations.get("tanh").fn,
-    "sigmoid": activations.get("sigmoid").fn,
-    "sigmoid − ½": lambda x: torch.sigmoid(x) - 0.5,
-}
-"""Activations of the gain study; ``σ(x) − ½ = tanh(x/2)/2`` isolates the effect of sigmoid's mean."""
 
 
 @dataclass(frozen=True)
@@ -207,32 +188,6 @@ def symmetry(activation: str, depth: int, width: int, steps: int, seed: int) -> 
     return {"losses": values, "identical": identical, "n_pos": k, "n_neg": k}
 
 
-def gain_profile(
-    fn: Callable[[Tensor], Tensor], gain: float, x: Tensor, depth: int,
-    generator: torch.Generator,
-) -> dict[str, Any]:
-    """Forward/backward variance per layer of ``a_l = fn(W_l a_(l-1))``, ``W_l ~ N(0, g²/n)``,
-    square layers, no bias; ``∂L/∂a_L ~ N(0, 1)``. Written out by hand (no modules) so that any
-    elementwise function can be studied."""
-    n = x.shape[1]
-    h = x.double()
-    acts: list[Tensor] = []
-    for _ in range(depth):
-        w = (torch.randn(n, n, generator=generator, dtype=torch.float64)
-             * (gain / math.sqrt(n))).requires_grad_()
-        h = fn(h @ w.T)
-        h.retain_grad()
-        acts.append(h)
-    g = torch.randn(h.shape, generator=generator, dtype=torch.float64)
-    (h * g).sum().backward()
-    return {
-        "acts_last": acts[-1].detach(),
-        "fwd_var": [float(a.detach().var()) for a in acts],
-        "bwd_var": [float(a.grad.var()) for a in acts if a.grad is not None],
-        "mean": [float(a.detach().mean()) for a in acts],
-    }
-
-
 def run(config: InitStudyConfig, *, progress: Progress = no_progress,
         out: Path | None = None) -> LabResult:
     config.validate()
@@ -254,24 +209,9 @@ def run(config: InitStudyConfig, *, progress: Progress = no_progress,
 
     # 2. gain study
     progress("gain study", done, total)
-    x = torch.randn(config.gain_samples, config.gain_width,
-                    generator=torch.Generator().manual_seed(config.seed))
-    gain_rows, profiles = [], {}
-    for fname, fn in GAIN_FUNCTIONS.items():
-        for gain in config.gains:
-            p = gain_profile(fn, gain, x, config.gain_depth,
-                             torch.Generator().manual_seed(config.seed + 1))
-            profiles[(fname, gain)] = p
-            fwd, bwd = p["fwd_var"], p["bwd_var"]
-            ratio_b = bwd[0] / bwd[-1]
-            gain_rows.append({
-                "activation": fname, "gain": gain,
-                "fwd_var_first": fwd[0], "fwd_var_last": fwd[-1], "fwd_ratio": fwd[-1] / fwd[0],
-                "bwd_ratio": ratio_b,
-                "bwd_factor_per_layer": ratio_b ** (1.0 / (len(bwd) - 1)) if ratio_b > 0 else 0.0,
-                "mean_last": p["mean"][-1],
-                "saturated_last": _gain_saturated(fname, p.pop("acts_last")),
-            })
+    gain_rows, profiles = gain_study(config.gains, samples=config.gain_samples,
+                                     width=config.gain_width, depth=config.gain_depth,
+                                     seed=config.seed)
     done += 1
 
     # 3. deep MLPs
@@ -530,3 +470,8 @@ def plot(result: LabResult) -> dict[str, Figure]:
 
 register(NAME, "initialisation study: zero-init symmetry, which gain keeps the variance "
          "(tanh 1 vs 5/3 vs 4, sigmoid), deep MLPs from 9 initialisations", InitStudyConfig, run, plot)
+
+__all__ = [  # gain_profile is gradprobe.lab.gains', readable here as before
+    "GAIN_FUNCTIONS", "INITS", "InitStudyConfig", "gain_profile", "gain_text", "plot", "run",
+    "symmetry",
+]
