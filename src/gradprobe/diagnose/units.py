@@ -40,7 +40,11 @@ Symmetry (zero or constant initialisation; Goodfellow et al. 2016, §8.4)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
+import pandas as pd
 
 from gradprobe.diagnose import cures
 from gradprobe.diagnose.finding import Evidence, Finding
@@ -62,25 +66,66 @@ def _act_layers_before_output(frames: Frames) -> list[str]:
     return order[:last]
 
 
-def dead_relu(frames: Frames) -> list[Finding]:
+@dataclass(frozen=True)
+class _FractionRule:
+    """A rule that fires on activation layers where a per-step fraction of units stays high:
+    ``column`` summarised over the tail of the run by ``summary`` reaches ``threshold``."""
+
+    column: str
+    threshold: float
+    summary: Callable[[pd.Series], float]
+    evidence: str
+    """The evidence's name, formatted with the layer: ``"dead units in {layer}"``."""
+    how: str
+    """How the value is summarised, for the evidence."""
+
+
+DEAD_RULE = _FractionRule(
+    "dead_frac", DEAD, lambda f: float(np.min(tail(f))), "dead units in {layer}",
+    "minimum over the last third of the steps")
+SATURATED_RULE = _FractionRule(
+    "saturated_frac", SATURATED, lambda f: float(np.median(tail(f, 0.5))),
+    "saturated outputs of {layer}", "derivative < 5 % of its maximum; median, second half")
+
+
+def _enough_samples(group: pd.DataFrame) -> bool:
+    """Whether a layer's steps hold at least ``MIN_SAMPLES`` elements per unit (median), so
+    that a living unit does not look dead by chance; a layer without unit counts passes."""
+    if "units" in group and group["units"].notna().all():
+        m = float((group["count"] / group["units"].clip(lower=1)).median())
+        return not m < MIN_SAMPLES  # a NaN median (counts unknown) is still judged
+    return True
+
+
+def _high_fraction(frames: Frames, rule: _FractionRule, *, layers: set[str] | None = None,
+                   enough: Callable[[pd.DataFrame], bool] = lambda g: True
+                   ) -> tuple[list[str], float, list[int], list[Evidence]]:
+    """The activation layers (of ``layers``, default all) where ``rule`` fires, in order; the
+    worst summarised fraction, the steps they cover and the evidence. Layers ``enough`` refuses
+    are not judged."""
     rows = frames.kind("act")
-    if rows.empty or "dead_frac" not in rows:
-        return []
-    rows = rows[rows["dead_frac"].notna()]
-    evidence, layers, worst, steps = [], [], 0.0, []
-    for name, group in rows.groupby("layer", sort=False):
+    if rows.empty or rule.column not in rows:
+        return [], 0.0, [], []
+    keep = rows[rule.column].notna()
+    if layers is not None:
+        keep &= rows["layer"].isin(layers)
+    found, worst, steps, evidence = [], 0.0, [], []
+    for name, group in rows[keep].groupby("layer", sort=False):
         group = group.sort_values("step")
-        if "units" in group and group["units"].notna().all():
-            m = float((group["count"] / group["units"].clip(lower=1)).median())
-            if m < MIN_SAMPLES:
-                continue
-        frac = float(np.min(tail(group["dead_frac"])))
-        if frac >= DEAD:
-            layers.append(str(name))
+        if not enough(group):
+            continue
+        frac = rule.summary(group[rule.column])
+        if frac >= rule.threshold:
+            found.append(str(name))
             worst = max(worst, frac)
             steps += list(group["step"])
-            evidence.append(Evidence(f"dead units in {name}", frac, DEAD, ">=",
-                                     "minimum over the last third of the steps"))
+            evidence.append(Evidence(rule.evidence.format(layer=name), frac, rule.threshold, ">=",
+                                     rule.how))
+    return found, worst, steps, evidence
+
+
+def dead_relu(frames: Frames) -> list[Finding]:
+    layers, worst, steps, evidence = _high_fraction(frames, DEAD_RULE, enough=_enough_samples)
     if not layers:
         return []
     acts = frames.activations()
@@ -101,21 +146,8 @@ def dead_relu(frames: Frames) -> list[Finding]:
 
 
 def saturation(frames: Frames) -> list[Finding]:
-    rows = frames.kind("act")
-    if rows.empty or "saturated_frac" not in rows:
-        return []
-    allowed = set(_act_layers_before_output(frames))
-    rows = rows[rows["saturated_frac"].notna() & rows["layer"].isin(allowed)]
-    evidence, layers, worst, steps = [], [], 0.0, []
-    for name, group in rows.groupby("layer", sort=False):
-        group = group.sort_values("step")
-        frac = float(np.median(tail(group["saturated_frac"], 0.5)))
-        if frac >= SATURATED:
-            layers.append(str(name))
-            worst = max(worst, frac)
-            steps += list(group["step"])
-            evidence.append(Evidence(f"saturated outputs of {name}", frac, SATURATED, ">=",
-                                     "derivative < 5 % of its maximum; median, second half"))
+    layers, worst, steps, evidence = _high_fraction(
+        frames, SATURATED_RULE, layers=set(_act_layers_before_output(frames)))
     if not layers:
         return []
     acts = frames.activations()
