@@ -149,3 +149,19 @@ def test_no_eligible_block_is_a_clear_error():
         residual_(None)
     with pytest.raises(ConfigError, match="optimizer= must be"):
         residual_(tanh_mlp(), optimizer=[1])
+
+
+def test_record_prints_the_optimizer_line_like_the_other_records():
+    # residual_ adds no parameters, but its record says so the way add_norm_'s does when it has
+    from dataclasses import replace
+
+    from gradprobe.remedies import add_norm_
+
+    model = tanh_mlp()
+    norm = add_norm_(model, "batch", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    line = str(norm).splitlines()[-1]
+    assert norm.added_to_optimizer > 0 and str(norm.added_to_optimizer) in line
+    rec = residual_(tanh_mlp())
+    assert line not in str(rec)
+    moved = replace(rec, added_to_optimizer=norm.added_to_optimizer)
+    assert str(moved).splitlines()[-1] == line

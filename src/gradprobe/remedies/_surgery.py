@@ -8,7 +8,9 @@
 - tracing one module's *own* forward with :mod:`torch.fx`, every child a leaf, so that a child
   whose forward does not trace never stops its parent from being rewritten, and a rewrite keeps
   every other module (and its class) as it was;
-- adding new parameters to the user's optimizer.
+- adding new parameters to the user's optimizer;
+- :class:`ChangeRecord`, what the records of those remedies share (the modules rewritten with
+  torch.fx, the tensors added to the optimizer) and the lines their ``str()`` prints for it.
 """
 
 from __future__ import annotations
@@ -163,8 +165,31 @@ def count(params: Iterable[nn.Parameter]) -> int:
     return sum(p.numel() for p in {id(p): p for p in params}.values())
 
 
+class ChangeRecord:
+    """Base of the records of the remedies that change a model's modules (``add_norm_``,
+    ``residual_``, ``swap_activations_``), each a frozen dataclass declaring the two fields:
+
+    ``rewritten``: the modules replaced by a GraphModule (``""`` is the root: use ``model``);
+    ``added_to_optimizer``: the new parameter tensors added to the optimizer.
+    """
+
+    rewritten: tuple[str, ...]
+    added_to_optimizer: int
+
+    def _text(self, head: str, changes: Iterable[str], notes: Iterable[str] = ()) -> str:
+        """``str()`` of a record: ``head``, one indented line per change, the torch.fx
+        rewrites, the ``notes`` (what was skipped or done besides), the optimizer's new tensors."""
+        lines = [head, *(f"  {c}" for c in changes)]
+        lines += [f"  rewritten with torch.fx: {r or '<model> (use record.model)'}"
+                  for r in self.rewritten]
+        lines += [f"  {n}" for n in notes]
+        if self.added_to_optimizer:
+            lines.append(f"  {self.added_to_optimizer} new parameter tensors added to the optimizer")
+        return "\n".join(lines)
+
+
 __all__ = [
-    "ALL_WEIGHT_LAYERS", "DROPOUTS", "NORMS", "WEIGHT_LAYERS", "activation_of",
+    "ALL_WEIGHT_LAYERS", "DROPOUTS", "NORMS", "WEIGHT_LAYERS", "ChangeRecord", "activation_of",
     "add_to_optimizer", "check_optimizer", "check_patterns", "count", "free_name",
     "function_activation", "graph_module", "is_builtin", "join", "match", "set_submodule",
     "trace_own",

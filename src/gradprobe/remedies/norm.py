@@ -54,6 +54,7 @@ Example
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
@@ -90,7 +91,7 @@ class Skipped:
 
 
 @dataclass(frozen=True)
-class NormRecord:
+class NormRecord(S.ChangeRecord):
     """What :func:`add_norm_` changed. ``model`` is the model to use from now on."""
 
     kind: str
@@ -101,22 +102,19 @@ class NormRecord:
     added_to_optimizer: int = 0
     model: nn.Module | None = field(default=None, repr=False, compare=False)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Inserted]:
         return iter(self.inserted)
 
     def __len__(self) -> int:
         return len(self.inserted)
 
     def __str__(self) -> str:
-        lines = [f"add_norm_ {self.kind} ({self.position}): {len(self.inserted)} inserted"]
-        for e in self.inserted:
-            g = f", {e.groups} groups of {e.features // e.groups}" if e.groups else ""
-            lines.append(f"  after {e.layer} -> {e.activation}: {e.module} at {e.norm} ({e.how}{g})")
-        lines += [f"  rewritten with torch.fx: {r or '<model> (use record.model)'}" for r in self.rewritten]
-        lines += [f"  skipped {s.layer or '<model>'}: {s.reason}" for s in self.skipped]
-        if self.added_to_optimizer:
-            lines.append(f"  {self.added_to_optimizer} new parameter tensors added to the optimizer")
-        return "\n".join(lines)
+        return self._text(
+            f"add_norm_ {self.kind} ({self.position}): {len(self.inserted)} inserted",
+            (f"after {e.layer} -> {e.activation}: {e.module} at {e.norm} ({e.how}"
+             + (f", {e.groups} groups of {e.features // e.groups}" if e.groups else "") + ")"
+             for e in self.inserted),
+            (f"skipped {s.layer or '<model>'}: {s.reason}" for s in self.skipped))
 
 
 def groups_for(channels: int) -> int:

@@ -78,7 +78,7 @@ class Wrapped:
 
 
 @dataclass(frozen=True)
-class ResidualRecord:
+class ResidualRecord(S.ChangeRecord):
     """What :func:`residual_` changed. ``model`` is the model to use from now on."""
 
     wrapped: tuple[Wrapped, ...]
@@ -94,14 +94,14 @@ class ResidualRecord:
         return len(self.wrapped)
 
     def __str__(self) -> str:
-        lines = [f"residual_: {len(self.wrapped)} blocks wrapped as x + f(x)"]
-        for w in self.wrapped:
-            span = w.children[0] if len(w.children) == 1 else f"{w.children[0]}..{w.children[-1]}"
-            where = w.container or "<model>"
-            lines.append(f"  run {w.run}: {where}[{span}] (layer {w.layer}) -> {w.at} ({w.how})")
-        lines += [f"  rewritten with torch.fx: {r or '<model> (use record.model)'}" for r in self.rewritten]
-        lines += [f"  skipped {s}" for s in self.skipped]
-        return "\n".join(lines)
+        def span(w: Wrapped) -> str:
+            return w.children[0] if len(w.children) == 1 else f"{w.children[0]}..{w.children[-1]}"
+
+        return self._text(
+            f"residual_: {len(self.wrapped)} blocks wrapped as x + f(x)",
+            (f"run {w.run}: {w.container or '<model>'}[{span(w)}] (layer {w.layer}) -> {w.at} "
+             f"({w.how})" for w in self.wrapped),
+            (f"skipped {s}" for s in self.skipped))
 
 
 def keeps_shape(layer: nn.Module) -> bool:

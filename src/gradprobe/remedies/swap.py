@@ -86,7 +86,7 @@ class NotSwapped:
 
 
 @dataclass(frozen=True)
-class SwapRecord:
+class SwapRecord(S.ChangeRecord):
     """What :func:`swap_activations_` changed. ``model`` is the model to use from now on."""
 
     to: str
@@ -103,19 +103,15 @@ class SwapRecord:
     model: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
-        lines = [f"swap_activations_ -> {self.to}: {len(self.swapped)} swapped"]
-        lines += [f"  {s.name or '<model>'}: {s.old} -> {s.new} ({s.how})" for s in self.swapped]
-        lines += [f"  rewritten with torch.fx: {r or '<model> (use record.model)'}"
-                  for r in self.rewritten]
-        lines += [f"  NOT swapped in {n.module or '<model>'}: {n.call} ({n.reason})"
-                  for n in self.not_swapped]
+        notes = [f"NOT swapped in {n.module or '<model>'}: {n.call} ({n.reason})"
+                 for n in self.not_swapped]
         if self.reinitialised:
-            lines.append("  LeCun-normal re-initialised: " + ", ".join(self.reinitialised))
+            notes.append("LeCun-normal re-initialised: " + ", ".join(self.reinitialised))
         if self.dropouts:
-            lines.append("  Dropout -> AlphaDropout: " + ", ".join(self.dropouts))
-        if self.added_to_optimizer:
-            lines.append(f"  {self.added_to_optimizer} new parameter tensors added to the optimizer")
-        return "\n".join(lines)
+            notes.append("Dropout -> AlphaDropout: " + ", ".join(self.dropouts))
+        return self._text(f"swap_activations_ -> {self.to}: {len(self.swapped)} swapped",
+                          (f"{s.name or '<model>'}: {s.old} -> {s.new} ({s.how})"
+                           for s in self.swapped), notes)
 
 
 def _factory(to: str) -> nn.Module:
