@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from gradprobe.diagnose import cures
-from gradprobe.diagnose.finding import Evidence, Finding
+from gradprobe.diagnose.finding import Evidence, Finding, Remedy
 from gradprobe.diagnose.frames import NORMALISER_TYPES, Frames, step_range, tail
 
 DEAD = 0.5
@@ -69,8 +69,10 @@ def _act_layers_before_output(frames: Frames) -> list[str]:
 @dataclass(frozen=True)
 class _FractionRule:
     """A rule that fires on activation layers where a per-step fraction of units stays high:
-    ``column`` summarised over the tail of the run by ``summary`` reaches ``threshold``."""
+    ``column`` summarised over the tail of the run by ``summary`` reaches ``threshold``
+    (error from ``HEAVY``)."""
 
+    rule: str
     column: str
     threshold: float
     summary: Callable[[pd.Series], float]
@@ -78,14 +80,39 @@ class _FractionRule:
     """The evidence's name, formatted with the layer: ``"dead units in {layer}"``."""
     how: str
     """How the value is summarised, for the evidence."""
+    explanation: str
+    remedies: Callable[[set[str]], tuple[Remedy, ...]]
+    """The remedies, given the model's activations."""
 
 
 DEAD_RULE = _FractionRule(
-    "dead_frac", DEAD, lambda f: float(np.min(tail(f))), "dead units in {layer}",
-    "minimum over the last third of the steps")
+    "dead-relu", "dead_frac", DEAD, lambda f: float(np.min(tail(f))), "dead units in {layer}",
+    "minimum over the last third of the steps",
+    explanation=("Rectifier units whose input stays negative output 0 and pass no gradient, "
+                 "so their weights never recover: the dying ReLU (Lu et al. 2019), "
+                 "usually from a large learning rate or a negative bias."),
+    remedies=lambda acts: (
+        cures.swap("leaky_relu", "a negative slope keeps a gradient on every unit "
+                   "(Maas et al. 2013)", from_="relu"),
+        cures.init_for(acts | {"relu"}, "He initialisation with zero bias starts half of "
+                       "each unit's inputs active (He et al. 2015)"),
+        cures.lr(0.1, "large steps push biases far negative and kill units"),
+    ),
+)
 SATURATED_RULE = _FractionRule(
-    "saturated_frac", SATURATED, lambda f: float(np.median(tail(f, 0.5))),
-    "saturated outputs of {layer}", "derivative < 5 % of its maximum; median, second half")
+    "saturation", "saturated_frac", SATURATED, lambda f: float(np.median(tail(f, 0.5))),
+    "saturated outputs of {layer}", "derivative < 5 % of its maximum; median, second half",
+    explanation=("Most outputs of a bounded activation sit on its flat tails, where the "
+                 "derivative is near 0 and the gradient stops (Glorot & Bengio 2010; "
+                 "LeCun et al. 1998): pre-activations are too large."),
+    remedies=lambda acts: (
+        cures.init_for(acts - {"relu"}, "a variance-preserving scale keeps "
+                       "pre-activations in the linear regime (Glorot & Bengio 2010)"),
+        cures.norm("batch", "normalising pre-activations keeps them near 0 "
+                   "(Ioffe & Szegedy 2015)"),
+        cures.swap("relu", "rectifiers do not saturate for positive inputs"),
+    ),
+)
 
 
 def _enough_samples(group: pd.DataFrame) -> bool:
@@ -98,14 +125,12 @@ def _enough_samples(group: pd.DataFrame) -> bool:
 
 
 def _high_fraction(frames: Frames, rule: _FractionRule, *, layers: set[str] | None = None,
-                   enough: Callable[[pd.DataFrame], bool] = lambda g: True
-                   ) -> tuple[list[str], float, list[int], list[Evidence]]:
-    """The activation layers (of ``layers``, default all) where ``rule`` fires, in order; the
-    worst summarised fraction, the steps they cover and the evidence. Layers ``enough`` refuses
-    are not judged."""
+                   enough: Callable[[pd.DataFrame], bool] = lambda g: True) -> list[Finding]:
+    """``rule`` over the activation layers (of ``layers``, default all): one finding naming
+    every layer where it fires, or none. Layers ``enough`` refuses are not judged."""
     rows = frames.kind("act")
     if rows.empty or rule.column not in rows:
-        return [], 0.0, [], []
+        return []
     keep = rows[rule.column].notna()
     if layers is not None:
         keep &= rows["layer"].isin(layers)
@@ -121,50 +146,24 @@ def _high_fraction(frames: Frames, rule: _FractionRule, *, layers: set[str] | No
             steps += list(group["step"])
             evidence.append(Evidence(rule.evidence.format(layer=name), frac, rule.threshold, ">=",
                                      rule.how))
-    return found, worst, steps, evidence
+    if not found:
+        return []
+    return [Finding(
+        rule=rule.rule, severity="error" if worst >= HEAVY else "warning",
+        layers=tuple(found), steps=step_range(steps), evidence=tuple(evidence),
+        explanation=rule.explanation, remedies=rule.remedies(frames.activations()),
+    )]
 
 
 def dead_relu(frames: Frames) -> list[Finding]:
-    layers, worst, steps, evidence = _high_fraction(frames, DEAD_RULE, enough=_enough_samples)
-    if not layers:
-        return []
-    acts = frames.activations()
-    return [Finding(
-        rule="dead-relu", severity="error" if worst >= HEAVY else "warning",
-        layers=tuple(layers), steps=step_range(steps), evidence=tuple(evidence),
-        explanation=("Rectifier units whose input stays negative output 0 and pass no gradient, "
-                     "so their weights never recover: the dying ReLU (Lu et al. 2019), "
-                     "usually from a large learning rate or a negative bias."),
-        remedies=(
-            cures.swap("leaky_relu", "a negative slope keeps a gradient on every unit "
-                       "(Maas et al. 2013)", from_="relu"),
-            cures.init_for(acts | {"relu"}, "He initialisation with zero bias starts half of "
-                           "each unit's inputs active (He et al. 2015)"),
-            cures.lr(0.1, "large steps push biases far negative and kill units"),
-        ),
-    )]
+    """Activation layers where most units are dead (``DEAD``) over the last third of the run."""
+    return _high_fraction(frames, DEAD_RULE, enough=_enough_samples)
 
 
 def saturation(frames: Frames) -> list[Finding]:
-    layers, worst, steps, evidence = _high_fraction(
-        frames, SATURATED_RULE, layers=set(_act_layers_before_output(frames)))
-    if not layers:
-        return []
-    acts = frames.activations()
-    return [Finding(
-        rule="saturation", severity="error" if worst >= HEAVY else "warning",
-        layers=tuple(layers), steps=step_range(steps), evidence=tuple(evidence),
-        explanation=("Most outputs of a bounded activation sit on its flat tails, where the "
-                     "derivative is near 0 and the gradient stops (Glorot & Bengio 2010; "
-                     "LeCun et al. 1998): pre-activations are too large."),
-        remedies=(
-            cures.init_for(acts - {"relu"}, "a variance-preserving scale keeps "
-                           "pre-activations in the linear regime (Glorot & Bengio 2010)"),
-            cures.norm("batch", "normalising pre-activations keeps them near 0 "
-                       "(Ioffe & Szegedy 2015)"),
-            cures.swap("relu", "rectifiers do not saturate for positive inputs"),
-        ),
-    )]
+    """Activation layers before the output where most outputs saturate (``SATURATED``) over
+    the second half of the run."""
+    return _high_fraction(frames, SATURATED_RULE, layers=set(_act_layers_before_output(frames)))
 
 
 def _constant(row: dict) -> tuple[bool, float, float]:
