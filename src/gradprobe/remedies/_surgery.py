@@ -10,13 +10,15 @@
   every other module (and its class) as it was;
 - adding new parameters to the user's optimizer;
 - :class:`ChangeRecord`, what the records of those remedies share (the modules rewritten with
-  torch.fx, the tensors added to the optimizer) and the lines their ``str()`` prints for it.
+  torch.fx, the tensors added to the optimizer) and the lines their ``str()`` prints for it;
+  :class:`ListedChanges`, a record that iterates over its changes.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import ClassVar, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -188,8 +190,25 @@ class ChangeRecord:
         return "\n".join(lines)
 
 
+E = TypeVar("E")
+
+
+class ListedChanges(ChangeRecord, Generic[E]):
+    """A :class:`ChangeRecord` that is the sequence of its changes: ``for e in record`` and
+    ``len(record)`` run over the field named by ``_entries`` (``add_norm_``'s ``inserted``,
+    ``residual_``'s ``wrapped``)."""
+
+    _entries: ClassVar[str]
+
+    def __iter__(self) -> Iterator[E]:
+        return iter(getattr(self, self._entries))
+
+    def __len__(self) -> int:
+        return len(getattr(self, self._entries))
+
+
 __all__ = [
-    "ALL_WEIGHT_LAYERS", "DROPOUTS", "NORMS", "WEIGHT_LAYERS", "ChangeRecord", "activation_of",
+    "ALL_WEIGHT_LAYERS", "DROPOUTS", "NORMS", "WEIGHT_LAYERS", "ChangeRecord", "ListedChanges", "activation_of",
     "add_to_optimizer", "check_optimizer", "check_patterns", "count", "free_name",
     "function_activation", "graph_module", "is_builtin", "join", "match", "set_submodule",
     "trace_own",

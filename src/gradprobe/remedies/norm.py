@@ -54,9 +54,8 @@ Example
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Literal, get_args
+from typing import ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -91,7 +90,7 @@ class Skipped:
 
 
 @dataclass(frozen=True)
-class NormRecord(S.ChangeRecord):
+class NormRecord(S.ListedChanges[Inserted]):
     """What :func:`add_norm_` changed. ``model`` is the model to use from now on."""
 
     kind: str
@@ -101,12 +100,7 @@ class NormRecord(S.ChangeRecord):
     rewritten: tuple[str, ...] = ()
     added_to_optimizer: int = 0
     model: nn.Module | None = field(default=None, repr=False, compare=False)
-
-    def __iter__(self) -> Iterator[Inserted]:
-        return iter(self.inserted)
-
-    def __len__(self) -> int:
-        return len(self.inserted)
+    _entries: ClassVar[str] = "inserted"
 
     def __str__(self) -> str:
         return self._text(

@@ -39,8 +39,8 @@ Example
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -78,7 +78,7 @@ class Wrapped:
 
 
 @dataclass(frozen=True)
-class ResidualRecord(S.ChangeRecord):
+class ResidualRecord(S.ListedChanges[Wrapped]):
     """What :func:`residual_` changed. ``model`` is the model to use from now on."""
 
     wrapped: tuple[Wrapped, ...]
@@ -86,12 +86,7 @@ class ResidualRecord(S.ChangeRecord):
     skipped: tuple[str, ...] = ()
     added_to_optimizer: int = 0
     model: nn.Module | None = field(default=None, repr=False, compare=False)
-
-    def __iter__(self) -> Iterator[Wrapped]:
-        return iter(self.wrapped)
-
-    def __len__(self) -> int:
-        return len(self.wrapped)
+    _entries: ClassVar[str] = "wrapped"
 
     def __str__(self) -> str:
         def span(w: Wrapped) -> str:
