@@ -258,3 +258,41 @@ def test_figures_compute_no_statistics():
            for hit in statistics_in_figures(p.read_text(encoding="utf-8"))]
     assert not bad, "figures read statistics from the results, they do not compute them:\n" + \
         "\n".join(bad)
+
+
+MAX_LINES = 500
+"""Each module holds one concept a reader can keep in mind (issue 9): at most this many lines."""
+
+LONG_MODULES = {
+    # Modules still over MAX_LINES, each being split in its own change; remove an entry once
+    # its module is under the limit (test_the_allow_list_is_not_stale says when).
+    "gradprobe.capture.probe",
+    "gradprobe.capture.recorder",
+    "gradprobe.store.writer",
+}
+
+
+def too_long(lengths: dict[str, int], allowed: set[str], limit: int = MAX_LINES) -> list[str]:
+    """``module (n lines)`` for every module over ``limit`` that ``allowed`` does not list."""
+    return [f"{m} ({n} lines)" for m, n in sorted(lengths.items()) if n > limit and m not in allowed]
+
+
+def line_counts() -> dict[str, int]:
+    return {m: len(p.read_text(encoding="utf-8").splitlines()) for m, p in modules().items()}
+
+
+def test_a_planted_long_module_is_found():
+    lengths = {"gradprobe.a": MAX_LINES, "gradprobe.b": MAX_LINES + 1, "gradprobe.c": 2000}
+    assert too_long(lengths, {"gradprobe.c"}) == [f"gradprobe.b ({MAX_LINES + 1} lines)"]
+
+
+def test_no_module_is_over_500_lines():
+    bad = too_long(line_counts(), LONG_MODULES)
+    assert not bad, (f"modules over {MAX_LINES} lines (split them along a seam: one concept per "
+                     "file):\n" + "\n".join(bad))
+
+
+def test_the_allow_list_is_not_stale():
+    counts = line_counts()
+    stale = sorted(m for m in LONG_MODULES if counts.get(m, 0) <= MAX_LINES)
+    assert not stale, f"under {MAX_LINES} lines now (or gone): drop from LONG_MODULES: {stale}"
