@@ -10,8 +10,11 @@ experiment module can be read, changed or removed on its own.
   activation, its gradient and the preceding weight's gradient;
 * :func:`saturated_fraction`, :func:`dead_fraction`: the activation table's saturation and
   dead-unit rules as fractions;
-* :func:`standardized_digits` (``load_digits``, pixels standardised) and :func:`running_mean`
-  (the smoothing of loss curves, computed in ``run`` so that figures only draw).
+* :func:`classification_data` (``load_digits`` or ``make_moons`` with the head and loss to use),
+  :func:`standardized_digits` (``load_digits``, pixels standardised) and :func:`running_mean`
+  (the smoothing of loss curves, computed in ``run`` so that figures only draw);
+* :func:`adam_curve`: Adam on cross-entropy over shuffled mini-batches, the loss at every step
+  (for a number of epochs or of steps).
 
 Example
     >>> import torch
@@ -35,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from gradprobe import activations
+from gradprobe.errors import ConfigError
 from gradprobe.lab import data, train
 from gradprobe.remedies.init import InitRecord, Scheme, init_
 
@@ -72,6 +76,21 @@ def initialised_mlp(
     return model, record
 
 
+def classification_data(
+    dataset: str, seed: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, int, train.LossName]:
+    """``(x_train, y_train, x_test, y_test, outputs, loss)``: ``"digits"`` (``load_digits``
+    split 70/30, 10 classes, cross-entropy) or ``"moons"`` (``make_moons``, 1000 points, noise
+    0.1, split 50/50; one logit, binary cross-entropy), from ``seed``."""
+    if dataset == "digits":
+        xtr, ytr, xte, yte = data.digits(seed=seed)
+        return xtr, ytr, xte, yte, 10, "cross_entropy"
+    if dataset == "moons":
+        xtr, ytr, xte, yte = data.moons(1000, noise=0.1, seed=seed)
+        return xtr, ytr, xte, yte, 1, "bce"
+    raise ConfigError(f"unknown dataset {dataset!r}", hint="use 'digits' or 'moons'")
+
+
 def standardized_digits(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``load_digits`` split 70/30 (:func:`gradprobe.lab.data.digits`), each pixel standardised
     with the training set's mean and std (constant pixels keep std 1)."""
@@ -89,6 +108,40 @@ def running_mean(curve: np.ndarray, k: int) -> np.ndarray:
     out = np.convolve(curve, np.ones(k) / k, mode="full")[: len(curve)]
     out[: k - 1] = np.cumsum(curve[: k - 1]) / np.arange(1, k)
     return out
+
+
+def adam_curve(
+    model: nn.Module, x: Tensor, y: Tensor, *, batch: int, lr: float, seed: int,
+    epochs: int | None = None, steps: int | None = None, min_batch: int = 1,
+) -> np.ndarray:
+    """Adam (``lr``) on the cross-entropy of ``model(x[idx])`` against ``y[idx]`` over shuffled
+    mini-batches of ``batch``, a new permutation every epoch (:meth:`train.Loop.order`, so
+    ``train.fit`` shuffles alike); the loss at every step, one host transfer at the end.
+
+    Runs ``epochs`` epochs (every batch size sees the same examples, in ``epochs·n/batch`` steps)
+    or, with ``steps``, exactly that many steps across as many epochs as it takes. Batches of
+    fewer than ``min_batch`` examples are skipped (BatchNorm cannot train on one sample).
+    """
+    if (epochs is None) == (steps is None):
+        raise ValueError("adam_curve: give epochs or steps, not both")
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses: list[Tensor] = []
+    n = x.shape[0]
+    model.train()
+    epoch = 0
+    while (len(losses) < steps) if steps is not None else (epoch < cast(int, epochs)):
+        for idx in train.Loop.order(n, seed, epoch).split(batch):
+            if len(losses) == steps:
+                break
+            if len(idx) < min_batch:
+                continue
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        epoch += 1
+    return torch.stack(losses).numpy().astype(float)
 
 
 @dataclass
@@ -169,6 +222,8 @@ def dead_fraction(spec: activations.ActivationSpec, a: Tensor) -> float:
 
 __all__ = [
     "Signals",
+    "adam_curve",
+    "classification_data",
     "dead_fraction",
     "initialised_mlp",
     "propagate",

@@ -101,7 +101,8 @@ def make_optimizer(
     return cls(params, **kwargs)
 
 
-def _loss_fn(name: str) -> Callable[..., Tensor]:
+def loss_function(name: str) -> Callable[..., Tensor]:
+    """The loss called ``name`` (:data:`LossName`), as ``f(output, target) -> Tensor``."""
     if name == "bce":  # the model outputs logits; sigmoid + binary cross-entropy, stably fused
         return nn.functional.binary_cross_entropy_with_logits
     if name == "cross_entropy":
@@ -137,7 +138,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 def loss_value(model: nn.Module, x: Tensor, y: Tensor, loss: LossName = "bce") -> float:
     """The mean loss of ``model`` on ``(x, y)`` in evaluation mode."""
-    return float(_loss_fn(loss)(predict(model, x), y))
+    return float(loss_function(loss)(predict(model, x), y))
 
 
 @dataclass
@@ -201,7 +202,7 @@ class Loop:
             raise ConfigError(f"epochs={self.epochs} must be 0 or more", hint="e.g. epochs=100")
 
     def loss_fn(self) -> Callable[..., Tensor]:
-        return _loss_fn(self.loss)
+        return loss_function(self.loss)
 
     def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
         return make_optimizer(self.optimizer, params, lr=self.lr,
@@ -465,6 +466,7 @@ __all__ = [
     "fit",
     "threads",
     "fit_stacked",
+    "loss_function",
     "loss_value",
     "make_optimizer",
     "predict",

@@ -35,9 +35,16 @@ from torch import Tensor, nn
 
 from gradprobe import activations
 from gradprobe.errors import ConfigError
-from gradprobe.lab import data, train
+from gradprobe.lab import train
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
-from gradprobe.lab.common import dead_fraction, initialised_mlp, propagate, saturated_fraction
+from gradprobe.lab.common import (
+    classification_data,
+    dead_fraction,
+    initialised_mlp,
+    propagate,
+    saturated_fraction,
+)
+from gradprobe.lab.config_checks import need_at_least
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -64,9 +71,9 @@ class ActivationStudyConfig:
                               hint="e.g. activations=relu,tanh")
         for a in self.activations:
             activations.get(a)
-        if self.depth < 2 or self.width < 1 or self.batch_size < 1 or self.epochs < 0:
-            raise ConfigError("activations: depth >= 2, width >= 1, batch_size >= 1, epochs >= 0",
-                              hint="e.g. depth=20, width=64")
+        need_at_least(NAME, self, 2, "depth")
+        need_at_least(NAME, self, 1, "width", "batch_size")
+        need_at_least(NAME, self, 0, "epochs")
         if self.dataset not in ("digits", "moons"):
             raise ConfigError(f"activations: unknown dataset {self.dataset!r}",
                               hint="use 'digits' or 'moons'")
@@ -75,8 +82,7 @@ class ActivationStudyConfig:
 def measure(model: nn.Sequential, x: Tensor, y: Tensor, loss: str) -> dict[str, float | list[float]]:
     """Dead and saturated fractions (mean over hidden layers) and the gradient profile, in
     evaluation mode (the mode is restored)."""
-    lossf = nn.functional.cross_entropy if loss == "cross_entropy" else \
-        nn.functional.binary_cross_entropy_with_logits
+    lossf = train.loss_function(loss)
     was = model.training
     model.eval()
     try:
@@ -96,13 +102,7 @@ def measure(model: nn.Sequential, x: Tensor, y: Tensor, loss: str) -> dict[str, 
 def run(config: ActivationStudyConfig, *, progress: Progress = no_progress,
         out: Path | None = None) -> LabResult:
     config.validate()
-    if config.dataset == "digits":
-        xtr, ytr, xte, yte = data.digits(seed=config.seed)
-        n_out, loss = 10, "cross_entropy"
-    else:  # moons
-        xtr, ytr, xte, yte = data.moons(1000, noise=0.1, seed=config.seed)
-        n_out, loss = 1, "bce"
-    loss_name: train.LossName = "cross_entropy" if loss == "cross_entropy" else "bce"
+    xtr, ytr, xte, yte, n_out, loss = classification_data(config.dataset, config.seed)
     rows, profiles, curves = [], {}, {}
     for k, name in enumerate(config.activations):
         spec = activations.get(name)
@@ -112,7 +112,7 @@ def run(config: ActivationStudyConfig, *, progress: Progress = no_progress,
                                         bias=True, head=n_out)
         before = measure(model, xtr, ytr, loss)
         with train.seeded(config.seed + k):  # RReLU draws its slopes from the global RNG
-            fit = train.fit(model, xtr, ytr, loss=loss_name, optimizer="adam", lr=config.lr,
+            fit = train.fit(model, xtr, ytr, loss=loss, optimizer="adam", lr=config.lr,
                             epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
                             x_test=xte, y_test=yte)
         after = measure(model, xtr, ytr, loss)

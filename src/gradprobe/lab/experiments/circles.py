@@ -54,6 +54,7 @@ from gradprobe.errors import ConfigError
 from gradprobe.lab import data as lab_data
 from gradprobe.lab import train, zoo
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
+from gradprobe.lab.config_checks import need_at_least, need_positive, need_within
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -90,18 +91,10 @@ class CirclesConfig:
     activations: tuple[str, ...] = ("sigmoid", "tanh", "relu")
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size", "seeds", "n_samples", "width"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1",
-                                  hint=f"e.g. --{name.replace('_', '-')} "
-                                       f"{CirclesConfig.__dataclass_fields__[name].default}")
-        if not (self.weight_std > 0) or not np.isfinite(self.weight_std):
-            raise ConfigError(f"weight_std={self.weight_std} must be positive", hint="e.g. 1.0")
-        if not (0 < self.factor < 1) or self.noise < 0:
-            raise ConfigError(
-                f"factor={self.factor} must lie in (0, 1) and noise={self.noise} be >= 0",
-                hint="the tutorial uses --factor 0.5 --noise 0.1",
-            )
+        need_at_least(NAME, self, 1, "epochs", "batch_size", "seeds", "n_samples", "width")
+        need_positive(NAME, self, "weight_std")
+        need_within(NAME, self, "factor", 0, 1, closed=(False, False))
+        need_at_least(NAME, self, 0, "noise")
         if not self.activations:
             raise ConfigError("activations is empty", hint="e.g. --activations sigmoid,tanh,relu")
         for act in self.activations:

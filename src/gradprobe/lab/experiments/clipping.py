@@ -45,10 +45,10 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from gradprobe.errors import ConfigError
 from gradprobe.lab import train
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
 from gradprobe.lab.common import standardized_digits
+from gradprobe.lab.config_checks import need_at_least, need_positive, need_within
 from gradprobe.remedies import clip_gradients_, regularize_
 from gradprobe.remedies.optim import total_norm
 
@@ -81,17 +81,10 @@ class ClippingConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if min(self.depth, self.width, self.steps, self.batch, self.reg_steps) < 1:
-            raise ConfigError("clipping: depth, width, steps, batch and reg_steps must be >= 1",
-                              hint="e.g. --depth 8 --steps 300")
-        for name in ("gain", "lr", "max_norm", "max_value", "reg_lr"):
-            v = getattr(self, name)
-            if not (v > 0 and math.isfinite(v)):
-                raise ConfigError(f"clipping: {name} must be a positive number, got {v}",
-                                  hint=f"e.g. --{name.replace('_', '-')} 1")
-        if not 0 <= self.momentum < 1 or min(self.weight_decay, self.l1, self.l2) < 0:
-            raise ConfigError("clipping: 0 <= momentum < 1 and weight_decay, l1, l2 >= 0",
-                              hint="e.g. --momentum 0.9 --l1 1e-3")
+        need_at_least(NAME, self, 1, "depth", "width", "steps", "batch", "reg_steps")
+        need_positive(NAME, self, "gain", "lr", "max_norm", "max_value", "reg_lr")
+        need_within(NAME, self, "momentum", 0, 1)
+        need_at_least(NAME, self, 0, "weight_decay", "l1", "l2")
 
 
 def build(depth: int, width: int, gain: float, seed: int) -> nn.Sequential:

@@ -26,10 +26,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gradprobe.errors import ConfigError
 from gradprobe.lab import data, train
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
 from gradprobe.lab.common import initialised_mlp, propagate
+from gradprobe.lab.config_checks import need_at_least, need_positive, need_within
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -53,12 +53,10 @@ class DeepReluConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.depth < 2 or self.width < 1 or self.batch_size < 1 or self.epochs < 1:
-            raise ConfigError("deep-relu: depth >= 2, width >= 1, batch_size >= 1, epochs >= 1",
-                              hint="e.g. depth=30, width=64, epochs=30")
-        if not (self.lr > 0 and math.isfinite(self.lr)) or not 0 <= self.momentum < 1:
-            raise ConfigError(f"deep-relu: lr must be > 0 and 0 <= momentum < 1, got lr={self.lr}, "
-                              f"momentum={self.momentum}", hint="e.g. lr=0.01, momentum=0.9")
+        need_at_least(NAME, self, 2, "depth")
+        need_at_least(NAME, self, 1, "width", "batch_size", "epochs")
+        need_positive(NAME, self, "lr")
+        need_within(NAME, self, "momentum", 0, 1)
 
 
 def run(config: DeepReluConfig, *, progress: Progress = no_progress,

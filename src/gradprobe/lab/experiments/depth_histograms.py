@@ -46,6 +46,7 @@ import torch
 from gradprobe.errors import ConfigError
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
 from gradprobe.lab.common import initialised_mlp, propagate, saturated_fraction
+from gradprobe.lab.config_checks import need_at_least
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -77,10 +78,9 @@ class DepthHistogramsConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.depth < 2 or self.n_samples < 2 or self.bins < 2:
-            raise ConfigError("depth-histograms needs depth >= 2, n_samples >= 2 and bins >= 2",
-                              hint="e.g. depth=10, n_samples=2000, bins=60")
-        if self.step < 0 or self.width - self.step * self.depth < 1:
+        need_at_least(NAME, self, 2, "depth", "n_samples", "bins")
+        need_at_least(NAME, self, 0, "step")
+        if self.width - self.step * self.depth < 1:
             raise ConfigError(
                 f"width {self.width} - step {self.step} x depth {self.depth} leaves no units",
                 hint="make width larger than step x depth (default 800, 50, 10)",

@@ -41,10 +41,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gradprobe.errors import ConfigError
 from gradprobe.lab import data, train
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
 from gradprobe.lab.common import sequential_mlp
+from gradprobe.lab.config_checks import need_at_least, need_positive
 from gradprobe.remedies.init import init_
 
 if TYPE_CHECKING:
@@ -76,14 +76,8 @@ class DriftConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.depth < 1 or self.width < 1 or self.epochs < 1 or self.batch_size < 1 or self.seeds < 1:
-            raise ConfigError("drift: depth, width, epochs, batch_size and seeds must be >= 1",
-                              hint="e.g. depth=10, width=64, epochs=30, seeds=3")
-        for name in ("lr_sgd", "lr_adam"):
-            lr = getattr(self, name)
-            if not (lr > 0 and math.isfinite(lr)):
-                raise ConfigError(f"drift: {name}={lr} must be a positive number",
-                                  hint="e.g. lr_sgd=0.1, lr_adam=0.001")
+        need_at_least(NAME, self, 1, "depth", "width", "epochs", "batch_size", "seeds")
+        need_positive(NAME, self, "lr_sgd", "lr_adam")
 
 
 def _build(cfg: DriftConfig, activation: str, scheme: str, seed: int) -> torch.nn.Sequential:

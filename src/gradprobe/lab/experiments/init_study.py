@@ -46,13 +46,19 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from gradprobe import activations
 from gradprobe.errors import ConfigError
 from gradprobe.lab import data, train
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
-from gradprobe.lab.common import initialised_mlp, propagate, sequential_mlp
+from gradprobe.lab.common import (
+    classification_data,
+    initialised_mlp,
+    propagate,
+    sequential_mlp,
+)
+from gradprobe.lab.config_checks import need_at_least, need_positive
 from gradprobe.lab.gains import GAIN_FUNCTIONS, gain_profile, gain_study
 from gradprobe.remedies.init import init_
 
@@ -126,26 +132,13 @@ class InitStudyConfig:
                               hint="choose from: " + ", ".join(INITS))
         for a in self.activations:
             activations.get(a)
-        if self.depth < 2 or self.gain_depth < 2:
-            raise ConfigError("init: depth and gain_depth must be at least 2", hint="e.g. depth=20")
-        if min(self.width, self.gain_width, self.gain_samples, self.batch_size) < 1 or self.epochs < 0:
-            raise ConfigError("init: widths, sample counts and batch_size must be positive, epochs >= 0")
-        if not self.gains or any(not (g > 0 and math.isfinite(g)) for g in self.gains):
-            raise ConfigError(f"init: gains must be positive numbers, got {self.gains}",
-                              hint="e.g. gains=1,1.6667,4")
+        need_at_least(NAME, self, 2, "depth", "gain_depth")
+        need_at_least(NAME, self, 1, "width", "gain_width", "gain_samples", "batch_size")
+        need_at_least(NAME, self, 0, "epochs")
+        need_positive(NAME, self, "gains")
 
 
 # --------------------------------------------------------------------------------- the parts
-def _load(config: InitStudyConfig) -> tuple[Tensor, Tensor, Tensor, Tensor, int, train.LossName]:
-    if config.dataset == "digits":
-        xtr, ytr, xte, yte = data.digits(seed=config.seed)
-        return xtr, ytr, xte, yte, 10, "cross_entropy"
-    if config.dataset == "moons":
-        xtr, ytr, xte, yte = data.moons(1000, noise=0.1, seed=config.seed)
-        return xtr, ytr, xte, yte, 1, "bce"
-    raise ConfigError(f"init: unknown dataset {config.dataset!r}", hint="use 'digits' or 'moons'")
-
-
 def symmetry(activation: str, depth: int, width: int, steps: int, seed: int) -> dict[str, Any]:
     """Zero-initialised MLP on a balanced ``make_moons`` set, full-batch Adam in float64.
 
@@ -191,7 +184,7 @@ def symmetry(activation: str, depth: int, width: int, steps: int, seed: int) -> 
 def run(config: InitStudyConfig, *, progress: Progress = no_progress,
         out: Path | None = None) -> LabResult:
     config.validate()
-    xtr, ytr, xte, yte, n_out, loss_name = _load(config)
+    xtr, ytr, xte, yte, n_out, loss_name = classification_data(config.dataset, config.seed)
     total = len(config.activations) * (len(config.inits) + 1) + 1
     done = 0
 
@@ -223,8 +216,7 @@ def run(config: InitStudyConfig, *, progress: Progress = no_progress,
             model, record = initialised_mlp([xtr.shape[1]] + [config.width] * config.depth, act,
                                             scheme, seed=config.seed, bias=True, head=n_out,
                                             options=kwargs)
-            lossf = nn.functional.cross_entropy if loss_name == "cross_entropy" else \
-                nn.functional.binary_cross_entropy_with_logits
+            lossf = train.loss_function(loss_name)
             batch = slice(0, min(256, len(xtr)))
             sig = propagate(model, xtr[batch], lambda o: lossf(o, ytr[batch]))  # noqa: B023
             norms = [float(g.norm()) for g in sig.weight_grads]

@@ -38,6 +38,7 @@ from torch import nn
 
 from gradprobe.errors import ConfigError
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
+from gradprobe.lab.config_checks import need_at_least, need_positive
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -58,17 +59,9 @@ class LinearChainConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.depth < 2:
-            raise ConfigError(f"depth={self.depth} must be at least 2", hint="e.g. --depth 50")
-        if self.width < 1 or self.batch < 1:
-            raise ConfigError(
-                f"width={self.width} and batch={self.batch} must be at least 1",
-                hint="e.g. --width 2 --batch 4",
-            )
-        if not self.scales or any(not (s > 0) or not np.isfinite(s) for s in self.scales):
-            raise ConfigError(
-                f"scales={self.scales} must be positive numbers", hint="e.g. --scales 1.5,1.0,0.5"
-            )
+        need_at_least(NAME, self, 2, "depth")
+        need_at_least(NAME, self, 1, "width", "batch")
+        need_positive(NAME, self, "scales")
         # float64 holds about 1e±308: the largest value computed is max(a, 1/a)^(depth-1) · |x|.
         worst = max(max(abs(np.log10(s)) for s in self.scales) * (self.depth - 1), 0.0)
         if worst > 290:

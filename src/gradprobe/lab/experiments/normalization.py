@@ -54,7 +54,8 @@ from torch import Tensor, nn
 from gradprobe.errors import ConfigError
 from gradprobe.lab import train, zoo
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
-from gradprobe.lab.common import running_mean, standardized_digits
+from gradprobe.lab.common import adam_curve, running_mean, standardized_digits
+from gradprobe.lab.config_checks import need_at_least, need_positive
 from gradprobe.remedies.norm import add_norm_
 
 if TYPE_CHECKING:
@@ -86,11 +87,8 @@ class NormalizationConfig:
         if not self.batch_sizes or min(self.batch_sizes) < 2:
             raise ConfigError(f"normalization: batch sizes must be >= 2 (BatchNorm needs two "
                               f"samples to train), got {self.batch_sizes}", hint="e.g. 2,8,64")
-        if min(self.epochs, self.mlp_depth, self.width, self.cnn_depth, self.channels) < 1:
-            raise ConfigError("normalization: steps, depths, width and channels must be >= 1",
-                              hint="e.g. --epochs 3 --mlp-depth 10")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"normalization: lr must be > 0, got {self.lr}", hint="e.g. 1e-3")
+        need_at_least(NAME, self, 1, "epochs", "mlp_depth", "width", "cnn_depth", "channels")
+        need_positive(NAME, self, "lr")
 
 
 def build(arch: str, norm: str, config: NormalizationConfig) -> nn.Module:
@@ -120,22 +118,8 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, *, batch: int, epochs: int, lr: 
         ) -> np.ndarray:
     """Adam on shuffled mini-batches of ``batch`` (a new permutation every epoch) for ``epochs``
     epochs -- every batch size sees the same examples, in ``epochs·n/batch`` steps; the loss per
-    step."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    n = x.shape[0]
-    losses: list[Tensor] = []
-    model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        for idx in order.split(batch):
-            if len(idx) < 2:  # BatchNorm cannot train on one sample
-                continue
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach())
-    return torch.stack(losses).numpy().astype(float)
+    step. A last batch of one example is skipped: BatchNorm cannot train on it."""
+    return adam_curve(model, x, y, batch=batch, lr=lr, seed=seed, epochs=epochs, min_batch=2)
 
 
 def run(config: NormalizationConfig, *, progress: Progress = no_progress,

@@ -46,9 +46,9 @@ import torch
 from torch import Tensor, nn
 
 from gradprobe import activations
-from gradprobe.errors import ConfigError
 from gradprobe.lab import data, train
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
+from gradprobe.lab.config_checks import need_at_least, need_positive, need_within
 from gradprobe.remedies.standardize import standardize_inputs_
 
 if TYPE_CHECKING:
@@ -81,18 +81,10 @@ class OutliersConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.n_samples < 20 or self.width < 1 or self.epochs < 1 or self.batch_size < 1 \
-                or self.seeds < 1:
-            raise ConfigError("outliers: n_samples >= 20; width, epochs, batch_size, seeds >= 1",
-                              hint="e.g. n_samples=2000, width=32, epochs=20, seeds=3")
-        if not (0 < self.outlier_fraction < 0.5):
-            raise ConfigError(f"outliers: outlier_fraction={self.outlier_fraction} must lie in "
-                              "(0, 0.5)", hint="e.g. outlier_fraction=0.005 (5 rows in 1000)")
-        for name in ("magnitude", "lr", "clip"):
-            v = getattr(self, name)
-            if not (v > 0 and math.isfinite(v)):
-                raise ConfigError(f"outliers: {name}={v} must be a positive number",
-                                  hint="e.g. magnitude=10000, lr=0.1, clip=5")
+        need_at_least(NAME, self, 20, "n_samples")
+        need_at_least(NAME, self, 1, "width", "epochs", "batch_size", "seeds")
+        need_within(NAME, self, "outlier_fraction", 0, 0.5, closed=(False, False))
+        need_positive(NAME, self, "magnitude", "lr", "clip")
         activations.get(self.activation)
 
 

@@ -41,9 +41,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gradprobe.errors import ConfigError
 from gradprobe.lab import data, train, zoo
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
+from gradprobe.lab.config_checks import need_at_least, need_positive, need_within
 from gradprobe.remedies.init import init_
 from gradprobe.remedies.pretrain import pretrain_
 
@@ -73,18 +73,10 @@ class PretrainingConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        for name in ("depth", "width", "epochs", "pretrain_epochs", "batch_size", "seeds"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"pretraining: {name}={getattr(self, name)} must be >= 1",
-                                  hint="e.g. depth=5, width=100, epochs=30, pretrain_epochs=20")
-        for name in ("pretrain_lr", "lr_sigmoid", "lr_relu"):
-            v = getattr(self, name)
-            if not (v > 0 and math.isfinite(v)):
-                raise ConfigError(f"pretraining: {name}={v} must be a positive number",
-                                  hint="e.g. lr_sigmoid=0.1, lr_relu=0.01, pretrain_lr=0.01")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"pretraining: momentum={self.momentum} must lie in [0, 1)",
-                              hint="e.g. momentum=0.9")
+        need_at_least(NAME, self, 1, "depth", "width", "epochs", "pretrain_epochs", "batch_size",
+                      "seeds")
+        need_positive(NAME, self, "pretrain_lr", "lr_sigmoid", "lr_relu")
+        need_within(NAME, self, "momentum", 0, 1)
 
 
 def run(config: PretrainingConfig, *, progress: Progress = no_progress,

@@ -38,10 +38,10 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from gradprobe.errors import ConfigError
 from gradprobe.lab import train
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
-from gradprobe.lab.common import running_mean, standardized_digits
+from gradprobe.lab.common import adam_curve, running_mean, standardized_digits
+from gradprobe.lab.config_checks import need_at_least, need_positive
 from gradprobe.remedies.residual import Residual, residual_
 
 if TYPE_CHECKING:
@@ -64,14 +64,9 @@ class ResidualConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if not self.depths or min(self.depths) < 2:
-            raise ConfigError(f"residual: depths must be >= 2, got {self.depths}",
-                              hint="e.g. --depths 10,50,100")
-        if min(self.width, self.steps, self.batch) < 1:
-            raise ConfigError("residual: width, steps and batch must be >= 1",
-                              hint="e.g. --width 64 --steps 300")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"residual: lr must be > 0, got {self.lr}", hint="e.g. 1e-3")
+        need_at_least(NAME, self, 2, "depths")
+        need_at_least(NAME, self, 1, "width", "steps", "batch")
+        need_positive(NAME, self, "lr")
 
 
 def build(depth: int, width: int, residual: bool, seed: int, *, scaled: bool = False
@@ -137,22 +132,8 @@ def gradient_profile(model: nn.Sequential, x: Tensor, y: Tensor) -> tuple[np.nda
 
 def fit(model: nn.Module, x: Tensor, y: Tensor, config: ResidualConfig) -> np.ndarray:
     """Adam for ``steps`` steps on shuffled mini-batches; the loss per step."""
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    losses: list[Tensor] = []
-    epoch = 0
-    n = x.shape[0]
-    while len(losses) < config.steps:
-        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        for idx in torch.randperm(n, generator=gen).split(config.batch):
-            if len(losses) == config.steps:
-                break
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach())
-        epoch += 1
-    return torch.stack(losses).numpy().astype(float)
+    return adam_curve(model, x, y, batch=config.batch, lr=config.lr, seed=config.seed,
+                      steps=config.steps)
 
 
 def run(config: ResidualConfig, *, progress: Progress = no_progress, out: Path | None = None

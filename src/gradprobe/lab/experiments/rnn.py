@@ -56,10 +56,10 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from gradprobe.errors import ConfigError
 from gradprobe.lab import train
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
 from gradprobe.lab.common import running_mean
+from gradprobe.lab.config_checks import need_at_least, need_positive
 from gradprobe.lab.sequences import (
     ADDING_BASELINE,
     KINDS,
@@ -110,21 +110,10 @@ class RnnConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if not self.lengths or min(self.lengths) < 4:
-            raise ConfigError(f"rnn: every sequence length must be >= 4, got {self.lengths}",
-                              hint="e.g. --lengths 10,50")
-        if (self.hidden < 1 or min(self.steps, self.order_steps, self.sgd_steps) < 1 or self.batch < 1
-                or self.spectral_length < 2):
-            raise ConfigError("rnn: hidden, steps, batch >= 1 and spectral_length >= 2",
-                              hint="e.g. --hidden 64 --steps 400 --batch 64")
-        for name in ("lr", "max_norm", "relu_gain", "sgd_lr"):
-            v = getattr(self, name)
-            if not (v > 0 and math.isfinite(v)):
-                raise ConfigError(f"rnn: {name} must be a positive number, got {v}",
-                                  hint=f"e.g. --{name.replace('_', '-')} 1.0")
-        if not self.radii or any(not (r > 0 and math.isfinite(r)) for r in self.radii):
-            raise ConfigError(f"rnn: radii must be positive numbers, got {self.radii}",
-                              hint="e.g. --radii 0.9,1,1.1")
+        need_at_least(NAME, self, 4, "lengths")
+        need_at_least(NAME, self, 1, "hidden", "steps", "order_steps", "sgd_steps", "batch")
+        need_at_least(NAME, self, 2, "spectral_length")
+        need_positive(NAME, self, "lr", "max_norm", "relu_gain", "sgd_lr", "radii")
 
 
 # -------------------------------------------------------------------------------- training

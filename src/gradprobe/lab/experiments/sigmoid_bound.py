@@ -42,6 +42,7 @@ from torch import nn
 from gradprobe import activations
 from gradprobe.errors import ConfigError
 from gradprobe.lab.base import Claim, LabResult, Progress, no_progress, register
+from gradprobe.lab.config_checks import need_at_least
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -64,11 +65,7 @@ class SigmoidBoundConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.depth < 1 or self.width < 1 or self.batch < 1:
-            raise ConfigError(
-                f"depth={self.depth}, width={self.width}, batch={self.batch} must all be >= 1",
-                hint="e.g. --depth 10 --width 128 --batch 512",
-            )
+        need_at_least(NAME, self, 1, "depth", "width", "batch")
         unknown = [a for a in self.activations if a not in MAX_DERIVATIVE]
         if unknown or not self.activations:
             raise ConfigError(
