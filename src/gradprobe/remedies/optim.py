@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
+from typing_extensions import Self
 
 from gradprobe.errors import ConfigError
 
@@ -143,6 +144,22 @@ def _loss_scale(optimizer: torch.optim.Optimizer, scaler: Any) -> Tensor | None:
     return None
 
 
+class _Attached:
+    """A record of a hook attached to an optimizer (a frozen dataclass declaring ``_handle``):
+    ``remove()`` detaches it, and so does leaving a ``with`` block."""
+
+    _handle: Any
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
 class _ClipHook:
     """The step pre-hook of :func:`clip_gradients_` (a class so a second attach is detected)."""
 
@@ -175,7 +192,7 @@ class _ClipHook:
 
 
 @dataclass(frozen=True)
-class ClipRecord:
+class ClipRecord(_Attached):
     """What :func:`clip_gradients_` attached. ``remove()`` detaches it (also on ``with`` exit)."""
 
     max_norm: float | None
@@ -183,15 +200,6 @@ class ClipRecord:
     n_params: int
     scaler: bool
     _handle: Any = field(repr=False, compare=False)
-
-    def remove(self) -> None:
-        self._handle.remove()
-
-    def __enter__(self) -> ClipRecord:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
 
     def __str__(self) -> str:
         parts = [f"value to ±{self.max_value:g}"] if self.max_value is not None else []
@@ -292,22 +300,13 @@ class _PenaltyHook:
 
 
 @dataclass(frozen=True)
-class PenaltyRecord:
+class PenaltyRecord(_Attached):
     """What :func:`regularize_` attached. ``remove()`` detaches it (also on ``with`` exit)."""
 
     l1: float
     l2: float
     n_params: int
     _handle: Any = field(repr=False, compare=False)
-
-    def remove(self) -> None:
-        self._handle.remove()
-
-    def __enter__(self) -> PenaltyRecord:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
 
     def __str__(self) -> str:
         return (f"penalty gradient at each step: l1={self.l1:g} (sign(w)), l2={self.l2:g} (w), "
