@@ -137,6 +137,15 @@ def _steps(scalars: pd.DataFrame, kind: str) -> np.ndarray:
     return scalars.loc[scalars["kind"] == kind, "step"].to_numpy()
 
 
+def _over_steps(scalars: pd.DataFrame, kind: str, column: str, info: Layers,
+                max_points: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """The steps where ``kind`` was recorded, the ones drawn (at most ``max_points``, first and
+    last kept: :func:`thin_steps`), and the step x layer table of ``column`` at those."""
+    recorded = _steps(scalars, kind)
+    steps = thin_steps(recorded, max_points)
+    return recorded, steps, pivot(scalars, kind, column, info.order, steps)
+
+
 def _ticks(ax: Any, axis: str, names: Sequence[str], info: Layers, cap: int) -> None:
     shown = legend_pick(names, cap)
     pos = [list(names).index(n) for n in shown]
@@ -151,9 +160,7 @@ def _ticks(ax: Any, axis: str, names: Sequence[str], info: Layers, cap: int) -> 
 
 def grad_rms(scalars: pd.DataFrame, info: Layers) -> Plot | None:
     """Parameter-gradient RMS per layer over steps."""
-    all_steps = _steps(scalars, "grad")
-    steps = thin_steps(all_steps)
-    table = pivot(scalars, "grad", "rms", info.order, steps)
+    all_steps, steps, table = _over_steps(scalars, "grad", "rms", info)
     if table.empty:
         return None
     fig, axes = style.figure(1, 1, size=(9.5, 4.2))
@@ -170,9 +177,7 @@ def grad_rms(scalars: pd.DataFrame, info: Layers) -> Plot | None:
 
 def grad_heatmap(scalars: pd.DataFrame, info: Layers) -> Plot | None:
     """Layer x step raster of parameter-gradient RMS on a log colour scale."""
-    all_steps = _steps(scalars, "grad")
-    steps = thin_steps(all_steps, MAX_HEAT_STEPS)
-    table = pivot(scalars, "grad", "rms", info.order, steps)
+    all_steps, steps, table = _over_steps(scalars, "grad", "rms", info, MAX_HEAT_STEPS)
     if table.empty:
         return None
     image = np.ma.masked_invalid(table.to_numpy(dtype=float).T)
@@ -235,9 +240,7 @@ def act_grad_profile(scalars: pd.DataFrame, info: Layers) -> Plot | None:
 
 def weight_stats(scalars: pd.DataFrame, info: Layers) -> Plot | None:
     """Mean and standard deviation of each layer's parameters over steps (two panels)."""
-    all_steps = _steps(scalars, "weight")
-    steps = thin_steps(all_steps)
-    mean = pivot(scalars, "weight", "mean", info.order, steps)
+    all_steps, steps, mean = _over_steps(scalars, "weight", "mean", info)
     if mean.empty:
         return None
     std = pivot(scalars, "weight", "std", info.order, steps)
