@@ -137,16 +137,8 @@ def test_custom_forward_after_functional_activation():
     torch.testing.assert_close(rec.model(x), ref)
 
 
-def _bert():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, vocab_size=50, max_position_embeddings=32)
-    return transformers.BertModel(config)
-
-
-def test_bert_layernorm_works_batchnorm_is_a_clear_error():
-    bert = _bert()
+def test_bert_layernorm_works_batchnorm_is_a_clear_error(make_bert):
+    bert = make_bert()
     rec = add_norm_(bert, "layer")
     assert [e.layer for e in rec] == ["encoder.layer.0.intermediate.dense",
                                       "encoder.layer.1.intermediate.dense", "pooler.dense"]
@@ -156,7 +148,7 @@ def test_bert_layernorm_works_batchnorm_is_a_clear_error():
     bert(input_ids=ids).last_hidden_state.sum().backward()
     assert bert.encoder.layer[0].intermediate.dense[1].weight.grad is not None
 
-    bert = _bert()
+    bert = make_bert()
     add_norm_(bert, "batch")
     with pytest.raises(UnsupportedModelError, match="3-D output") as info:
         bert(input_ids=ids)

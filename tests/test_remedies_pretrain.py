@@ -109,11 +109,8 @@ def test_fine_tuning_after_pretraining_and_optimizer_state_cleared():
     assert F.mse_loss(net(x), y).item() < before
 
 
-def test_not_an_mlp_is_a_clear_error():
-    transformers = pytest.importorskip("transformers")
-    bert = transformers.BertModel(transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        vocab_size=50, max_position_embeddings=32))
+def test_not_an_mlp_is_a_clear_error(make_bert):
+    bert = make_bert()
     with pytest.raises(UnsupportedModelError, match="Embedding with its own parameters"):
         pretrain_(bert, torch.randn(4, 6))
     with pytest.raises(UnsupportedModelError, match="Conv2d"):

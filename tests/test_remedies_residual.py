@@ -122,12 +122,8 @@ def test_conv_eligibility():
     assert net(torch.randn(2, 3, 6, 6)).shape == (2, 8, 6, 6)
 
 
-def test_bert_pooler_is_the_only_square_block():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    bert = transformers.BertModel(transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        vocab_size=50, max_position_embeddings=32))
+def test_bert_pooler_is_the_only_square_block(make_bert):
+    bert = make_bert()
     bert.eval()
     rec = residual_(bert)
     assert [(w.layer, w.at) for w in rec] == [("pooler.dense", "pooler.add")]

@@ -99,11 +99,8 @@ def test_channels_and_constant_features():
         rec.module(torch.randn(2, 7, 5))
 
 
-def test_bert_token_ids_are_a_clear_error():
-    transformers = pytest.importorskip("transformers")
-    bert = transformers.BertModel(transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        vocab_size=50, max_position_embeddings=32))
+def test_bert_token_ids_are_a_clear_error(make_bert):
+    bert = make_bert()
     with pytest.raises(ConfigError, match="not integer data such as token ids") as info:
         standardize_inputs_(bert, torch.randint(0, 50, (4, 6)))
     assert "embeddings" in info.value.hint

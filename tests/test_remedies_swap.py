@@ -160,16 +160,8 @@ def test_untraceable_forward_is_listed_and_traceable_child_is_rewritten():
     model(torch.randn(2, 3)).sum().backward()
 
 
-def _bert():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, vocab_size=50, max_position_embeddings=32)
-    return transformers.BertModel(config)
-
-
-def test_bert_pooler_tanh_is_swapped_and_gelu_needs_from_():
-    bert = _bert()
+def test_bert_pooler_tanh_is_swapped_and_gelu_needs_from_(make_bert):
+    bert = make_bert()
     rec = swap_activations_(bert, "relu")
     assert [(s.name, s.old) for s in rec.swapped] == [("pooler.activation", "tanh")]
     assert type(bert.encoder.layer[0].intermediate.intermediate_act_fn).__name__ == "GELUActivation"
