@@ -44,9 +44,11 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def _train(model: nn.Module, run_dir: str, part: slice) -> None:
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with gp.Probe(model, opt, run_dir=run_dir, flush_every=3) as probe:
+def _train(model: nn.Module, run_dir: str, part: slice, *,
+           opt: torch.optim.Optimizer | None = None, **probe_options) -> None:
+    if opt is None:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gp.Probe(model, opt, run_dir=run_dir, flush_every=3, **probe_options) as probe:
         for step in range(STEPS):
             x, y = _batch(step)
             loss = (model(x[part]) - y[part]).pow(2).mean()
@@ -263,15 +265,7 @@ def _fsdp_worker(rank: int, run_dir: str, port: int) -> None:
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         with pytest.raises(gp.errors.UnsupportedModelError, match="sharded"):
             gp.Probe(model, opt, run_dir=run_dir + "-refused")
-        part = slice(rank * LOCAL, (rank + 1) * LOCAL)
-        with gp.Probe(model, opt, run_dir=run_dir, flush_every=3, kinds=ACT_KINDS) as probe:
-            for step in range(STEPS):
-                x, y = _batch(step)
-                loss = (model(x[part]) - y[part]).pow(2).mean()
-                probe.observe_loss(loss)
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
+        _train(model, run_dir, slice(rank * LOCAL, (rank + 1) * LOCAL), opt=opt, kinds=ACT_KINDS)
     finally:
         tdist.barrier()
         tdist.destroy_process_group()
