@@ -69,6 +69,13 @@ def layer_colors(names: Sequence[str], cmap: str = LAYER_CMAP) -> dict[str, tupl
     return {name: tuple(cm(0.9 * i / max(n - 1, 1))) for i, name in enumerate(names)}
 
 
+def diverging_colors(n: int, cmap: str = "coolwarm") -> list[tuple[float, ...]]:
+    """``n`` colours across a diverging map, blue to red, for values ordered around a middle
+    one (spectral radii below and above 1)."""
+    cm = colormaps[cmap]
+    return [tuple(cm(i / max(n - 1, 1))) for i in range(n)]
+
+
 LINESTYLES = ("-", "--", "-.", ":")
 
 
@@ -229,6 +236,7 @@ __all__ = [
     "category_colors",
     "choose_scale",
     "distinct_colors",
+    "diverging_colors",
     "figure",
     "finish",
     "layer_colors",

@@ -378,7 +378,7 @@ def plot(result: LabResult) -> dict[str, Figure]:
     sfig, saxes = style.figure(1, 3, size=(16.5, 4.6), title=(
         f"Spectral radius ρ of W_hh decides vanishing (ρ < 1) or exploding (ρ > 1), "
         f"T = {config.spectral_length}"))
-    rho_colors = dict(zip(config.radii, _diverging(len(config.radii))))
+    rho_colors = dict(zip(config.radii, style.diverging_colors(len(config.radii))))
     for ax, act in zip(saxes[0, :2], ("linear", "tanh")):
         for rho, g in spec[spec.activation == act].groupby("rho"):
             ax.plot(g["t"], g["ratio"], color=rho_colors[float(rho)], label=f"ρ = {rho:g}")
@@ -449,13 +449,6 @@ def plot(result: LabResult) -> dict[str, Figure]:
     style.legend_outside(ax)
     style.legend_outside(laxes[0, 0])
     return {"gradient_through_time": fig, "spectral_radius": sfig, "loss_curves": lfig}
-
-
-def _diverging(n: int) -> list[Any]:
-    from matplotlib import colormaps
-
-    cm = colormaps["coolwarm"]
-    return [cm(i / max(n - 1, 1)) for i in range(n)]
 
 
 register(NAME, "recurrent nets on the adding and temporal-order tasks: tanh, ReLU, IRNN, LSTM, GRU, "
