@@ -276,16 +276,7 @@ def test_fsdp_activation_statistics_equal_one_process(tmp_path):
 
     pytest.importorskip("torch.distributed.fsdp", reason="torch without FSDP")
     mp.spawn(_fsdp_worker, args=(str(tmp_path / "fsdp"), _free_port()), nprocs=WORLD, join=True)
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with gp.Probe(model, opt, run_dir=tmp_path / "one", flush_every=3, kinds=ACT_KINDS) as probe:
-        for step in range(STEPS):
-            x, y = _batch(step)
-            loss = (model(x) - y).pow(2).mean()
-            probe.observe_loss(loss)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
+    _train(_model(), str(tmp_path / "one"), slice(None), kinds=ACT_KINDS)
     fsdp, one = _frame(str(tmp_path / "fsdp")), _frame(str(tmp_path / "one"))
     assert fsdp.index.equals(one.index)
     table = equality_table(fsdp, one)
