@@ -24,6 +24,10 @@ from gradprobe.lab.base import (
     write,
 )
 
+# The function, not the module: imported here once, so the package attribute stays bound to it
+# (a first `import gradprobe.lab.sweep` after this would not rebind it), as gp.diagnose does.
+from gradprobe.lab.sweep import SweepResult, sweep
+
 
 def list_experiments() -> list[Experiment]:
     """Every registered experiment, in registration order."""
@@ -53,9 +57,11 @@ __all__ = [
     "Claim",
     "Experiment",
     "LabResult",
+    "SweepResult",
     "get",
     "list_experiments",
     "make_config",
     "run",
+    "sweep",
     "write",
 ]
