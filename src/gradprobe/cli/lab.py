@@ -1,4 +1,5 @@
-"""``gradprobe lab list`` and ``gradprobe lab run NAME [--option value ...] [--out DIR] [--seed N]``.
+"""``gradprobe lab list`` and ``gradprobe lab run NAME [--option value ...] [--out DIR] [--seed N]``
+(``gradprobe lab sweep`` lives in :mod:`gradprobe.cli.lab_sweep`).
 
 Options after the experiment's name are its config fields (``--depth 20``, ``--scales 1.5,0.5``,
 ``--depth=20``; dashes and underscores are interchangeable; a bare ``--flag`` sets a boolean),
@@ -170,4 +171,6 @@ def print_result(result: Any, console: Any, out_dir: Path) -> None:
 
 
 def register(root: typer.Typer) -> None:
+    from gradprobe.cli import lab_sweep  # noqa: F401  (adds `lab sweep` to app)
+
     root.add_typer(app, name="lab")

@@ -58,7 +58,9 @@ def local_pool(todo: Todo, root: Path, *, workers: int, address: str | None = No
             try:
                 yield future.result()
             except Exception as exc:  # the process died (BrokenProcessPool), or pickling failed
-                yield failed(config, name, f"worker process failed: {type(exc).__name__}: {exc}")
+                yield failed(config, name, f"worker process failed: {type(exc).__name__}: {exc} "
+                             "(the workers are spawned and import the calling script: call "
+                             "gp.lab.sweep under `if __name__ == '__main__':`)")
 
 
 def import_ray() -> tuple[Any, Any]:

@@ -19,8 +19,10 @@ import pandas as pd
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-ROWS = (("final_loss", "final training loss (mean over the training set)"),
-        ("grad_ratio_last_step", "gradient RMS, first / last weight layer"))
+ROWS = (("final_loss", "final training loss"),
+        ("grad_ratio_last_step", "grad RMS ratio, first / last layer"))
+XLABELS = {"depth": "depth (hidden layers)", "width": "width (units per hidden layer)",
+           "lr": "learning rate"}
 
 
 def _varying(table: pd.DataFrame, axes: Sequence[str]) -> list[str]:
@@ -64,12 +66,13 @@ def plot(table: pd.DataFrame, axes: Sequence[str]) -> Figure:
             scale = style.choose_scale(ok[column].to_numpy(dtype=float))
             if column == "grad_ratio_last_step":
                 ax.axhline(1.0, color="0.4", linewidth=0.8, linestyle=":")
-            title = f"{panel} = {value}" if panel else ("final loss" if row == 0 else
-                                                         "first / last layer gradient")
-            style.finish(ax, title=title if row == 0 or panel else title, xlabel=x if row else "",
+            what = "final loss" if row == 0 else "first / last layer gradient"
+            style.finish(ax, title=f"{what}, {panel} = {value}" if panel else what,
+                         xlabel=XLABELS.get(x, x) if row else "",
                          ylabel=label if col == 0 else "", scale=scale)
-    if pd.api.types.is_integer_dtype(ok[x]):
-        grid[0, 0].xaxis.get_major_locator().set_params(integer=True)
+    ticks = sorted(ok[x].unique())
+    if pd.api.types.is_integer_dtype(ok[x]) and len(ticks) <= 12:
+        grid[0, 0].set_xticks(ticks)
     legend_title = ", ".join(colours) if colours else None
     style.legend_outside(grid[0, -1], title=legend_title)
     return fig

@@ -118,20 +118,20 @@ def coerce(name: str, value: Any) -> Any:
     return value
 
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9.+-]+")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
 
 def run_name(config: TaskConfig, axes: typing.Sequence[str]) -> str:
-    """The folder name of ``config``'s run: ``field-value`` for each grid axis, joined by ``_``,
-    in the grid's order (``activation-relu_depth-4``). Deterministic, so a rerun finds it."""
+    """The folder name of ``config``'s run: ``field=value`` for each grid axis, joined by ``,``
+    in the grid's order (``activation=relu,depth=4``). Deterministic, so a rerun finds it."""
     if not axes:
         return "run"
     parts = []
     for name in axes:
         value = getattr(config, name)
         text = repr(value) if isinstance(value, float) else str(value)
-        parts.append(f"{name}-{_UNSAFE.sub('-', text).strip('-') or 'x'}")
-    return "_".join(parts)
+        parts.append(f"{name}={_UNSAFE.sub('-', text).strip('-') or 'x'}")
+    return ",".join(parts)
 
 
 def _data(config: TaskConfig) -> tuple[Any, ...]:
