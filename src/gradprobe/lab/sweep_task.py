@@ -103,17 +103,22 @@ FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TaskConfig))
 def coerce(name: str, value: Any) -> Any:
     """``value`` as field ``name`` expects it: strings from the command line converted
     (``"4"`` -> 4), ints accepted as floats, anything else of the wrong type refused."""
-    from gradprobe.lab.base import _coerce
+    from gradprobe.lab.base import _coerce, type_name
 
     annotation = typing.get_type_hints(TaskConfig)[name]
-    value = _coerce(name, value, annotation)
+    example = f"give {name} values such as {getattr(TaskConfig(), name)!r}"
+    try:
+        value = _coerce(name, value, annotation)
+    except ConfigError:
+        raise ConfigError(f"grid field {name!r} got {value!r}, which is not a valid "
+                          f"{type_name(annotation)}", hint=example) from None
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     expected = str if typing.get_origin(annotation) is Literal else annotation
     if not isinstance(value, expected) or isinstance(value, bool):
         raise ConfigError(
-            f"grid field {name!r} got {value!r} ({type(value).__name__}), which is not a "
-            f"{expected.__name__}", hint=f"give {name} values such as {getattr(TaskConfig(), name)!r}",
+            f"grid field {name!r} got {value!r} of type {type(value).__name__}, expected "
+            f"{expected.__name__}", hint=example,
         )
     return value
 
