@@ -10,6 +10,9 @@ def register(app: typer.Typer) -> None:
     from gradprobe.cli import lab
 
     lab.register(app)
+    from gradprobe.cli import lab_sweep
+
+    lab_sweep.register(app)
     from gradprobe.cli import preflight
 
     preflight.register(app)

@@ -171,6 +171,4 @@ def print_result(result: Any, console: Any, out_dir: Path) -> None:
 
 
 def register(root: typer.Typer) -> None:
-    from gradprobe.cli import lab_sweep  # noqa: F401  (adds `lab sweep` to app)
-
     root.add_typer(app, name="lab")

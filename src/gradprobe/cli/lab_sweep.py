@@ -20,9 +20,10 @@ import typer
 from gradprobe.cli.lab import _console, _fmt, app
 from gradprobe.errors import ConfigError
 
-SHOWN = ("run", "status", "final_loss", "test_acc", "grad_ratio_first_step",
-         "grad_ratio_last_step", "rules", "error")
-"""The columns printed (``sweep.csv`` holds them all)."""
+SHOWN = ("status", "final_loss", "test_acc", "grad_ratio_first_step", "grad_ratio_last_step",
+         "rules")
+"""The columns printed after the grid's axes, and ``error`` when a run failed (``sweep.csv``
+holds them all)."""
 
 
 def parse_sets(items: list[str]) -> dict[str, list[str]]:
@@ -65,7 +66,6 @@ def build_grid(grid_file: Path | None, sets: list[str]) -> Any:
     return grid
 
 
-@app.command("sweep")
 def sweep_cmd(
     grid_file: Path | None = typer.Option(
         None, "--grid", help="JSON or YAML file: field -> list of values, or a list of configurations."),
@@ -98,12 +98,24 @@ def sweep_cmd(
     result = sweep(grid, out=out, workers=workers, backend=backend,  # type: ignore[arg-type]
                    address=address, notify=notify)
     frame = result.table
+    shown = [*frame.columns[1:frame.columns.get_loc("status")], *SHOWN]
+    shown += ["error"] if result.failed else []
     table = Table(title=f"sweep: {len(frame)} configurations", title_style="bold")
-    for col in SHOWN:
+    for col in shown:
         table.add_column(col, justify="right" if frame[col].dtype.kind in "fiu" else "left")
-    for row in frame[list(SHOWN)].itertuples(index=False):
+    for row in frame[shown].itertuples(index=False):
         table.add_row(*(escape("" if v is None else _fmt(v)) for v in row))
     console.print(table)
     console.print(f"[dim]{len(frame) - len(result.skipped) - len(result.failed)} ran, "
                   f"{len(result.skipped)} skipped (already complete), {len(result.failed)} failed; "
                   f"table and figure written to {escape(str(out))}[/]", highlight=False)
+
+
+def register(root: typer.Typer) -> None:
+    """Add ``sweep`` to the ``lab`` group (``root`` already holds it: see cli/groups.py)."""
+    import dataclasses
+
+    from gradprobe.lab.sweep_task import TaskConfig
+
+    fields = ", ".join(f"{f.name} ({f.default})" for f in dataclasses.fields(TaskConfig))
+    app.command("sweep", epilog=f"Grid fields (default): {fields}.")(sweep_cmd)

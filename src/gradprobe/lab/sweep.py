@@ -31,7 +31,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from gradprobe.errors import ConfigError
-from gradprobe.lab.sweep_task import FIELDS, TaskConfig, coerce, execute, read_record, run_name
+from gradprobe.lab.sweep_task import FIELDS, TaskConfig, coerce, read_record, run_name
 
 Backend = Literal["local", "ray"]
 BACKENDS: tuple[str, ...] = ("local", "ray")
@@ -203,7 +203,7 @@ def make_table(records: Sequence[Mapping[str, Any]], axes: Sequence[str],
             row[col] = r.get(col)
         row["status"] = "failed" if r.get("error") else \
             "skipped" if r["name"] in skipped else "ran"
-        row["rules"] = ", ".join(r.get("rules") or []) if not r.get("error") else None
+        row["rules"] = (", ".join(r.get("rules") or []) or "none") if not r.get("error") else None
         rows.append(row)
     table = pd.DataFrame(rows, columns=["run", *axes, *COLUMNS])
     numeric = [c for c in COLUMNS if c not in ("status", "first_layer", "last_layer", "rules",

@@ -106,7 +106,7 @@ def ray_pool(todo: Todo, root: Path, *, workers: int, address: str | None = None
             tune.with_resources(tune.with_parameters(trial, configs=configs, root=str(root)),
                                 {"cpu": 1}),
             param_space={"run": tune.grid_search(list(configs))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=workers),
+            tune_config=tune.TuneConfig(max_concurrent_trials=workers, reuse_actors=True),
             run_config=tune.RunConfig(storage_path=str(storage), name="tune", verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
