@@ -254,3 +254,23 @@ def test_torch_threads_untouched_in_process(tmp_path):
     gp.lab.sweep({"depth": [1], "epochs": [1], "n_samples": [16]}, out=tmp_path, figure=False)
     assert torch.get_num_threads() == before
     assert sweep_mod.COLUMNS[0] == "status"
+
+
+def test_seed_means_against_a_loop():
+    rng = np.random.default_rng(0)
+    rows = [{"run": f"r{i}", "activation": a, "depth": d, "seed": s, "status": st,
+             "final_loss": rng.uniform(0.1, 1), "grad_ratio_last_step": 10.0 ** rng.uniform(-6, 1)}
+            for i, (a, d, s, st) in enumerate(
+                (a, d, s, "failed" if (a, d, s) == ("tanh", 2, 1) else "ran")
+                for a in ("relu", "tanh") for d in (1, 2) for s in (0, 1, 2))]
+    table = pd.DataFrame(rows)
+    means = sweep_mod.seed_means(table, ["activation", "depth", "seed"]).set_index(
+        ["activation", "depth"])
+    for (a, d), got in means.iterrows():
+        runs = [r for r in rows if (r["activation"], r["depth"]) == (a, d) and r["status"] == "ran"]
+        assert got["runs"] == len(runs) == (2 if (a, d) == ("tanh", 2) else 3)
+        assert got["final_loss"] == pytest.approx(sum(r["final_loss"] for r in runs) / len(runs))
+        geo = math.prod(r["grad_ratio_last_step"] for r in runs) ** (1 / len(runs))
+        assert got["grad_ratio_last_step"] == pytest.approx(geo, rel=1e-12)
+    only_seed = sweep_mod.seed_means(table[table["activation"] == "relu"], ["seed"])
+    assert only_seed["runs"].tolist() == [6]

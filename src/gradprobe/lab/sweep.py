@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 
 from gradprobe.errors import ConfigError
@@ -212,6 +213,20 @@ def make_table(records: Sequence[Mapping[str, Any]], axes: Sequence[str],
     return table
 
 
+def seed_means(table: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
+    """One row per configuration apart from its seed (the grid's other axes), over the runs
+    that did not fail: ``runs``, the mean ``final_loss`` and the geometric mean of
+    ``grad_ratio_last_step`` (a ratio, drawn on a log axis; its positive values only)."""
+    ok = table[table["status"] != "failed"].assign(_all="all")
+    keys = [a for a in axes if a != "seed"] or ["_all"]
+    ratio = ok["grad_ratio_last_step"].where(ok["grad_ratio_last_step"] > 0)
+    groups = ok.assign(_log_ratio=np.log(ratio)).groupby(keys, sort=False, dropna=False)
+    means = groups.agg(runs=("run", "size"), final_loss=("final_loss", "mean"),
+                       grad_ratio_last_step=("_log_ratio", "mean"))
+    means["grad_ratio_last_step"] = np.exp(means["grad_ratio_last_step"])
+    return means.reset_index().drop(columns=["_all"], errors="ignore")
+
+
 def write(result: SweepResult, root: Path, axes: Sequence[str], *, figure: bool = True) -> list[Path]:
     """``sweep.csv``, ``sweep.md`` and (with ``figure``) ``sweep.png``/``.svg`` under ``root``,
     each written to a temporary name and renamed."""
@@ -231,11 +246,11 @@ def write(result: SweepResult, root: Path, axes: Sequence[str], *, figure: bool 
     if figure and result.runs:
         from gradprobe.lab.sweep_plot import plot
 
-        fig = plot(result.table, axes)
+        fig = plot(result.table, seed_means(result.table, axes), axes)
         for fmt in ("png", "svg"):
             atomic(f"sweep.{fmt}", lambda p, f=fmt: _save_figure(fig, f, p))  # type: ignore[misc]
     return files
 
 
-__all__ = ["BACKENDS", "COLUMNS", "SweepResult", "expand", "load_grid", "make_table", "sweep",
-           "write"]
+__all__ = ["BACKENDS", "COLUMNS", "SweepResult", "expand", "load_grid", "make_table",
+           "seed_means", "sweep", "write"]
