@@ -274,3 +274,21 @@ def test_seed_means_against_a_loop():
         assert got["grad_ratio_last_step"] == pytest.approx(geo, rel=1e-12)
     only_seed = sweep_mod.seed_means(table[table["activation"] == "relu"], ["seed"])
     assert only_seed["runs"].tolist() == [6]
+
+
+def test_ray_results_that_cannot_be_collected_are_errors(tmp_path):
+    """A failed trial, and a run written where this machine cannot see it (a cluster without a
+    shared --out), become error rows naming the cause (no Ray needed: Tune's Result faked)."""
+    from types import SimpleNamespace
+
+    backends = importlib.import_module("gradprobe.lab.sweep_backends")
+    config = TaskConfig(depth=1)
+    crashed = SimpleNamespace(metrics={}, error=RuntimeError("actor died\nunexpectedly"))
+    record = backends._collect(crashed, config, "depth=1", tmp_path)
+    assert record["error"] == "Ray trial failed: actor died unexpectedly"
+    elsewhere = SimpleNamespace(error=None, metrics={"record": json.dumps(
+        {"name": "depth=1", "config": {}, "error": None, "final_loss": 0.5})})
+    record = backends._collect(elsewhere, config, "depth=1", tmp_path)
+    assert "every node shares" in record["error"] and record["config"]["depth"] == 1
+    table = sweep_mod.make_table([record], ["depth"])
+    assert table["status"].tolist() == ["failed"] and math.isnan(table["final_loss"].iloc[0])

@@ -28,9 +28,12 @@ def test_ray_backend_gives_the_local_table(tmp_path):
     assert not ray.is_initialized()
     local = gp.lab.sweep(GRID, out=tmp_path / "local", workers=1, figure=False)
     start = time.perf_counter()
-    remote = gp.lab.sweep(GRID, out=tmp_path / "ray", workers=2, backend="ray")
+    lines: list[str] = []
+    remote = gp.lab.sweep(GRID, out=tmp_path / "ray", workers=1, backend="ray",
+                          notify=lines.append)
     seconds = time.perf_counter() - start
-    print(f"ray sweep of {len(remote.table)} configurations: {seconds:.1f} s")
+    print(f"ray sweep of {len(remote.table)} configurations: {seconds:.1f} s; {lines[0]}")
+    assert lines[0].startswith("ray: started a local instance in ")
     assert not ray.is_initialized()  # the sweep shut down the instance it started
     a, b = local.table, remote.table
     assert b["run"].tolist() == a["run"].tolist()

@@ -174,7 +174,7 @@ def sweep(
         from gradprobe.lab import sweep_backends
 
         run_all = sweep_backends.ray_pool if backend == "ray" else sweep_backends.local_pool
-        for record in run_all(todo, root, workers=workers, address=address):
+        for record in run_all(todo, root, workers=workers, address=address, notify=say):
             records[record["name"]] = record
             say(f"failed {record['name']}: {record['error']}" if record.get("error")
                 else f"done {record['name']} ({record.get('seconds', 0.0):.1f} s)")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,8 @@ def failed(config: TaskConfig, name: str, why: str) -> dict[str, Any]:
     return {"name": name, "config": dataclasses.asdict(config), "error": why}
 
 
-def local_pool(todo: Todo, root: Path, *, workers: int, address: str | None = None
-               ) -> Iterator[dict[str, Any]]:
+def local_pool(todo: Todo, root: Path, *, workers: int, address: str | None = None,
+               notify: Callable[[str], None] = print) -> Iterator[dict[str, Any]]:
     """Run ``todo`` in ``workers`` spawned processes (in this process when ``workers`` is 1 or
     there is one configuration: no process to start)."""
     if workers == 1 or len(todo) == 1:
@@ -84,8 +85,8 @@ def trial(params: dict[str, Any], *, configs: dict[str, TaskConfig], root: str) 
     tune.report({"record": json.dumps(record, default=str)})
 
 
-def ray_pool(todo: Todo, root: Path, *, workers: int, address: str | None = None
-             ) -> Iterator[dict[str, Any]]:
+def ray_pool(todo: Todo, root: Path, *, workers: int, address: str | None = None,
+             notify: Callable[[str], None] = print) -> Iterator[dict[str, Any]]:
     """Run ``todo`` as trials of one Ray Tune ``Tuner`` (a grid search over the run names),
     at most ``workers`` at once, one CPU each. Joins the cluster at ``address`` when given,
     else starts a local Ray instance of ``workers`` CPUs; shuts down only what it started."""
@@ -96,7 +97,10 @@ def ray_pool(todo: Todo, root: Path, *, workers: int, address: str | None = None
         options: dict[str, Any] = {"log_to_driver": False, "logging_level": "WARNING"}
         if address is None:
             options.update(num_cpus=workers, include_dashboard=False)
+        start = time.perf_counter()
         ray.init(address=address, **options)
+        notify(f"ray: {'joined ' + address if address else 'started a local instance'} in "
+               f"{time.perf_counter() - start:.1f} s")
     storage = root / ".ray"
     shutil.rmtree(storage / "tune", ignore_errors=True)  # the previous sweep's trial logs
     previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
