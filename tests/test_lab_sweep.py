@@ -198,6 +198,13 @@ def test_bad_options_give_one_clear_error(tmp_path, options, message, hint):
     assert not (tmp_path / "never").exists()
 
 
+def test_out_must_be_a_folder(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder") as err:
+        gp.lab.sweep({"depth": [1]}, out=tmp_path / "file")
+    assert "out=" in (err.value.hint or "")
+
+
 def test_ray_missing_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     with pytest.raises(ConfigError, match="needs Ray Tune") as err:

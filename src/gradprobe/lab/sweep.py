@@ -155,6 +155,9 @@ def sweep(
         raise ConfigError("address is for the Ray backend", hint="add backend='ray'")
     say = notify or (lambda line: None)
     root = Path(out).resolve()
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"out={str(out)!r} is a file, not a folder",
+                          hint="give the sweep a folder for its runs, e.g. out='sweeps/a'")
     root.mkdir(parents=True, exist_ok=True)
     names = [run_name(c, axes) for c in configs]
     records: dict[str, dict[str, Any]] = {}
