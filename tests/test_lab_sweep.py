@@ -250,6 +250,9 @@ def test_cli_bad_grid_file(capsys, tmp_path):
     (tmp_path / "bad.json").write_text("{depth: [1]")
     code, _, err = _cli(capsys, "lab", "sweep", "--grid", str(tmp_path / "bad.json"))
     assert code == 2 and "cannot read grid file" in err
+    (tmp_path / "bad.yaml").write_text("depth: [1, 2\nwidth: 3\n")
+    code, _, err = _cli(capsys, "lab", "sweep", "--grid", str(tmp_path / "bad.yaml"))
+    assert code == 2 and "cannot read grid file" in err and "line" in err
     (tmp_path / "list.json").write_text('[{"depth": 1}]')
     code, _, err = _cli(capsys, "lab", "sweep", "--grid", str(tmp_path / "list.json"),
                         "--set", "depth=2")

@@ -115,6 +115,7 @@ def load_grid(path: str | os.PathLike[str]) -> Any:
     if not p.is_file():
         raise ConfigError(f"grid file {str(p)!r} does not exist", hint="pass --grid grid.json")
     text = p.read_text(encoding="utf-8")
+    errors: tuple[type[Exception], ...] = (ValueError,)  # JSONDecodeError is a ValueError
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
             try:
@@ -122,9 +123,10 @@ def load_grid(path: str | os.PathLike[str]) -> Any:
             except ImportError:
                 raise ConfigError("reading a YAML grid needs PyYAML",
                                   hint="pip install pyyaml, or write the grid as JSON") from None
+            errors = (ValueError, yaml.YAMLError)
             return yaml.safe_load(text)
         return json.loads(text)
-    except ValueError as exc:  # JSONDecodeError and yaml.YAMLError's subclasses say where
+    except errors as exc:  # both say where (line, column)
         raise ConfigError(f"cannot read grid file {str(p)!r}: {' '.join(str(exc).split())}",
                           hint="a grid is a mapping of field -> list of values") from None
 
