@@ -130,6 +130,13 @@ def test_a_run_of_another_configuration_is_not_skipped(swept, tmp_path):
     with pytest.raises(ConfigError, match="another configuration") as err:
         gp.lab.sweep(GRID, out=tmp_path)
     assert "new --out" in (err.value.hint or "")
+    # a folder of the same name that the sweep did not complete is never replaced
+    (target / RECORD).unlink()
+    (target / "mine.txt").write_text("keep")
+    with pytest.raises(ConfigError, match="is not a complete run of this sweep") as err:
+        gp.lab.sweep(GRID, out=tmp_path)
+    assert "move or delete it" in (err.value.hint or "")
+    assert (target / "mine.txt").read_text() == "keep"
 
 
 def test_a_failing_configuration_is_a_row_and_the_sweep_goes_on(tmp_path, monkeypatch):

@@ -166,6 +166,9 @@ def sweep(
     todo: list[tuple[TaskConfig, str]] = []
     for config, name in zip(configs, names):
         done = read_record(root / name)
+        if done is None and (root / name).exists():
+            raise ConfigError(f"{root / name} exists and is not a complete run of this sweep",
+                              hint="move or delete it, or give the sweep a new --out folder")
         if done is None:
             todo.append((config, name))
             continue

@@ -219,8 +219,8 @@ def execute(config: TaskConfig | dict[str, Any], out: str | Path, name: str) -> 
         record["seconds"] = time.perf_counter() - start
         (staging / RECORD).write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")
         final = root / name
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # never replace a folder this sweep did not write
+            raise FileExistsError(f"{final} appeared while the run was written")
         staging.replace(final)
     except Exception as exc:  # a failing configuration is a row of the table, not a crash
         shutil.rmtree(staging, ignore_errors=True)
