@@ -34,6 +34,8 @@ def test_ray_backend_gives_the_local_table(tmp_path):
     seconds = time.perf_counter() - start
     print(f"ray sweep of {len(remote.table)} configurations: {seconds:.1f} s; {lines[0]}")
     assert lines[0].startswith("ray: started a local instance in ")
+    said = sorted(line.split(" ")[1] for line in lines[1:] if line.startswith("done "))
+    assert said == sorted(remote.table["run"]) and len(lines) == 5  # one line per trial
     assert not ray.is_initialized()  # the sweep shut down the instance it started
     a, b = local.table, remote.table
     assert b["run"].tolist() == a["run"].tolist()

@@ -184,8 +184,6 @@ def sweep(
         run_all = sweep_backends.ray_pool if backend == "ray" else sweep_backends.local_pool
         for record in run_all(todo, root, workers=workers, address=address, notify=say):
             records[record["name"]] = record
-            say(f"failed {record['name']}: {record['error']}" if record.get("error")
-                else f"done {record['name']} ({record.get('seconds', 0.0):.1f} s)")
     skipped = [n for n in names if n in records and n not in {name for _, name in todo}]
     table = make_table([records[n] for n in names], axes, skipped)
     result = SweepResult(table=table, runs={n: root / n for n in names if not records[n]["error"]},

@@ -37,13 +37,24 @@ def failed(config: TaskConfig, name: str, why: str) -> dict[str, Any]:
     return {"name": name, "config": dataclasses.asdict(config), "error": why}
 
 
+def quiet(line: str) -> None:
+    """The default ``notify``: says nothing."""
+
+
+def announce(record: dict[str, Any], notify: Callable[[str], None]) -> dict[str, Any]:
+    """Say that a configuration finished (``done NAME (s)`` or ``failed NAME: error``)."""
+    notify(f"failed {record['name']}: {record['error']}" if record.get("error")
+           else f"done {record['name']} ({record.get('seconds', 0.0):.1f} s)")
+    return record
+
+
 def local_pool(todo: Todo, root: Path, *, workers: int, address: str | None = None,
-               notify: Callable[[str], None] = print) -> Iterator[dict[str, Any]]:
+               notify: Callable[[str], None] = quiet) -> Iterator[dict[str, Any]]:
     """Run ``todo`` in ``workers`` spawned processes (in this process when ``workers`` is 1 or
     there is one configuration: no process to start)."""
     if workers == 1 or len(todo) == 1:
         for config, name in todo:
-            yield execute(config, root, name)
+            yield announce(execute(config, root, name), notify)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -57,11 +68,12 @@ def local_pool(todo: Todo, root: Path, *, workers: int, address: str | None = No
         for future in as_completed(futures):
             config, name = futures[future]
             try:
-                yield future.result()
+                record = future.result()
             except Exception as exc:  # the process died (BrokenProcessPool), or pickling failed
-                yield failed(config, name, f"worker process failed: {type(exc).__name__}: {exc} "
-                             "(the workers are spawned and import the calling script: call "
-                             "gp.lab.sweep under `if __name__ == '__main__':`)")
+                record = failed(config, name, f"worker process failed: {type(exc).__name__}: "
+                                f"{exc} (the workers are spawned and import the calling script: "
+                                "call gp.lab.sweep under `if __name__ == '__main__':`)")
+            yield announce(record, notify)
 
 
 def import_ray() -> tuple[Any, Any]:
@@ -86,7 +98,7 @@ def trial(params: dict[str, Any], *, configs: dict[str, TaskConfig], root: str) 
 
 
 def ray_pool(todo: Todo, root: Path, *, workers: int, address: str | None = None,
-             notify: Callable[[str], None] = print) -> Iterator[dict[str, Any]]:
+             notify: Callable[[str], None] = quiet) -> Iterator[dict[str, Any]]:
     """Run ``todo`` as trials of one Ray Tune ``Tuner`` (a grid search over the run names),
     at most ``workers`` at once, one CPU each. Joins the cluster at ``address`` when given,
     else starts a local Ray instance of ``workers`` CPUs; shuts down only what it started."""
@@ -101,6 +113,18 @@ def ray_pool(todo: Todo, root: Path, *, workers: int, address: str | None = None
         ray.init(address=address, **options)
         notify(f"ray: {'joined ' + address if address else 'started a local instance'} in "
                f"{time.perf_counter() - start:.1f} s")
+    records: dict[str, dict[str, Any]] = {}
+
+    class Progress(tune.Callback):  # type: ignore[misc,name-defined]
+        """Says each configuration as its trial reports (Tuner.fit returns only at the end)."""
+
+        def on_trial_result(self, iteration: int, trials: Any, trial: Any, result: dict[str, Any],
+                            **info: Any) -> None:
+            name = trial.config.get("run")
+            if name in configs and "record" in result:
+                records[name] = announce(_record(result["record"], configs[name], name, root),
+                                         notify)
+
     storage = root / ".ray"
     shutil.rmtree(storage / "tune", ignore_errors=True)  # the previous sweep's trial logs
     previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
@@ -112,7 +136,8 @@ def ray_pool(todo: Todo, root: Path, *, workers: int, address: str | None = None
             param_space={"run": tune.grid_search(list(configs))},
             tune_config=tune.TuneConfig(max_concurrent_trials=workers, reuse_actors=True),
             run_config=tune.RunConfig(storage_path=str(storage), name="tune", verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=0)),
+                                      failure_config=tune.FailureConfig(max_failures=0),
+                                      callbacks=[Progress()]),
         )
         results = tuner.fit()
     finally:
@@ -128,9 +153,11 @@ def ray_pool(todo: Todo, root: Path, *, workers: int, address: str | None = None
         if name not in configs:
             continue
         seen.add(name)
-        yield _collect(result, configs[name], name, root)
+        yield records[name] if name in records and result.error is None else \
+            announce(_collect(result, configs[name], name, root), notify)
     for name in configs.keys() - seen:
-        yield failed(configs[name], name, "Ray Tune returned no result for this configuration")
+        yield announce(failed(configs[name], name, "Ray Tune returned no result for this "
+                              "configuration"), notify)
 
 
 def _collect(result: Any, config: TaskConfig, name: str, root: Path) -> dict[str, Any]:
@@ -140,6 +167,11 @@ def _collect(result: Any, config: TaskConfig, name: str, root: Path) -> dict[str
     if result.error is not None or text is None:
         why = result.error if result.error is not None else "the trial reported nothing"
         return failed(config, name, f"Ray trial failed: {' '.join(str(why).split())[:300]}")
+    return _record(text, config, name, root)
+
+
+def _record(text: str, config: TaskConfig, name: str, root: Path) -> dict[str, Any]:
+    """The record a trial reported (JSON), checked to be readable in ``root``."""
     record: dict[str, Any] = json.loads(text)
     if not record.get("error") and read_record(root / name) is None:
         return failed(config, name, f"the run was written where this machine cannot see it: "
@@ -147,4 +179,4 @@ def _collect(result: Any, config: TaskConfig, name: str, root: Path) -> dict[str
     return record
 
 
-__all__ = ["failed", "import_ray", "local_pool", "one_thread", "ray_pool", "trial"]
+__all__ = ["announce", "failed", "import_ray", "local_pool", "one_thread", "ray_pool", "trial"]
