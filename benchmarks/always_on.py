@@ -32,7 +32,8 @@ Variants, each on its own copy of the model (same seed) and optimizer:
 * ``tensorboard``: ``SummaryWriter.add_histogram`` of every parameter and gradient each step;
 * ``anomaly``: forward and backward inside ``torch.autograd.detect_anomaly()``.
 
-Timing: one process, one thread. Round 0 warms every variant up and is discarded; then
+Timing: one process, one thread. Round 0 warms every variant up (at least ``--warmup`` steps,
+the anchors one round's steps) and is discarded; then
 ``--repeats`` rounds, the variants in forward then reverse order alternately. In a round every
 variant except the anchors runs the same number of steps (``--steps``, or as many as the bare loop
 runs in ``--round-secs``); the anchors run as many as fit in ``--round-secs`` (at least 1). The
@@ -268,13 +269,14 @@ def _run(v: Variant, n: int, device: torch.device) -> float:
 
 
 def time_workload(wl: Workload, variants: list[str], *, repeats: int, steps: int,
-                  round_secs: float, tmp: Path, warm: bool = True) -> Timing:
-    """Rounds of alternated variants (round 0, a warm-up, discarded unless ``warm`` is
-    False); see the module docstring."""
+                  round_secs: float, tmp: Path, warm: int = 20) -> Timing:
+    """Rounds of alternated variants; round 0, discarded, warms up (the variants other than the
+    anchors for at least ``warm`` steps; no round 0 where ``warm`` is 0). See the module
+    docstring."""
     built = {v: make_variant(v, wl, tmp) for v in variants}
     try:
         # first steps: lazy initialisation, allocator caches; the second step sets the counts
-        first = {v: _run(built[v], 1 + warm, wl.device) for v in variants}
+        first = {v: _run(built[v], 1 + bool(warm), wl.device) for v in variants}
         n_main = steps or max(3, min(5000, round(round_secs / first["bare"])))
         counts = {v: n_main if v not in ANCHORS or steps
                   else max(1, min(n_main, round(round_secs / first[v]))) for v in variants}
@@ -282,7 +284,8 @@ def time_workload(wl: Workload, variants: list[str], *, repeats: int, steps: int
         for r in range(int(not warm), repeats + 1):
             order = variants if r % 2 == 0 else variants[::-1]
             for v in order:
-                t = _run(built[v], counts[v], wl.device)
+                n = counts[v] if r or v in ANCHORS else max(counts[v], warm)
+                t = _run(built[v], n, wl.device)
                 if r > 0:
                     per_step[v].append(t)
     finally:
@@ -308,6 +311,17 @@ def format_timing(t: Timing) -> str:
     return "\n".join(lines)
 
 
+def schedule_line(run_dir: Path) -> str:
+    """What the default attach recorded: its schedule where the Probe has one."""
+    run = gp.Run.open(run_dir)
+    sched = getattr(run, "schedule", None)
+    if sched is None:
+        return f"      default: every={run.meta['config'].get('every')} (no schedule in this Probe)"
+    keep = {k: f"{v:.3g}" if isinstance(v, float) else v for k, v in sched.items()
+            if not isinstance(v, (list, dict))}
+    return "      default schedule: " + ", ".join(f"{k}={v}" for k, v in keep.items())
+
+
 # ------------------------------------------------------------------ command line
 
 
@@ -323,6 +337,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="steps per variant per round (0: as many as bare runs in --round-secs)")
     ap.add_argument("--round-secs", type=float, default=0.4)
     ap.add_argument("--repeats", type=int, default=7, help="timed rounds (after one warm-up)")
+    ap.add_argument("--warmup", type=int, default=20,
+                    help="steps of the warm-up round at least (anchors: one round's steps); "
+                    "the default attach records its first steps in full")
     ap.add_argument("--planted-steps", type=int, default=150,
                     help="length of the run with planted events (0: skip that part)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the planted steps")
@@ -341,7 +358,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--variants: unknown {bad}; choose from {','.join(VARIANTS)}")
     args.names = names
     args.variant_list = ["bare"] + [v for v in VARIANTS if v in variants and v != "bare"]
-    for opt in ("steps", "planted_steps"):
+    for opt in ("steps", "planted_steps", "warmup"):
         if getattr(args, opt) < 0:
             ap.error(f"--{opt.replace('_', '-')} must be >= 0, got {getattr(args, opt)}")
     if args.repeats < 1 or args.round_secs <= 0:
@@ -350,7 +367,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device; "
                  "use --device cpu")
     if args.quick:
-        args.steps, args.repeats = args.steps or 2, 1
+        args.steps, args.repeats, args.warmup = args.steps or 2, 1, 0
         args.planted_steps = min(args.planted_steps, 30) if args.planted_steps else 0
     return args
 
@@ -376,15 +393,17 @@ def main(argv: list[str] | None = None) -> None:
             for wl in wls:
                 print(f"\n{wl.name}: {wl.title}", flush=True)
                 t = time_workload(wl, args.variant_list, repeats=args.repeats, steps=args.steps,
-                                  round_secs=args.round_secs, tmp=tmp, warm=not args.quick)
+                                  round_secs=args.round_secs, tmp=tmp, warm=args.warmup)
                 print(format_timing(t), flush=True)
+                if "default" in t.per_step:
+                    print(schedule_line(tmp / f"{wl.name}-default"), flush=True)
         finally:
             finish_wandb()
         if args.planted_steps:
-            from always_on_planted import format_planted, planted_check
+            from always_on_planted import format_planted, norms_source, planted_check
 
-            print("\nPlanted events, default attach (non-finite: events(); spikes: grad norms "
-                  "of scalars(kinds='grad'))")
+            print(f"\nPlanted events, default attach (non-finite: Run.events(); spikes: "
+                  f"Run.{norms_source()} against an unplanted twin run)")
             for wl in wls:
                 res = planted_check(wl, steps=args.planted_steps, seed=args.seed, tmp=tmp)
                 print(format_planted(wl.name, res), flush=True)

@@ -28,7 +28,7 @@ def test_quick_table_has_every_variant(w1: bench.Workload, tmp_path: Path) -> No
     assert args.variant_list == list(bench.VARIANTS)
     try:
         t = bench.time_workload(w1, args.variant_list, repeats=args.repeats, steps=args.steps,
-                                round_secs=args.round_secs, tmp=tmp_path, warm=False)
+                                round_secs=args.round_secs, tmp=tmp_path, warm=args.warmup)
     finally:
         bench.finish_wandb()
     assert set(t.per_step) == set(bench.VARIANTS)
