@@ -57,6 +57,7 @@ class Planted:
     passname: str
     found: bool
     detail: str
+    near: bool = False  # not found, but an event names its step and layer (another pass)
 
 
 def sites(model: nn.Module) -> tuple[str, str]:
@@ -191,9 +192,10 @@ def planted_check(wl: Workload, *, steps: int, seed: int, tmp: Path, plant: bool
         at = events[events["step"] == step] if len(events) else events
         hit = at[(at["layer"] == layer) & (at["pass"] == passname)] if len(at) else at
         seen = "; ".join(f"{r['layer']} {r['pass']}/{r['kind']}" for _, r in at.iterrows())
+        near = len(hit) == 0 and len(at) > 0 and bool((at["layer"] == layer).any())
         out.append(Planted(what, step, layer, passname, len(hit) > 0,
                            "event found" if len(hit) else
-                           f"no such event (at this step: {seen or 'none'})"))
+                           f"no such event (at this step: {seen or 'none'})", near))
     norms, twin = _norms(run_dir), _norms(twin_dir)
     for s in spikes:
         found, detail = _spike(norms, twin, s, {fwd_step, grad_step, *spikes})
@@ -212,7 +214,9 @@ def format_planted(name: str, res: list[Planted]) -> str:
             ("none  " if p.found else "SOME  ")
         lines.append(f"{name:<5} {p.what:<21} {where:<45} {verdict} {p.detail}")
     planted = [p for p in res if p.step >= 0]
-    lines.append(f"{name:<5} planted events found: {sum(p.found for p in planted)}/{len(planted)}")
+    near = sum(p.near for p in planted)
+    lines.append(f"{name:<5} planted events found: {sum(p.found for p in planted)}/{len(planted)}"
+                 + (f" ({near} more at its step and layer, in another pass)" if near else ""))
     return "\n".join(lines)
 
 
