@@ -328,7 +328,7 @@ def schedule_line(run_dir: Path) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--quick", action="store_true",
-                    help="smoke test: 2 steps per variant, 1 round, no warm-up, 30 planted steps")
+                    help="smoke test: 1 timed step per variant, no warm-up, 25 planted steps")
     ap.add_argument("--workloads", default="W1,W2,W3,W4,W5",
                     help="comma-separated, from " + ",".join(WORKLOADS))
     ap.add_argument("--variants", default=",".join(VARIANTS),
@@ -367,8 +367,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device; "
                  "use --device cpu")
     if args.quick:
-        args.steps, args.repeats, args.warmup = args.steps or 2, 1, 0
-        args.planted_steps = min(args.planted_steps, 30) if args.planted_steps else 0
+        args.steps, args.repeats, args.warmup = args.steps or 1, 1, 0
+        args.planted_steps = min(args.planted_steps, 25) if args.planted_steps else 0
     return args
 
 
