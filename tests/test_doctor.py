@@ -244,3 +244,12 @@ def test_cli_bad_scripts_give_one_line_errors(tmp_path, capsys, name, text, mess
     assert code == 2
     first = err.splitlines()[0]
     assert first.startswith("error: ") and message in first, err
+
+
+@pytest.mark.parametrize("value", [1.5e19, 2.5e-7, 0.89, 520000.0])
+def test_run_directory_names_keep_the_value_of_a_threshold(value):
+    from gradprobe.remedies.doctor import _slug
+
+    slug = _slug(1, Remedy("clip_gradients_", {"max_norm": value}))
+    assert slug.startswith("01-clip-gradients-max-norm-")
+    assert float(slug.rsplit("max-norm-", 1)[1]) == value  # the number read back, sign included

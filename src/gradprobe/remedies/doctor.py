@@ -260,8 +260,10 @@ def candidates(diagnosis: Sequence[Finding], *, allowed: Sequence[str] | None = 
 
 
 def _slug(i: int, remedy: Remedy) -> str:
+    """``NN-name-key-value...``: the run directory of candidate ``i``. ``+`` is kept, so an
+    exponent keeps its sign (``max_norm=1.5e+19`` must not read ``1.5e-19``)."""
     text = "-".join([remedy.name.rstrip("_"), *(f"{k}-{v}" for k, v in remedy.kwargs.items())])
-    return f"{i:02d}-" + re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:60]
+    return f"{i:02d}-" + re.sub(r"[^A-Za-z0-9.+]+", "-", text).strip("-")[:60]
 
 
 def doctor(
