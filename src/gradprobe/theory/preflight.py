@@ -67,6 +67,7 @@ from torch import Tensor, nn
 
 from gradprobe import activations
 from gradprobe.errors import ConfigError, NonFiniteError, UnsupportedModelError
+from gradprobe.theory import curvature
 from gradprobe.theory import meanfield as mf
 from gradprobe.theory.dataflow import WEIGHT_TYPES, Dataflow, Links, link, transparent
 from gradprobe.theory.measure import Measurement, check_inputs, measure
@@ -81,6 +82,9 @@ def preflight(
     *,
     seed: int = 0,
     threshold: float = mf.DEPTH_FACTOR,
+    lr: float | None = None,
+    momentum: float = 0.0,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> PreflightReport:
     """Predict vanishing or exploding gradients at initialisation and check against one pass.
 
@@ -92,12 +96,19 @@ def preflight(
         seed: seed of that cotangent.
         threshold: ``|ln|`` of the gradient-variance gain beyond which training is predicted to
             fail (default 6, Schoenholz et al. 2017).
+        lr, momentum: the SGD step and heavy-ball momentum that will train the model (needs
+            ``loss_fn``). The loss's sharpness ``λ_max`` (top Gauss–Newton eigenvalue on
+            ``inputs``) is measured and ``lr > 2(1+β)/λ_max`` adds a reason not to train
+            (:mod:`gradprobe.theory.curvature`); above half of that limit it is borderline.
+        optimizer: instead of ``lr``/``momentum``: a ``torch.optim.SGD`` to read them from
+            (its first parameter group). Other optimisers are noted and not checked.
 
     Returns:
         :class:`PreflightReport` with ``.verdict``, ``.table()``, ``.phase``, ``.max_depth``,
         ``.fix``.
     """
     args = check_inputs(model, inputs)
+    step = _step_settings(lr, momentum, optimizer, loss_fn)
     if not (threshold > 0 and math.isfinite(threshold)):
         raise ConfigError(f"threshold must be a positive number, got {threshold}", hint="use 6.0")
     m = measure(model, args, loss_fn, targets, seed)
@@ -133,11 +144,72 @@ def preflight(
     hidden = [a for i, (_, a) in links.act_of.items() if a is not None and i in links.next_of]
     train = _trainability(m, hidden, decisive, max(len(weight_idx) - 1, 0), meanfield, threshold)
     notes += train.notes
+    reasons, degree = list(train.reasons), abs(decisive) / threshold
+    borderline = []
+    if degree_borderline(degree) and all(r.startswith("gradient") for r in reasons):
+        borderline.append(
+            f"degree {degree:.2f} is within a factor {DEGREE_BORDERLINE:g} of the trainable "
+            f"depth 6 xi_grad: the boundary is not sharp"
+        )
+    lam = limit = math.nan
+    if isinstance(step, str):
+        notes.append(step)
+    elif step is not None:
+        assert loss_fn is not None
+        lam = curvature.sharpness(model, args, loss_fn, targets, seed=seed)
+        limit = curvature.step_limit(lam, step[1])
+        status, ratio = curvature.step_status(lam, step[0], step[1])
+        text = (f"lr {step[0]:g} is {ratio:.2f}x the stability limit 2(1+beta)/lambda_max = "
+                f"{limit:.3g} (lambda_max = {lam:.3g}, Gauss-Newton, momentum {step[1]:g})")
+        if status == "unstable":
+            reasons.append("step size: " + text)
+        elif status == "borderline":
+            borderline.append(text + "; curvature grows during training (progressive sharpening)")
     return PreflightReport(
         tuple(rows), verdict, gain, pred_gain, pred_verdict, len(weight_idx), meanfield, fix,
-        threshold, tuple(notes), basis, train.trainable, train.reasons, abs(decisive) / threshold,
-        train.saturation, train.mean_shift, train.depth_over_xi_c,
+        threshold, tuple(notes), basis, not reasons, tuple(reasons), degree,
+        train.saturation, train.mean_shift, train.depth_over_xi_c, lam, limit, tuple(borderline),
     )
+
+
+DEGREE_BORDERLINE = 1.5
+"""A degree within this factor of 1 (``[1/1.5, 1.5]``) is reported as borderline."""
+
+
+def degree_borderline(degree: float) -> bool:
+    """Whether the gradient degree ``|G| / threshold`` is within ``DEGREE_BORDERLINE`` of 1."""
+    return 1.0 / DEGREE_BORDERLINE <= degree <= DEGREE_BORDERLINE
+
+
+def _step_settings(
+    lr: float | None, momentum: float, optimizer: torch.optim.Optimizer | None,
+    loss_fn: Callable[..., Tensor] | None,
+) -> tuple[float, float] | str | None:
+    """``(lr, momentum)`` to check, a note saying why not, or None when no step was given."""
+    if optimizer is not None:
+        if lr is not None:
+            raise ConfigError("pass lr or optimizer, not both", hint="drop lr=...")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}",
+                hint="pass the optimizer that will train the model, or lr=...",
+            )
+        if type(optimizer) is not torch.optim.SGD:
+            return (f"step size not checked: the stability limit 2(1+beta)/lambda_max is for "
+                    f"SGD, not {type(optimizer).__name__}")
+        group = optimizer.param_groups[0]
+        if group.get("nesterov") or group.get("dampening"):
+            return "step size not checked: the limit is for plain heavy-ball momentum"
+        lr, momentum = float(group["lr"]), float(group["momentum"])
+    if lr is None:
+        return None
+    if loss_fn is None:
+        raise ConfigError(
+            "checking the step size needs the loss: pass loss_fn (and targets)",
+            hint="e.g. preflight(net, x, F.cross_entropy, y, lr=0.01)",
+        )
+    curvature.step_status(1.0, lr, momentum)  # validates lr and momentum
+    return lr, momentum
 
 
 def _require_finite(m: Measurement) -> None:
@@ -391,4 +463,4 @@ def _verdict(gain: float, threshold: float) -> Verdict:
     return "fine"
 
 
-__all__ = ["Fix", "LayerCheck", "PreflightReport", "Verdict", "preflight"]
+__all__ = ["DEGREE_BORDERLINE", "Fix", "LayerCheck", "PreflightReport", "Verdict", "degree_borderline", "preflight"]

@@ -88,6 +88,17 @@ class PreflightReport:
     """Mean common-mode fraction of the hidden activations (0: centred; 1: same for all inputs)."""
     depth_over_xi_c: float = math.nan
     """Layer-to-layer steps over the correlation depth scale ``ξ_c`` (chaos fails above 6)."""
+    sharpness: float = math.nan
+    """Top Gauss–Newton eigenvalue of the loss (measured only when a step size was given)."""
+    step_limit: float = math.nan
+    """Largest stable SGD step ``2(1+β)/sharpness`` (only when a step size was given)."""
+    borderline_reasons: tuple[str, ...] = ()
+    """Why the prediction is close to its boundary (degree near 1, step near its limit)."""
+
+    @property
+    def borderline(self) -> bool:
+        """Whether ``trainable`` is a close call (see ``borderline_reasons``)."""
+        return bool(self.borderline_reasons)
 
     @property
     def phase(self) -> str | None:
@@ -108,8 +119,10 @@ class PreflightReport:
         if self.verdict != "fine":
             head += f", degree {self.degree:.2g} (|G| / {self.threshold:g})"
         head += "; predicted to train" if self.trainable else "; predicted NOT to train"
+        head += " (borderline)" if self.borderline else ""
         lines = [head]
         lines += [f"  does not train: {r}" for r in self.reasons]
+        lines += [f"  borderline: {r}" for r in self.borderline_reasons]
         if not (math.isnan(self.saturation) and math.isnan(self.mean_shift)):
             lines.append(
                 f"  hidden activations at init: {_pct(self.saturation)} saturated, "
