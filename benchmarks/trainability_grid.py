@@ -107,6 +107,22 @@ def grid(args: argparse.Namespace) -> None:
     print(f"grid: {len(cfgs)} runs, {time.time() - t0:.0f} s wall, {args.workers} workers")
 
 
+def rerun(args: argparse.Namespace) -> None:
+    """Every disagreement of a finished grid trained again at the step sizes ``--rerun-lr``."""
+    from trainability_tables import predict
+
+    rows = [predict(json.loads(line)) for line in open(args.rerun)]
+    keys = ("act", "init", "width", "depth", "seed")
+    cfgs = [tuple(r[k] for k in keys) for r in rows
+            if r["pred_lr"] != r["trains"] or r["pred_base"] != r["trains"]]
+    jobs = [(c, lr) for c in cfgs for lr in args.rerun_lr]
+    with ProcessPoolExecutor(max_workers=args.workers) as pool, open(args.out, "a") as f:
+        for row in pool.map(one, [c for c, _ in jobs], [lr for _, lr in jobs]):
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            print(*(row[k] for k in keys), row["lr"], f"val {row['val']:.3g}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="/tmp/trainability_grid.jsonl")
@@ -118,9 +134,13 @@ def main() -> None:
     parser.add_argument("--analyse", metavar="JSONL", help="print the tables of a finished grid")
     parser.add_argument("--hold-out-width", type=int, default=128,
                         help="the width on which rules were decided (reported apart)")
+    parser.add_argument("--rerun", metavar="JSONL", help="train the disagreements again")
+    parser.add_argument("--rerun-lr", type=float, nargs="+", default=[0.003, 0.001])
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.analyse:
+    if args.rerun:
+        rerun(args)
+    elif args.analyse:
         from trainability_tables import analyse
 
         analyse(args.analyse, args.hold_out_width)

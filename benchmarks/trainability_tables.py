@@ -6,8 +6,8 @@ Three predictions per run, all from preflight's own rules (nothing fitted here):
 * ``lr``: the same, and the training step within the stability limit
   (:func:`gradprobe.theory.curvature.step_status`: ``lr ≤ 2(1+β)/λ_max``), which is what
   ``preflight(..., lr=0.01, momentum=0.9)`` decides;
-* ``borderline``: the ``lr`` prediction flagged as borderline (degree within a factor 1.5 of 1,
-  or the step above half its limit). Agreement is given both counting borderline runs by their
+* ``borderline``: the ``lr`` prediction flagged as borderline (degree within a factor 1.5 of 1
+  when the gradient is the only reason, or a step above half its limit when there is no reason). Agreement is given both counting borderline runs by their
   yes/no prediction (strict) and leaving them out (decided runs only), with the borderline count.
 """
 
@@ -31,7 +31,7 @@ def predict(row: dict) -> dict:
     out["pred_base"] = bool(row["trainable"])
     out["pred_lr"] = bool(row["trainable"]) and status != "unstable"
     only_gradient = all(r.startswith("gradient") for r in row["reasons"])
-    out["borderline"] = status == "borderline" or (
+    out["borderline"] = (status == "borderline" and not row["reasons"]) or (
         only_gradient and degree_borderline(row["degree"])
     )
     return out
@@ -39,6 +39,8 @@ def predict(row: dict) -> dict:
 
 def _count(rows: list[dict]) -> str:
     n = len(rows)
+    if not n:
+        return "0 | - | - | - | - | -"
     base = sum(r["pred_base"] == r["trains"] for r in rows)
     strict = sum(r["pred_lr"] == r["trains"] for r in rows)
     decided = [r for r in rows if not r["borderline"]]
@@ -48,25 +50,28 @@ def _count(rows: list[dict]) -> str:
             f"{dec}/{len(decided)} ({dec / max(len(decided), 1):.0%})")
 
 
-HEAD = ("| runs | train | base agrees | with lr (strict) | borderline | decided agree |\n"
-        "|---|---|---|---|---|---|")
+COLS = "runs | train | base agrees | with lr (strict) | borderline | decided agree |"
+
+
+def _head(first: str = "") -> str:
+    n = COLS.count("|") + (1 if first else 0)
+    return ("| " + (first + " | " if first else "") + COLS + "\n" + "|---" * n + "|")
 
 
 def analyse(path: str, hold_out_width: int) -> None:
     rows = [predict(json.loads(line)) for line in open(path)]
-    print(f"\n### All runs\n\n{HEAD}\n| " + _count(rows) + " |")
+    print(f"\n### All runs\n\n{_head()}\n| " + _count(rows) + " |")
     part = [r for r in rows if r["width"] == hold_out_width]
     rest = [r for r in rows if r["width"] != hold_out_width]
     print(f"\n### Rules decided on width {hold_out_width} / checked on the other widths\n")
-    print("| part " + HEAD[1:].split("\n")[0] + "\n|---" + HEAD.split("\n")[1])
+    print(_head("part"))
     print(f"| width {hold_out_width} | " + _count(part) + " |")
     print("| other widths | " + _count(rest) + " |")
     for key in SLICES:
         groups: dict = defaultdict(list)
         for r in rows:
             groups[r[key]].append(r)
-        print(f"\n### Per {key}\n\n| {key} " + HEAD[1:].split("\n")[0] + "\n|---"
-              + HEAD.split("\n")[1])
+        print(f"\n### Per {key}\n\n" + _head(key))
         for k in sorted(groups):
             print(f"| {k} | " + _count(groups[k]) + " |")
     print("\n### Disagreements (strict, with lr) and borderline runs\n")

@@ -8,6 +8,8 @@
 - :mod:`~gradprobe.theory.jacobian`: input-output Jacobian singular values of an actual model by
   Jacobian-vector products and Lanczos bidiagonalisation (Pennington et al. 2017; Saxe et al.
   2014).
+- :mod:`~gradprobe.theory.curvature`: the loss's Gauss–Newton sharpness and the largest stable
+  SGD step ``2(1+β)/λ_max`` (Polyak 1964; Lee et al. 2019).
 - :mod:`~gradprobe.theory.preflight`: ``preflight(model, inputs)``, theory against measurement.
 
 >>> from gradprobe import theory
@@ -17,6 +19,7 @@
 
 from __future__ import annotations
 
+from gradprobe.theory.curvature import sharpness, step_limit, step_status
 from gradprobe.theory.jacobian import (
     JacobianSpectrum,
     block_spectra,
@@ -52,4 +55,7 @@ __all__ = [
     "preflight",
     "q_map",
     "q_trajectory",
+    "sharpness",
+    "step_limit",
+    "step_status",
 ]

@@ -163,7 +163,7 @@ def preflight(
                 f"{limit:.3g} (lambda_max = {lam:.3g}, Gauss-Newton, momentum {step[1]:g})")
         if status == "unstable":
             reasons.append("step size: " + text)
-        elif status == "borderline":
+        elif status == "borderline" and not reasons:
             borderline.append(text + "; curvature grows during training (progressive sharpening)")
     return PreflightReport(
         tuple(rows), verdict, gain, pred_gain, pred_verdict, len(weight_idx), meanfield, fix,
