@@ -69,8 +69,10 @@ def initialise(net: nn.Module, init: str, seed: int) -> nn.Module:
     return net
 
 
-def train(net, data, *, steps: int, lr: float, batch: int, seed: int) -> float:
-    """Validation loss after ``steps`` of SGD with momentum (``inf`` when it became non-finite)."""
+def train(net, data, *, steps: int, lr: float, batch: int, seed: int,
+          losses: list[float] | None = None) -> float:
+    """Validation loss after ``steps`` of SGD with momentum (``inf`` when it became non-finite);
+    each step's training loss is appended to ``losses`` when given."""
     xtr, ytr, xva, yva = data
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
     gen = torch.Generator().manual_seed(seed)
@@ -80,6 +82,8 @@ def train(net, data, *, steps: int, lr: float, batch: int, seed: int) -> float:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if losses is not None:
+            losses.append(float(loss.detach()))
     with torch.no_grad():
         val = float(F.cross_entropy(net(xva), yva))
     return val if math.isfinite(val) else math.inf

@@ -32,9 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gradprobe as gp
 from gradprobe.lab.zoo import mlp
 from gradprobe.theory.curvature import sharpness
-from trainability import ACTIVATIONS, CHANCE, INITS, digits, initialise
+from trainability import ACTIVATIONS, CHANCE, INITS, digits, initialise, train
 
-LR, MOMENTUM, STEPS, BATCH = 0.01, 0.9, 300, 128
+LR, MOMENTUM, STEPS, BATCH = 0.01, 0.9, 300, 128  # trainability.train: momentum 0.9
 _DATA: tuple[torch.Tensor, ...] | None = None
 
 
@@ -48,22 +48,11 @@ def _data() -> tuple[torch.Tensor, ...]:
 
 def train_curve(net, data, *, lr: float, seed: int) -> dict[str, float]:
     """Validation loss after training, and the training loss's first, largest and last values."""
-    xtr, ytr, xva, yva = data
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=MOMENTUM)
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(STEPS):
-        idx = torch.randint(0, len(xtr), (BATCH,), generator=gen)
-        loss = F.cross_entropy(net(xtr[idx]), ytr[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    with torch.no_grad():
-        val = float(F.cross_entropy(net(xva), yva))
+    losses: list[float] = []
+    val = train(net, data, steps=STEPS, lr=lr, batch=BATCH, seed=seed, losses=losses)
     finite = [v for v in losses if math.isfinite(v)]
     return {
-        "val": val if math.isfinite(val) else math.inf,
+        "val": val,
         "first": losses[0], "max": max(finite) if finite else math.inf,
         "last": sum(losses[-10:]) / 10, "nonfinite": len(finite) < len(losses),
     }
