@@ -194,3 +194,12 @@ def test_preflight_step_arguments_are_checked():
     with pytest.raises(ConfigError, match="momentum"):
         gp.preflight(net, x, F.cross_entropy, y, lr=0.1, momentum=1.5)
     assert np.isfinite(gp.preflight(net, x, F.cross_entropy, y, lr=0.1).sharpness)
+
+
+def test_curvature_docstring_examples_run():
+    import doctest
+
+    from gradprobe.theory import curvature
+
+    result = doctest.testmod(curvature)
+    assert result.attempted >= 4 and result.failed == 0
