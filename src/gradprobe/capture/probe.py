@@ -62,8 +62,8 @@ Note:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,11 +71,13 @@ import torch
 from torch import Tensor, nn
 
 from gradprobe.capture import stage as _stage
-from gradprobe.capture.hooks import first_float_tensor
+from gradprobe.capture.always import AlwaysOn
+from gradprobe.capture.forward import ForwardHooks
+from gradprobe.capture.options import check_options
 from gradprobe.capture.params import ParamStats, WeightsBefore
-from gradprobe.capture.recorder import Recorder, RowInfo
+from gradprobe.capture.recorder import HostFlush, Recorder, RowInfo
+from gradprobe.capture.schedule import Clock, Schedule
 from gradprobe.capture.select import (
-    Layer,
     check_kinds,
     check_optimizer,
     closure_error,
@@ -83,11 +85,12 @@ from gradprobe.capture.select import (
     spread_weight,
 )
 from gradprobe.errors import ConfigError, NonFiniteError, RunDirError, UnsupportedModelError
-from gradprobe.layers import RECURRENT
 from gradprobe.stats import schema as S
 from gradprobe.stats.batched import SMALL
 from gradprobe.store.writer import RunWriter, check_run_dir
 
+MAX_ALWAYS_ROWS = 4096
+"""Steps buffered by the always-on tier at most between flushes (with a sparse fixed schedule)."""
 Kind = Literal["grad", "weight", "update", "drift", "spread", "input", "act", "act_grad"]
 
 
@@ -100,7 +103,13 @@ class Probe:
             call :meth:`step` after each update.
         run_dir: directory to create (absent or empty; ``overwrite=True`` replaces a previous
             run there).
-        every: record every ``every``-th step (others cost one Python check per hook).
+        every: a fixed schedule: the full tier at every ``every``-th step (``budget`` is then
+            ignored). Default ``None``: the schedule is the budget's.
+        budget: the fraction of the training step's own time the Probe may take (default
+            0.05: at most about 1.05x); it measures its own time and chooses the full tier's
+            steps (:mod:`gradprobe.capture.schedule`): the first steps, the steps after a
+            gradient-norm spike or a non-finite value, and as many others as the budget
+            allows. ``budget=None``: every step full (as ``every=1``).
         layers: glob pattern(s) on qualified module names (``"encoder.*"``); each must match.
         layer_types: module types to track instead of the default (modules owning parameters
             directly, plus the activation modules known to :mod:`gradprobe.activations`).
@@ -108,7 +117,9 @@ class Probe:
             "act_grad")``.
         hist_every: also record histograms every ``hist_every`` steps (0: never).
         hist_bins: number of histogram bins.
-        flush_every: recorded steps held in the device buffer between writes.
+        flush_every: steps held in the device buffers between writes.
+        flush_secs: also write the buffered steps once this many seconds passed since the
+            last write (checked at each step's end), so that a run killed early has its rows.
         scaler: the ``torch.amp.GradScaler`` in use, to unscale and to mark skipped steps.
         on_nonfinite: ``"record"`` an event, or also ``"raise"`` :class:`NonFiniteError` once the
             data is on disk.
@@ -123,7 +134,9 @@ class Probe:
         optimizer: torch.optim.Optimizer | None = None,
         *,
         run_dir: str | Path,
-        every: int = 1,
+        every: int | None = None,
+        budget: float | None = 0.05,
+        flush_secs: float = 30.0,
         layers: str | Sequence[str] | None = None,
         layer_types: type[nn.Module] | Sequence[type[nn.Module]] | None = None,
         kinds: Iterable[Kind] = S.KINDS,  # type: ignore[assignment]
@@ -157,18 +170,10 @@ class Probe:
                 f"model {type(root).__name__} has no parameters: nothing to probe",
                 hint="attach the Probe to the model you train",
             )
-        for name, value, ok in [
-            ("every", every, isinstance(every, int) and every >= 1),
-            ("flush_every", flush_every, isinstance(flush_every, int) and flush_every >= 1),
-            ("hist_every", hist_every, isinstance(hist_every, int) and hist_every >= 0),
-            ("hist_bins", hist_bins, isinstance(hist_bins, int) and hist_bins >= 1),
-        ]:
-            if not ok or isinstance(value, bool):
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}",
-                                  hint=f"e.g. {name}=10" if name != "hist_every" else
-                                  "hist_every=0 (off) or e.g. 100")
-        if on_nonfinite not in ("record", "raise"):
-            raise ConfigError(f"on_nonfinite must be 'record' or 'raise', got {on_nonfinite!r}")
+        opts = check_options(every=every, budget=budget, flush_every=flush_every,
+                             flush_secs=flush_secs, hist_every=hist_every, hist_bins=hist_bins,
+                             on_nonfinite=on_nonfinite)
+        self.options = opts
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}",
@@ -180,11 +185,13 @@ class Probe:
             raise ConfigError("scaler needs the optimizer", hint="pass the optimizer as well")
         self.optimizer = optimizer
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
-        self.every = every
-        self.flush_every = flush_every
-        self.hist_every = hist_every
-        self.hist_bins = hist_bins
-        self.on_nonfinite = on_nonfinite
+        self.every = opts.every
+        self.budget = opts.budget
+        self.flush_every = opts.flush_every
+        self.flush_secs = opts.flush_secs
+        self.hist_every = opts.hist_every
+        self.hist_bins = opts.hist_bins
+        self.on_nonfinite = opts.on_nonfinite
         self.overwrite = overwrite
         self.run_dir = Path(run_dir) if isinstance(run_dir, (str, Path)) else run_dir
         if not isinstance(self.run_dir, Path):
@@ -208,13 +215,18 @@ class Probe:
         self._params: ParamStats | None = None
         self._step = 0
         self._slot: int | None = None
-        self._depth_counter = 0
         self._gen = 0
         self._stepped = False
         self._orig_update: Any = None
-        self._depth_handles: dict[int, Any] = {}
-        self._input_handles: dict[int, Any] = {}
-        self._input_layer: Layer | None = None
+        self._hooks = ForwardHooks(self, self._layers)
+        self._always: AlwaysOn | None = None
+        self._schedule = Schedule(opts)
+        self._clock: Clock | None = None
+        self._full = False  # the open step has the full tier
+        self._last_hist = -(1 << 30)  # the last step with histograms (budget schedule)
+        self._probe_s = 0.0  # the Probe's own time in the open step (seconds)
+        self._last_bad = -2  # the last step whose always-on row was non-finite
+        self._last_flush = 0.0  # perf_counter of the last flush
         self._hist_now = False
         self._passive = False  # attached on a non-zero rank: records nothing
         self._raising = False  # detaching because an exception left `with probe:`
@@ -270,39 +282,30 @@ class Probe:
         else:
             writer = RunWriter.create(self.run_dir, config=config, overwrite=self.overwrite)
         self._writer = writer
+        # steps between flushes: flush_every full steps, and at most as many always-on rows
+        # (a fixed schedule: flush_every periods of `every` steps, up to MAX_ALWAYS_ROWS)
+        steps = self._ring_steps()
         self._recorder = Recorder(
-            rows, capacity=self.flush_every, loss_capacity=self.flush_every * self.every,
+            rows, capacity=self.flush_every, loss_capacity=steps,
             device=device, writer=writer, hist_bins=self.hist_bins,
         )
+        # the copy to the host at a flush: asynchronous on a GPU, unless the data is needed on
+        # the training thread at once (raise mode, the exchange across ranks)
+        self._recorder.async_copy = (device.type == "cuda" and sync is None
+                                     and self.on_nonfinite == "record")
+        self._always = AlwaysOn(self._layers, acts="act" in self.kinds,
+                                grads="grad" in self.kinds, device=device, capacity=steps,
+                                scaler=self.scaler is not None,
+                                sync=self.on_nonfinite == "raise")
         self._params = ParamStats(self._layers, self.kinds, device, self._recorder)
-        if self.every > 1:  # a NaN is seen at the first sampled step, not where it began
-            self._recorder.event_extra = {"sampled_every": self.every}
         if sync is not None:  # unit masks are ANDed across ranks at each flush
             self._recorder.kept_units = []
         writer.write_meta(layers=[lay.record() for lay in self._layers],
-                          memory_bytes=self.memory_bytes())
-        want_act = any(k in S.ACT_KINDS for k in self.kinds)
-        for lay in self._layers:
-            if want_act:
-                self._handles.append(
-                    lay.module.register_forward_hook(partial(self._forward_hook, lay))
-                )
-            else:  # removed once the layer has run (see _depth_hook)
-                h = lay.module.register_forward_hook(partial(self._depth_hook, lay))
-                self._handles.append(h)
-                self._depth_handles[lay.layer_id] = h
-        for lay in self._layers:
-            if lay.input_row is not None:  # until the first dense layer has run
-                h = lay.module.register_forward_pre_hook(partial(self._input_hook, lay))
-                self._handles.append(h)
-                self._input_handles[lay.layer_id] = h
-            if (self.hist_every and "act_grad" in self.kinds
-                    and isinstance(lay.module, RECURRENT)
-                    and not getattr(lay.module, "bidirectional", False)):
-                self._handles.append(lay.module.register_forward_pre_hook(
-                    partial(self._rnn_pre_hook, lay)))
-                self._handles.append(lay.module.register_forward_hook(
-                    partial(self._rnn_hook, lay)))
+                          memory_bytes=self.memory_bytes(), schedule=self._schedule.describe())
+        self._clock = Clock(device)
+        self._last_flush = time.perf_counter()
+        self._hooks.register(outputs=any(k in S.ACT_KINDS for k in self.kinds),
+                             time_grads=bool(self.hist_every and "act_grad" in self.kinds))
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._pre_step_hook))
             self._handles.append(self.optimizer.register_step_post_hook(self._post_step_hook))
@@ -336,6 +339,7 @@ class Probe:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._hooks.remove()
         if self.scaler is not None:
             if self._orig_update is None:
                 del self.scaler.update
@@ -350,6 +354,13 @@ class Probe:
                 self._close_incomplete(slot)
             else:  # nothing of it was recorded (the step after the last optimizer step)
                 self._recorder.discard_open(slot)
+        assert self._always is not None
+        if self._always.open():  # the open step's outputs or loss were seen: keep its row
+            incomplete = self._step
+            self._always_end(skipped=False, incomplete=True)
+        self._always.discard_open()
+        for row in self._always.ready(wait=True):  # GPU: the rows still on their way
+            self._always_check(*row)
         extra: dict[str, Any] = {} if incomplete is None else {"incomplete_step": incomplete}
         if self._step == 0 and not self._raising:
             self._warn_no_step(incomplete is not None)
@@ -363,6 +374,7 @@ class Probe:
                 # that failed is raised here if it was not raised before. meta.json's status
                 # says what is on disk (failed, or interrupted also by a Ctrl-C in this wait)
                 self._writer.close(status=status, steps=self._step,
+                                   schedule=self._schedule.describe(),
                                    layers=[lay.record() for lay in self._layers], **extra)
             finally:
                 assert self._params is not None
@@ -434,7 +446,9 @@ class Probe:
         """Upper bound of the memory the probe holds, by part (bytes)."""
         rows = sum(len(lay.rows) for lay in self._layers)
         stats = self.flush_every * rows * S.N_STATS * 8 + self.flush_every * 8
-        loss = self.flush_every * self.every * 8
+        loss = self._ring_steps() * 8
+        n_params = sum(len(lay.params) for lay in self._layers) if "grad" in self.kinds else 0
+        loss += self._ring_steps() * (len(self._layers) + n_params + 2) * 4  # always-on rows
         hist = 0
         if self.hist_every:
             per_flush = math.ceil(self.flush_every * self.every / self.hist_every)
@@ -458,9 +472,17 @@ class Probe:
         return {"buffer": stats + loss + hist, "param_copies": param_bytes, "stage": stage,
                 "total": stats + loss + hist + param_bytes + stage}
 
+    def _ring_steps(self) -> int:
+        """Steps between flushes: ``flush_every`` full steps, and as many always-on rows (a
+        fixed schedule: ``flush_every`` periods of ``every`` steps, at most
+        :data:`MAX_ALWAYS_ROWS`)."""
+        return max(self.flush_every, min(self.flush_every * self.every, MAX_ALWAYS_ROWS))
+
     def _config(self) -> dict[str, Any]:
         return {
-            "every": self.every, "kinds": list(self.kinds), "hist_every": self.hist_every,
+            "every": self.every if self.budget is None else None, "budget": self.budget,
+            "flush_secs": self.flush_secs,
+            "kinds": list(self.kinds), "hist_every": self.hist_every,
             "hist_bins": self.hist_bins, "flush_every": self.flush_every,
             "on_nonfinite": self.on_nonfinite, "scaler": self.scaler is not None,
             "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
@@ -471,9 +493,14 @@ class Probe:
     # ------------------------------------------------------------------ steps
 
     def _begin_step(self) -> None:
-        assert self._recorder is not None
-        self._hist_now = self._hist_due()  # read by the hooks and the step hooks of this step
-        if self._step % self.every == 0:
+        assert self._recorder is not None and self._always is not None
+        for row in self._always.ready():  # GPU: rows whose copies have arrived (no wait)
+            self._always_check(*row)
+        self._full = self._schedule.full(self._step)
+        self._hist_now = self._full and self._hist_due()  # read by the hooks of this step
+        if self._hist_now:
+            self._last_hist = self._step
+        if self._full:
             self._slot = self._recorder.begin(self._step)
             if self.optimizer is None and "update" in self.kinds:
                 assert self._params is not None
@@ -510,9 +537,12 @@ class Probe:
                 "a boolean); convert with loss.float() if it is one on purpose")
         if self._passive:
             return
-        assert self._recorder is not None
+        assert self._recorder is not None and self._always is not None
+        t0 = time.perf_counter()
         with torch.no_grad():
             self._recorder.losses.add(self._step, loss)
+            self._always.loss(loss)
+        self._probe_s += time.perf_counter() - t0
 
     def _pre_step_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         # args are (optimizer, *step_args): a closure is the first step argument
@@ -520,10 +550,12 @@ class Probe:
             raise closure_error(type(optimizer).__name__)
         if self._slot is None:
             return
+        t0 = time.perf_counter()
         self._before_update(self._slot, "live")
         assert self._params is not None
         with torch.no_grad():
             self._params.before_update()
+        self._probe_s += time.perf_counter() - t0
 
     def _before_update(self, slot: int, wpre: WeightsBefore) -> None:
         """The step's gradients and (staged) weights before the update."""
@@ -546,10 +578,44 @@ class Probe:
         self._stepped = False
 
     def _hist_due(self) -> bool:
-        return self.hist_every > 0 and self._step % self.hist_every == 0
+        if self.hist_every <= 0:
+            return False
+        if self._schedule.mode == "every":
+            return self._step % self.hist_every == 0
+        # the budget's full steps: histograms at most every hist_every steps
+        return self._step - self._last_hist >= self.hist_every
+
+    def _always_end(self, *, skipped: bool, incomplete: bool = False) -> list[dict[str, Any]]:
+        """Close the open step's always-on row; its event (if read on the host now)."""
+        assert self._always is not None
+        scale = self.scaler._scale if self.scaler is not None else None
+        v = self._always.end(self._step, full=self._full, skipped=skipped, scale=scale)
+        if v is None:  # on its way to the host: read by a later step (_begin_step)
+            return []
+        return self._always_check(self._step, self._full, skipped, v, incomplete)
+
+    def _always_check(self, step: int, full: bool, skipped: bool, v: Any,
+                      incomplete: bool = False) -> list[dict[str, Any]]:
+        """Write the event of an always-on row, and make the next steps full after a spike or
+        a non-finite value (:meth:`Schedule.trigger`)."""
+        assert self._always is not None and self._writer is not None
+        bad, event, spike = self._always.check(step, full, skipped, v)
+        if spike is not None:
+            self._schedule.trigger(step, "spike", self._layers[spike].name)
+        if bad and not skipped:
+            if self._last_bad != step - 1:  # the first of a run of non-finite steps
+                self._schedule.trigger(step, "nonfinite", event["layer"] if event else None)
+            self._last_bad = step
+        if event is None:
+            return []
+        if incomplete:
+            event["incomplete"] = True
+        self._writer.append_event(event)
+        return [event]
 
     def _end_step(self, *, skipped: bool) -> None:
         assert self._recorder is not None and self._writer is not None
+        t0 = time.perf_counter()
         slot = self._slot
         events: list[dict[str, Any]] = []
         if slot is not None:
@@ -573,14 +639,22 @@ class Probe:
                     if ev is not None:
                         self._writer.append_event(ev)
                         events.append(ev)
+        events += self._always_end(skipped=skipped)
+        assert self._always is not None and self._clock is not None
         self._step += 1
         self._slot = None
         failed: RunDirError | None = None
-        if self._recorder.full():
+        now = time.perf_counter()
+        if (self._recorder.full() or self._always.full_ring()
+                or now - self._last_flush >= self.flush_secs):
             try:
                 events += self._flush()
             except RunDirError as err:  # an earlier write failed: raise it once the next
                 failed = err            # step has begun, so a loop that goes on loses none
+        self._probe_s += time.perf_counter() - t0
+        for done in self._clock.end(self._step - 1, self._full, self._probe_s):
+            self._schedule.measured(*done, device_time=self._clock.cuda)
+        self._probe_s = 0.0
         self._begin_step()
         if failed is not None:
             raise failed
@@ -589,9 +663,10 @@ class Probe:
         if self.on_nonfinite == "raise" and raise_on:
             self._flush()
             ev = raise_on[0]
+            count = f", {ev['nonfinite']} values" if ev["nonfinite"] >= 0 else ""
             raise NonFiniteError(
                 f"non-finite values at step {ev['step']} in layer {ev['layer']!r} "
-                f"({ev['pass']} pass, {ev['nonfinite']} values)",
+                f"({ev['pass']} pass{count})",
                 hint="see run.events(); lower the learning rate, clip gradients or check the "
                 "inputs of that layer",
             )
@@ -609,7 +684,8 @@ class Probe:
         """
         assert self._recorder is not None and self._writer is not None
         recorder, writer = self._recorder, self._writer
-        data = recorder.take()
+        self._last_flush = time.perf_counter()
+        data = recorder.take(self._always)
         if self._sync is not None:  # merged across ranks; None on the ranks that do not write
             masks, recorder.kept_units = recorder.kept_units or [], []
             data = self._sync.exchange(data, masks, writer)
@@ -617,133 +693,18 @@ class Probe:
                 return []
         layers = [lay.record() for lay in self._layers]
         steps = self._step
+        schedule = self._schedule.describe()
 
         def job() -> None:
             if data is not None:
                 recorder.write(data)
-            writer.write_meta(layers=layers, steps=steps)
+            writer.write_meta(layers=layers, steps=steps, schedule=schedule)
 
         writer.submit(job, what=data.what if data is not None else "meta.json")
-        if data is not None and data.nonfinite and self.on_nonfinite == "raise":
+        if isinstance(data, HostFlush) and data.nonfinite and self.on_nonfinite == "raise":
             writer.wait()
         writer.raise_error()
-        return data.events if data is not None else []
-
-    # ------------------------------------------------------------------ hooks
-
-    def _depth_hook(self, lay: Layer, module: nn.Module, args: Any, output: Any) -> None:
-        if lay.depth is None:
-            lay.depth = self._depth_counter
-            self._depth_counter += 1
-        h = self._depth_handles.pop(lay.layer_id, None)
-        if h is not None:  # the depth is known: no hook left on the forward pass
-            h.remove()
-
-    def _forward_hook(self, lay: Layer, module: nn.Module, args: Any, output: Any) -> None:
-        if lay.depth is None:
-            lay.depth = self._depth_counter
-            self._depth_counter += 1
-        slot = self._slot
-        if slot is None or not torch.is_grad_enabled():
-            return
-        t = first_float_tensor(output)
-        if t is None:
-            return
-        rec = self._recorder
-        assert rec is not None
-        row = lay.act_row
-        if row is not None:
-            x = t.detach()  # nothing below records autograd history
-            rec.observe(slot, row, x, lay.sat_rule, lay.dead_rule)
-            if self._hist_now:
-                with torch.no_grad():
-                    rec.add_hist(slot, row, x)
-        row = lay.act_grad_row
-        if row is not None and t.requires_grad:
-            t.register_hook(partial(self._act_grad_hook, row, slot, self._gen))
-
-    def _input_hook(self, lay: Layer, module: nn.Module, args: Any) -> None:
-        if self._input_layer is None:  # the first dense layer to run: the input's layer
-            self._input_layer = lay
-            for lid, h in list(self._input_handles.items()):
-                if lid != lay.layer_id:
-                    h.remove()
-                    del self._input_handles[lid]
-        elif lay is not self._input_layer:
-            return
-        slot = self._slot
-        if slot is None or not torch.is_grad_enabled() or not args:
-            return
-        x = args[0]
-        if (not isinstance(x, Tensor) or not x.is_floating_point() or x.numel() == 0
-                or lay.input_row is None):
-            return
-        rec = self._recorder
-        assert rec is not None
-        xd = x.detach()
-        rec.observe(slot, lay.input_row, xd)
-        if self._hist_now:
-            with torch.no_grad():
-                rec.add_hist(slot, lay.input_row, xd)
-
-    def _rnn_pre_hook(self, lay: Layer, module: nn.Module, args: Any) -> Any:
-        """Hook ``∂L/∂x_t`` of a recurrent layer's input sequence (histogram steps only)."""
-        slot = self._slot
-        if slot is None or not self._hist_now or not torch.is_grad_enabled() or not args:
-            return None
-        x = args[0]
-        if not isinstance(x, Tensor) or not x.is_floating_point() or x.numel() == 0:
-            return None  # a PackedSequence, or no float sequence
-        tdim = 1 if getattr(module, "batch_first", False) and x.dim() == 3 else 0
-        hook = partial(self._time_hook, lay.layer_id, "input", slot, self._gen, tdim)
-        if x.requires_grad:
-            x.register_hook(hook)
-            return None
-        # data fed straight to the layer: a detached copy (same storage and values) that
-        # requires a gradient; its gradient is reduced, then dropped once accumulated
-        leaf = x.detach().requires_grad_()
-
-        def reduce_and_drop(t: Tensor) -> None:
-            if t.grad is not None:
-                hook(t.grad)
-            t.grad = None
-
-        leaf.register_post_accumulate_grad_hook(reduce_and_drop)
-        return (leaf, *args[1:])
-
-    def _rnn_hook(self, lay: Layer, module: nn.Module, args: Any, output: Any) -> None:
-        """Hook ``∂L/∂h_t`` of a recurrent layer's output sequence (histogram steps only)."""
-        slot = self._slot
-        if slot is None or not self._hist_now or not torch.is_grad_enabled():
-            return
-        out = output[0] if isinstance(output, (tuple, list)) else output
-        if not isinstance(out, Tensor) or not out.requires_grad or out.numel() == 0:
-            return  # a PackedSequence: skipped (see the module docstring)
-        tdim = 1 if getattr(module, "batch_first", False) and out.dim() == 3 else 0
-        out.register_hook(partial(self._time_hook, lay.layer_id, "output", slot, self._gen, tdim))
-
-    def _time_hook(self, layer_id: int, wrt: str, slot: int, gen: int, tdim: int,
-                   grad: Tensor) -> None:
-        if gen != self._gen or slot != self._slot or grad is None:
-            return
-        rec = self._recorder
-        assert rec is not None
-        with torch.no_grad():
-            g = grad.detach()
-            dims = tuple(d for d in range(g.dim()) if d != tdim)
-            acc = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None
-            norm = torch.linalg.vector_norm(g, 2, dim=dims, dtype=acc) if dims else g.abs()
-            rec.add_time(slot, layer_id, wrt, norm.to(torch.float64).square())
-
-    def _act_grad_hook(self, row: int, slot: int, gen: int, grad: Tensor) -> None:
-        if gen != self._gen or slot != self._slot or grad is None:
-            return
-        rec = self._recorder
-        assert rec is not None
-        rec.observe(slot, row, grad.detach())  # detached: records no history
-        if self._hist_now:
-            with torch.no_grad():
-                rec.add_hist(slot, row, grad)
+        return data.events if isinstance(data, HostFlush) else []
 
 
 __all__ = ["Probe"]

@@ -19,7 +19,7 @@ its ``flush_every × R × 17`` bytes of counts, units and touched flags.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,21 +27,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradprobe.capture.events import full_event
 from gradprobe.capture.losses import LossBuffer, to_device
 from gradprobe.capture.stage import Stage
 from gradprobe.capture.staged import StagedSteps
+from gradprobe.capture.summariser import Summariser
+from gradprobe.capture.transfer import DeviceCopy, TakenFlush
 from gradprobe.stats import batched as B
 from gradprobe.stats import eager as E
 from gradprobe.stats import schema as S
-from gradprobe.stats.compiled import KERNELS, CompiledKernels
 from gradprobe.store.frames import Frames, HostFlush
 from gradprobe.store.writer import RunWriter
 
-PASS_OF_KIND = {"input": "forward", "act": "forward", "act_grad": "act_grad", "grad": "grad",
-                "weight": "weight", "update": "weight", "drift": "weight", "spread": "weight"}
 PENDING_LIMIT = 1 << 22
 """Elements of small tensors queued at most before they are summarised (32 MiB of float64)."""
-PASS_ORDER = {"forward": 0, "act_grad": 1, "grad": 2, "weight": 3}
 Rule = Callable[[Tensor], Tensor]
 
 
@@ -54,69 +53,6 @@ class RowInfo:
     kind: str
     saturation_rule: bool
     dead_rule: bool
-
-
-class Summariser:
-    """How each tensor is summarised, decided in one place: the compiled one-pass kernels
-    (:mod:`gradprobe.stats.compiled`) where they serve the tensor, the eager kernels otherwise;
-    small tensors together (:mod:`gradprobe.stats.batched`). Owns the kernels' workspace."""
-
-    def __init__(self, kernels: CompiledKernels = KERNELS) -> None:
-        self.kernels = kernels
-        self.ws = E.Workspace()
-
-    def _compiled(self, ts: Sequence[Tensor], saturated: Rule | None = None) -> Tensor | None:
-        """The compiled rows (exact counts) where the compiled path serves every tensor."""
-        if ts and all(self.kernels.usable(t) for t in ts):
-            return self.kernels.rows(ts, saturated)
-        return None
-
-    def tensor(self, x: Tensor, saturated: Rule | None = None) -> Tensor:
-        """``[N_STATS]`` of one tensor with exact counts (:func:`gradprobe.stats.eager.tensor_stats`)."""
-        with torch.no_grad():
-            xd = x.detach()
-            fused = self._compiled([xd], saturated)
-            if fused is not None:
-                return fused[0]
-            return E.tensor_stats(xd, saturated, self.ws)
-
-    def large(self, tensors: Sequence[Tensor]) -> Tensor:
-        """``[k, N_STATS]`` of large tensors, exact counts."""
-        with torch.no_grad():
-            ds = [t.detach() for t in tensors]
-            fused = self._compiled(ds)
-            return fused if fused is not None else E.large_stats(ds, self.ws)
-
-    def group(self, tensors: Sequence[Tensor]) -> Tensor:
-        """:func:`gradprobe.stats.batched.param_group_stats` with this choice for large ones."""
-        return B.param_group_stats(tensors, self.ws, large=self.large)
-
-    def batched(self, tensors: Sequence[Tensor]) -> Tensor:
-        return B.batched_stats(tensors, self.ws)
-
-    def sumsq_group(self, tensors: Sequence[Tensor]) -> Tensor:
-        return B.sumsq_group(tensors, self.ws)
-
-    def large_weight(self, x: Tensor) -> Tensor:
-        """``[N_STATS]`` of a large tensor, where the eager path leaves the non-finite count 0
-        (fill it with :func:`gradprobe.stats.eager.fix_nonfinite_` over a stack of such
-        vectors, one check for all; the compiled path's exact count passes unchanged)."""
-        with torch.no_grad():
-            xd = x.detach()
-            fused = self._compiled([xd])
-            if fused is not None:
-                return fused[0]
-            return E.chunked_stats([E.as_float(xd)], None, self.ws)[0]
-
-    def weight(self, w: Tensor, prev: Tensor | None, init: Tensor | None) -> Tensor | None:
-        """``[N_STATS + 2]``: the statistics of a large weight ``w`` (exact counts), then
-        ``Σ (w − prev)²`` and ``Σ (w − init)²`` from one compiled pass; ``None`` where the
-        compiled path does not serve ``w`` (the caller takes the eager path)."""
-        with torch.no_grad():
-            wd = w.detach()
-            if not self.kernels.usable(wd):
-                return None
-            return self.kernels.weight_stats(wd, prev, init)
 
 
 class Recorder:
@@ -162,6 +98,7 @@ class Recorder:
                              hist_bins)
         self.immediate = False  # the open step has statistics outside the stage
         self.event_extra: dict[str, Any] = {}  # fields added to every non-finite event
+        self.async_copy = False  # take(): copy to the host asynchronously (CUDA)
         # Under torch.distributed the finished steps' unit masks are kept until the flush, to be
         # ANDed across ranks (gradprobe.capture.distributed) instead of counted here.
         self.kept_units: list[tuple[int, int, Tensor]] | None = None
@@ -439,24 +376,9 @@ class Recorder:
         return self.buf[slot, :, S.NONFINITE].cpu().numpy()
 
     def event_for(self, slot: int, nonfinite: np.ndarray) -> dict[str, Any] | None:
-        hit = np.flatnonzero((nonfinite > 0) & self.touched[slot])
-        if hit.size == 0:
-            return None
-        first = min(hit, key=lambda r: (PASS_ORDER[PASS_OF_KIND[self.rows[r].kind]],
-                                        int(self.seq[slot, r])))
-        info = self.rows[int(first)]
-        return {
-            "type": "nonfinite",
-            "step": int(self.steps[slot]),
-            "layer": info.layer,
-            "layer_id": info.layer_id,
-            "pass": PASS_OF_KIND[info.kind],
-            "kind": info.kind,
-            "nonfinite": int(nonfinite[first]),
-            "n_layers": int(hit.size),
-            "amp_skipped": bool(self.skipped[slot]),
-            **self.event_extra,
-        }
+        """The non-finite event of the open step ``slot`` (:func:`gradprobe.capture.events.full_event`)."""
+        return full_event(self.rows, self.steps[slot], nonfinite, self.touched[slot],
+                          self.seq[slot], self.skipped[slot], self.event_extra)
 
     # ------------------------------------------------------------------ flush
 
@@ -469,22 +391,27 @@ class Recorder:
         data = self.take()
         if data is None:
             return []
+        if isinstance(data, TakenFlush):
+            data = data.resolve(self.writer)
         self.write(data)
         return data.events
 
-    def take(self) -> HostFlush | None:
-        """The training-thread half of a flush: finish queued work, copy the used slices of the
-        buffer to the host in one transfer, find the non-finite events of slots not checked yet
-        (written to ``events.jsonl`` at once) and reset the ring. ``None`` if nothing was
-        recorded since the last flush.
+    def take(self, always: Any = None) -> HostFlush | TakenFlush | None:
+        """The training-thread half of a flush: finish queued work, start the one copy of the
+        used slices of the buffers (and of ``always``, the always-on tier's rows: an object with
+        ``piece() -> (Tensor | None, read)``) to the host (:mod:`gradprobe.capture.transfer`),
+        and reset the ring. ``None`` if nothing was recorded since the last flush.
 
-        The result owns copies of everything :meth:`write` reads, so the recorder can go on
-        recording while another thread writes it.
+        Synchronous unless :attr:`async_copy`: the :class:`HostFlush`, whose non-finite events
+        of slots not checked yet are already in ``events.jsonl``. Asynchronous: a
+        :class:`TakenFlush` that :meth:`write` resolves on the writer thread. Either owns copies
+        of everything :meth:`write` reads, so the recorder goes on recording meanwhile.
         """
         self.settle()
         n = len(self.steps)
         n_loss = len(self.losses.steps)
-        if n == 0 and n_loss == 0:
+        a_flat, a_read = always.piece() if always is not None else (None, None)
+        if n == 0 and n_loss == 0 and a_flat is None:
             return None
         hist_items = sorted(self.hist.items())
         time_items = sorted(self.time.items())
@@ -492,60 +419,38 @@ class Recorder:
         for _, (edges, counts, nonfinite) in hist_items:
             pieces += [edges, counts, nonfinite.reshape(1)]
         pieces += [v.to(self.buf.dtype) for _, v in time_items]
-        # the one device->host transfer of this flush; torch.cat allocates, so the host array
-        # never aliases the ring buffer (also on CPU, where .cpu() is a no-op)
-        host = torch.cat(pieces).cpu().numpy()
-        r = len(self.rows)
-        off = n * r * S.N_STATS
-        stats = host[:off].reshape(n, r, S.N_STATS)
-        scale = host[off : off + n]
-        off += n
-        losses = host[off : off + n_loss]
-        off += n_loss
-        n_hist = len(hist_items) * (2 * self.hist_bins + 2)
-        time_lens = [v.numel() for _, v in time_items]
-        time_vals = host[off + n_hist :]
-        touched = self.touched[:n].copy()
-        skipped = np.asarray(self.skipped, dtype=bool)
-        bad = ((stats[:, :, S.NONFINITE] > 0) & touched).any(1)
-        events: list[dict[str, Any]] = []
-        for slot in np.flatnonzero(bad & ~np.asarray(self.checked, dtype=bool)):
-            ev = self.event_for(int(slot), stats[slot, :, S.NONFINITE])
-            if ev is not None:
-                events.append(ev)
-        self.writer.append_events(events)
-        data = HostFlush(
-            index=self.writer.next_flush(),
-            steps=np.asarray(self.steps, dtype=np.int64),
-            skipped=skipped,
-            counts=self.counts[:n].copy(),
-            units=self.units[:n].copy(),
-            touched=touched,
-            stats=stats,
-            scale=scale,
-            loss_steps=np.asarray(self.losses.steps, dtype=np.int64),
-            losses=losses,
+        if a_flat is not None:
+            pieces.append(a_flat.to(self.buf.dtype))
+        # the one device->host transfer of this flush (asynchronous on CUDA where asked)
+        copy = DeviceCopy(torch.cat(pieces), asynchronous=self.async_copy)
+        data = TakenFlush(
+            index=self.writer.next_flush(), copy=copy, rows=self.rows,
+            hist_bins=self.hist_bins, steps=np.asarray(self.steps, dtype=np.int64),
+            skipped=np.asarray(self.skipped, dtype=bool),
+            checked=np.asarray(self.checked, dtype=bool), counts=self.counts[:n].copy(),
+            units=self.units[:n].copy(), touched=self.touched[:n].copy(),
+            seq=self.seq[:n].copy(), loss_steps=np.asarray(self.losses.steps, dtype=np.int64),
             loss_count=self.losses.count[:n_loss].copy(),
             hist_keys=[key for key, _ in hist_items],
-            hist=host[off : off + n_hist].reshape(len(hist_items), 2 * self.hist_bins + 2),
             time_keys=[key for key, _ in time_items],
-            time_lens=time_lens,
-            time=time_vals,
-            events=events,
-            nonfinite=bool((bad & ~skipped).any()),
-        )
+            time_lens=[v.numel() for _, v in time_items],
+            always=None if a_flat is None else (a_flat.numel(), a_read),
+            extra=dict(self.event_extra))
         self.steps.clear()
         self.skipped.clear()
         self.checked.clear()
         self.losses.reset()
         self.hist.clear()
         self.time.clear()
-        return data
+        return data if self.async_copy else data.resolve(self.writer)
 
-    def write(self, data: HostFlush) -> None:
-        """The host half of a flush: build the frames of ``data`` and write its parts (losses,
-        histograms, then scalars, which commits the flush). Reads only ``data`` and the
-        recorder's fixed row table, so it may run on another thread than :meth:`take`."""
+    def write(self, data: HostFlush | TakenFlush) -> None:
+        """The host half of a flush: build the frames of ``data`` (waiting for its copy) and
+        write its parts (losses, histograms, then scalars, which commits the flush). Reads only
+        ``data`` and the recorder's fixed row table, so it may run on another thread than
+        :meth:`take`."""
+        if isinstance(data, TakenFlush):
+            data = data.resolve(self.writer)
         self.frames.write(data, self.writer)
 
 

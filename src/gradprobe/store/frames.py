@@ -19,6 +19,55 @@ from gradprobe.store.writer import RunWriter
 
 
 @dataclass
+class AlwaysFlush:
+    """The always-on tier's rows of one flush (:mod:`gradprobe.capture.always`), one per step:
+    ``values[i]`` = per layer the sum of its outputs (non-finite iff an output was), per
+    tracked parameter its gradient's norm, then the loss sum and the AMP scale."""
+
+    steps: np.ndarray
+    full: np.ndarray
+    """Whether each step was a full-tier step."""
+    skipped: np.ndarray
+    values: np.ndarray
+    """``[n, L + P + 2]``."""
+    layer_ids: list[int]
+    param_layer: np.ndarray
+    """Index (into ``layer_ids``) of each tracked parameter's layer."""
+    has_loss: np.ndarray
+    has_scale: bool
+
+    def frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The ``steps`` table (one row per step: ``step, tier, loss_nonfinite, scale,
+        skipped``) and the ``norms`` table (one row per step and layer: ``step, layer_id,
+        grad_norm, grad_nonfinite, act_nonfinite``; a layer's norm is that of all its
+        parameters' gradients together, ``sqrt(Σ_p ‖g_p‖²)``)."""
+        n, n_layers, n_params = len(self.steps), len(self.layer_ids), len(self.param_layer)
+        v = self.values.reshape(n, n_layers + n_params + 2)
+        loss = v[:, n_layers + n_params]
+        steps = pd.DataFrame({
+            "step": self.steps.astype(np.int64),
+            "tier": np.where(self.full, "full", "always"),
+            "loss_nonfinite": self.has_loss & ~np.isfinite(loss),
+            "scale": v[:, -1] if self.has_scale else np.full(n, np.nan),
+            "skipped": self.skipped.astype(bool),
+        })
+        g = v[:, n_layers : n_layers + n_params].astype(np.float64)
+        sq = np.zeros((n, n_layers))
+        np.add.at(sq.T, self.param_layer, (g * g).T)
+        with_grad = np.zeros(n_layers, dtype=bool)
+        with_grad[self.param_layer] = True
+        norm = np.where(with_grad, np.sqrt(sq), np.nan)
+        norms = pd.DataFrame({
+            "step": np.repeat(self.steps.astype(np.int64), n_layers),
+            "layer_id": np.tile(np.asarray(self.layer_ids, dtype=np.int64), n),
+            "grad_norm": norm.reshape(-1),
+            "grad_nonfinite": (with_grad & ~np.isfinite(sq)).reshape(-1),
+            "act_nonfinite": (~np.isfinite(v[:, :n_layers])).reshape(-1),
+        })
+        return steps, norms
+
+
+@dataclass
 class HostFlush:
     """One flush on the host, as :meth:`Recorder.take` hands it to :meth:`Recorder.write`:
     arrays indexed by slot (``n`` recorded steps), owned by this object."""
@@ -53,11 +102,15 @@ class HostFlush:
     """Number of time steps of each profile; the profiles lie one after the other in :attr:`time`."""
     time: np.ndarray = field(default_factory=lambda: np.zeros(0))
     """``Σ grad²`` per time step of every profile, concatenated."""
+    always: AlwaysFlush | None = None
+    """The always-on tier's rows of every step of the flush (``None``: not recorded)."""
 
     @property
     def what(self) -> str:
         """Names the flush in error messages."""
         steps = self.steps if len(self.steps) else self.loss_steps
+        if not len(steps) and self.always is not None:
+            steps = self.always.steps
         return f"flush {self.index} (steps {int(steps[0])}-{int(steps[-1])})"
 
 
@@ -102,6 +155,10 @@ class Frames:
             writer.write_part("hist", pd.DataFrame(recs), data.index)
         if data.time_keys:
             writer.write_part("time", self._time_frame(data), data.index)
+        if data.always is not None:
+            steps, norms = data.always.frames()
+            writer.write_part("norms", norms, data.index)
+            writer.write_part("steps", steps, data.index)
         # The scalars part is written last: it commits the flush (readers ignore loss and
         # histogram parts whose scalars part is missing, e.g. after a SIGKILL in between).
         writer.write_part("scalars", self._scalars_frame(data), data.index)
@@ -150,4 +207,4 @@ class Frames:
         return frame
 
 
-__all__ = ["Frames", "HostFlush"]
+__all__ = ["AlwaysFlush", "Frames", "HostFlush"]

@@ -43,7 +43,7 @@ from gradprobe.errors import RunDataWarning
 
 META = "meta.json"
 EVENTS = "events.jsonl"
-PART_DIRS = ("scalars", "hist", "losses", "time")
+PART_DIRS = ("scalars", "hist", "losses", "time", "steps", "norms")
 _INDEX = re.compile(r"part-(\d{5,})\.parquet")
 
 

@@ -187,6 +187,46 @@ class Run:
         )
         return out.iloc[order].reset_index(drop=True)
 
+    @property
+    def schedule(self) -> dict[str, Any]:
+        """The full tier's schedule as used (``meta.json``'s ``schedule``: ``mode`` ``"budget"``
+        or ``"every"``, the counts of steps and full steps, the Probe's measured cost and the
+        triggers). A run written before the schedule existed: ``{"mode": "every", "every":
+        config["every"]}``."""
+        meta = self.meta
+        found = meta.get("schedule")
+        if isinstance(found, dict):
+            return found
+        return {"mode": "every", "every": meta.get("config", {}).get("every", 1)}
+
+    def steps(self) -> pd.DataFrame:
+        """One row per recorded step: ``step, tier`` (``"full"``: every kind; ``"always"``:
+        the always-on tier only), ``loss_nonfinite``, ``scale`` (AMP), ``skipped``. A run
+        written before the two tiers existed: its full steps, from the scalars."""
+        frame = self._read("steps")
+        if frame.empty:
+            steps = np.sort(self.raw_scalars()["step"].unique()).astype(np.int64)
+            return pd.DataFrame({"step": steps, "tier": "full", "loss_nonfinite": False,
+                                 "scale": np.nan, "skipped": False})
+        return frame.sort_values("step").reset_index(drop=True)
+
+    def grad_norms(self) -> pd.DataFrame:
+        """The always-on tier, one row per (step, layer): ``step, layer, grad_norm``
+        (``sqrt(Σ_p ‖g_p‖²)`` over the layer's parameters, NaN for a layer without any),
+        ``grad_nonfinite``, ``act_nonfinite`` (an output of the layer held a NaN/Inf), and
+        ``layer_id``; every step, whatever its tier. A run written before the two tiers
+        existed: its full steps' ``grad`` norms."""
+        frame = self._read("norms")
+        cols = ["step", "layer", "grad_norm", "grad_nonfinite", "act_nonfinite", "layer_id"]
+        if frame.empty:
+            grad = self.scalars(kinds="grad")
+            return pd.DataFrame({"step": grad["step"], "layer": grad["layer"],
+                                 "grad_norm": grad["norm"], "grad_nonfinite": grad["nonfinite"] > 0,
+                                 "act_nonfinite": False, "layer_id": grad["layer_id"]})[cols]
+        names = {int(r["layer_id"]): r["name"] for r in self.meta.get("layers", [])}
+        frame["layer"] = frame["layer_id"].map(names)
+        return frame[cols].sort_values(["step", "layer_id"]).reset_index(drop=True)
+
     def losses(self) -> pd.DataFrame:
         """``step, loss``: the mean of the losses observed in each step."""
         frame = self._read("losses")

@@ -1,0 +1,242 @@
+"""The always-on tier: what the Probe records at every optimizer step, cheaply.
+
+Per step, on the device, with no host synchronisation in any hook:
+
+* per tracked layer, the sum of each output it produced (one reduction per hooked output,
+  ``x.sum()``, kept on the device): the sum is non-finite exactly when an element is NaN or
+  ±Inf, or when the finite elements overflow the accumulator (``|Σ x| > 3.4e38`` in float32,
+  itself an explosion; float16/bfloat16 outputs are summed in float32);
+* per tracked parameter, the norm of its gradient: one ``torch._foreach_norm`` per device and
+  dtype group, as ``torch.nn.utils.clip_grad_norm_`` does (float16/bfloat16 gradients in
+  float32); a parameter without a gradient counts 0. A layer's norm is
+  ``sqrt(Σ_p ‖g_p‖²)`` over its parameters (:class:`gradprobe.store.frames.AlwaysFlush`);
+* the sum of the step's observed losses and the AMP loss scale.
+
+These land in one row of a ring buffer (``capacity`` steps × ``L + P + 2`` float32 values) that
+goes to the host with the full tier's buffer at each flush. The row is also read on the host
+as soon as it is cheap to do so (:meth:`AlwaysOn.end`): on the CPU at once (no device to wait
+for); on a CUDA device through a pinned copy and an event polled at the next steps
+(:meth:`AlwaysOn.ready`), never waited for, unless ``on_nonfinite="raise"`` asks for it.
+The host reads find non-finite values (:func:`gradprobe.capture.events.always_event`) and
+gradient-norm spikes (:meth:`AlwaysOn.spike`), on which the schedule
+(:mod:`gradprobe.capture.schedule`) makes the next steps full.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gradprobe.capture.events import always_event
+from gradprobe.capture.select import Layer
+from gradprobe.store.frames import AlwaysFlush
+
+SPIKE = 10.0
+"""A gradient-norm spike: a parameter's gradient norm above ``SPIKE`` times its running
+geometric mean (an exponential moving average of ``log ‖g‖``, weight :data:`SMOOTH`)."""
+SMOOTH = 0.1
+HISTORY = 5
+"""Steps of history before a spike can be called (the first steps' norms move fast)."""
+_LOG_SPIKE = float(np.log(SPIKE))
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class AlwaysOn:
+    """The always-on rows of ``layers`` (activation sums where ``acts``, gradient norms where
+    ``grads``) for up to ``capacity`` steps on ``device``."""
+
+    def __init__(self, layers: Sequence[Layer], *, acts: bool, grads: bool,
+                 device: torch.device, capacity: int, scaler: bool, sync: bool) -> None:
+        self.layers = list(layers)
+        self.acts = acts
+        self.n_layers = len(self.layers)
+        by_key: dict[tuple[Any, Any], list[tuple[Tensor, int]]] = {}
+        for i, lay in enumerate(self.layers):
+            for p in lay.params if grads else []:
+                by_key.setdefault((p.device, p.dtype), []).append((p, i))
+        order = [item for items in by_key.values() for item in items]
+        self.params = [p for p, _ in order]
+        self.param_layer = np.array([i for _, i in order], dtype=np.int64)
+        # one (parameters, columns, norm dtype) per device and dtype, columns contiguous
+        self.groups: list[tuple[list[Tensor], slice, torch.dtype | None]] = []
+        col = self.n_layers
+        for (_, dtype), items in by_key.items():
+            self.groups.append(([p for p, _ in items], slice(col, col + len(items)),
+                                torch.float32 if dtype in _HALF else None))
+            col += len(items)
+        self.loss_col, self.scale_col = col, col + 1
+        self.width = col + 2
+        self.capacity = capacity
+        self.device = device
+        self.scaler = scaler
+        self.sync = sync or device.type == "cpu"  # read each row on the host at once
+        self.buf = torch.zeros(capacity, self.width, dtype=torch.float32, device=device)
+        self.steps: list[int] = []
+        self.full: list[bool] = []
+        self.skipped: list[bool] = []
+        self.has_loss: list[bool] = []
+        self._acts: list[Tensor] = []
+        self._act_cols: list[int] = []
+        self._index: dict[tuple[int, ...], Tensor] = {}
+        self._losses: list[Tensor] = []
+        self._in_order = tuple(range(self.n_layers))
+        self._zero = torch.zeros((), device=device)
+        self._pending: deque[tuple[int, bool, bool, Tensor, Any]] = deque()
+        self._ema: np.ndarray | None = None
+        self._seen = 0
+
+    # ------------------------------------------------------------------ during the step
+
+    def act(self, col: int, t: Tensor) -> None:
+        """A hooked output of layer ``col``: one reduction, kept on the device."""
+        self._acts.append(t.detach().sum(dtype=torch.float32 if t.dtype in _HALF else None))
+        self._act_cols.append(col)
+
+    def loss(self, loss: Tensor) -> None:
+        self._losses.append(loss.detach())
+
+    def end(self, step: int, *, full: bool, skipped: bool, scale: Tensor | None
+            ) -> np.ndarray | None:
+        """Write the step's row; returns it on the host when that costs no wait (CPU, or
+        ``sync``), else starts its copy for :meth:`ready`."""
+        slot = len(self.steps)
+        row = self.buf[slot]
+        with torch.no_grad():
+            vals: list[Tensor] = []
+            cols = tuple(self._act_cols)
+            if cols == self._in_order:  # each layer once, in order: straight into the row
+                vals += self._acts
+            elif cols:  # a layer called twice (micro-batches, reuse), or out of order
+                idx = self._index.get(cols)
+                if idx is None:
+                    if len(self._index) > 64:
+                        self._index.clear()
+                    idx = self._index[cols] = torch.tensor(cols, device=self.device)
+                row.index_add_(0, idx, torch.stack(self._acts).to(row.dtype))
+            start = 0 if vals else self.n_layers
+            for params, _, dtype in self.groups:  # columns contiguous, in this order
+                grads = [p.grad for p in params]
+                if any(g is None or g.is_sparse for g in grads):
+                    vals += [self._zero if g is None else
+                             torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse
+                                                      else g, dtype=dtype) for g in grads]
+                else:
+                    vals += torch._foreach_norm(grads, 2, dtype=dtype)  # type: ignore[arg-type]
+            losses = self._losses
+            vals.append(losses[0] if len(losses) == 1 else
+                        torch.stack(losses).sum() if losses else self._zero)
+            self.has_loss.append(bool(losses))
+            # one kernel writes the step's values into its row
+            torch.stack([v.reshape(()) for v in vals], out=row[start : self.loss_col + 1])
+            if scale is not None:
+                row[self.scale_col].copy_(scale.reshape(()))
+            self._acts, self._act_cols, self._losses = [], [], []
+        self.steps.append(step)
+        self.full.append(full)
+        self.skipped.append(skipped)
+        if self.sync:
+            # a host read of one row: free on the CPU; on a device only with
+            # on_nonfinite="raise", where the user asked for one sync per step
+            return row.cpu().numpy() if row.is_cuda else row.numpy()
+        host = torch.empty(self.width, dtype=row.dtype, pin_memory=True)
+        host.copy_(row, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        self._pending.append((step, full, skipped, host, ready))
+        return None
+
+    def ready(self, wait: bool = False) -> list[tuple[int, bool, bool, np.ndarray]]:
+        """The rows whose asynchronous copies have arrived (all of them with ``wait``):
+        ``(step, full, skipped, values)``."""
+        out = []
+        while self._pending and (wait or self._pending[0][4].query()):
+            step, full, skipped, host, ready = self._pending.popleft()
+            ready.synchronize()
+            out.append((step, full, skipped, host.numpy()))
+        return out
+
+    def open(self) -> bool:
+        """Whether the open step has outputs or a loss queued (a pass ran)."""
+        return bool(self._acts or self._losses)
+
+    def discard_open(self) -> None:
+        """Forget the open step's queued reductions (it never reached its end)."""
+        self._acts, self._act_cols, self._losses = [], [], []
+
+    # ------------------------------------------------------------------ on the host
+
+    def check(self, step: int, full: bool, skipped: bool, v: np.ndarray
+              ) -> tuple[bool, dict[str, Any] | None, int | None]:
+        """Whether a step's row holds a non-finite value; its event (``None`` on a full step
+        unless only the loss was non-finite: the full tier reports the others in more
+        detail); the index of the layer whose gradient norm spiked (:data:`SPIKE`), if any."""
+        n, p = self.n_layers, len(self.params)
+        event = None
+        bad = not np.isfinite(v[: self.loss_col + 1]).all()
+        if bad:
+            act_bad = ~np.isfinite(v[:n])
+            grad_bad = np.zeros(n, dtype=bool)
+            grad_bad[self.param_layer[~np.isfinite(v[n : n + p])]] = True
+            loss_bad = not np.isfinite(v[self.loss_col])
+            if not full or not (act_bad.any() or grad_bad.any()):
+                depth = [lay.depth if lay.depth is not None else 1 << 30 for lay in self.layers]
+                event = always_event(step, [lay.name for lay in self.layers],
+                                     [lay.layer_id for lay in self.layers], depth, act_bad,
+                                     grad_bad, loss_bad, skipped)
+        spike = self.spike(v[n : n + p]) if p else None
+        return bad, event, None if spike is None else int(self.param_layer[spike])
+
+    def spike(self, norms: np.ndarray) -> int | None:
+        """The parameter whose gradient norm is above :data:`SPIKE` times its running
+        geometric mean (the largest such ratio), updating the means; ``None`` if none."""
+        lg = np.log(norms + 1e-30, dtype=np.float64)
+        if self._ema is None:
+            self._ema = np.where(np.isfinite(lg), lg, 0.0)
+            self._seen = 1
+            return None
+        jump = lg - self._ema
+        finite = np.isfinite(jump).all()
+        if not finite:  # a non-finite norm: reported as such, kept out of the means
+            jump = np.where(np.isfinite(jump), jump, 0.0)
+        hit = None
+        if self._seen >= HISTORY:
+            top = int(jump.argmax())
+            if jump[top] > _LOG_SPIKE:
+                hit = top
+        self._ema += SMOOTH * jump
+        self._seen += 1
+        return hit
+
+    # ------------------------------------------------------------------ flush
+
+    def full_ring(self) -> bool:
+        return len(self.steps) >= self.capacity
+
+    def piece(self) -> tuple[Tensor | None, Callable[[np.ndarray], AlwaysFlush] | None]:
+        """The used rows (flat, on the device) and how to read their host copy; resets."""
+        m = len(self.steps)
+        if m == 0:
+            return None, None
+        flat = self.buf[:m].reshape(-1).clone()
+        steps = np.asarray(self.steps, dtype=np.int64)
+        full = np.asarray(self.full, dtype=bool)
+        skipped = np.asarray(self.skipped, dtype=bool)
+        has_loss = np.asarray(self.has_loss, dtype=bool)
+        ids = [lay.layer_id for lay in self.layers]
+
+        def read(values: np.ndarray) -> AlwaysFlush:
+            return AlwaysFlush(steps=steps, full=full, skipped=skipped, values=values,
+                               layer_ids=ids, param_layer=self.param_layer,
+                               has_loss=has_loss, has_scale=self.scaler)
+
+        self.steps, self.full, self.skipped, self.has_loss = [], [], [], []
+        self.buf[:m].zero_()
+        return flat, read
+
+
+__all__ = ["HISTORY", "SMOOTH", "SPIKE", "AlwaysOn"]

@@ -1,0 +1,82 @@
+"""Non-finite events: which layer and pass a NaN/Inf of a step is reported at.
+
+One event per step, naming the first (layer, kind) record in execution order: the forward
+pass (activations, in the order they were first touched), then the loss, then the backward
+pass (activation gradients, then parameter gradients), then the weights. The full tier
+(:class:`gradprobe.capture.recorder.Recorder`) knows every record of a full step; the always-on
+tier (:mod:`gradprobe.capture.always`) knows, every step, which layers' outputs, gradients and
+which loss were non-finite, and reports the first of them in the same order (its gradients
+deepest layer first: a NaN born in the backward pass reaches every layer below it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+PASS_OF_KIND = {"input": "forward", "act": "forward", "act_grad": "act_grad", "grad": "grad",
+                "weight": "weight", "update": "weight", "drift": "weight", "spread": "weight"}
+PASS_ORDER = {"forward": 0, "loss": 1, "act_grad": 2, "grad": 3, "weight": 4}
+
+
+def full_event(rows: Sequence[Any], step: int, nonfinite: np.ndarray, touched: np.ndarray,
+               seq: np.ndarray, skipped: bool, extra: dict[str, Any]) -> dict[str, Any] | None:
+    """The event of one full step from its records' non-finite counts (``rows``: the
+    recorder's :class:`~gradprobe.capture.recorder.RowInfo` table; ``touched`` and ``seq``:
+    the step's written records and their first-touch order); ``None`` if none is non-finite."""
+    hit = np.flatnonzero((nonfinite > 0) & touched)
+    if hit.size == 0:
+        return None
+    first = min(hit, key=lambda r: (PASS_ORDER[PASS_OF_KIND[rows[r].kind]], int(seq[r])))
+    info = rows[int(first)]
+    return {
+        "type": "nonfinite",
+        "step": int(step),
+        "layer": info.layer,
+        "layer_id": info.layer_id,
+        "pass": PASS_OF_KIND[info.kind],
+        "kind": info.kind,
+        "nonfinite": int(nonfinite[first]),
+        "n_layers": int(hit.size),
+        "amp_skipped": bool(skipped),
+        **extra,
+    }
+
+
+def always_event(step: int, names: Sequence[str], layer_ids: Sequence[int],
+                 depth: Sequence[int], act_bad: np.ndarray, grad_bad: np.ndarray,
+                 loss_bad: bool, skipped: bool) -> dict[str, Any] | None:
+    """The event of one step from the always-on tier's flags (per layer: its output, its
+    parameters' gradients; the loss). The layer is the first in the forward pass whose output
+    was non-finite, else the loss, else the deepest layer whose gradient was. ``nonfinite``
+    is ``-1``: the always-on tier flags, it does not count."""
+    acts = np.flatnonzero(act_bad)
+    grads = np.flatnonzero(grad_bad)
+    n = int(acts.size + grads.size + int(loss_bad))
+    if n == 0:
+        return None
+    if acts.size:
+        i: int | None = int(min(acts, key=lambda j: depth[j]))
+        pas, kind = "forward", "act"
+    elif loss_bad:
+        i, pas, kind = None, "loss", "loss"
+    else:
+        i = int(max(grads, key=lambda j: depth[j]))
+        pas, kind = "grad", "grad"
+    return {
+        "type": "nonfinite",
+        "step": int(step),
+        "layer": names[i] if i is not None else None,
+        "layer_id": layer_ids[i] if i is not None else -1,
+        "pass": pas,
+        "kind": kind,
+        "nonfinite": -1,
+        "n_layers": int(acts.size + grads.size),
+        "amp_skipped": bool(skipped),
+        "tier": "always",
+    }
+
+
+__all__ = ["PASS_OF_KIND", "PASS_ORDER", "always_event", "full_event"]

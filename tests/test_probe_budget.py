@@ -1,0 +1,279 @@
+"""The two tiers (issue 14): the always-on tier every step, the full tier on a schedule within
+``budget=``, ``flush_secs``, and the bad values of the new options.
+
+References: the gradient norms against ``torch.linalg.vector_norm`` of the gradients read in the
+loop; the planted NaN/Inf and spikes against the step, layer and pass they were planted at; the
+fixed schedule against ``range(0, n, every)``; ``budget=None`` against ``every=1``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections import OrderedDict
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import gradprobe as gp
+from gradprobe.capture import schedule as sched
+from gradprobe.errors import ConfigError
+
+
+class Scale(nn.Module):
+    """``x * w + bad``: a layer with a parameter (so the Probe tracks it) whose output is
+    poisoned where ``bad`` is set to NaN or Inf."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(n))
+        self.register_buffer("bad", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w + self.bad
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict([
+        ("inp", nn.Linear(4, 8)), ("act", nn.Tanh()), ("mid", Scale(8)),
+        ("hid", nn.Linear(8, 8)), ("relu", nn.ReLU()), ("out", nn.Linear(8, 1)),
+    ]))
+
+
+def _batches(n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(16, 4, generator=g) for _ in range(n)]
+
+
+def _train(run_dir, steps=30, *, lr=0.05, plant=None, loss_scale=None, reference=None, **kw):
+    """Train ``steps`` steps; ``plant(step, model)`` may poison a step; ``loss_scale`` maps a
+    step to a factor on its loss; ``reference`` collects the per-layer gradient norms."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    with gp.Probe(model, opt, run_dir=run_dir, **kw) as probe:
+        for step, x in enumerate(_batches(steps)):
+            if plant is not None:
+                plant(step, model)
+            loss = model(x).pow(2).mean()
+            if loss_scale is not None:
+                loss = loss * loss_scale.get(step, 1.0)
+            probe.observe_loss(loss)
+            loss.backward()
+            if reference is not None:
+                for name, mod in model.named_children():
+                    ps = [p.grad.reshape(-1) for p in mod.parameters()]
+                    if ps:
+                        reference.append((step, name, float(torch.linalg.vector_norm(
+                            torch.cat(ps)))))
+            opt.step()
+            opt.zero_grad()
+    return probe.run
+
+
+def test_always_on_norms_equal_the_reference_every_step(tmp_path):
+    ref: list = []
+    run = _train(tmp_path / "r", 40, reference=ref, flush_every=7)
+    got = run.grad_norms().dropna(subset=["grad_norm"])
+    want = pd.DataFrame(ref, columns=["step", "layer", "ref"])
+    both = want.merge(got, on=["step", "layer"], how="left")
+    assert len(both) == len(want) == 40 * 4 and both["grad_norm"].notna().all()
+    assert both["grad_norm"].to_numpy() == pytest.approx(both["ref"].to_numpy(), rel=1e-5)
+    tiers = run.steps().set_index("step")["tier"]
+    assert list(tiers.index) == list(range(40))
+    assert (tiers == "always").any() and (tiers.iloc[: sched.WARMUP] == "full").all()
+    # the full steps' grad rows agree with the always-on norms
+    full = run.scalars(kinds="grad")[["step", "layer", "norm"]].merge(got, on=["step", "layer"])
+    assert full["norm"].to_numpy() == pytest.approx(full["grad_norm"].to_numpy(), rel=1e-5)
+
+
+def _poison_output(k, value):
+    def plant(step, model):
+        model.mid.bad.fill_(value if step == k else 0.0)
+    return plant
+
+
+def _poison_grad(k):
+    def plant(step, model):
+        if step == 0:
+            model.mid.w.register_hook(lambda g: g * math.nan if plant.step == k else g)
+        plant.step = step
+    return plant
+
+
+@pytest.mark.parametrize(("where", "layer", "pass_"), [
+    ("activation", "mid", "forward"), ("activation-inf", "mid", "forward"),
+    ("gradient", "mid", "grad"), ("loss", None, "loss")])
+@pytest.mark.parametrize("kw", [{"every": 7}, {}], ids=["every7", "budget"])
+def test_nonfinite_is_recorded_at_its_step_layer_and_pass(tmp_path, where, layer, pass_, kw):
+    k = 17  # not a multiple of 7, after the warm-up
+    plant = {"activation": _poison_output(k, math.nan),
+             "activation-inf": _poison_output(k, math.inf),
+             "gradient": _poison_grad(k), "loss": None}[where]
+    scale = {k: math.nan} if where == "loss" else None
+    run = _train(tmp_path / "r", 24, plant=plant, loss_scale=scale, lr=0.0, **kw)
+    ev = run.events()
+    first = ev[ev.step == ev.step.min()].iloc[0]
+    assert int(first["step"]) == k, ev
+    assert first["pass"] == pass_ and (first["layer"] == layer or
+                                       (layer is None and pd.isna(first["layer"]))), first
+    steps = run.steps().set_index("step")
+    if kw:  # the fixed schedule: step k has only the always-on tier
+        assert steps.loc[k, "tier"] == "always"
+    norms = run.grad_norms()
+    at_k = norms[norms.step == k].set_index("layer")
+    if where.startswith("activation"):
+        assert bool(at_k.loc["mid", "act_nonfinite"]) and not at_k.loc["inp", "act_nonfinite"]
+    if where == "gradient":
+        assert bool(at_k.loc["mid", "grad_nonfinite"]) and not at_k.loc["hid", "grad_nonfinite"]
+    if where == "loss":
+        assert bool(steps.loc[k, "loss_nonfinite"]) and not steps.loc[k - 1, "loss_nonfinite"]
+    assert norms[norms.step < k][["act_nonfinite", "grad_nonfinite"]].sum().sum() == 0
+    if not kw:  # the budget schedule: the steps after it are full
+        assert (steps.loc[k + 1 : k + sched.AFTER, "tier"] == "full").all()
+
+
+def test_spike_is_at_its_step_and_the_next_steps_are_full(tmp_path):
+    k = 30
+    ref: list = []
+    run = _train(tmp_path / "r", 45, lr=0.0, loss_scale={k: 1e4}, reference=ref)
+    norms = run.grad_norms().pivot(index="step", columns="layer", values="grad_norm")
+    want = pd.DataFrame(ref, columns=["step", "layer", "v"]).pivot(index="step",
+                                                                   columns="layer", values="v")
+    assert norms.loc[k, want.columns].to_numpy() == pytest.approx(want.loc[k].to_numpy(),
+                                                                  rel=1e-5)
+    others = norms.drop(index=k)[want.columns].median()
+    assert (norms.loc[k, want.columns] > 1000 * others).all()  # the spike is at its step
+    steps = run.steps().set_index("step")["tier"]
+    assert (steps.loc[k + 1 : k + sched.AFTER] == "full").all()
+    trig = run.schedule["triggers"]
+    assert {"step": k, "why": "spike"}.items() <= trig[-1].items(), trig
+    assert run.events().empty  # a spike is not a non-finite event
+
+
+def test_every_gives_the_fixed_schedule(tmp_path):
+    run = _train(tmp_path / "r", 20, every=3, flush_every=2)
+    assert sorted(run.scalars().step.unique()) == list(range(0, 20, 3))
+    steps = run.steps()
+    assert list(steps.step) == list(range(20))
+    assert list(steps.step[steps.tier == "full"]) == list(range(0, 20, 3))
+    assert run.schedule["mode"] == "every" and run.schedule["every"] == 3
+    assert run.schedule["full_steps"] == 7 and run.schedule["steps"] == 20
+    assert len(run.grad_norms().step.unique()) == 20
+
+
+def test_budget_none_records_everything_as_every_1(tmp_path):
+    a = _train(tmp_path / "a", 25, budget=None, hist_every=4)
+    b = _train(tmp_path / "b", 25, every=1, hist_every=4)
+    sa, sb = a.scalars(), b.scalars()
+    assert sorted(sa.step.unique()) == list(range(25))
+    pd.testing.assert_frame_equal(sa, sb)
+    pd.testing.assert_frame_equal(a.histograms(), b.histograms())
+    assert a.schedule["mode"] == "every" and a.schedule["full_steps"] == 25
+    assert (a.steps().tier == "full").all()
+
+
+def test_schedule_in_meta_json(tmp_path):
+    run = _train(tmp_path / "r", 30)
+    meta = run.meta
+    s = meta["schedule"]
+    assert s["mode"] == "budget" and s["budget"] == 0.05 and s["warmup"] == sched.WARMUP
+    assert s["steps"] == 30 and s["full_steps"] == int((run.steps().tier == "full").sum())
+    assert meta["config"]["budget"] == 0.05 and meta["config"]["flush_secs"] == 30.0
+    assert s["probe_fraction"] is not None and s["probe_fraction"] > 0
+
+
+def test_a_run_without_the_tiers_still_reads(tmp_path):
+    run = _train(tmp_path / "r", 6, every=1)
+    for d in ("steps", "norms"):
+        for f in (run.path / d).iterdir():
+            f.unlink()
+        (run.path / d).rmdir()
+    meta = json_load(run.path / "meta.json")
+    del meta["schedule"]
+    meta["config"]["every"] = 1
+    (run.path / "meta.json").write_text(__import__("json").dumps(meta))
+    old = gp.Run.open(run.path)
+    assert old.schedule == {"mode": "every", "every": 1}
+    assert list(old.steps().step) == list(range(6)) and (old.steps().tier == "full").all()
+    g = old.grad_norms()
+    assert len(g) == 6 * 4 and g.grad_norm.notna().all()
+
+
+def json_load(path):
+    import json
+
+    return json.loads(path.read_text())
+
+
+_SLOW = textwrap.dedent("""
+    import sys, time, torch, gradprobe as gp
+    from torch import nn
+    torch.set_num_threads(1)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe = gp.Probe(model, opt, run_dir=sys.argv[1], flush_every=100000, flush_secs=0.3)
+    probe.attach()
+    step = 0
+    while True:
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        probe.observe_loss(loss)
+        loss.backward(); opt.step(); opt.zero_grad()
+        step += 1
+        time.sleep(0.02)
+        if step == 40:
+            print("ready", flush=True)
+""")
+
+
+def test_flush_secs_puts_rows_on_disk_before_a_sigkill(tmp_path):
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW, str(run_dir)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"  # 40 steps, about 1 s or more
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    run = gp.Run.open(run_dir)
+    assert run.status == "running"  # killed: never closed
+    steps = run.steps()
+    # flush_every alone would have written nothing; flush_secs wrote every 0.3 s
+    assert len(steps) >= 20 and list(steps.step) == list(range(len(steps)))
+    assert set(run.scalars().step) >= set(range(sched.WARMUP))
+    assert len(run.losses()) == len(steps)
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"budget": 0}, "budget must be a fraction"),
+    ({"budget": 1.0}, "budget must be a fraction"),
+    ({"budget": -0.1}, "budget must be a fraction"),
+    ({"budget": math.nan}, "budget must be a fraction"),
+    ({"budget": "5%"}, "budget must be a fraction"),
+    ({"budget": True}, "budget must be a fraction"),
+    ({"flush_secs": 0}, "flush_secs must be a positive number"),
+    ({"flush_secs": -3.0}, "flush_secs must be a positive number"),
+    ({"flush_secs": "30"}, "flush_secs must be a positive number"),
+    ({"flush_secs": math.inf}, "flush_secs must be a positive number"),
+    ({"every": 0, "budget": None}, "every must be a positive integer"),
+])
+def test_bad_budget_and_flush_values(tmp_path, kw, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        gp.Probe(_model(), run_dir=tmp_path / "r", **kw)
+    assert err.value.hint and str(err.value).count("\n") == 1  # one line, and its hint
+    assert not (tmp_path / "r").exists()
+
+
+def test_every_with_budget_uses_every(tmp_path):
+    run = _train(tmp_path / "r", 12, every=4, budget=0.2)  # documented: every wins
+    assert run.schedule["mode"] == "every"
+    assert sorted(run.scalars().step.unique()) == [0, 4, 8]
