@@ -161,7 +161,7 @@ def test_input_after_an_embedding_is_the_first_dense_layer(tmp_path):
             opt.zero_grad()
     df = probe.run.scalars(kinds="input")
     assert set(df.layer) == {"conv"}
-    assert len(probe._input_handles) == 1  # the other dense layers' pre-hooks are gone
+    assert len(probe._hooks._input_handles) == 1  # the other dense layers' pre-hooks are gone
 
 
 # ------------------------------------------------------------------------------ through time

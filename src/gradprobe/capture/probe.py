@@ -62,7 +62,6 @@ Note:
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -74,9 +73,9 @@ from gradprobe.capture import stage as _stage
 from gradprobe.capture.always import AlwaysOn
 from gradprobe.capture.forward import ForwardHooks
 from gradprobe.capture.options import check_options
-from gradprobe.capture.params import ParamStats, WeightsBefore
-from gradprobe.capture.recorder import HostFlush, Recorder, RowInfo
-from gradprobe.capture.schedule import Clock, Schedule
+from gradprobe.capture.params import ParamStats
+from gradprobe.capture.recorder import Recorder, RowInfo
+from gradprobe.capture.schedule import Schedule
 from gradprobe.capture.select import (
     check_kinds,
     check_optimizer,
@@ -84,7 +83,8 @@ from gradprobe.capture.select import (
     select_layers,
     spread_weight,
 )
-from gradprobe.errors import ConfigError, NonFiniteError, RunDirError, UnsupportedModelError
+from gradprobe.capture.steps import StepLoop
+from gradprobe.errors import ConfigError, RunDirError, UnsupportedModelError
 from gradprobe.stats import schema as S
 from gradprobe.stats.batched import SMALL
 from gradprobe.store.writer import RunWriter, check_run_dir
@@ -213,21 +213,11 @@ class Probe:
         self._writer: RunWriter | None = None
         self._recorder: Recorder | None = None
         self._params: ParamStats | None = None
-        self._step = 0
-        self._slot: int | None = None
-        self._gen = 0
         self._stepped = False
         self._orig_update: Any = None
-        self._hooks = ForwardHooks(self, self._layers)
-        self._always: AlwaysOn | None = None
+        self._hooks: ForwardHooks | None = None
+        self._loop: StepLoop | None = None  # the steps of the attached run
         self._schedule = Schedule(opts)
-        self._clock: Clock | None = None
-        self._full = False  # the open step has the full tier
-        self._last_hist = -(1 << 30)  # the last step with histograms (budget schedule)
-        self._probe_s = 0.0  # the Probe's own time in the open step (seconds)
-        self._last_bad = -2  # the last step whose always-on row was non-finite
-        self._last_flush = 0.0  # perf_counter of the last flush
-        self._hist_now = False
         self._passive = False  # attached on a non-zero rank: records nothing
         self._raising = False  # detaching because an exception left `with probe:`
         self._sync: Any = None  # the flush exchange across torch.distributed ranks
@@ -293,17 +283,19 @@ class Probe:
         # the training thread at once (raise mode, the exchange across ranks)
         self._recorder.async_copy = (device.type == "cuda" and sync is None
                                      and self.on_nonfinite == "record")
-        self._always = AlwaysOn(self._layers, acts="act" in self.kinds,
-                                grads="grad" in self.kinds, device=device, capacity=steps,
-                                scaler=self.scaler is not None,
-                                sync=self.on_nonfinite == "raise")
+        always = AlwaysOn(self._layers, acts="act" in self.kinds, grads="grad" in self.kinds,
+                          device=device, capacity=steps, scaler=self.scaler is not None,
+                          sync=self.on_nonfinite == "raise")
         self._params = ParamStats(self._layers, self.kinds, device, self._recorder)
         if sync is not None:  # unit masks are ANDed across ranks at each flush
             self._recorder.kept_units = []
         writer.write_meta(layers=[lay.record() for lay in self._layers],
                           memory_bytes=self.memory_bytes(), schedule=self._schedule.describe())
-        self._clock = Clock(device)
-        self._last_flush = time.perf_counter()
+        self._loop = StepLoop(layers=self._layers, kinds=self.kinds, options=self.options,
+                              schedule=self._schedule, recorder=self._recorder, always=always,
+                              params=self._params, writer=writer, scaler=self.scaler, sync=sync,
+                              snapshot=self.optimizer is None and "update" in self.kinds)
+        self._hooks = ForwardHooks(self._loop, self._layers)
         self._hooks.register(outputs=any(k in S.ACT_KINDS for k in self.kinds),
                              time_grads=bool(self.hist_every and "act_grad" in self.kinds))
         if self.optimizer is not None:
@@ -320,8 +312,7 @@ class Probe:
             self.scaler.update = update
         self._attached = True
         self._used = True
-        self._gen += 1
-        self._begin_step()
+        self._loop.begin()
         return self
 
     def detach(self) -> None:
@@ -335,50 +326,18 @@ class Probe:
         self._attached = False
         if self._passive:
             return
-        self._gen += 1
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._hooks.remove()
+        if self._hooks is not None:
+            self._hooks.remove()
         if self.scaler is not None:
             if self._orig_update is None:
                 del self.scaler.update
             else:
                 self.scaler.update = self._orig_update
-        assert self._recorder is not None and self._writer is not None
-        incomplete: int | None = None
-        if self._slot is not None:  # a step begun but never finished by an optimizer step
-            slot, self._slot = self._slot, None
-            if self._recorder.recorded(slot):  # e.g. a NaN-loss guard raised before the step
-                incomplete = self._step
-                self._close_incomplete(slot)
-            else:  # nothing of it was recorded (the step after the last optimizer step)
-                self._recorder.discard_open(slot)
-        assert self._always is not None
-        if self._always.open():  # the open step's outputs or loss were seen: keep its row
-            incomplete = self._step
-            self._always_end(skipped=False, incomplete=True)
-        self._always.discard_open()
-        for row in self._always.ready(wait=True):  # GPU: the rows still on their way
-            self._always_check(*row)
-        extra: dict[str, Any] = {} if incomplete is None else {"incomplete_step": incomplete}
-        if self._step == 0 and not self._raising:
-            self._warn_no_step(incomplete is not None)
-        status = "interrupted"  # unless every buffered step is handed to the writer
-        try:
-            self._flush()
-            status = "closed"
-        finally:
-            try:
-                # every flush handed over is written and the writer thread joined; a write
-                # that failed is raised here if it was not raised before. meta.json's status
-                # says what is on disk (failed, or interrupted also by a Ctrl-C in this wait)
-                self._writer.close(status=status, steps=self._step,
-                                   schedule=self._schedule.describe(),
-                                   layers=[lay.record() for lay in self._layers], **extra)
-            finally:
-                assert self._params is not None
-                self._params.release()
+        assert self._loop is not None
+        self._loop.finish(None if self._raising else self._warn_no_step)
 
     def _warn_no_step(self, kept: bool) -> None:
         import warnings
@@ -392,29 +351,6 @@ class Probe:
                 "nothing was recorded")
         warnings.warn(f"gradprobe: the Probe detached with no completed step: {how}; {what}",
                       RuntimeWarning, stacklevel=3)
-
-    def _close_incomplete(self, slot: int) -> None:
-        """Keep the open step that never reached its optimizer step (the loop stopped before
-        ``optimizer.step()``): its activations, the gradients as they are now and the weights
-        (unchanged: update 0), and its non-finite event marked ``incomplete``, written whatever
-        the device or ``on_nonfinite`` (one host read, at detach)."""
-        rec, params, writer = self._recorder, self._params, self._writer
-        assert rec is not None and params is not None and writer is not None
-        with torch.no_grad():
-            if not rec.staged.pre_done:  # the pre-step hook did not run
-                params.grads(slot, self._hist_now)
-                params.stage_before(slot, "none", self._hist_now)
-            params.params(slot, True, self._hist_now)
-            rec.staged.post(slot, params.staged_after, True)
-            rec.process_pending()
-        scale = self.scaler._scale if self.scaler is not None else None
-        rec.end(slot, skipped=False, scale=scale)
-        nonfinite = rec.slot_nonfinite(slot)
-        if nonfinite.any():
-            ev = rec.event_for(slot, nonfinite)
-            if ev is not None:
-                ev["incomplete"] = True
-                writer.append_event(ev)
 
     @property
     def attached(self) -> bool:
@@ -440,7 +376,7 @@ class Probe:
     @property
     def step_index(self) -> int:
         """Index of the current (not yet finished) step."""
-        return self._step
+        return self._loop.step if self._loop is not None else 0
 
     def memory_bytes(self) -> dict[str, int]:
         """Upper bound of the memory the probe holds, by part (bytes)."""
@@ -492,22 +428,6 @@ class Probe:
 
     # ------------------------------------------------------------------ steps
 
-    def _begin_step(self) -> None:
-        assert self._recorder is not None and self._always is not None
-        for row in self._always.ready():  # GPU: rows whose copies have arrived (no wait)
-            self._always_check(*row)
-        self._full = self._schedule.full(self._step)
-        self._hist_now = self._full and self._hist_due()  # read by the hooks of this step
-        if self._hist_now:
-            self._last_hist = self._step
-        if self._full:
-            self._slot = self._recorder.begin(self._step)
-            if self.optimizer is None and "update" in self.kinds:
-                assert self._params is not None
-                self._params.snapshot()
-        else:
-            self._slot = None
-
     def step(self) -> None:
         """End the current step when no optimizer was given (call after updating weights)."""
         if not self._attached:
@@ -518,9 +438,9 @@ class Probe:
                               hint="steps are counted by optimizer.step() already")
         if self._passive:
             return
-        if self._slot is not None:
-            self._before_update(self._slot, "prev")
-        self._end_step(skipped=False)
+        assert self._loop is not None
+        self._loop.before_update("prev")
+        self._loop.end(skipped=False)
 
     def observe_loss(self, loss: Tensor) -> None:
         """Record the loss of the current step (the mean over micro-batches); stays on device."""
@@ -537,174 +457,30 @@ class Probe:
                 "a boolean); convert with loss.float() if it is one on purpose")
         if self._passive:
             return
-        assert self._recorder is not None and self._always is not None
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            self._recorder.losses.add(self._step, loss)
-            self._always.loss(loss)
-        self._probe_s += time.perf_counter() - t0
+        assert self._loop is not None
+        self._loop.observe_loss(loss)
 
     def _pre_step_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         # args are (optimizer, *step_args): a closure is the first step argument
         if (len(args) > 1 and args[1] is not None) or (kwargs or {}).get("closure") is not None:
             raise closure_error(type(optimizer).__name__)
-        if self._slot is None:
-            return
-        t0 = time.perf_counter()
-        self._before_update(self._slot, "live")
-        assert self._params is not None
-        with torch.no_grad():
-            self._params.before_update()
-        self._probe_s += time.perf_counter() - t0
-
-    def _before_update(self, slot: int, wpre: WeightsBefore) -> None:
-        """The step's gradients and (staged) weights before the update."""
-        assert self._params is not None
-        with torch.no_grad():
-            self._params.grads(slot, self._hist_now)
-            self._params.stage_before(slot, wpre, self._hist_now)
+        assert self._loop is not None
+        self._loop.before_update("live", live=True)
 
     def _post_step_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._stepped = True
-        self._end_step(skipped=False)
+        assert self._loop is not None
+        self._loop.end(skipped=False)
 
     def _scaler_update(self) -> None:
         # GradScaler.step skips optimizer.step() when it found inf/NaN gradients, so the step
         # hooks did not run: close the step here, marked as skipped.
         if not self._stepped and self._attached:
-            if self._slot is not None:
-                self._before_update(self._slot, "none")
-            self._end_step(skipped=True)
+            assert self._loop is not None
+            self._loop.before_update("none")
+            self._loop.end(skipped=True)
         self._stepped = False
 
-    def _hist_due(self) -> bool:
-        if self.hist_every <= 0:
-            return False
-        if self._schedule.mode == "every":
-            return self._step % self.hist_every == 0
-        # the budget's full steps: histograms at most every hist_every steps
-        return self._step - self._last_hist >= self.hist_every
-
-    def _always_end(self, *, skipped: bool, incomplete: bool = False) -> list[dict[str, Any]]:
-        """Close the open step's always-on row; its event (if read on the host now)."""
-        assert self._always is not None
-        scale = self.scaler._scale if self.scaler is not None else None
-        v = self._always.end(self._step, full=self._full, skipped=skipped, scale=scale)
-        if v is None:  # on its way to the host: read by a later step (_begin_step)
-            return []
-        return self._always_check(self._step, self._full, skipped, v, incomplete)
-
-    def _always_check(self, step: int, full: bool, skipped: bool, v: Any,
-                      incomplete: bool = False) -> list[dict[str, Any]]:
-        """Write the event of an always-on row, and make the next steps full after a spike or
-        a non-finite value (:meth:`Schedule.trigger`)."""
-        assert self._always is not None and self._writer is not None
-        bad, event, spike = self._always.check(step, full, skipped, v)
-        if spike is not None:
-            self._schedule.trigger(step, "spike", self._layers[spike].name)
-        if bad and not skipped:
-            if self._last_bad != step - 1:  # the first of a run of non-finite steps
-                self._schedule.trigger(step, "nonfinite", event["layer"] if event else None)
-            self._last_bad = step
-        if event is None:
-            return []
-        if incomplete:
-            event["incomplete"] = True
-        self._writer.append_event(event)
-        return [event]
-
-    def _end_step(self, *, skipped: bool) -> None:
-        assert self._recorder is not None and self._writer is not None
-        t0 = time.perf_counter()
-        slot = self._slot
-        events: list[dict[str, Any]] = []
-        if slot is not None:
-            check = self._recorder.device.type == "cpu" or self.on_nonfinite == "raise"
-            assert self._params is not None
-            with torch.no_grad():
-                self._params.params(slot, skipped, self._hist_now)
-                complete = self._recorder.staged.post(slot, self._params.staged_after, check)
-                self._recorder.process_pending()
-            scale = self.scaler._scale if self.scaler is not None else None
-            self._recorder.end(slot, skipped=skipped, scale=scale)
-            if complete and check:
-                # the staged row was finite and nothing else was recorded: nothing to read
-                self._recorder.checked[slot] = True
-            elif check:
-                # Host read of one slot's non-finite counts: free on CPU (no device to wait
-                # for); with on_nonfinite="raise" the user asked for it (one sync per step).
-                nonfinite = self._recorder.slot_nonfinite(slot)
-                if nonfinite.any():
-                    ev = self._recorder.event_for(slot, nonfinite)
-                    if ev is not None:
-                        self._writer.append_event(ev)
-                        events.append(ev)
-        events += self._always_end(skipped=skipped)
-        assert self._always is not None and self._clock is not None
-        self._step += 1
-        self._slot = None
-        failed: RunDirError | None = None
-        now = time.perf_counter()
-        if (self._recorder.full() or self._always.full_ring()
-                or now - self._last_flush >= self.flush_secs):
-            try:
-                events += self._flush()
-            except RunDirError as err:  # an earlier write failed: raise it once the next
-                failed = err            # step has begun, so a loop that goes on loses none
-        self._probe_s += time.perf_counter() - t0
-        for done in self._clock.end(self._step - 1, self._full, self._probe_s):
-            self._schedule.measured(*done, device_time=self._clock.cuda)
-        self._probe_s = 0.0
-        self._begin_step()
-        if failed is not None:
-            raise failed
-        self._writer.raise_error()  # a failed write surfaces at the step after it
-        raise_on = [e for e in events if not e["amp_skipped"]]
-        if self.on_nonfinite == "raise" and raise_on:
-            self._flush()
-            ev = raise_on[0]
-            count = f", {ev['nonfinite']} values" if ev["nonfinite"] >= 0 else ""
-            raise NonFiniteError(
-                f"non-finite values at step {ev['step']} in layer {ev['layer']!r} "
-                f"({ev['pass']} pass{count})",
-                hint="see run.events(); lower the learning rate, clip gradients or check the "
-                "inputs of that layer",
-            )
-
-    def _flush(self) -> list[dict[str, Any]]:
-        """Hand the buffered steps to the run's writer thread; returns the non-finite events
-        found in steps not checked before (already in ``events.jsonl``).
-
-        The training thread only copies the buffer to the host (:meth:`Recorder.take`); the
-        frames, the Parquet parts and ``meta.json`` are written by the writer thread
-        (:meth:`RunWriter.submit`), flush after flush. With ``on_nonfinite="raise"`` a flush
-        holding a NaN/Inf of a step the scaler did not skip is waited for, so that
-        :class:`NonFiniteError` is raised once its data is on disk. A failed earlier write is
-        raised here (once), after this flush was handed over.
-        """
-        assert self._recorder is not None and self._writer is not None
-        recorder, writer = self._recorder, self._writer
-        self._last_flush = time.perf_counter()
-        data = recorder.take(self._always)
-        if self._sync is not None:  # merged across ranks; None on the ranks that do not write
-            masks, recorder.kept_units = recorder.kept_units or [], []
-            data = self._sync.exchange(data, masks, writer)
-            if self._sync.rank != 0:
-                return []
-        layers = [lay.record() for lay in self._layers]
-        steps = self._step
-        schedule = self._schedule.describe()
-
-        def job() -> None:
-            if data is not None:
-                recorder.write(data)
-            writer.write_meta(layers=layers, steps=steps, schedule=schedule)
-
-        writer.submit(job, what=data.what if data is not None else "meta.json")
-        if isinstance(data, HostFlush) and data.nonfinite and self.on_nonfinite == "raise":
-            writer.wait()
-        writer.raise_error()
-        return data.events if isinstance(data, HostFlush) else []
 
 
 __all__ = ["Probe"]

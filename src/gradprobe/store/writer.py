@@ -116,8 +116,8 @@ class RunWriter:
         self.meta: dict[str, Any] = {}
         # the writer thread, started by the first submit(); MAX_PENDING - 1 jobs wait in the
         # queue while one is being written
-        self._queue: queue.Queue[tuple[Callable[[], None], str] | None] = queue.Queue(
-            maxsize=MAX_PENDING - 1)
+        self._queue: queue.Queue[list[Any] | None] = queue.Queue(maxsize=MAX_PENDING - 1)
+        self._held: list[Any] | None = None  # a job whose submit() was interrupted
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._error: RunDirError | None = None
@@ -259,7 +259,15 @@ class RunWriter:
             self._thread = threading.Thread(target=self._work, daemon=True,
                                             name=f"gradprobe-writer:{self.path.name}")
             self._thread.start()
-        self._queue.put((job, what))
+        item = [job, what, False]  # [2]: taken by the writer thread
+        self._held = item  # until the queue has it: a Ctrl-C in put() leaves it here
+        self._queue.put(item)
+        self._held = None
+
+    def held(self) -> bool:
+        """Whether a job was caught on its way into the queue (an interrupted
+        :meth:`submit`); :meth:`close` writes it on the calling thread."""
+        return self._held is not None and not self._held[2]
 
     def raise_error(self) -> None:
         """Raise the error of a failed background write, if any (each error once)."""
@@ -281,8 +289,10 @@ class RunWriter:
         """Finish every submitted job and stop the writer thread (joined), then raise a
         failure, if any. The writer may be used again: the next submit starts a new thread.
 
-        With ``status`` (``"closed"`` when every step was handed over, ``"interrupted"`` when
-        the caller lost some) the final ``meta.json`` is written, fsync'ed, saying what is on
+        A job caught by a Ctrl-C on its way into the queue (:meth:`held`) is written here,
+        after the others, on the calling thread. With ``status`` (``"closed"`` when every step
+        was handed over, ``"interrupted"`` when the caller lost some) the final ``meta.json`` is
+        written, fsync'ed, saying what is on
         disk: ``status`` becomes ``"failed"`` if a write failed, and ``"interrupted"`` if a
         flush was taken (:meth:`next_flush`) and never written, e.g. a :meth:`submit`
         interrupted by a Ctrl-C, or if the wait is itself interrupted (a
@@ -299,6 +309,10 @@ class RunWriter:
                     self._queue.put(None)
                     thread.join()
                 self._thread = None
+            if self.held():  # the flush a Ctrl-C caught in submit(): written here, in order
+                item, self._held = self._held, None
+                assert item is not None
+                self._run(item)
         except BaseException as exc:  # KeyboardInterrupt while waiting for the writer thread
             interrupted = exc
             self._abandon.set()
@@ -349,6 +363,19 @@ class RunWriter:
                 self._write_meta_locked(fsync=True, status=self._status(),
                                         committed_step=self.committed_step)
 
+    def _run(self, item: list[Any]) -> None:
+        job, what, _ = item
+        item[2] = True
+        try:
+            job()
+        except Exception as exc:  # kept for the training thread, never lost
+            with self._lock:
+                self.failed_writes += 1
+                if self._error is None:
+                    self._error = _write_error(self.path, what, exc)
+                else:  # an earlier failure is not raised yet: counted in its message
+                    self._failed_after += 1
+
     def _work(self) -> None:
         while True:
             item = self._queue.get()
@@ -357,17 +384,9 @@ class RunWriter:
                     if self._abandon.is_set():
                         self._abandoned()
                     return
+                item[2] = True
                 if not self._abandon.is_set():
-                    job, what = item
-                    try:
-                        job()
-                    except Exception as exc:  # kept for the training thread, never lost
-                        with self._lock:
-                            self.failed_writes += 1
-                            if self._error is None:
-                                self._error = _write_error(self.path, what, exc)
-                            else:  # an earlier failure is not raised yet: counted in its message
-                                self._failed_after += 1
+                    self._run(item)
             finally:
                 self._queue.task_done()
             if self._abandon.is_set():  # close() was interrupted: stop after this job
