@@ -277,3 +277,31 @@ def test_every_with_budget_uses_every(tmp_path):
     run = _train(tmp_path / "r", 12, every=4, budget=0.2)  # documented: every wins
     assert run.schedule["mode"] == "every"
     assert sorted(run.scalars().step.unique()) == [0, 4, 8]
+
+
+def test_a_flush_caught_by_ctrl_c_in_its_hand_over_is_written_at_close(tmp_path):
+    # issue 16: the flush a Ctrl-C caught before the writer took it was reported
+    # "interrupted" and lost; now close() writes it, and the status says every step is there
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    probe = gp.Probe(model, opt, run_dir=tmp_path / "r", flush_every=1000).attach()
+    for x in _batches(5):
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    writer = probe._writer
+    real_put = writer._queue.put
+
+    def interrupted(item, *a, **k):
+        if item is not None:  # the detach's flush: the Ctrl-C comes as it waits for room
+            writer._queue.put = real_put
+            raise KeyboardInterrupt
+        return real_put(item, *a, **k)
+
+    writer._queue.put = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        probe.detach()
+    run = gp.Run.open(tmp_path / "r")
+    assert run.status == "closed" and run.meta["committed_step"] == 4 and not run.truncated
+    assert list(run.steps().step) == list(range(5))
+    assert set(run.scalars().step) == set(range(5))

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradprobe as gp
 from gradprobe.capture.params import ParamStats
-from gradprobe.capture.probe import Probe
+from gradprobe.capture.forward import ForwardHooks
 from gradprobe.stats import spread as SP
 from gradprobe.stats.batched import SMALL
 
@@ -321,8 +321,8 @@ def test_new_hooks_and_spread_do_not_sync_the_host(tmp_path, monkeypatch):
                 return fn(*a, **k)
         return wrapper
 
-    for name in ("_input_hook", "_rnn_pre_hook", "_rnn_hook", "_time_hook"):
-        monkeypatch.setattr(Probe, name, watched(getattr(Probe, name)))
+    for name in ("input", "rnn_input", "rnn_output", "time", "output", "act_grad"):
+        monkeypatch.setattr(ForwardHooks, name, watched(getattr(ForwardHooks, name)))
     monkeypatch.setattr(ParamStats, "spread", watched(ParamStats.spread))
     torch.manual_seed(0)
     model = _Seq(nn.LSTM, True, True)

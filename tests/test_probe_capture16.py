@@ -143,7 +143,10 @@ def test_observe_loss_refuses_non_float(tmp_path, loss):
         opt.step()
 
 
-def test_sampled_event_says_so(tmp_path):
+def test_nonfinite_between_sampled_steps_is_at_its_step(tmp_path):
+    # was (issue 16): with every=2 the NaN was reported at the first sampled step (4), marked
+    # sampled_every=2. Now the always-on tier checks every step: it is at step 3, its layer
+    # and pass, and the sampled step 4 has the full tier's event.
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     data = _data(6, bad_step=0)
@@ -155,7 +158,9 @@ def test_sampled_event_says_so(tmp_path):
             opt.step()
             opt.zero_grad()
     ev = probe.run.events()
-    assert list(ev.step) == [4] and int(ev.sampled_every.iloc[0]) == 2
+    assert list(ev.step) == [3, 4] and "sampled_every" not in ev
+    first = ev.iloc[0]
+    assert first["layer"] == "0" and first["pass"] == "forward" and first["tier"] == "always"
 
 
 # ---------------------------------------------------------------- item 4: closure optimizers

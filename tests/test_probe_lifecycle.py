@@ -76,15 +76,20 @@ def test_parameters_bit_identical_with_probe(arch, tmp_path):
     try:
         make, shape = ARCHS[arch]
         plain = _train(make, shape, 50)
-        probed = _train(make, shape, 50, run_dir=tmp_path / "r")
+        # everything every step (budget=None), and the default attach (the always-on tier
+        # every step, the full tier on the budget's schedule)
+        probed = _train(make, shape, 50, run_dir=tmp_path / "r", budget=None)
+        default = _train(make, shape, 50, run_dir=tmp_path / "d")
     finally:
         torch.use_deterministic_algorithms(False)
         torch.set_num_threads(threads)
-    for (n, a), b in zip(plain.named_parameters(), probed.parameters()):
-        assert torch.equal(a, b), n
-    for a, b in zip(plain.buffers(), probed.buffers()):
-        assert torch.equal(a, b)
+    for model in (probed, default):
+        for (n, a), b in zip(plain.named_parameters(), model.parameters()):
+            assert torch.equal(a, b), n
+        for a, b in zip(plain.buffers(), model.buffers()):
+            assert torch.equal(a, b)
     assert len(gp.Run.open(tmp_path / "r").scalars(kinds="grad").step.unique()) == 50
+    assert len(gp.Run.open(tmp_path / "d").grad_norms().step.unique()) == 50
 
 
 def _hook_count(model):

@@ -131,7 +131,8 @@ _CHILD = textwrap.dedent("""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    probe = gp.Probe(model, opt, run_dir=sys.argv[1], flush_every=3, hist_every=2)
+    probe = gp.Probe(model, opt, run_dir=sys.argv[1], flush_every=3, hist_every=2,
+                     budget=None)  # every step full: whole flushes of 3 full steps
     probe.attach()
     step = 0
     while True:

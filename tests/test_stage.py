@@ -26,6 +26,7 @@ def _train(tmp, steps: int, batch_sizes: list[int], **kw) -> pd.DataFrame:
     model = _mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(3)
+    kw = {"budget": None, **kw}  # every step full: the stage's rows of every step
     with gp.Probe(model, opt, run_dir=tmp, **kw) as probe:
         for i in range(steps):
             n = batch_sizes[i % len(batch_sizes)]
