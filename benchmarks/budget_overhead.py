@@ -36,7 +36,7 @@ from torch import nn
 import gradprobe as gp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import ConvNet, LSTMNet, mlp  # noqa: E402  (the shared workload definitions)
+from overhead import ConvNet, LSTMNet, mlp
 
 Workload = tuple[Callable[[], nn.Module], torch.Tensor, torch.Tensor]
 VARIANTS = {"default": {}, "all": {"budget": None, "every": 1}}

@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradprobe as gp
-from gradprobe.capture.params import ParamStats
 from gradprobe.capture.forward import ForwardHooks
+from gradprobe.capture.params import ParamStats
 from gradprobe.stats import spread as SP
 from gradprobe.stats.batched import SMALL
 

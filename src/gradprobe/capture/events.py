@@ -29,8 +29,9 @@ def full_event(rows: Sequence[Any], step: int, nonfinite: np.ndarray, touched: n
     hit = np.flatnonzero((nonfinite > 0) & touched)
     if hit.size == 0:
         return None
-    first = min(hit, key=lambda r: (PASS_ORDER[PASS_OF_KIND[rows[r].kind]], int(seq[r])))
-    info = rows[int(first)]
+    first = int(min(hit, key=lambda r: (PASS_ORDER[PASS_OF_KIND[rows[int(r)].kind]],
+                                        int(seq[r]))))
+    info = rows[first]
     return {
         "type": "nonfinite",
         "step": int(step),
@@ -58,12 +59,12 @@ def always_event(step: int, names: Sequence[str], layer_ids: Sequence[int],
     if n == 0:
         return None
     if acts.size:
-        i: int | None = int(min(acts, key=lambda j: depth[j]))
+        i: int | None = int(min(acts, key=lambda j: depth[int(j)]))
         pas, kind = "forward", "act"
     elif loss_bad:
         i, pas, kind = None, "loss", "loss"
     else:
-        i = int(max(grads, key=lambda j: depth[j]))
+        i = int(max(grads, key=lambda j: depth[int(j)]))
         pas, kind = "grad", "grad"
     return {
         "type": "nonfinite",

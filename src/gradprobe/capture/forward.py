@@ -29,12 +29,12 @@ from gradprobe.layers import RECURRENT
 class Steps(Protocol):
     """What the hooks read of the Probe."""
 
-    _slot: int | None
-    _gen: int
-    _hist_now: bool
-    _recorder: Recorder | None
-    _always: AlwaysOn | None
-    _probe_s: float
+    slot: int | None
+    gen: int
+    hist_now: bool
+    recorder: Recorder
+    always: AlwaysOn
+    probe_s: float
 
 
 class ForwardHooks:
@@ -98,26 +98,25 @@ class ForwardHooks:
             if t is None:
                 return
             p = self.p
-            always = p._always
-            if always is not None and always.acts:
+            always = p.always
+            if always.acts:
                 always.act(lay.layer_id, t)
-            slot = p._slot
+            slot = p.slot
             if slot is None:
                 return
-            rec = p._recorder
-            assert rec is not None
+            rec = p.recorder
             row = lay.act_row
             if row is not None:
                 x = t.detach()  # nothing below records autograd history
                 rec.observe(slot, row, x, lay.sat_rule, lay.dead_rule)
-                if p._hist_now:
+                if p.hist_now:
                     with torch.no_grad():
                         rec.add_hist(slot, row, x)
             row = lay.act_grad_row
             if row is not None and t.requires_grad:
-                t.register_hook(partial(self.act_grad, row, slot, p._gen))
+                t.register_hook(partial(self.act_grad, row, slot, p.gen))
         finally:
-            self.p._probe_s += perf_counter() - t0
+            self.p.probe_s += perf_counter() - t0
 
     def input(self, lay: Layer, module: nn.Module, args: Any) -> None:
         if self._input_layer is None:  # the first dense layer to run: the input's layer
@@ -128,7 +127,7 @@ class ForwardHooks:
                     del self._input_handles[lid]
         elif lay is not self._input_layer:
             return
-        slot = self.p._slot
+        slot = self.p.slot
         if slot is None or not torch.is_grad_enabled() or not args:
             return
         x = args[0]
@@ -136,25 +135,24 @@ class ForwardHooks:
                 or lay.input_row is None):
             return
         t0 = perf_counter()
-        rec = self.p._recorder
-        assert rec is not None
+        rec = self.p.recorder
         xd = x.detach()
         rec.observe(slot, lay.input_row, xd)
-        if self.p._hist_now:
+        if self.p.hist_now:
             with torch.no_grad():
                 rec.add_hist(slot, lay.input_row, xd)
-        self.p._probe_s += perf_counter() - t0
+        self.p.probe_s += perf_counter() - t0
 
     def rnn_input(self, lay: Layer, module: nn.Module, args: Any) -> Any:
         """Hook ``∂L/∂x_t`` of a recurrent layer's input sequence (histogram steps only)."""
-        slot = self.p._slot
-        if slot is None or not self.p._hist_now or not torch.is_grad_enabled() or not args:
+        slot = self.p.slot
+        if slot is None or not self.p.hist_now or not torch.is_grad_enabled() or not args:
             return None
         x = args[0]
         if not isinstance(x, Tensor) or not x.is_floating_point() or x.numel() == 0:
             return None  # a PackedSequence, or no float sequence
         tdim = 1 if getattr(module, "batch_first", False) and x.dim() == 3 else 0
-        hook = partial(self.time, lay.layer_id, "input", slot, self.p._gen, tdim)
+        hook = partial(self.time, lay.layer_id, "input", slot, self.p.gen, tdim)
         if x.requires_grad:
             x.register_hook(hook)
             return None
@@ -172,43 +170,41 @@ class ForwardHooks:
 
     def rnn_output(self, lay: Layer, module: nn.Module, args: Any, output: Any) -> None:
         """Hook ``∂L/∂h_t`` of a recurrent layer's output sequence (histogram steps only)."""
-        slot = self.p._slot
-        if slot is None or not self.p._hist_now or not torch.is_grad_enabled():
+        slot = self.p.slot
+        if slot is None or not self.p.hist_now or not torch.is_grad_enabled():
             return
         out = output[0] if isinstance(output, (tuple, list)) else output
         if not isinstance(out, Tensor) or not out.requires_grad or out.numel() == 0:
             return  # a PackedSequence: skipped (see the Probe's docstring)
         tdim = 1 if getattr(module, "batch_first", False) and out.dim() == 3 else 0
-        out.register_hook(partial(self.time, lay.layer_id, "output", slot, self.p._gen, tdim))
+        out.register_hook(partial(self.time, lay.layer_id, "output", slot, self.p.gen, tdim))
 
     def time(self, layer_id: int, wrt: str, slot: int, gen: int, tdim: int,
              grad: Tensor) -> None:
         p = self.p
-        if gen != p._gen or slot != p._slot or grad is None:
+        if gen != p.gen or slot != p.slot or grad is None:
             return
         t0 = perf_counter()
-        rec = p._recorder
-        assert rec is not None
+        rec = p.recorder
         with torch.no_grad():
             g = grad.detach()
             dims = tuple(d for d in range(g.dim()) if d != tdim)
             acc = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None
             norm = torch.linalg.vector_norm(g, 2, dim=dims, dtype=acc) if dims else g.abs()
             rec.add_time(slot, layer_id, wrt, norm.to(torch.float64).square())
-        p._probe_s += perf_counter() - t0
+        p.probe_s += perf_counter() - t0
 
     def act_grad(self, row: int, slot: int, gen: int, grad: Tensor) -> None:
         p = self.p
-        if gen != p._gen or slot != p._slot or grad is None:
+        if gen != p.gen or slot != p.slot or grad is None:
             return
         t0 = perf_counter()
-        rec = p._recorder
-        assert rec is not None
+        rec = p.recorder
         rec.observe(slot, row, grad.detach())  # detached: records no history
-        if p._hist_now:
+        if p.hist_now:
             with torch.no_grad():
                 rec.add_hist(slot, row, grad)
-        p._probe_s += perf_counter() - t0
+        p.probe_s += perf_counter() - t0
 
 
 __all__ = ["ForwardHooks", "Steps"]

@@ -434,7 +434,7 @@ class Recorder:
             hist_keys=[key for key, _ in hist_items],
             time_keys=[key for key, _ in time_items],
             time_lens=[v.numel() for _, v in time_items],
-            always=None if a_flat is None else (a_flat.numel(), a_read),
+            always=None if a_flat is None or a_read is None else (a_flat.numel(), a_read),
             extra=dict(self.event_extra))
         self.steps.clear()
         self.skipped.clear()

@@ -56,35 +56,6 @@ class StepLoop:
         self._last_bad = -2  # the last step whose always-on row was non-finite
         self._last_flush = time.perf_counter()
 
-    # the names the module hooks read (gradprobe.capture.forward.Steps)
-    @property
-    def _slot(self) -> int | None:
-        return self.slot
-
-    @property
-    def _gen(self) -> int:
-        return self.gen
-
-    @property
-    def _hist_now(self) -> bool:
-        return self.hist_now
-
-    @property
-    def _recorder(self) -> Recorder:
-        return self.recorder
-
-    @property
-    def _always(self) -> AlwaysOn:
-        return self.always
-
-    @property
-    def _probe_s(self) -> float:
-        return self.probe_s
-
-    @_probe_s.setter
-    def _probe_s(self, value: float) -> None:
-        self.probe_s = value
-
     # ------------------------------------------------------------------ the open step
 
     def begin(self) -> None:
