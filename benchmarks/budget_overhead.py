@@ -36,28 +36,20 @@ from torch import nn
 import gradprobe as gp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import ConvNet, LSTMNet, mlp
+from overhead import mlp
+from overhead import workloads as shared_workloads
 
 Workload = tuple[Callable[[], nn.Module], torch.Tensor, torch.Tensor]
 VARIANTS = {"default": {}, "all": {"budget": None, "every": 1}}
 
 
 def workloads() -> dict[str, Workload]:
-    g = torch.Generator().manual_seed(0)
-
-    def cls(n: int, k: int) -> torch.Tensor:
-        return torch.randint(0, k, (n,), generator=g)
-
-    return {
-        "W1": (lambda: mlp([2, 5, 5, 5, 5, 1], nn.Sigmoid), torch.randn(32, 2, generator=g),
-               torch.randn(32, 1, generator=g)),
-        "W2": (lambda: mlp([784] + [512] * 10 + [10], nn.ReLU),
-               torch.randn(128, 784, generator=g), cls(128, 10)),
-        "W3": (ConvNet, torch.randn(64, 3, 32, 32, generator=g), cls(64, 10)),
-        "W4": (LSTMNet, torch.randn(64, 100, 32, generator=g), cls(64, 10)),
-        "W5": (lambda: mlp([16] * 301 + [10], nn.ReLU), torch.randn(64, 16, generator=g),
-               cls(64, 10)),
-    }
+    """W1-W4 of ``benchmarks/overhead.py``; W5 deep and narrow (depth 300, width 16)."""
+    out = {k: v for k, v in shared_workloads().items() if k in ("W1", "W2", "W3", "W4")}
+    g = torch.Generator().manual_seed(1)
+    out["W5"] = (lambda: mlp([16] * 301 + [10], nn.ReLU), torch.randn(64, 16, generator=g),
+                 torch.randint(0, 10, (64,), generator=g))
+    return out
 
 
 def make(variant: str, wl: Workload, tmp: Path) -> tuple[Callable[[], None], gp.Probe | None]:
@@ -70,19 +62,18 @@ def make(variant: str, wl: Workload, tmp: Path) -> tuple[Callable[[], None], gp.
     if variant != "bare":
         probe = gp.Probe(model, opt, run_dir=tmp / variant, **VARIANTS[variant]).attach()
 
-    def step() -> None:
+    observe = probe.observe_loss if probe is not None else (lambda loss: None)
+
+    def step() -> None:  # the user's loop: forward, loss (observed), backward, update
         loss = loss_fn(model(x), y)
-        if probe is not None:
-            probe.observe_loss(loss)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        observe(loss)
+        loss.backward(), opt.step(), opt.zero_grad(set_to_none=True)
 
     return step, probe
 
 
 def quartiles(xs: list[float]) -> tuple[float, float, float]:
-    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
     return q[0], statistics.median(xs), q[2]
 
 

@@ -9,7 +9,6 @@ fixed schedule against ``range(0, n, every)``; ``budget=None`` against ``every=1
 from __future__ import annotations
 
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -214,36 +213,24 @@ def json_load(path):
 
 _SLOW = textwrap.dedent("""
     import sys, time, torch, gradprobe as gp
-    from torch import nn
     torch.set_num_threads(1)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    probe = gp.Probe(model, opt, run_dir=sys.argv[1], flush_every=100000, flush_secs=0.3)
-    probe.attach()
-    step = 0
-    while True:
-        loss = model(torch.randn(8, 4)).pow(2).mean()
-        probe.observe_loss(loss)
-        loss.backward(); opt.step(); opt.zero_grad()
-        step += 1
-        time.sleep(0.02)
-        if step == 40:
-            print("ready", flush=True)
+    with gp.Probe(model, opt, run_dir=sys.argv[1], flush_every=100000, flush_secs=0.3) as p:
+        for step in range(1, 10**6):  # killed long before the end
+            p.observe_loss(loss := model(torch.randn(8, 4)).pow(2).mean())
+            loss.backward(), opt.step(), opt.zero_grad(), time.sleep(0.02)
+            print("ready", flush=True) if step == 40 else None
 """)
 
 
 def test_flush_secs_puts_rows_on_disk_before_a_sigkill(tmp_path):
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW, str(run_dir)],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready"  # 40 steps, about 1 s or more
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    with subprocess.Popen([sys.executable, "-c", _SLOW, str(run_dir)],
+                          stdout=subprocess.PIPE, text=True) as proc:
+        line = proc.stdout.readline() if proc.stdout is not None else ""
+        proc.send_signal(signal.SIGKILL)  # after 40 steps (about 1 s or more), or a crash
+    assert line.strip() == "ready" and proc.returncode == -signal.SIGKILL
     run = gp.Run.open(run_dir)
     assert run.status == "running"  # killed: never closed
     steps = run.steps()
