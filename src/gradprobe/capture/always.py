@@ -127,12 +127,12 @@ class AlwaysOn:
                                                       else g, dtype=dtype) for g in grads]
                 else:
                     vals += torch._foreach_norm(grads, 2, dtype=dtype)  # type: ignore[arg-type]
-            losses = self._losses
-            vals.append(losses[0] if len(losses) == 1 else
+            losses = self._losses  # scalars of any shape: summed, or viewed, as 0-d
+            vals.append(losses[0].reshape(()) if len(losses) == 1 else
                         torch.stack(losses).sum() if losses else self._zero)
             self.has_loss.append(bool(losses))
-            # one kernel writes the step's values into its row
-            torch.stack([v.reshape(()) for v in vals], out=row[start : self.loss_col + 1])
+            # one kernel writes the step's values (all 0-d) into its row
+            torch.stack(vals, out=row[start : self.loss_col + 1])
             if scale is not None:
                 row[self.scale_col].copy_(scale.reshape(()))
             self._acts, self._act_cols, self._losses = [], [], []

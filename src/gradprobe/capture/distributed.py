@@ -150,6 +150,9 @@ class NullWriter:
     def raise_error(self) -> None:
         pass
 
+    def held(self) -> bool:
+        return False
+
     def wait(self) -> None:
         pass
 
