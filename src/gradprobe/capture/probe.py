@@ -14,7 +14,12 @@ Three lines around an unchanged training loop::
     >>> sorted(df["layer"].unique()), int(df["step"].max())
     (['0', '2'], 4)
 
-What is recorded, per tracked layer and recorded step (``step % every == 0``):
+Every step, the always-on tier (:mod:`gradprobe.capture.always`): per layer the gradient norm
+and whether its output or gradient held a NaN/Inf, the loss's finiteness, the AMP scale
+(``run.grad_norms()``, ``run.steps()``). On the full tier's steps (:mod:`gradprobe.capture.schedule`:
+by default the first steps, the steps after a spike or a NaN and as many others as
+``budget=0.05`` of the step time allows; ``every=N`` for a fixed schedule; ``budget=None``
+every step), per tracked layer:
 
 * ``grad``: the parameter gradients at the optimizer step (accumulated over micro-batches;
   unscaled by an AMP ``GradScaler``), ``weight``: the parameters after the step, ``update``:
@@ -46,7 +51,7 @@ directions of a bidirectional layer carry gradients in opposite directions of ti
 
 Statistics are the mergeable sums of :mod:`gradprobe.stats`, computed on the tensors' device
 with no host synchronisation in any hook; one device-to-host transfer per flush (every
-``flush_every`` recorded steps, and on exit). Memory: see :mod:`gradprobe.capture.recorder`, plus one
+``flush_every`` steps, ``flush_secs`` seconds, and on exit). Memory: see :mod:`gradprobe.capture.recorder`, plus one
 copy of the tracked parameters for ``update``/``drift`` and one more for ``drift`` (W0).
 
 Note:
