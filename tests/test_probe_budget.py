@@ -231,3 +231,13 @@ def test_every_with_budget_uses_every(tmp_path):
     run = _train(tmp_path / "r", 12, every=4, budget=0.2)  # documented: every wins
     assert run.schedule["mode"] == "every"
     assert sorted(run.scalars().step.unique()) == [0, 4, 8]
+
+
+def test_raise_mode_raises_at_a_step_without_the_full_tier(tmp_path):
+    from gradprobe.errors import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=r"step 10 in layer 'mid' \(forward pass\)"):
+        _train(tmp_path / "r", 14, plant=_poison_output(10, math.inf), every=7,
+               on_nonfinite="raise")
+    run = gp.Run.open(tmp_path / "r")
+    assert list(run.events().step) == [10] and run.steps().step.max() == 10  # on disk
