@@ -93,7 +93,8 @@ class AlwaysOn:
     # ------------------------------------------------------------------ during the step
 
     def act(self, col: int, t: Tensor) -> None:
-        """A hooked output of layer ``col``: one reduction, kept on the device."""
+        """A hooked output of layer ``col``: one reduction, kept on the device (the module
+        hook of :mod:`gradprobe.capture.forward` does the same inline)."""
         self._acts.append(t.detach().sum(dtype=torch.float32 if t.dtype in _HALF else None))
         self._act_cols.append(col)
 

@@ -25,6 +25,8 @@ from gradprobe.capture.recorder import Recorder
 from gradprobe.capture.select import Layer
 from gradprobe.layers import RECURRENT
 
+_HALF = (torch.float16, torch.bfloat16)
+
 
 class Steps(Protocol):
     """What the hooks read of the Probe."""
@@ -89,34 +91,38 @@ class ForwardHooks:
             h.remove()
 
     def output(self, lay: Layer, module: nn.Module, args: Any, output: Any) -> None:
+        # runs on every call of every tracked module: kept to a few Python operations
         t0 = perf_counter()
-        self._set_depth(lay)
-        try:
-            if not torch.is_grad_enabled():
-                return
+        if lay.depth is None:
+            self._set_depth(lay)
+        p = self.p
+        if torch.is_grad_enabled():
             t = first_float_tensor(output)
-            if t is None:
-                return
-            p = self.p
-            always = p.always
-            if always.acts:
-                always.act(lay.layer_id, t)
-            slot = p.slot
-            if slot is None:
-                return
-            rec = p.recorder
-            row = lay.act_row
-            if row is not None:
-                x = t.detach()  # nothing below records autograd history
-                rec.observe(slot, row, x, lay.sat_rule, lay.dead_rule)
-                if p.hist_now:
-                    with torch.no_grad():
-                        rec.add_hist(slot, row, x)
-            row = lay.act_grad_row
-            if row is not None and t.requires_grad:
-                t.register_hook(partial(self.act_grad, row, slot, p.gen))
-        finally:
-            self.p.probe_s += perf_counter() - t0
+            if t is not None:
+                always = p.always
+                if always.acts:  # the always-on tier: one reduction, on the device
+                    x = t.detach()
+                    always._acts.append(x.sum() if x.dtype not in _HALF else
+                                        x.sum(dtype=torch.float32))
+                    always._act_cols.append(lay.layer_id)
+                if p.slot is not None:
+                    self._full_output(lay, t, p.slot)
+        p.probe_s += perf_counter() - t0
+
+    def _full_output(self, lay: Layer, t: Tensor, slot: int) -> None:
+        """The full tier's records of a module output: ``act`` and its hooks."""
+        p = self.p
+        rec = p.recorder
+        row = lay.act_row
+        if row is not None:
+            x = t.detach()  # nothing below records autograd history
+            rec.observe(slot, row, x, lay.sat_rule, lay.dead_rule)
+            if p.hist_now:
+                with torch.no_grad():
+                    rec.add_hist(slot, row, x)
+        row = lay.act_grad_row
+        if row is not None and t.requires_grad:
+            t.register_hook(partial(self.act_grad, row, slot, p.gen))
 
     def input(self, lay: Layer, module: nn.Module, args: Any) -> None:
         if self._input_layer is None:  # the first dense layer to run: the input's layer
