@@ -43,7 +43,8 @@ SMOOTH = 0.1
 HISTORY = 5
 """Steps of history before a spike can be called (the first steps' norms move fast)."""
 _LOG_SPIKE = float(np.log(SPIKE))
-_HALF = (torch.float16, torch.bfloat16)
+HALF = (torch.float16, torch.bfloat16)
+"""Dtypes reduced in float32 (a float16 sum overflows at 65504)."""
 
 
 class AlwaysOn:
@@ -67,7 +68,7 @@ class AlwaysOn:
         col = self.n_layers
         for (_, dtype), items in by_key.items():
             self.groups.append(([p for p, _ in items], slice(col, col + len(items)),
-                                torch.float32 if dtype in _HALF else None))
+                                torch.float32 if dtype in HALF else None))
             col += len(items)
         self.loss_col, self.scale_col = col, col + 1
         self.width = col + 2
@@ -80,8 +81,10 @@ class AlwaysOn:
         self.full: list[bool] = []
         self.skipped: list[bool] = []
         self.has_loss: list[bool] = []
-        self._acts: list[Tensor] = []
-        self._act_cols: list[int] = []
+        # the open step's output sums and their layers, appended by the module hook
+        # (gradprobe.capture.forward.ForwardHooks.output): one reduction per output
+        self.sums: list[Tensor] = []
+        self.sum_cols: list[int] = []
         self._index: dict[tuple[int, ...], Tensor] = {}
         self._losses: list[Tensor] = []
         self._in_order = tuple(range(self.n_layers))
@@ -91,12 +94,6 @@ class AlwaysOn:
         self._seen = 0
 
     # ------------------------------------------------------------------ during the step
-
-    def act(self, col: int, t: Tensor) -> None:
-        """A hooked output of layer ``col``: one reduction, kept on the device (the module
-        hook of :mod:`gradprobe.capture.forward` does the same inline)."""
-        self._acts.append(t.detach().sum(dtype=torch.float32 if t.dtype in _HALF else None))
-        self._act_cols.append(col)
 
     def loss(self, loss: Tensor) -> None:
         self._losses.append(loss.detach())
@@ -109,16 +106,16 @@ class AlwaysOn:
         row = self.buf[slot]
         with torch.no_grad():
             vals: list[Tensor] = []
-            cols = tuple(self._act_cols)
+            cols = tuple(self.sum_cols)
             if cols == self._in_order:  # each layer once, in order: straight into the row
-                vals += self._acts
+                vals += self.sums
             elif cols:  # a layer called twice (micro-batches, reuse), or out of order
                 idx = self._index.get(cols)
                 if idx is None:
                     if len(self._index) > 64:
                         self._index.clear()
                     idx = self._index[cols] = torch.tensor(cols, device=self.device)
-                row.index_add_(0, idx, torch.stack(self._acts).to(row.dtype))
+                row.index_add_(0, idx, torch.stack(self.sums).to(row.dtype))
             start = 0 if vals else self.n_layers
             for params, _, dtype in self.groups:  # columns contiguous, in this order
                 grads = [p.grad for p in params]
@@ -136,7 +133,7 @@ class AlwaysOn:
             torch.stack(vals, out=row[start : self.loss_col + 1])
             if scale is not None:
                 row[self.scale_col].copy_(scale.reshape(()))
-            self._acts, self._act_cols, self._losses = [], [], []
+            self.sums, self.sum_cols, self._losses = [], [], []
         self.steps.append(step)
         self.full.append(full)
         self.skipped.append(skipped)
@@ -163,11 +160,11 @@ class AlwaysOn:
 
     def open(self) -> bool:
         """Whether the open step has outputs or a loss queued (a pass ran)."""
-        return bool(self._acts or self._losses)
+        return bool(self.sums or self._losses)
 
     def discard_open(self) -> None:
         """Forget the open step's queued reductions (it never reached its end)."""
-        self._acts, self._act_cols, self._losses = [], [], []
+        self.sums, self.sum_cols, self._losses = [], [], []
 
     # ------------------------------------------------------------------ on the host
 
@@ -240,4 +237,4 @@ class AlwaysOn:
         return flat, read
 
 
-__all__ = ["HISTORY", "SMOOTH", "SPIKE", "AlwaysOn"]
+__all__ = ["HALF", "HISTORY", "SMOOTH", "SPIKE", "AlwaysOn"]

@@ -19,13 +19,11 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from gradprobe.capture.always import AlwaysOn
+from gradprobe.capture.always import HALF, AlwaysOn
 from gradprobe.capture.hooks import first_float_tensor
 from gradprobe.capture.recorder import Recorder
 from gradprobe.capture.select import Layer
 from gradprobe.layers import RECURRENT
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 class Steps(Protocol):
@@ -102,9 +100,9 @@ class ForwardHooks:
                 always = p.always
                 if always.acts:  # the always-on tier: one reduction, on the device
                     x = t.detach()
-                    always._acts.append(x.sum() if x.dtype not in _HALF else
+                    always.sums.append(x.sum() if x.dtype not in HALF else
                                         x.sum(dtype=torch.float32))
-                    always._act_cols.append(lay.layer_id)
+                    always.sum_cols.append(lay.layer_id)
                 if p.slot is not None:
                     self._full_output(lay, t, p.slot)
         p.probe_s += perf_counter() - t0
