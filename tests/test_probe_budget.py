@@ -219,6 +219,7 @@ def json_load(path):
     ({"flush_secs": "30"}, "flush_secs must be a positive number"),
     ({"flush_secs": math.inf}, "flush_secs must be a positive number"),
     ({"every": 0, "budget": None}, "every must be a positive integer"),
+    ({"every": 3, "budget": 5.0}, "budget must be a fraction"),
 ])
 def test_bad_budget_and_flush_values(tmp_path, kw, match):
     with pytest.raises(ConfigError, match=match) as err:

@@ -65,7 +65,7 @@ def check_options(*, every: object, budget: object, flush_every: object, flush_s
         every = _int("every", every, 1, "e.g. every=10 (a fixed schedule), or leave every out "
                      "and let budget= choose the full statistics' steps")
     b: float | None = None
-    if budget is not None and every is None:
+    if budget is not None:  # checked even where every= makes it unused: a typo is an error
         b = _real(budget)
         if b is None or not 0.0 < b < 1.0:
             raise ConfigError(
@@ -81,7 +81,7 @@ def check_options(*, every: object, budget: object, flush_every: object, flush_s
         raise ConfigError(f"on_nonfinite must be 'record' or 'raise', got {on_nonfinite!r}")
     return Options(
         every=every if isinstance(every, int) else 1,
-        budget=b,
+        budget=b if every is None else None,
         flush_every=_int("flush_every", flush_every, 1, "e.g. flush_every=100"),
         flush_secs=secs,
         hist_every=_int("hist_every", hist_every, 0, "hist_every=0 (off) or e.g. 100"),
