@@ -87,6 +87,7 @@ class AlwaysOn:
         self.sum_cols: list[int] = []
         self._index: dict[tuple[int, ...], Tensor] = {}
         self._losses: list[Tensor] = []
+        self._taken: list[Tensor] | None = None  # gradient norms read before the row's end
         self._in_order = tuple(range(self.n_layers))
         self._zero = torch.zeros((), device=device)
         self._pending: deque[tuple[int, bool, bool, Tensor, Any]] = deque()
@@ -94,6 +95,24 @@ class AlwaysOn:
         self._seen = 0
 
     # ------------------------------------------------------------------ during the step
+
+    def _grad_norms(self) -> list[Tensor]:
+        """Each tracked parameter's gradient norm (0-d tensors, on the device), in row order."""
+        vals: list[Tensor] = []
+        for params, _, dtype in self.groups:  # columns contiguous, in this order
+            grads = [p.grad for p in params]
+            if any(g is None or g.is_sparse for g in grads):
+                vals += [self._zero if g is None else
+                         torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse
+                                                  else g, dtype=dtype) for g in grads]
+            else:
+                vals += torch._foreach_norm(grads, 2, dtype=dtype)  # type: ignore[arg-type]
+        return vals
+
+    def take_grad_norms(self) -> None:
+        """Read the gradient norms now (before clipping changes them) for the step's row."""
+        with torch.no_grad():
+            self._taken = self._grad_norms()
 
     def loss(self, loss: Tensor) -> None:
         self._losses.append(loss.detach())
@@ -117,14 +136,8 @@ class AlwaysOn:
                     idx = self._index[cols] = torch.tensor(cols, device=self.device)
                 row.index_add_(0, idx, torch.stack(self.sums).to(row.dtype))
             start = 0 if vals else self.n_layers
-            for params, _, dtype in self.groups:  # columns contiguous, in this order
-                grads = [p.grad for p in params]
-                if any(g is None or g.is_sparse for g in grads):
-                    vals += [self._zero if g is None else
-                             torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse
-                                                      else g, dtype=dtype) for g in grads]
-                else:
-                    vals += torch._foreach_norm(grads, 2, dtype=dtype)  # type: ignore[arg-type]
+            taken, self._taken = self._taken, None
+            vals += taken if taken is not None else self._grad_norms()
             losses = self._losses  # scalars of any shape: summed, or viewed, as 0-d
             vals.append(losses[0].reshape(()) if len(losses) == 1 else
                         torch.stack(losses).sum() if losses else self._zero)
@@ -134,6 +147,7 @@ class AlwaysOn:
             if scale is not None:
                 row[self.scale_col].copy_(scale.reshape(()))
             self.sums, self.sum_cols, self._losses = [], [], []
+        self._taken = None
         self.steps.append(step)
         self.full.append(full)
         self.skipped.append(skipped)
@@ -165,6 +179,7 @@ class AlwaysOn:
     def discard_open(self) -> None:
         """Forget the open step's queued reductions (it never reached its end)."""
         self.sums, self.sum_cols, self._losses = [], [], []
+        self._taken = None
 
     # ------------------------------------------------------------------ on the host
 

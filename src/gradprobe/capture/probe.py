@@ -433,19 +433,34 @@ class Probe:
 
     # ------------------------------------------------------------------ steps
 
-    def step(self) -> None:
-        """End the current step when no optimizer was given (call after updating weights)."""
+    def _manual(self, what: str) -> bool:
+        """Refuse ``probe.<what>()`` unless attached without an optimizer; False: passive."""
         if not self._attached:
-            raise ConfigError("probe.step() called while the Probe is not attached",
+            raise ConfigError(f"probe.{what}() called while the Probe is not attached",
                               hint="call it inside `with probe:`")
         if self.optimizer is not None:
-            raise ConfigError("probe.step() is for probes without an optimizer",
+            raise ConfigError(f"probe.{what}() is for probes without an optimizer",
                               hint="steps are counted by optimizer.step() already")
-        if self._passive:
+        return not self._passive
+
+    def before_update(self) -> None:
+        """Without an optimizer: record the step's gradients now, before anything changes them
+        (gradient clipping, the update); :meth:`step` after the update records the weights.
+        For loops that clip between ``backward`` and the update (Lightning records at
+        ``on_before_optimizer_step``). A second call in one step does nothing."""
+        if self._manual("before_update"):
+            assert self._loop is not None
+            self._loop.take_grads()
+
+    def step(self, *, skipped: bool = False) -> None:
+        """End the current step when no optimizer was given (call after updating weights).
+        ``skipped=True``: the update did not happen (an AMP ``GradScaler`` found inf/NaN
+        gradients); the step is marked as the Probe marks the steps a scaler skips."""
+        if not self._manual("step"):
             return
         assert self._loop is not None
-        self._loop.before_update("prev")
-        self._loop.end(skipped=False)
+        self._loop.take_grads()
+        self._loop.end(skipped=bool(skipped))
 
     def observe_loss(self, loss: Tensor) -> None:
         """Record the loss of the current step (the mean over micro-batches); stays on device."""

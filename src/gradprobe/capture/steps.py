@@ -52,6 +52,7 @@ class StepLoop:
         self.hist_now = False
         self.gen = 1  # hooks of an earlier attach do nothing
         self.probe_s = 0.0  # the Probe's own time in the open step (seconds)
+        self.grads_taken = False  # take_grads() ran in the open step (no optimizer)
         self._last_hist = -(1 << 30)  # the last step with histograms (budget schedule)
         self._last_bad = -2  # the last step whose always-on row was non-finite
         self._last_flush = time.perf_counter()
@@ -98,6 +99,17 @@ class StepLoop:
             self.params.stage_before(self.slot, wpre, self.hist_now)
             if live:
                 self.params.before_update()
+        self.probe_s += time.perf_counter() - t0
+
+    def take_grads(self) -> None:
+        """Without an optimizer: the open step's gradients, read once, before whatever the loop
+        does next (clipping, the update): both tiers' gradient columns come from here."""
+        if self.grads_taken:
+            return
+        self.grads_taken = True
+        self.before_update("prev")
+        t0 = time.perf_counter()
+        self.always.take_grad_norms()
         self.probe_s += time.perf_counter() - t0
 
     def _scale(self) -> Any:
@@ -163,6 +175,7 @@ class StepLoop:
         events += self.end_always(skipped=skipped)
         self.step += 1
         self.slot = None
+        self.grads_taken = False
         failed: RunDirError | None = None
         if (self.recorder.full() or self.always.full_ring()
                 or time.perf_counter() - self._last_flush >= self.opts.flush_secs):
@@ -275,7 +288,7 @@ class StepLoop:
         the device or ``on_nonfinite`` (one host read, at detach)."""
         rec, params = self.recorder, self.params
         with torch.no_grad():
-            if not rec.staged.pre_done:  # the pre-step hook did not run
+            if not rec.staged.pre_done and not self.grads_taken:  # no pre-step hook ran
                 params.grads(slot, self.hist_now)
                 params.stage_before(slot, "none", self.hist_now)
             params.params(slot, True, self.hist_now)
