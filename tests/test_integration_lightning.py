@@ -205,6 +205,7 @@ class TwoOptimizers(Net):
 
 
 def test_bad_arguments_are_refused_with_the_fix(tmp_path):
+    assert gp.integrations.lightning.GradprobeCallback is GradprobeCallback  # the lazy attribute
     with pytest.raises(gp.ConfigError, match="run_dir must be a path"):
         GradprobeCallback(run_dir=3)  # type: ignore[arg-type]
     with pytest.raises(gp.ConfigError, match="sets optimizer itself"):

@@ -43,13 +43,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import keras
 import torch
 from torch import nn
 
 import gradprobe as gp
 from gradprobe.activations import ACTIVATIONS
 from gradprobe.errors import ConfigError, UnsupportedModelError
+from gradprobe.integrations import require
+
+keras: Any = require("keras", "keras")
 
 
 class LayerView(nn.Module):

@@ -41,11 +41,12 @@ import torch
 
 import gradprobe as gp
 from gradprobe.errors import ConfigError
+from gradprobe.integrations import require
 
 try:
     import lightning.pytorch as pl
-except ImportError:  # the older package name
-    import pytorch_lightning as pl  # type: ignore[no-redef]
+except ImportError:  # the older package name, or the extra to install
+    pl = require("pytorch_lightning", "lightning")
 
 
 class GradprobeCallback(pl.Callback):  # type: ignore[misc]
