@@ -73,7 +73,26 @@ SCRIPT = textwrap.dedent(f"""
     except Exception as e:
         errors["loss_scale"] = type(e).__name__ + ": " + str(e)
     names = [v.path for v in model.trainable_weights]
-    json.dump({{"errors": errors, "names": names}}, open(out + "/out.json", "w"))
+
+    class Boom(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 2:
+                raise RuntimeError("boom")
+
+    model.compile(optimizer="sgd", loss="mse")
+    with GradprobeCallback(out + "/boom") as cb:
+        try:
+            model.fit(x, y, batch_size=4, verbose=0, callbacks=[cb, Boom()])
+        except RuntimeError:
+            pass
+    from gradprobe.integrations.keras import _activation
+    conv = keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2D(3, 3, activation="relu"),
+                             keras.layers.ReLU(), keras.layers.Flatten(),
+                             keras.layers.Dense(4, activation="relu"),
+                             keras.layers.ReLU(max_value=1.0),
+                             keras.layers.Activation("sigmoid")])
+    rules = [_activation(layer) for layer in conv.layers]
+    json.dump({{"errors": errors, "names": names, "rules": rules}}, open(out + "/out.json", "w"))
 """)
 
 
@@ -184,3 +203,16 @@ def test_grad_rows_hold_each_layers_parameters_once(fitted):
     counts = raw[(raw.kind == "grad") & (raw.step == 0)].set_index("layer")["count"]
     assert counts.to_dict() == {"d1": 3 * 8 + 8, "block/d2": 8 * 6 + 6, "out": 6 + 1}
     assert len(meta["names"]) == 6  # the model's trainable variables, all of them counted
+
+
+def test_a_fit_that_raises_inside_with_keeps_the_steps_done(fitted):
+    out, _, _ = fitted
+    run = gp.Run.open(out / "boom")
+    assert run.status == "closed"
+    assert sorted(run.raw_scalars()["step"].unique()) == [0, 1]
+
+
+def test_unit_rules_only_where_units_are_where_the_probe_counts_them(fitted):
+    _, _, meta = fitted
+    # channels-last image outputs (N, H, W, C) get none; a ReLU with a cap is not torch's ReLU
+    assert meta["rules"] == [None, None, None, "relu", None, "sigmoid"]

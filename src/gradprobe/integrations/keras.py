@@ -28,7 +28,9 @@ What is recorded, per layer with float variables:
   activation is applied inside it, so its ``act`` is the activated output, with the fractions
   of saturated and dead units where the activation is one the Probe knows (``relu``,
   ``relu6``, ``sigmoid``, ``tanh``; also ``elu``, ``selu``, ``gelu``, ``silu``, ``softplus``,
-  which have no such rule), given as ``activation=`` or by an ``Activation``/``ReLU`` layer;
+  which have no such rule), given as ``activation=`` or by an ``Activation``/``ReLU`` layer,
+  and where the output has at most 3 dimensions (units last, as the Probe counts them) or is a
+  ``channels_first`` convolution's (a channels-last image output gets no rule);
 * the loss: that of each batch, as backpropagated (with regularisation losses), recovered on
   the device from Keras's loss tracker (``Δtotal / Δcount`` of its running mean; the ``loss`` of
   ``logs`` is the epoch's running mean).
@@ -40,6 +42,7 @@ by the loss scale.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +79,22 @@ class LayerView(nn.Module):
         return self.layer.register_forward_pre_hook(hook, **kwargs)
 
 
-_VIEWS: dict[tuple[type, str | None], type[LayerView]] = {}
 _SAME = ("relu", "relu6", "sigmoid", "tanh", "elu", "selu", "gelu", "silu", "softplus")
 """Keras activations (by function name) that are the torch activation of that name."""
 
 
 def _activation(layer: Any) -> str | None:
     """The activation a Keras layer applies to its output (Dense(activation=...),
-    Activation, ReLU with its defaults), if it is one of :data:`_SAME`."""
+    Activation, ReLU with its defaults), if it is one of :data:`_SAME` and the Probe's unit
+    axis is the layer's: the last dimension of an output of at most 3 dimensions, dimension 1
+    (channels first) of a larger one. A channels-last image output (``N, H, W, C``, Keras's
+    default) gets no rule (dead units would be counted along ``H``)."""
+    try:
+        rank = len(layer.output.shape)
+    except (AttributeError, ValueError, TypeError):  # not built, or called more than once
+        return None
+    if rank >= 4 and getattr(layer, "data_format", None) != "channels_first":
+        return None
     if isinstance(layer, keras.layers.ReLU):
         plain = (layer.max_value is None and not layer.negative_slope and not layer.threshold)
         return "relu" if plain else None
@@ -95,14 +106,15 @@ def _view(layer: Any) -> LayerView:
     """A view of ``layer`` whose type has the Keras class's name (``meta.json``'s layer type)
     and, where the layer applies a known activation, is also that torch activation module, so
     that the Probe counts saturated and dead units of its output (:mod:`gradprobe.activations`)."""
-    act = _activation(layer)
-    key = (type(layer), act)
-    if key not in _VIEWS:
-        bases: tuple[type, ...] = (LayerView,)
-        if act is not None:
-            bases += ACTIVATIONS[act].module_types[:1]
-        _VIEWS[key] = type(type(layer).__name__, bases, {"__module__": __name__})
-    return _VIEWS[key](layer)
+    return _view_class(layer.__class__, _activation(layer))(layer)
+
+
+@functools.cache
+def _view_class(cls: Any, act: str | None) -> type[LayerView]:
+    bases: tuple[type, ...] = (LayerView,)
+    if act is not None:
+        bases += ACTIVATIONS[act].module_types[:1]
+    return type(cls.__name__, bases, {"__module__": __name__})
 
 
 class KerasLayers(nn.Module):
