@@ -154,6 +154,31 @@ def test_bf16_autocast_records_unscaled_finite_gradients_of_the_same_size(tmp_pa
     assert (act["count"] > 0).all()
 
 
+class SkipStep1(pl.plugins.precision.Precision):
+    """The GradScaler's structure (``MixedPrecision.optimizer_step``): closure, then
+    ``on_before_optimizer_step``, then ``scaler.step``, which does not call ``optimizer.step()``
+    when it found inf/NaN gradients; here at step 1."""
+
+    def optimizer_step(self, optimizer, model, closure, **kwargs):  # type: ignore[no-untyped-def]
+        if model.trainer.global_step != 1:
+            return super().optimizer_step(optimizer, model, closure, **kwargs)
+        result = closure()
+        self._after_closure(model, optimizer)
+        return result
+
+
+def test_a_step_the_optimizer_skipped_is_marked_skipped(tmp_path):
+    model, cb = fit(tmp_path / "pl", 3, plugins=[SkipStep1()])
+    run = gp.Run.open(tmp_path / "pl" / "gradprobe")
+    sc = run.scalars(kinds=("grad", "update"))
+    assert sorted(sc["step"].unique()) == [0, 1, 2]
+    assert sc.groupby("step")["skipped"].all().tolist() == [False, True, False]
+    assert (sc[(sc.kind == "grad") & (sc.step == 1)]["norm"] > 0).all()
+    upd = sc[sc.kind == "update"].set_index("step")["norm"]
+    assert (upd.loc[[0, 2]] > 0).all() and not (upd.loc[[1]] > 0).any()  # 0 or not recorded
+    assert cb._handle is None  # the optimizer's hook removed at the end of the fit
+
+
 def test_run_dir_under_the_loggers_folder_and_given_run_dir(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 

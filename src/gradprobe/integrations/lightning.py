@@ -28,8 +28,10 @@ the Probe refuses closure optimizers); the callback drives a Probe without an op
 
 The run directory defaults to ``{trainer.log_dir}/gradprobe`` (the first logger's folder, or
 ``default_root_dir`` without a logger). The Probe detaches at ``on_train_end`` and at
-``on_exception`` (what was recorded stays readable). One optimizer only; a step the AMP
-``GradScaler`` skipped (inf/NaN gradients) is recorded as a step whose update is 0.
+``on_exception`` (what was recorded stays readable). One optimizer only. A step whose
+optimizer did not step (the AMP ``GradScaler`` skips ``optimizer.step()`` on inf/NaN gradients;
+seen by a step post hook on the torch optimizer) is recorded with ``skipped=True``, as the
+Probe records the steps a scaler skips.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ class GradprobeCallback(pl.Callback):  # type: ignore[misc]
         self.probe_kwargs = probe_kwargs
         self.probe: gp.Probe | None = None
         self._stepped = False  # on_before_optimizer_step ran in this batch
+        self._updated = False  # the torch optimizer stepped since (its step post hook)
+        self._handle: Any = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.probe is not None and self.probe.attached:
@@ -89,14 +93,25 @@ class GradprobeCallback(pl.Callback):  # type: ignore[misc]
             self.run_dir = Path(root) / "gradprobe"
         self.probe = gp.Probe(pl_module, None, run_dir=self.run_dir, **self.probe_kwargs)
         self.probe.attach()
-        self._stepped = False
+        self._stepped = self._updated = False
+        # the torch optimizer's own step: it does not run when a GradScaler skips the step
+        self._handle = _torch_optimizer(trainer.optimizers[0]).register_step_post_hook(
+            self._post_step)
+
+    def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._updated = True
+
+    def _close_step(self) -> None:
+        assert self.probe is not None
+        self.probe.step(skipped=not self._updated)  # the weights after the update
+        self._stepped = self._updated = False
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         probe = self.probe
         if probe is None or not probe.attached:
             return
         if self._stepped:  # manual optimization stepping twice in one batch: close the first
-            probe.step()
+            self._close_step()
         probe.before_update()  # unscaled, before clipping (see the module docstring)
         self._stepped = True
 
@@ -110,8 +125,7 @@ class GradprobeCallback(pl.Callback):  # type: ignore[misc]
             k = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
             probe.observe_loss(loss.detach() * k)  # stays on the device
         if self._stepped:
-            probe.step()  # the weights after the update
-            self._stepped = False
+            self._close_step()
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._detach()
@@ -120,8 +134,18 @@ class GradprobeCallback(pl.Callback):  # type: ignore[misc]
         self._detach()
 
     def _detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
         if self.probe is not None and self.probe.attached:
             self.probe.detach()
+
+
+def _torch_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside Lightning's (or another) wrapper."""
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 __all__ = ["GradprobeCallback"]
