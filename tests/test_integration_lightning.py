@@ -139,6 +139,10 @@ def test_grad_is_before_clipping_and_weights_after_the_clipped_update(tmp_path):
     factor = pd.Series(pre / clip, index=range(steps))
     np.testing.assert_allclose(np.sqrt(ga), np.sqrt(gb) * factor.reindex(
         ga.index.get_level_values("step")).to_numpy(), rtol=1e-4)
+    # the always-on tier's per-layer norms are read at the same moment: before clipping
+    norms = gp.Run.open(tmp_path / "pl" / "gradprobe").grad_norms()
+    total = norms.groupby("step")["grad_norm"].apply(lambda g: np.sqrt((g**2).sum()))
+    np.testing.assert_allclose(total.to_numpy(), pre, rtol=1e-5)
 
 
 def test_bf16_autocast_records_unscaled_finite_gradients_of_the_same_size(tmp_path):

@@ -66,7 +66,6 @@ Note:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -74,9 +73,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from gradprobe.capture import stage as _stage
 from gradprobe.capture.always import AlwaysOn
 from gradprobe.capture.forward import ForwardHooks
+from gradprobe.capture.memory import memory_bytes
 from gradprobe.capture.options import check_options
 from gradprobe.capture.params import ParamStats
 from gradprobe.capture.recorder import Recorder, RowInfo
@@ -86,12 +85,10 @@ from gradprobe.capture.select import (
     check_optimizer,
     closure_error,
     select_layers,
-    spread_weight,
 )
 from gradprobe.capture.steps import StepLoop
 from gradprobe.errors import ConfigError, RunDirError, UnsupportedModelError
 from gradprobe.stats import schema as S
-from gradprobe.stats.batched import SMALL
 from gradprobe.store.writer import RunWriter, check_run_dir
 
 MAX_ALWAYS_ROWS = 4096
@@ -385,33 +382,7 @@ class Probe:
 
     def memory_bytes(self) -> dict[str, int]:
         """Upper bound of the memory the probe holds, by part (bytes)."""
-        rows = sum(len(lay.rows) for lay in self._layers)
-        stats = self.flush_every * rows * S.N_STATS * 8 + self.flush_every * 8
-        loss = self._ring_steps() * 8
-        n_params = sum(len(lay.params) for lay in self._layers) if "grad" in self.kinds else 0
-        loss += self._ring_steps() * (len(self._layers) + n_params + 2) * 4  # always-on rows
-        hist = 0
-        if self.hist_every:
-            per_flush = math.ceil(self.flush_every * self.every / self.hist_every)
-            hist_rows = sum(1 for lay in self._layers for k in lay.rows
-                            if k in ("grad", "weight", "input", "act", "act_grad"))
-            hist = min(per_flush, self.flush_every) * hist_rows * (2 * self.hist_bins + 2) * 8
-        sizes = [p.numel() * p.element_size() for lay in self._layers for p in lay.params]
-        copies = int("update" in self.kinds or "drift" in self.kinds) + int("drift" in self.kinds)
-        param_bytes = sum(sizes) * copies + max(sizes, default=0)
-        # the row spread's column indices (gradprobe.stats.spread), small dense weights only
-        spread_w = [w for lay in self._layers if "spread" in lay.rows
-                    for w in [spread_weight(lay)] if w is not None and w.numel() <= SMALL]
-        param_bytes += sum(8 * (w.numel() + w.numel() // max(w.shape[0], 1)) for w in spread_w)
-        # the stage of small tensors (gradprobe.capture.stage), in the first parameters' precision
-        first = next((p for lay in self._layers for p in lay.params), None)
-        stage = _stage.MAX_ELEMS * (first.element_size() if first is not None else 4)
-        if self._recorder is not None and self._recorder.stage is not None:
-            buf = self._recorder.stage.buf  # allocated at the first step, at most MAX_ELEMS
-            if buf is not None:
-                stage = buf.numel() * buf.element_size()
-        return {"buffer": stats + loss + hist, "param_copies": param_bytes, "stage": stage,
-                "total": stats + loss + hist + param_bytes + stage}
+        return memory_bytes(self)
 
     def _ring_steps(self) -> int:
         """Steps between flushes: ``flush_every`` full steps, and as many always-on rows (a
