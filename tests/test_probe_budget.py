@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -150,6 +151,40 @@ def test_spike_is_at_its_step_and_the_next_steps_are_full(tmp_path):
     trig = run.schedule["triggers"]
     assert {"step": k, "why": "spike"}.items() <= trig[-1].items(), trig
     assert run.events().empty  # a spike is not a non-finite event
+
+
+def test_frequent_spikes_over_budget_are_followed_in_full_once_per_gap(tmp_path):
+    spikes = list(range(20, 50, 3))
+    # a budget no step can meet: the account is always overdrawn after the warm-up
+    run = _train(tmp_path / "r", 60, lr=0.0, loss_scale={k: 1e4 for k in spikes}, budget=1e-9)
+    trig = [t for t in run.schedule["triggers"] if t["why"] == "spike"]
+    assert [t["step"] for t in trig] == spikes  # every spike seen at its step
+    assert [t["full"] for t in trig] == [True] + [False] * (len(spikes) - 1)
+    tier = run.steps().set_index("step")["tier"]
+    assert (tier.loc[21 : 20 + sched.AFTER] == "full").all()
+    assert (tier.loc[20 + sched.AFTER + 1 :] == "always").all()
+    norms = run.grad_norms().dropna(subset=["grad_norm"]).pivot(
+        index="step", columns="layer", values="grad_norm")
+    quiet = norms.drop(index=spikes).median()
+    assert (norms.loc[spikes] > 1000 * quiet).all().all()  # each spike is in the rows
+
+
+def test_a_spike_in_one_small_parameter_is_not_a_trigger(tmp_path):
+    k = 30
+
+    def plant(step, model):  # the first layer's bias gradient x 30 at step k only
+        if step == k:
+            handles.append(model.inp.bias.register_hook(lambda g: g * 30))
+        elif handles:
+            handles.pop().remove()
+
+    handles: list = []
+    run = _train(tmp_path / "r", 45, lr=0.0, plant=plant)
+    norms = run.grad_norms().pivot(index="step", columns="layer", values="grad_norm")
+    total = np.sqrt((norms**2).sum(axis=1))
+    assert total.loc[k] < 3 * total.drop(index=k).median()  # the whole gradient barely moved
+    assert norms.loc[k, "inp"] > 1.5 * norms.drop(index=k)["inp"].max()  # ... one part did
+    assert not [t for t in run.schedule["triggers"] if t["why"] == "spike"]
 
 
 def test_every_gives_the_fixed_schedule(tmp_path):

@@ -10,7 +10,8 @@ Two schedules (:class:`Schedule`):
   - the first :data:`WARMUP` steps are full (initialisation problems show there);
   - after a step whose always-on row holds a non-finite value or a gradient-norm spike
     (:mod:`gradprobe.capture.always`), the next :data:`AFTER` steps are full, whatever they
-    cost;
+    cost (over budget, a spike only if none was followed in full in the last
+    :data:`SPIKE_GAP` steps);
   - otherwise a step is full when the budget allows it: ``spent + c_full − c_light ≤ MARGIN ·
     budget · bare``, where ``spent`` is the Probe's time so far, ``bare`` the steps' time without it and
     ``c_full``, ``c_light`` the running means of the Probe's time in a full and in an
@@ -51,6 +52,8 @@ third of the steps full (``benchmarks/budget_overhead.py``, W4)."""
 CAP = 3.0
 """A step counts at most ``CAP`` times the running mean step time (a pause between steps,
 for evaluation or checkpoints, earns no budget for full steps)."""
+SPIKE_GAP = 100
+"""Over budget, a spike is followed in full only if none was in the last ``SPIKE_GAP`` steps."""
 MAX_TRIGGERS = 100
 """Triggers listed in ``meta.json`` (the count goes on)."""
 
@@ -99,6 +102,7 @@ class Schedule:
         self.n_full = 0
         self.n_steps = 0
         self.n_triggers = 0
+        self._last_spike = -SPIKE_GAP  # the last spike followed by full steps
         self.triggers: list[dict[str, Any]] = []
         if self.mode == "budget":
             self.forced_until = WARMUP
@@ -121,11 +125,21 @@ class Schedule:
 
     def trigger(self, step: int, why: str, layer: str | None) -> None:
         """A spike or a non-finite value at ``step``: the next :data:`AFTER` steps are full
-        (budget schedule only; a fixed schedule stays fixed)."""
+        (budget schedule only; a fixed schedule stays fixed). A non-finite value always; a
+        spike when the account is within the budget or no spike was followed in full in the
+        last :data:`SPIKE_GAP` steps (a network whose gradient spikes often would otherwise
+        be recorded in full at every step; every spike stays in the always-on rows, at its
+        step)."""
         self.n_triggers += 1
+        forced = self.mode == "budget" and (
+            why != "spike" or self.budget is None
+            or self.spent <= MARGIN * self.budget * self.bare
+            or step - self._last_spike >= SPIKE_GAP)
+        if forced and why == "spike":
+            self._last_spike = step
         if len(self.triggers) < MAX_TRIGGERS:
-            self.triggers.append({"step": step, "why": why, "layer": layer})
-        if self.mode == "budget":
+            self.triggers.append({"step": step, "why": why, "layer": layer, "full": forced})
+        if forced:
             self.forced_until = max(self.forced_until, step + 1 + AFTER)
 
     def measured(self, step: int, full: bool, probe_s: float, step_s: float,
@@ -173,4 +187,4 @@ def _mean(old: float | None, new: float) -> float:
     return new if old is None else old + SMOOTH * (new - old)
 
 
-__all__ = ["AFTER", "MARGIN", "MAX_GAP", "WARMUP", "Clock", "Schedule"]
+__all__ = ["AFTER", "MARGIN", "MAX_GAP", "SPIKE_GAP", "WARMUP", "Clock", "Schedule"]
