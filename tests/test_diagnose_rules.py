@@ -353,3 +353,32 @@ def test_growth_needs_a_sustained_rise_against_a_robust_start():
     found = run(lambda s: 1.1 ** s)
     assert found and found[0].rule == "exploding-gradients"
     assert "median of the first" in found[0].evidence[0].note
+
+
+def _budgeted(lay, full_steps, every_norm, steps):
+    """A budgeted run's frames: ``grad`` rows at ``full_steps`` only, the always-on tier's
+    per-step norm of ``fc0`` (``every_norm(step)``) at every step."""
+    scal = rows({("fc0", "grad"): lambda s: {"norm": every_norm(s)}}, steps=steps)
+    scal = scal[scal["step"].isin(full_steps)]
+    norms = pd.DataFrame({"step": range(steps), "layer": "fc0",
+                          "grad_norm": [every_norm(s) for s in range(steps)],
+                          "grad_nonfinite": False, "skipped": False})
+    return Frames(layers=lay, scalars=scal, norms=norms)
+
+
+def test_a_slow_rise_between_sparse_full_steps_is_not_a_spike():
+    lay = mlp_layers(2)
+    full = [*range(10), *range(109, 114)]  # warm-up, then a triggered window 100 steps later
+    f = _budgeted(lay, full, lambda s: min(1.035 ** s, 40.0), 150)  # x40 over 110 steps
+    assert not growth.gradient_spikes(f).size and not growth.exploding_steps(f)
+    # the full steps alone would show step 109 at 40x the median of the 10 steps before it
+    sparse = Frames(layers=lay, scalars=f.scalars)
+    assert growth.gradient_spikes(sparse).index.tolist()[:1] == [109]
+
+
+def test_a_spike_on_an_always_on_step_is_found_at_its_step():
+    lay = mlp_layers(2)
+    f = _budgeted(lay, range(10), lambda s: 1e3 if s == 57 else 1.0, 100)
+    found = growth.exploding_steps(f)
+    assert found and found[0].steps == (57, 57)
+    assert not growth.exploding_steps(Frames(layers=lay, scalars=f.scalars))  # not in the rows

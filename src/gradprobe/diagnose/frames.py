@@ -54,6 +54,10 @@ class Frames:
     time: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
         columns=["step", "layer", "t", "grad_norm"]))
     """:meth:`Run.time_gradients`: per-time-step gradients of recurrent layers."""
+    norms: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
+        columns=["step", "layer", "grad_norm", "grad_nonfinite", "skipped"]))
+    """:meth:`Run.grad_norms`, every step's per-layer gradient norms (the always-on tier), with
+    the step's ``skipped`` (AMP) flag; empty: the full steps' ``grad`` rows are used."""
 
     @classmethod
     def of(cls, run: Any) -> Frames:
@@ -65,9 +69,13 @@ class Frames:
                 ["step", "layer_id", "kind"])
             scalars = scalars.merge(units, on=["step", "layer_id", "kind"], how="left")
         meta = run.meta
+        norms = run.grad_norms()
+        steps = run.steps()
+        if len(norms):
+            norms = norms.merge(steps[["step", "skipped"]], on="step", how="left")
         return cls(layers=run.layers, scalars=scalars, losses=run.losses(),
                    events=run.events(), config=dict(meta.get("config") or {}),
-                   time=run.time_gradients())
+                   time=run.time_gradients(), norms=norms)
 
     # ------------------------------------------------------------------ views
 
@@ -170,8 +178,20 @@ def depth_slope(logs: np.ndarray) -> tuple[float, float]:
 
 
 def grad_norm(frames: Frames) -> pd.Series:
-    """Total gradient norm per step, ``G_t = sqrt(Σ_layers ‖∇θ_l‖²)`` (finite steps only)."""
-    rows = frames.kind("grad")
+    """Total gradient norm per step, ``G_t = sqrt(Σ_layers ‖∇θ_l‖²)`` (finite steps only,
+    AMP-skipped steps removed): every step's, from the always-on tier where the run has it, so
+    a rule comparing a step with the steps before it compares neighbours (the full steps of a
+    budgeted run can lie hundreds of steps apart, where a gradient that grew slowly looks like
+    a spike); else the full steps' ``grad`` rows."""
+    norms = frames.norms
+    if len(norms):
+        bad = norms["grad_nonfinite"].fillna(False).astype(bool)
+        if "skipped" in norms:
+            bad |= norms["skipped"].fillna(False).astype(bool)
+        drop = norms.loc[bad, "step"].unique()
+        rows = norms[~norms["step"].isin(drop)].rename(columns={"grad_norm": "norm"})
+    else:
+        rows = frames.kind("grad")
     if rows.empty:
         return pd.Series(dtype="float64")
     sq = (rows["norm"].astype("float64") ** 2).groupby(rows["step"]).sum(min_count=1)

@@ -25,7 +25,9 @@ Spikes on batches that carry input outliers (:func:`gradprobe.diagnose.outliers.
 the first layer's output jumped by ``SURGE`` × with its weights unchanged) are not counted: the
 first layer's weight gradient ``δ xᵀ`` scales with the input, so a 1000× outlier makes a large
 gradient without any feedback loop. The ``input-scale`` finding reports them, as one finding
-that explains both.
+that explains both. In a budgeted run (the Probe's default) ``G_t`` is known at every step, the
+first layer's statistics at the full steps only: where a run has outlier batches, a spike at a
+step without the full tier is not counted either.
 
 Non-finite values are the ``nonfinite`` rule's (they are skipped here), AMP-skipped steps are
 removed before anything is compared.
@@ -84,7 +86,12 @@ def exploding_steps(frames: Frames) -> list[Finding]:
                                          f"steps; held for {_longest_run(high)} steps"))
                 steps += [int(smooth.idxmax())]
         hits = gradient_spikes(frames)
-        hits = hits[~hits.index.isin(outlier_steps(frames))] if len(hits) else hits
+        if len(hits):
+            known = outlier_steps(frames)
+            hits = hits[~hits.index.isin(known)]
+            if len(known):  # outlier batches in this run: a spike on a step without the
+                # full tier (no first-layer statistics) may be one of them, so it is not counted
+                hits = hits[hits.index.isin(frames.scalars["step"].unique())]
         if len(hits):
             evidence.append(Evidence("gradient-norm spike / median of previous steps",
                                      float(hits.max()), SPIKE, ">=",
