@@ -213,7 +213,7 @@ def test_a_failed_write_is_raised_once_on_the_training_thread(tmp_path, monkeypa
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     run_dir = tmp_path / "r"
     errors = []
-    probe = gp.Probe(model, opt, run_dir=run_dir, flush_every=2).attach()
+    probe = gp.Probe(model, opt, run_dir=run_dir, flush_every=2, budget=None).attach()
     try:
         for _ in range(40):
             model(torch.randn(3, 4)).sum().backward()

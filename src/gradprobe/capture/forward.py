@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from gradprobe.capture.always import HALF, AlwaysOn
-from gradprobe.capture.hooks import first_float_tensor
+from gradprobe.capture.hooks import as_real, first_float_tensor
 from gradprobe.capture.recorder import Recorder
 from gradprobe.capture.select import Layer
 from gradprobe.layers import RECURRENT
@@ -99,7 +99,7 @@ class ForwardHooks:
             if t is not None:
                 always = p.always
                 if always.acts:  # the always-on tier: one reduction, on the device
-                    x = t.detach()
+                    x = as_real(t.detach())
                     always.sums.append(x.sum() if x.dtype not in HALF else
                                         x.sum(dtype=torch.float32))
                     always.sum_cols.append(lay.layer_id)
@@ -113,8 +113,11 @@ class ForwardHooks:
         rec = p.recorder
         row = lay.act_row
         if row is not None:
-            x = t.detach()  # nothing below records autograd history
-            rec.observe(slot, row, x, lay.sat_rule, lay.dead_rule)
+            x = as_real(t.detach())  # nothing below records autograd history
+            if t.is_complex():  # no activation's saturation or dead rule applies
+                rec.observe(slot, row, x)
+            else:
+                rec.observe(slot, row, x, lay.sat_rule, lay.dead_rule)
             if p.hist_now:
                 with torch.no_grad():
                     rec.add_hist(slot, row, x)
@@ -204,10 +207,11 @@ class ForwardHooks:
             return
         t0 = perf_counter()
         rec = p.recorder
-        rec.observe(slot, row, grad.detach())  # detached: records no history
+        g = as_real(grad.detach())  # detached: records no history
+        rec.observe(slot, row, g)
         if p.hist_now:
             with torch.no_grad():
-                rec.add_hist(slot, row, grad)
+                rec.add_hist(slot, row, g)
         p.probe_s += perf_counter() - t0
 
 

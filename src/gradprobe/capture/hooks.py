@@ -10,18 +10,25 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
+
+MAX_NESTING = 32
+"""How deep :func:`first_float_tensor` looks into nested outputs."""
 
 
 def first_float_tensor(output: Any, _depth: int = 0) -> Tensor | None:
-    """The module's primary output: the first floating-point tensor of ``output``.
+    """The module's primary output: the first floating-point or complex tensor of ``output``.
 
     Tensors are searched in order through tuples/lists, mappings (``dict``, Hugging Face
-    ``ModelOutput``) and dataclasses, e.g. ``output`` of ``nn.LSTM``'s ``(output, (h, c))``.
+    ``ModelOutput``) and dataclasses, e.g. ``output`` of ``nn.LSTM``'s ``(output, (h, c))``,
+    down to :data:`MAX_NESTING` levels. A complex tensor is returned as it is: the statistics
+    read it through :func:`as_real`.
     """
     if isinstance(output, Tensor):
-        return output if output.is_floating_point() and output.numel() > 0 else None
-    if _depth > 4:
+        ok = output.is_floating_point() or output.is_complex()
+        return output if ok and output.numel() > 0 else None
+    if _depth >= MAX_NESTING:
         return None
     if isinstance(output, Mapping):
         items: Any = output.values()
@@ -38,4 +45,11 @@ def first_float_tensor(output: Any, _depth: int = 0) -> Tensor | None:
     return None
 
 
-__all__ = ["first_float_tensor"]
+def as_real(t: Tensor) -> Tensor:
+    """A complex tensor as its real and imaginary parts (``torch.view_as_real``: a view, no
+    copy; its norm is the complex norm, its mean and spread those of the parts); a real
+    tensor as it is."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+__all__ = ["MAX_NESTING", "as_real", "first_float_tensor"]
