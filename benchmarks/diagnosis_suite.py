@@ -377,7 +377,8 @@ def train(case: Case, model, data, *, run_dir: str | None, lr: float | None = No
     opt = _optimizer(case.opt, model.parameters(), case.lr if lr is None else lr)
     g = torch.Generator().manual_seed(123)
     grad_norms, losses, nonfinite = [], [], False
-    probe = gp.Probe(model, opt, run_dir=run_dir, overwrite=True).attach() if run_dir else None
+    probe = (gp.Probe(model, opt, run_dir=run_dir, overwrite=True, **PROBE_KWARGS).attach()
+             if run_dir else None)
     try:
         for _ in range(case.steps):
             idx = torch.randint(0, len(x), (case.batch,), generator=g)
@@ -429,6 +430,9 @@ def at_chance(case, model, data):
 # ------------------------------------------------------------------ direct measurements
 
 WEIGHT_TYPES = (nn.Linear, nn.Conv2d)
+PROBE_KWARGS: dict = {"budget": None}
+"""How the suite's runs are recorded: every step in full (the rules' reference, the same steps
+whatever the machine's load); ``--default-attach``: the Probe's default budget."""
 
 
 def act_grad_ratio(case, model, data, n=256):
@@ -602,7 +606,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="where the runs go (default: a temp dir)")
     parser.add_argument("--only", nargs="*", default=None, help="case names to run")
     parser.add_argument("--verbose", action="store_true", help="print each diagnosis")
+    parser.add_argument("--default-attach", action="store_true",
+                        help="record with the Probe's default budget=0.05 (its full steps "
+                        "depend on the measured cost) instead of every step in full")
     args = parser.parse_args(argv)
+    if args.default_attach:
+        PROBE_KWARGS.clear()
     torch.set_num_threads(1)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="gp-suite-"))
     results = []

@@ -239,7 +239,7 @@ def _healthy(case: Case, out: Path, seed: int = 0) -> tuple[float, float]:
     fit = HEALTHY_TRAIN.get(case.name, case.train)
     start = time.perf_counter()
     run_dir = out / case.name / ("healthy" if seed == 0 else f"seed{seed}-healthy")
-    with gp.Probe(model, opt, run_dir=run_dir, overwrite=True) as probe:
+    with gp.Probe(model, opt, run_dir=run_dir, overwrite=True, budget=None) as probe:
         loss = fit(model, opt, probe)
     return loss, time.perf_counter() - start
 
@@ -300,7 +300,8 @@ def main() -> None:
             torch.manual_seed(0)
             model, opt = case.sick()
             torch.manual_seed(0)
-            with gp.Probe(model, opt, run_dir=out / case.name / "sick", overwrite=True) as probe:
+            with gp.Probe(model, opt, run_dir=out / case.name / "sick", overwrite=True,
+                          budget=None) as probe:
                 sick_loss = case.train(model, opt, probe)
             print(f"{case.name:<24} sick {sick_loss:8.4f}  healthy {healthy_loss:8.4f}  "
                   f"({healthy_s:.1f} s)  {case.what}", flush=True)
