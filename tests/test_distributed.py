@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 import gradprobe as gp
+import gradprobe.capture.schedule as sched
 from gradprobe.capture import distributed as D
 from gradprobe.stats import schema as S
 
 WORLD = 2
-STEPS = 5
+STEPS = 25  # past the budget's warm-up: the ranks' fixed schedule is exercised
 LOCAL = 6  # examples per rank
 RAW = ["count", "sum", "sumsq", "abs_sum", "nonzero", "nonfinite", "saturated", "dead", "units",
        "ref_sumsq", "min", "max"]
@@ -111,13 +112,22 @@ def runs(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("ddp")
     mp.spawn(_worker, args=(str(base / "ddp"), _free_port()), nprocs=WORLD, join=True)
-    _train(_model(), str(base / "one"), slice(None))
+    _train(_model(), str(base / "one"), slice(None), budget=None)  # every step: the reference
     return str(base / "ddp"), str(base / "one")
+
+
+def test_a_budgeted_probe_takes_one_fixed_schedule_across_ranks(runs):
+    run = gp.Run.open(runs[0])
+    full = run.steps().query("tier == 'full'")["step"].tolist()
+    assert full == [*range(sched.WARMUP), *range(sched.WARMUP, STEPS, sched.RANKS_EVERY)]
+    assert run.schedule["mode"] == "every" and "budget_replaced" in run.schedule
+    assert sorted(run.grad_norms()["step"].unique()) == list(range(STEPS))  # always-on: all
 
 
 def test_every_statistic_equals_one_process_on_the_global_batch(runs):
     ddp_dir, one_dir = runs
     ddp, one = _frame(ddp_dir, "module."), _frame(one_dir)
+    one = one[one.index.get_level_values("step").isin(ddp.index.get_level_values("step"))]
     assert ddp.index.equals(one.index)
     table = equality_table(ddp, one)
     print("\n" + table.to_string())
@@ -276,8 +286,9 @@ def test_fsdp_activation_statistics_equal_one_process(tmp_path):
 
     pytest.importorskip("torch.distributed.fsdp", reason="torch without FSDP")
     mp.spawn(_fsdp_worker, args=(str(tmp_path / "fsdp"), _free_port()), nprocs=WORLD, join=True)
-    _train(_model(), str(tmp_path / "one"), slice(None), kinds=ACT_KINDS)
+    _train(_model(), str(tmp_path / "one"), slice(None), kinds=ACT_KINDS, budget=None)
     fsdp, one = _frame(str(tmp_path / "fsdp")), _frame(str(tmp_path / "one"))
+    one = one[one.index.get_level_values("step").isin(fsdp.index.get_level_values("step"))]
     assert fsdp.index.equals(one.index)
     table = equality_table(fsdp, one)
     print("\n" + table.to_string())

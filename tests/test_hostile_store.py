@@ -42,7 +42,7 @@ def _train(run_dir, steps=6, *, flush_every=2, overwrite=False, model=None):
     model = model or _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with gp.Probe(model, opt, run_dir=run_dir, flush_every=flush_every, hist_every=1,
-                  overwrite=overwrite) as probe:
+                  overwrite=overwrite, budget=None) as probe:  # the same parts on any machine
         for _ in range(steps):
             loss = model(torch.randn(5, 4)).pow(2).mean()
             probe.observe_loss(loss)
@@ -322,7 +322,7 @@ RunWriter.write_part = slow
 model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
 try:
-    with gp.Probe(model, opt, run_dir=sys.argv[1], flush_every=2):
+    with gp.Probe(model, opt, run_dir=sys.argv[1], flush_every=2, budget=None):
         for step in range(11):  # flushes 0-4 handed over, step 10 still buffered
             model(torch.randn(5, 4)).sum().backward()
             opt.step()

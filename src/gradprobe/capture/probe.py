@@ -255,6 +255,8 @@ class Probe:
             self._attached = self._used = self._passive = True
             return self
         self._sync = sync
+        if sync is not None:  # every rank must take the same steps in full, with no exchange
+            self._schedule.across_ranks()
         rows: list[RowInfo] = []
         for lay in self._layers:
             for kind in lay.rows:

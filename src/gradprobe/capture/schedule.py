@@ -41,6 +41,8 @@ WARMUP = 10
 """The first steps, all full."""
 AFTER = 5
 """Full steps after a spike or a non-finite value."""
+RANKS_EVERY = 10
+"""Under ``torch.distributed`` a budgeted Probe's full steps: every ``RANKS_EVERY``-th."""
 MAX_GAP = 1000
 """At least one full step every ``MAX_GAP`` steps, whatever the budget says."""
 SMOOTH = 0.2
@@ -92,6 +94,8 @@ class Schedule:
         self.every = options.every
         self.budget = options.budget
         self.forced_until = 0  # steps below are full (warm-up, triggers)
+        self.warmup = 0  # fixed schedule: steps below are full too (across ranks)
+        self.ranks = False  # a budget replaced by the fixed schedule across ranks
         self.last_full = -1
         self.spent = 0.0  # the Probe's seconds
         self.bare = 0.0  # the steps' seconds without the Probe
@@ -107,10 +111,19 @@ class Schedule:
         if self.mode == "budget":
             self.forced_until = WARMUP
 
+    def across_ranks(self) -> None:
+        """Under ``torch.distributed``: the budget's schedule follows each rank's own timing, and
+        the ranks' full steps must be the same ones (their statistics are merged flush by
+        flush), so a budgeted Probe takes a fixed schedule there: the first :data:`WARMUP` steps,
+        then every :data:`RANKS_EVERY`-th step; no triggers. ``every=N`` stays as given."""
+        if self.mode == "budget":
+            self.mode, self.every, self.warmup = "every", RANKS_EVERY, WARMUP
+            self.ranks = True
+
     def full(self, step: int) -> bool:
         """Whether ``step`` (about to begin) gets the full tier; call once per step."""
         if self.mode == "every":
-            due = step % self.every == 0
+            due = step % self.every == 0 or step < self.warmup
         elif step < self.forced_until or step - self.last_full >= MAX_GAP:
             due = True
         elif self.c_full is None:
@@ -170,6 +183,9 @@ class Schedule:
         out: dict[str, Any] = {"mode": self.mode}
         if self.mode == "every":
             out["every"] = self.every
+            if self.ranks:
+                out.update(warmup=self.warmup, budget_replaced="torch.distributed: the ranks "
+                           "need the same full steps")
         else:
             out.update(budget=self.budget, warmup=WARMUP, after=AFTER, max_gap=MAX_GAP)
         from gradprobe.capture.always import SPIKE
@@ -187,4 +203,4 @@ def _mean(old: float | None, new: float) -> float:
     return new if old is None else old + SMOOTH * (new - old)
 
 
-__all__ = ["AFTER", "MARGIN", "MAX_GAP", "SPIKE_GAP", "WARMUP", "Clock", "Schedule"]
+__all__ = ["AFTER", "MARGIN", "MAX_GAP", "RANKS_EVERY", "SPIKE_GAP", "WARMUP", "Clock", "Schedule"]

@@ -178,7 +178,8 @@ class StepLoop:
         self.grads_taken = False
         failed: RunDirError | None = None
         if (self.recorder.full() or self.always.full_ring()
-                or time.perf_counter() - self._last_flush >= self.opts.flush_secs):
+                or (self.sync is None  # ranks flush together: by steps only
+                    and time.perf_counter() - self._last_flush >= self.opts.flush_secs)):
             try:
                 events += self.flush()
             except RunDirError as err:  # an earlier write failed: raise it once the next
