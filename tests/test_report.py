@@ -274,3 +274,35 @@ def test_time_section_from_a_real_recurrent_run(tmp_path):
     assert len(probe.run.time_gradients())
     text = gp.report(probe.run, tmp_path / "t.html", diagnosis=Diagnosis([])).read_text()
     assert '<figure id="fig-time-grads">' in text
+
+
+@pytest.mark.parametrize("k,word", [(2, "2nd"), (3, "3rd"), (4, "4th"), (11, "11th"),
+                                    (12, "12th"), (13, "13th"), (22, "22nd"), (101, "101st")])
+def test_thin_note_ordinals(k, word):
+    from gradprobe.report import figures as F
+
+    steps = np.arange(k * F.MAX_POINTS)
+    assert f"every {word} of" in F.thin_note(steps, F.thin_steps(steps))
+
+
+def test_a_budgeted_run_draws_every_steps_gradient(tmp_path):
+    from gradprobe.report.select import grad_every_step
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gp.Probe(model, opt, run_dir=tmp_path / "r", budget=1e-9):  # warm-up steps only full
+        for _ in range(40):
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    run = gp.Run.open(tmp_path / "r")
+    grad = run.scalars(kinds=["grad"])
+    assert grad["step"].nunique() < 40
+    every = grad_every_step(run, grad)
+    assert sorted(every["step"].unique()) == list(range(40))
+    both = every.merge(grad[["step", "layer", "rms"]], on=["step", "layer"],
+                       suffixes=("", "_full"))
+    assert len(both) == len(grad)  # the full steps' rows, from the other tier
+    np.testing.assert_allclose(both["rms"], both["rms_full"], rtol=1e-5)
+    assert grad_every_step(run, every) is every  # nothing more to add

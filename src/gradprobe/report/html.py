@@ -122,6 +122,7 @@ def report(run_or_path: Any, out: str | os.PathLike[str] = "report.html", *,
         title: the page's heading (default: ``gradprobe report: <run folder name>``).
     """
     from gradprobe.report import figures as F
+    from gradprobe.report.select import grad_every_step
 
     run = open_run(run_or_path)
     path = P.check_out(out, "report.html")
@@ -133,6 +134,7 @@ def report(run_or_path: Any, out: str | os.PathLike[str] = "report.html", *,
     scalars = run.scalars(kinds=[k for k in REPORT_KINDS if k in kinds])
     by_kind = {k: scalars[scalars["kind"] == k] for k in REPORT_KINDS}  # split once
     del scalars
+    grad_steps = grad_every_step(run, by_kind["grad"])  # every step where the run has it
     hist = run.histograms()
     losses = run.losses()
     tframe = time_frame(run)
@@ -146,11 +148,11 @@ def report(run_or_path: Any, out: str | os.PathLike[str] = "report.html", *,
     no_grad = "No parameter gradients recorded (kinds without 'grad')."
     sections = [
         ("grad-rms", "Gradient RMS per layer",
-         F.grad_rms(by_kind["grad"], info),
+         F.grad_rms(grad_steps, info),
          "Each line is one layer's parameter-gradient RMS; darker lines are nearer the input. "
          "Lines spread apart by decades when gradients vanish or explode with depth.", no_grad),
         ("grad-heatmap", "Gradient heat map",
-         F.grad_heatmap(by_kind["grad"], info),
+         F.grad_heatmap(grad_steps, info),
          "The same values as a layer x step image on a log colour scale.", no_grad),
         ("act-grad-profile", "Activation gradients across depth",
          F.act_grad_profile(by_kind["act_grad"], info), "",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -51,7 +52,25 @@ def thin_note(all_steps: np.ndarray, shown: np.ndarray, max_points: int = MAX_PO
     if m >= n:
         return ""
     k = math.ceil(n / max_points)
-    return f"Steps thinned for drawing: every {k}th of {n} recorded steps ({m} shown, last kept)."
+    nth = {1: "st", 2: "nd", 3: "rd"}.get(k % 10 if k % 100 not in (11, 12, 13) else 0, "th")
+    return (f"Steps thinned for drawing: every {k}{nth} of {n} recorded steps ({m} shown, "
+            "last kept).")
+
+
+def grad_every_step(run: Any, grad: pd.DataFrame) -> pd.DataFrame:
+    """The ``grad`` rows to draw over training: every step's from the always-on tier
+    (``run.grad_norms()``: RMS = norm / √(the layer's parameter count)) where it has more steps
+    than the full tier's ``grad`` rows (a budgeted run records those on a few steps only, and
+    lines drawn between them would hide what happened in between); else ``grad`` as given."""
+    norms = run.grad_norms()
+    if norms.empty or norms["step"].nunique() <= grad["step"].nunique():
+        return grad
+    sizes = {str(r["name"]): sum(math.prod(s) for s in (r["param_shapes"] or []))
+             for _, r in run.layers.iterrows()}
+    n = norms["layer"].map(sizes).astype("float64")
+    out = pd.DataFrame({"step": norms["step"], "layer": norms["layer"], "kind": "grad",
+                        "rms": norms["grad_norm"] / np.sqrt(n.where(n > 0))})
+    return out.dropna(subset=["rms"])
 
 
 def pivot(scalars: pd.DataFrame, kind: str, column: str, order: Sequence[str],
@@ -100,5 +119,5 @@ def lines_note(drawn: Sequence[str], total: int) -> str:
             "heat map shows every layer.")
 
 
-__all__ = ["MAX_HEAT_STEPS", "MAX_LEGEND", "MAX_POINTS", "gaps_note", "legend_pick", "lines_note",
+__all__ = ["grad_every_step", "MAX_HEAT_STEPS", "MAX_LEGEND", "MAX_POINTS", "gaps_note", "legend_pick", "lines_note",
            "pivot", "text", "thin_note", "thin_steps"]
