@@ -52,9 +52,17 @@ def _train(run_dir, steps=6, *, flush_every=2, overwrite=False, model=None):
     return probe.run
 
 
+def _default_sigint() -> None:
+    # a library the test process loaded earlier may have set SIGINT to "ignore", which a child
+    # inherits through exec, and Python then installs no KeyboardInterrupt: a Ctrl-C sent to
+    # the child would do nothing
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _child(code: str, *args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint, **kw)
 
 
 def _files(path: Path) -> set[str]:
