@@ -382,3 +382,14 @@ def test_a_spike_on_an_always_on_step_is_found_at_its_step():
     found = growth.exploding_steps(f)
     assert found and found[0].steps == (57, 57)
     assert not growth.exploding_steps(Frames(layers=lay, scalars=f.scalars))  # not in the rows
+
+
+def test_amp_skipped_steps_leave_the_every_step_norm():
+    lay = mlp_layers(2)
+    f = _budgeted(lay, range(10), lambda s: 1e3 if s == 57 else 1.0, 100)
+    f.norms.loc[f.norms["step"] == 57, "skipped"] = True  # the scaler skipped that step
+    assert 57 not in growth.grad_norm(f).index and not growth.exploding_steps(f)
+    # a run written before the two tiers: the flag is on its scalars
+    g = _budgeted(lay, range(100), lambda s: 1e3 if s == 57 else 1.0, 100)
+    g.scalars.loc[g.scalars["step"] == 57, "skipped"] = True
+    assert 57 not in growth.grad_norm(g).index

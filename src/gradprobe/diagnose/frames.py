@@ -188,6 +188,10 @@ def grad_norm(frames: Frames) -> pd.Series:
         bad = norms["grad_nonfinite"].fillna(False).astype(bool)
         if "skipped" in norms:
             bad |= norms["skipped"].fillna(False).astype(bool)
+        if "skipped" in frames.scalars:  # a run written before the two tiers says it here
+            rows = frames.scalars
+            bad |= norms["step"].isin(rows.loc[rows["skipped"].fillna(False).astype(bool),
+                                               "step"])
         drop = norms.loc[bad, "step"].unique()
         rows = norms[~norms["step"].isin(drop)].rename(columns={"grad_norm": "norm"})
     else:
