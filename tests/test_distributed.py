@@ -106,6 +106,18 @@ def equality_table(ddp: pd.DataFrame, one: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def assert_equal_at_its_steps(got: pd.DataFrame, one: pd.DataFrame) -> pd.DataFrame:
+    """``got`` (the ranks' run) equals the single-process run ``one`` (every step in full) at
+    the steps ``got`` recorded in full, every kind and column; returns ``one`` at those steps."""
+    one = one[one.index.get_level_values("step").isin(got.index.get_level_values("step"))]
+    assert got.index.equals(one.index)
+    table = equality_table(got, one)
+    print("\n" + table.to_string())
+    assert table["nan_pattern_equal"].all()
+    assert (table["max_rel_diff"] < 1e-5).all(), table[table["max_rel_diff"] >= 1e-5]
+    return one
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     import torch.multiprocessing as mp
@@ -127,12 +139,7 @@ def test_a_budgeted_probe_takes_one_fixed_schedule_across_ranks(runs):
 def test_every_statistic_equals_one_process_on_the_global_batch(runs):
     ddp_dir, one_dir = runs
     ddp, one = _frame(ddp_dir, "module."), _frame(one_dir)
-    one = one[one.index.get_level_values("step").isin(ddp.index.get_level_values("step"))]
-    assert ddp.index.equals(one.index)
-    table = equality_table(ddp, one)
-    print("\n" + table.to_string())
-    assert table["nan_pattern_equal"].all()
-    assert (table["max_rel_diff"] < 1e-5).all(), table[table["max_rel_diff"] >= 1e-5]
+    one = assert_equal_at_its_steps(ddp, one)
     # exact integers: counts, dead units and units
     for col in ("count", "nonzero", "saturated", "dead", "units"):
         assert np.array_equal(ddp[col].fillna(-1).to_numpy(), one[col].fillna(-1).to_numpy()), col
@@ -288,12 +295,7 @@ def test_fsdp_activation_statistics_equal_one_process(tmp_path):
     mp.spawn(_fsdp_worker, args=(str(tmp_path / "fsdp"), _free_port()), nprocs=WORLD, join=True)
     _train(_model(), str(tmp_path / "one"), slice(None), kinds=ACT_KINDS, budget=None)
     fsdp, one = _frame(str(tmp_path / "fsdp")), _frame(str(tmp_path / "one"))
-    one = one[one.index.get_level_values("step").isin(fsdp.index.get_level_values("step"))]
-    assert fsdp.index.equals(one.index)
-    table = equality_table(fsdp, one)
-    print("\n" + table.to_string())
-    assert table["nan_pattern_equal"].all()
-    assert (table["max_rel_diff"] < 1e-5).all(), table[table["max_rel_diff"] >= 1e-5]
+    assert_equal_at_its_steps(fsdp, one)
     assert (fsdp["dead"].fillna(0) > 0).any()
 
 
