@@ -50,8 +50,6 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from gradprobe.errors import ConfigError, RunDirError
 from gradprobe.stats.schema import DERIVED_COLUMNS, KINDS, RATIO_KINDS, derive
@@ -291,26 +289,18 @@ class Follower:
     def _flushes(self, run: Run) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         """``(raw scalars, histograms, losses)`` of the flushes committed since the last call
         (a flush is committed once its ``scalars`` part exists: it is written last)."""
-        new = {i: p for p in parts.part_files(run.path, "scalars")
-               if (i := parts.part_index(p)) is not None and i > self._flush}
-        if not new:
+        last = max((i for p in parts.part_files(run.path, "scalars")
+                    if (i := parts.part_index(p)) is not None), default=-1)
+        if last <= self._flush:
             empty = pd.DataFrame()
             return empty, empty, empty
-        self._flush = max(new)
+        span, self._flush = (self._flush, last), last
         names = {int(r["layer_id"]): r["name"] for r in run.meta.get("layers", [])}
         damage: list[parts.Damage] = []
         frames = []
         for kind in ("scalars", "hist", "losses"):
-            files = new if kind == "scalars" else {
-                i: p for p in parts.part_files(run.path, kind)
-                if (i := parts.part_index(p)) in new}
-            read = []
-            for _, f in sorted(files.items()):
-                try:
-                    read.append(pq.read_table(f).to_pandas())
-                except (pa.ArrowException, OSError, ValueError) as exc:
-                    damage.append(parts.Damage(f"{kind}/{f.name}", f"unreadable ({exc})"))
-            frame = pd.concat(read, ignore_index=True) if read else pd.DataFrame()
+            frame, bad = parts.read_parts_checked(run.path, kind, flushes=span)
+            damage += bad
             if "layer_id" in frame:
                 frame["layer"] = frame["layer_id"].map(names)
             frames.append(frame)

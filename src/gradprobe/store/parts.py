@@ -138,9 +138,11 @@ def _lost(scalars: dict[int | None, Path]) -> dict[int, str]:
     return {i: "missing" for i in range(last) if i not in scalars}
 
 
-def read_parts_checked(path: Path, kind: str) -> tuple[pd.DataFrame, list[Damage]]:
+def read_parts_checked(path: Path, kind: str, *, flushes: tuple[int, int] | None = None
+                       ) -> tuple[pd.DataFrame, list[Damage]]:
     """Concatenate the committed parts of ``kind`` (an empty frame when there are none),
-    skipping damaged ones: ``(frame, damage)``.
+    skipping damaged ones: ``(frame, damage)``; ``flushes=(after, upto)``: only the parts
+    numbered ``after < i <= upto`` (a reader following a run as it is written).
 
     A ``losses`` or ``hist`` part counts only once its flush's ``scalars`` part exists. For
     ``scalars``, a number missing below the last part is a lost flush (``missing``).
@@ -149,6 +151,9 @@ def read_parts_checked(path: Path, kind: str) -> tuple[pd.DataFrame, list[Damage
     files = part_files(path, kind)
     if kind != "scalars":
         files = [f for f in files if part_index(f) in scalars]
+    if flushes is not None:
+        after, upto = flushes
+        files = [f for f in files if after < (part_index(f) or 0) <= upto]
     frames: list[pd.DataFrame] = []
     broken: dict[int, str] = {}
     for f in files:
@@ -157,7 +162,8 @@ def read_parts_checked(path: Path, kind: str) -> tuple[pd.DataFrame, list[Damage
         except (pa.ArrowException, OSError, ValueError) as exc:
             broken[part_index(f) or 0] = _reason(exc)
     if kind == "scalars":
-        broken.update(_lost(scalars))
+        broken.update({i: r for i, r in _lost(scalars).items()
+                       if flushes is None or flushes[0] < i <= flushes[1]})
     damage: list[Damage] = []
     if broken:
         ranges = {i: _step_range(p) for i, p in scalars.items() if i is not None}
