@@ -277,3 +277,41 @@ def test_raise_mode_raises_at_a_step_without_the_full_tier(tmp_path):
                on_nonfinite="raise")
     run = gp.Run.open(tmp_path / "r")
     assert list(run.events().step) == [10] and run.steps().step.max() == 10  # on disk
+
+
+class _SparseAndIdle(nn.Module):
+    """An embedding with sparse gradients, a dense head, and a layer that never runs (its
+    parameters get no gradient): the always-on norms' fallbacks from the one foreach call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 6, sparse=True)
+        self.head = nn.Linear(6, 1)
+        self.idle = nn.Linear(6, 6)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(idx).mean(1))
+
+
+def test_always_on_norms_of_sparse_and_missing_gradients(tmp_path):
+    torch.manual_seed(0)
+    model = _SparseAndIdle()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(2)
+    want = []
+    with gp.Probe(model, opt, run_dir=tmp_path / "r") as probe:
+        for _ in range(15):
+            loss = model(torch.randint(0, 20, (8, 5), generator=g)).pow(2).mean()
+            probe.observe_loss(loss)
+            loss.backward()
+            dense = model.emb.weight.grad.to_dense()  # the reference reads the sparse one dense
+            head = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.head.parameters()))
+            want.append((float(dense.norm()), float(head)))
+            opt.step()
+            opt.zero_grad()
+    got = probe.run.grad_norms()
+    for layer, col in (("emb", 0), ("head", 1)):
+        norms = got[got["layer"] == layer].sort_values("step")["grad_norm"].to_numpy()
+        np.testing.assert_allclose(norms, [w[col] for w in want], rtol=1e-5)
+    idle = got[got["layer"] == "idle"]["grad_norm"].to_numpy()
+    assert len(idle) == 15 and np.all(idle == 0), idle  # no gradient: norm 0, every step

@@ -24,6 +24,7 @@ gradient-norm spikes (:meth:`AlwaysOn.spike`), on which the schedule
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -89,12 +90,13 @@ class AlwaysOn:
         self.sums: list[Tensor] = []
         self.sum_cols: list[int] = []
         self._index: dict[tuple[int, ...], Tensor] = {}
+        self._views: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         self._losses: list[Tensor] = []
         self._taken: list[Tensor] | None = None  # gradient norms read before the row's end
         self._in_order = tuple(range(self.n_layers))
         self._zero = torch.zeros((), device=device)
         self._pending: deque[tuple[int, bool, bool, Tensor, Any]] = deque()
-        self._ema: np.ndarray | None = None
+        self._prev: np.ndarray | None = None  # the previous step's gradient norms
         self._total = 0.0  # running mean of log(total gradient norm)
         self._seen = 0
 
@@ -105,12 +107,13 @@ class AlwaysOn:
         vals: list[Tensor] = []
         for params, _, dtype in self.groups:  # columns contiguous, in this order
             grads = [p.grad for p in params]
-            if any(g is None or g.is_sparse for g in grads):
+            try:  # the common case, one kernel; no Python loop over the gradients
+                vals += torch._foreach_norm(grads, 2, dtype=dtype)  # type: ignore[arg-type]
+            except (TypeError, NotImplementedError):  # a parameter without a gradient (a
+                # TypeError for the None), or a sparse gradient (no sparse kernel)
                 vals += [self._zero if g is None else
                          torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse
                                                   else g, dtype=dtype) for g in grads]
-            else:
-                vals += torch._foreach_norm(grads, 2, dtype=dtype)  # type: ignore[arg-type]
         return vals
 
     def take_grad_norms(self) -> None:
@@ -119,14 +122,19 @@ class AlwaysOn:
             self._taken = self._grad_norms()
 
     def loss(self, loss: Tensor) -> None:
-        self._losses.append(loss.detach())
+        self._losses.append(loss)  # detached by the caller
 
     def end(self, step: int, *, full: bool, skipped: bool, scale: Tensor | None
             ) -> np.ndarray | None:
         """Write the step's row; returns it on the host when that costs no wait (CPU, or
         ``sync``), else starts its copy for :meth:`ready`."""
         slot = len(self.steps)
-        row = self.buf[slot]
+        views = self._views.get(slot)
+        if views is None:  # the row and its two spans, as views made once per slot
+            row = self.buf[slot]
+            views = self._views[slot] = (row, row[: self.loss_col + 1],
+                                         row[self.n_layers : self.loss_col + 1])
+        row = views[0]
         with torch.no_grad():
             vals: list[Tensor] = []
             cols = tuple(self.sum_cols)
@@ -139,15 +147,18 @@ class AlwaysOn:
                         self._index.clear()
                     idx = self._index[cols] = torch.tensor(cols, device=self.device)
                 row.index_add_(0, idx, torch.stack(self.sums).to(row.dtype))
-            start = 0 if vals else self.n_layers
+            span = views[1] if vals else views[2]
             taken, self._taken = self._taken, None
             vals += taken if taken is not None else self._grad_norms()
             losses = self._losses  # scalars of any shape: summed, or viewed, as 0-d
-            vals.append(losses[0].reshape(()) if len(losses) == 1 else
-                        torch.stack(losses).sum() if losses else self._zero)
+            if len(losses) == 1:
+                one = losses[0]
+                vals.append(one if one.dim() == 0 else one.reshape(()))
+            else:
+                vals.append(torch.stack(losses).sum() if losses else self._zero)
             self.has_loss.append(bool(losses))
             # one kernel writes the step's values (all 0-d) into its row
-            torch.stack(vals, out=row[start : self.loss_col + 1])
+            torch.stack(vals, out=span)
             if scale is not None:
                 row[self.scale_col].copy_(scale.reshape(()))
             self.sums, self.sum_cols, self._losses = [], [], []
@@ -193,8 +204,11 @@ class AlwaysOn:
         unless only the loss was non-finite: the full tier reports the others in more
         detail); the index of the layer whose gradient norm spiked (:data:`SPIKE`), if any."""
         n, p = self.n_layers, len(self.params)
+        # one pass over the row in float64: its sum of squares is finite exactly when every
+        # value is (float32 values squared cannot overflow a float64 sum)
+        v64 = v[: self.loss_col + 1].astype(np.float64)
+        bad = not math.isfinite(float(v64 @ v64))
         event = None
-        bad = not np.isfinite(v[: self.loss_col + 1]).all()
         if bad:
             act_bad = ~np.isfinite(v[:n])
             grad_bad = np.zeros(n, dtype=bool)
@@ -205,28 +219,29 @@ class AlwaysOn:
                 event = always_event(step, [lay.name for lay in self.layers],
                                      [lay.layer_id for lay in self.layers], depth, act_bad,
                                      grad_bad, loss_bad, skipped)
-        spike = self.spike(v[n : n + p]) if p else None
+        spike = self.spike(v64[n : n + p]) if p else None
         return bad, event, None if spike is None else int(self.param_layer[spike])
 
     def spike(self, norms: np.ndarray) -> int | None:
         """When the total gradient norm is above :data:`SPIKE` times its running geometric
-        mean: the parameter whose norm grew the most (named in the trigger); else ``None``.
-        Updates the means (a non-finite total is reported as such and kept out of them)."""
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            lg = np.log(norms.astype(np.float64) + 1e-30)
-            total = 0.5 * np.log(np.square(norms.astype(np.float64)).sum() + 1e-60)
-        if self._ema is None:
-            self._ema = np.where(np.isfinite(lg), lg, 0.0)
-            self._total = total if np.isfinite(total) else 0.0
-            self._seen = 1
+        mean: the parameter whose norm grew the most since the previous step (named in the
+        trigger); else ``None``. Updates the mean (a non-finite total is reported as such
+        and kept out of it)."""
+        norms = norms.astype(np.float64, copy=False)
+        sq = float(norms @ norms)
+        prev, self._prev = self._prev, norms.copy()
+        if not math.isfinite(sq):
             return None
-        jump = np.where(np.isfinite(lg), lg - self._ema, 0.0)
+        total = 0.5 * math.log(sq + 1e-60)
+        if prev is None or self._seen == 0:  # the first finite total
+            self._total, self._seen = total, 1
+            return None
         hit = None
-        if np.isfinite(total):
-            if self._seen >= HISTORY and total - self._total > _LOG_SPIKE:
-                hit = int(jump.argmax())
-            self._total += SMOOTH * (total - self._total)
-        self._ema += SMOOTH * jump
+        if self._seen >= HISTORY and total - self._total > _LOG_SPIKE:
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                jump = np.log(norms + 1e-30) - np.log(prev + 1e-30)
+            hit = int(np.where(np.isfinite(jump), jump, -np.inf).argmax())
+        self._total += SMOOTH * (total - self._total)
         self._seen += 1
         return hit
 

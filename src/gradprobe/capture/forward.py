@@ -95,13 +95,19 @@ class ForwardHooks:
             self._set_depth(lay)
         p = self.p
         if torch.is_grad_enabled():
-            t = first_float_tensor(output)
+            if type(output) is Tensor and output.is_floating_point():  # the common case
+                t: Tensor | None = output if output.numel() else None
+            else:
+                t = first_float_tensor(output)
             if t is not None:
                 always = p.always
                 if always.acts:  # the always-on tier: one reduction, on the device
-                    x = as_real(t.detach())
-                    always.sums.append(x.sum() if x.dtype not in HALF else
-                                        x.sum(dtype=torch.float32))
+                    x = t.detach()
+                    dtype = x.dtype
+                    if dtype in HALF:
+                        always.sums.append(x.sum(dtype=torch.float32))
+                    else:
+                        always.sums.append(as_real(x).sum() if x.is_complex() else x.sum())
                     always.sum_cols.append(lay.layer_id)
                 if p.slot is not None:
                     self._full_output(lay, t, p.slot)

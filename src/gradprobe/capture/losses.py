@@ -24,7 +24,7 @@ class LossBuffer:
         self._index: dict[int, int] = {}
 
     def add(self, step: int, loss: Tensor) -> None:
-        """Queue the loss of one micro-batch of ``step``; stays on its device."""
+        """Queue the (detached) loss of one micro-batch of ``step``; stays on its device."""
         i = self._index.get(step)
         if i is None:
             i = len(self.steps)
@@ -39,7 +39,7 @@ class LossBuffer:
             self.count[i] = 0
             self._started[i] = False
         # summed into sum (float64) by settle(), all steps at once
-        self._queue.append((i, loss.detach()))
+        self._queue.append((i, loss))  # detached by the caller
         self.count[i] += 1
         if len(self._queue) >= 4096:
             self.settle()

@@ -83,9 +83,9 @@ class StepLoop:
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        with torch.no_grad():
-            self.recorder.losses.add(self.step, loss)
-            self.always.loss(loss)
+        loss = loss.detach()  # both tiers keep this one detached tensor (no history)
+        self.recorder.losses.add(self.step, loss)
+        self.always.loss(loss)
         self.probe_s += time.perf_counter() - t0
 
     def before_update(self, wpre: WeightsBefore, live: bool = False) -> None:
