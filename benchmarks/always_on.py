@@ -20,6 +20,13 @@ Variants, each on its own copy of the model (same seed) and optimizer:
   gradprobe's default is), ``probe.observe_loss(loss)`` each step;
 * ``everything``: ``budget=None, every=1`` where the installed Probe accepts ``budget``, else
   ``every=1`` (the output says which): every kind, every step;
+* ``always_floor``: the floor of the default attach: the always-on tier's work (issue 14's
+  list: a non-finite check of every output, every gradient's norm, the loss) done as cheaply as
+  torch allows, with nothing else: a forward hook on each tracked module keeps
+  ``output.detach().sum()`` (one reduction, on the device); after the optimizer step one
+  ``torch._foreach_norm`` over the gradients, one ``torch.stack`` of sums, norms and loss into
+  a preallocated row, its host view and one ``np.isfinite(...).all()``. No schedule, no
+  storage, no spike detection, no budget accounting;
 * ``floor``: the memory traffic the everything-variant cannot avoid, done as cheaply as torch
   allows: forward hooks on the modules the Probe tracks (parameter owners and known activations)
   keep each output and register a tensor hook keeping its gradient; before the optimizer step one
@@ -61,6 +68,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -68,7 +76,8 @@ import gradprobe as gp
 from always_on_workloads import WORKLOADS, Workload, workloads
 from gradprobe.activations import spec_for_module
 
-VARIANTS = ("bare", "bare2", "default", "everything", "floor", "wandb", "tensorboard", "anomaly")
+VARIANTS = ("bare", "bare2", "default", "always_floor", "everything", "floor", "wandb",
+            "tensorboard", "anomaly")
 ANCHORS = ("wandb", "tensorboard", "anomaly")
 
 
@@ -138,6 +147,42 @@ class FusedRead:
             h.remove()
 
 
+class AlwaysFloor:
+    """The floor of the default attach (see the module docstring, ``always_floor``)."""
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        mods = tracked(model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.sums: list[Tensor] = []
+        self.losses: list[Tensor] = []
+        dev = self.params[0].device
+        self.row = torch.zeros(len(mods) + len(self.params) + 1, device=dev)
+        self.bad = 0
+        self.handles = [m.register_forward_hook(self._fwd) for m in mods]
+        self.handles.append(opt.register_step_post_hook(self._post))
+
+    def _fwd(self, mod: nn.Module, args: Any, out: Any) -> None:
+        t = out[0] if isinstance(out, tuple) else out
+        if isinstance(t, Tensor) and t.is_floating_point():
+            self.sums.append(t.detach().sum())
+
+    def observe(self, loss: Tensor) -> None:
+        self.losses.append(loss.detach())
+
+    def _post(self, opt: Any, args: Any, kwargs: Any) -> None:
+        with torch.no_grad():
+            norms = torch._foreach_norm([p.grad for p in self.params])  # type: ignore[arg-type]
+            vals = self.sums + list(norms) + self.losses[-1:]
+            row = self.row[: len(vals)]
+            torch.stack(vals, out=row)
+        self.bad += not np.isfinite(row.cpu().numpy()).all()  # the host check of the row
+        self.sums, self.losses = [], []
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 _WANDB: list[Any] = []
 
 
@@ -184,6 +229,10 @@ def make_variant(name: str, wl: Workload, tmp: Path) -> Variant:
         probe.attach()
         observe = probe.observe_loss
         closers.append(probe.detach)
+    elif name == "always_floor":
+        floor = AlwaysFloor(model, opt)
+        observe = floor.observe
+        closers.append(floor.close)
     elif name == "floor":
         closers.append(FusedRead(model, opt).close)
     elif name == "wandb":
@@ -302,6 +351,11 @@ def format_timing(t: Timing) -> str:
         lines.append(f"{t.workload:<5} {v:<12} {t.ms(v):>9.3f} {t.overall(v):>6.2f}   "
                      f"{statistics.median(r):>6.2f} [{min(r):.2f}, {max(r):.2f}]"
                      f"{'':<15} {t.steps[v]}")
+    if "default" in t.per_step and "always_floor" in t.per_step:
+        r = t.ratios("default", "always_floor")
+        lines.append(f"{t.workload:<5} default / always_floor: "
+                     f"{t.overall('default', 'always_floor'):.2f} over all steps, rounds "
+                     f"{statistics.median(r):.2f} [{min(r):.2f}, {max(r):.2f}]")
     if "everything" in t.per_step and "floor" in t.per_step:
         r = t.ratios("everything", "floor")
         lines.append(f"{t.workload:<5} everything / floor: {t.overall('everything', 'floor'):.2f} "
