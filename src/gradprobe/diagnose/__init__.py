@@ -4,7 +4,8 @@ One module per rule family, each a pure function ``rule(frames) -> list[Finding]
 :mod:`~gradprobe.diagnose.depth` (vanishing and exploding across depth),
 :mod:`~gradprobe.diagnose.growth` (exploding over steps), :mod:`~gradprobe.diagnose.nonfinite`,
 :mod:`~gradprobe.diagnose.units` (dead ReLU, saturation, symmetry),
-:mod:`~gradprobe.diagnose.loss`, :mod:`~gradprobe.diagnose.optimisation` (learning rate) and
+:mod:`~gradprobe.diagnose.loss`, :mod:`~gradprobe.diagnose.optimisation` (learning rate),
+:mod:`~gradprobe.diagnose.slow` (a rate too small for a run that still descends) and
 :mod:`~gradprobe.diagnose.inputs` (input scale, first from the recorded input:
 :mod:`~gradprobe.diagnose.input_stats`), :mod:`~gradprobe.diagnose.symmetry` (units that stay
 identical, from the unit spread) and :mod:`~gradprobe.diagnose.recurrent` (vanishing and

@@ -31,6 +31,7 @@ from gradprobe.diagnose.loss import loss_plateau
 from gradprobe.diagnose.nonfinite import nonfinite
 from gradprobe.diagnose.optimisation import learning_rate
 from gradprobe.diagnose.recurrent import through_time
+from gradprobe.diagnose.slow import slow_learning_rate
 from gradprobe.diagnose.symmetry import symmetry
 from gradprobe.diagnose.units import dead_relu, saturation
 
@@ -38,7 +39,7 @@ Rule = Callable[[Frames], list[Finding]]
 
 RULES: tuple[Rule, ...] = (
     nonfinite, vanishing, exploding_depth, exploding_steps, through_time, dead_relu, saturation,
-    symmetry, learning_rate, input_scale, loss_plateau,
+    symmetry, learning_rate, slow_learning_rate, input_scale, loss_plateau,
 )
 """Every rule, in the order their findings are reported within a severity."""
 
