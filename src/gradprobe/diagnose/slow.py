@@ -103,6 +103,13 @@ def loss_shape(frames: Frames) -> dict[str, float] | None:
             "share": share, "t": float(t), "first": float(steps[0]), "last": float(steps[-1])}
 
 
+def descending(shape: dict[str, float]) -> bool:
+    """The loss tests of the rule on :func:`loss_shape`'s values: still falling, in a
+    near-straight line, most of the loss left."""
+    return (shape["t"] <= -FALLING_T and shape["share"] >= LINEAR
+            and shape["removed"] <= REMOVED)
+
+
 def step_ratios(frames: Frames) -> tuple[float, float, int]:
     """Median over steps of the median layer's and of the fastest layer's update ratio, and
     the number of steps with ratios (at least half the layers finite)."""
@@ -124,9 +131,7 @@ def slow_learning_rate(frames: Frames) -> list[Finding]:
     if shape is None:
         return []
     typical, fastest, n = step_ratios(frames)
-    if (n < MIN_RATIO_STEPS or not typical <= SMALL or not fastest > LOW
-            or not shape["t"] <= -FALLING_T or not shape["share"] >= LINEAR
-            or not shape["removed"] <= REMOVED):
+    if n < MIN_RATIO_STEPS or not typical <= SMALL or not fastest > LOW or not descending(shape):
         return []
     if any(f.severity != "info" for rule in SILENCED_BY for f in rule(frames)):
         return []
@@ -153,5 +158,5 @@ def slow_learning_rate(frames: Frames) -> list[Finding]:
     )]
 
 
-__all__ = ["FALLING_T", "LINEAR", "REMOVED", "SILENCED_BY", "SMALL", "loss_shape",
+__all__ = ["FALLING_T", "LINEAR", "REMOVED", "SILENCED_BY", "SMALL", "descending", "loss_shape",
            "slow_learning_rate", "step_ratios"]
