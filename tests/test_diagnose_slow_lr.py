@@ -8,42 +8,34 @@ import pandas as pd
 import pytest
 import torch
 from scipy import stats
-from torch import nn
 
 import gradprobe as gp
 from gradprobe.diagnose import slow
 from gradprobe.diagnose.finding import Finding
 from gradprobe.diagnose.frames import Frames
+from gradprobe.lab import train, zoo
 from gradprobe.lab.data import circles
 
 
-def _train(path, lr, steps):
-    """The doctor suite's lr-100x-small model: 2-64-64-1 ReLU MLP, He init, SGD + momentum."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
-                          nn.Linear(64, 1))
-    gp.remedies.init_(model, "he_normal")
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+def _train(path, lr, epochs):
+    """The doctor suite's lr-100x-small model (2-64-64-1 ReLU MLP, He init, SGD + momentum,
+    binary cross-entropy on circles) through the lab's loop: 4 steps per epoch."""
+    with train.seeded(0):
+        model = zoo.mlp([2, 64, 64, 1], "relu")
+        gp.remedies.init_(model, "he_normal")
     x, y, _, _ = circles(1000, noise=0.08)
-    g = torch.Generator().manual_seed(1)
-    with gp.Probe(model, opt, run_dir=path, budget=None) as probe:
-        for _ in range(steps):
-            i = torch.randint(0, len(x), (128,), generator=g)
-            loss = nn.functional.binary_cross_entropy_with_logits(model(x[i]), y[i])
-            probe.observe_loss(loss)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-    return probe.run
+    train.fit(model, x, y, loss="bce", optimizer="momentum", lr=lr, batch_size=128,
+              epochs=epochs, run_dir=path, probe_every=1, probe_options={"budget": None})
+    return gp.Run.open(path)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("slow")
-    return {"small": _train(root / "small", 1e-3, 300),     # 100x below the good rate
-            "good": _train(root / "good", 0.1, 60),         # the good rate, still descending
-            "converged": _train(root / "converged", 0.1, 300)}
+    return {"small": _train(root / "small", 1e-3, 75),      # 100x below the good rate
+            "good": _train(root / "good", 0.1, 15),         # the good rate, still descending
+            "converged": _train(root / "converged", 0.1, 75)}
 
 
 def _lr_findings(run):
@@ -61,7 +53,7 @@ def test_fires_on_a_rate_100x_too_small(runs):
     # the evidence is the run's own loss, read back independently of the rule
     losses = runs["small"].losses().sort_values("step")["loss"].to_numpy()
     removed = next(e for e in f.evidence if e.name.startswith("fraction"))
-    end = np.median(losses[-len(losses) // 5:])
+    end = np.median(losses[-(len(losses) // 5):])
     assert removed.value == pytest.approx((losses[0] - end) / losses[0])
 
 
