@@ -34,6 +34,12 @@ Variants, each on its own copy of the model (same seed) and optimizer:
   ``torch._foreach_norm`` (Σx² per tensor: one read of each element) over every gradient, weight,
   kept weight, W0, hooked activation, activation gradient and the first hooked module's input.
   No statistics beyond Σx², no histograms, nothing leaves the device;
+* ``stats_plain``: not a floor but the hand-written reference: the same tensors as ``floor``
+  reduced to the statistics' fields with plain torch calls per tensor (no gradprobe code):
+  ``amin``, ``amax``, ``sum``, ``dot(x, x)``, ``abs`` into a scratch buffer, its ``sum`` and the
+  ``sum`` of its ``sign_`` (the non-zero count), and ``Σ (W − W_prev)²``, ``Σ (W − W0)²``
+  through one subtraction each (no histograms, no per-unit statistics): what the arithmetic of
+  the full tier costs written the obvious way;
 * ``wandb``: ``wandb.watch(model, log="all", log_freq=1)`` in offline mode and
   ``wandb.log({"loss": loss.item()})`` each step (which commits the histograms the hooks logged);
 * ``tensorboard``: ``SummaryWriter.add_histogram`` of every parameter and gradient each step;
@@ -76,8 +82,8 @@ import gradprobe as gp
 from always_on_workloads import WORKLOADS, Workload, workloads
 from gradprobe.activations import spec_for_module
 
-VARIANTS = ("bare", "bare2", "default", "always_floor", "everything", "floor", "wandb",
-            "tensorboard", "anomaly")
+VARIANTS = ("bare", "bare2", "default", "always_floor", "everything", "floor", "stats_plain",
+            "wandb", "tensorboard", "anomaly")
 ANCHORS = ("wandb", "tensorboard", "anomaly")
 
 
@@ -145,6 +151,33 @@ class FusedRead:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+class StatsRead(FusedRead):
+    """The statistics written the obvious way (see the module docstring, ``stats_plain``)."""
+
+    def _post(self, opt: Any, args: Any, kwargs: Any) -> None:
+        ws = [p.detach() for p in self.params]
+        ts = [p.grad for p in self.params if p.grad is not None] + ws + self.acts + self.act_grads
+        if self.input is not None:
+            ts.append(self.input)
+        out: list[Tensor] = []
+        with torch.no_grad():
+            big = max(t.numel() for t in ts)
+            if self.scratch is None or self.scratch.numel() < big:
+                self.scratch = torch.empty(big, device=ts[0].device)
+            for t in ts:
+                f = t.reshape(-1)
+                a = torch.abs(f, out=self.scratch[: f.numel()])
+                out += [f.amin(), f.amax(), f.sum(), torch.dot(f, f), a.sum(), a.sign_().sum()]
+            for w, prev, w0 in zip(ws, self.prev, self.w0):
+                for ref in (prev, w0):
+                    d = torch.sub(w, ref, out=self.scratch[: w.numel()].view_as(w)).reshape(-1)
+                    out.append(torch.dot(d, d))
+            self.last = torch.stack(out)  # kept on the device: no sync
+        self.acts, self.act_grads, self.input = [], [], None
+
+    scratch: Tensor | None = None
 
 
 class AlwaysFloor:
@@ -235,6 +268,8 @@ def make_variant(name: str, wl: Workload, tmp: Path) -> Variant:
         closers.append(floor.close)
     elif name == "floor":
         closers.append(FusedRead(model, opt).close)
+    elif name == "stats_plain":
+        closers.append(StatsRead(model, opt).close)
     elif name == "wandb":
         run = wandb_run(tmp)
         run.watch(model, log="all", log_freq=1)
@@ -362,6 +397,11 @@ def format_timing(t: Timing) -> str:
                      f"over all steps, rounds {statistics.median(r):.2f} "
                      f"[{min(r):.2f}, {max(r):.2f}] (floor {t.ms('floor'):.3f} ms, everything "
                      f"{t.ms('everything'):.3f} ms)")
+    if "everything" in t.per_step and "stats_plain" in t.per_step:
+        r = t.ratios("everything", "stats_plain")
+        lines.append(f"{t.workload:<5} everything / stats_plain: "
+                     f"{t.overall('everything', 'stats_plain'):.2f} over all steps, rounds "
+                     f"{statistics.median(r):.2f} [{min(r):.2f}, {max(r):.2f}]")
     return "\n".join(lines)
 
 

@@ -153,20 +153,30 @@ def tensor_stats(x: Tensor, saturated: Rule | None = None, ws: Workspace | None 
         return fix_nonfinite_([xf], chunked_stats([xf], saturated, ws))[0]
 
 
+SPLIT_MINMAX = 1 << 14
+"""On CPU, chunks of at least this many elements take ``amin`` and ``amax`` (two vectorised
+reductions) instead of ``aminmax`` (one, slower: 0.068 against 2 × 0.022 ms on 262,144 float32
+elements, one thread); smaller ones the single call (one dispatch)."""
+
+
 def _chunk_vec(c: Tensor, scratch: Tensor | None, saturated: Rule | None) -> Tensor:
     """The ``[N_STATS]`` vector of one flat chunk (``nonfinite`` left 0)."""
-    mn, mx = torch.aminmax(c)
     if scratch is not None:  # CPU: |x| into the scratch, count from sign(|x|) (exact < 2^24)
-        a = torch.abs(c, out=scratch[: c.numel()])
+        n = c.numel()
+        mn, mx = (c.amin(), c.amax()) if n >= SPLIT_MINMAX else torch.aminmax(c)
+        a = torch.abs(c, out=scratch[:n])
         l1 = a.sum()
         nnz = a.sign_().sum()
+        sq = torch.dot(c, c)  # Σx² (the BLAS dot: half the time of vector_norm, same sum)
     else:
+        mn, mx = torch.aminmax(c)
         l1 = torch.linalg.vector_norm(c, 1)
         nnz = torch.count_nonzero(c).to(c.dtype)
+        sq = torch.linalg.vector_norm(c, 2).square()
     zero = l1.new_zeros(())
     sat = saturated(c).sum().to(c.dtype) if saturated is not None else zero
     return torch.stack(ordered(
-        zero, zero, sum=c.sum(), sumsq=torch.linalg.vector_norm(c, 2).square(), abs_sum=l1,
+        zero, zero, sum=c.sum(), sumsq=sq, abs_sum=l1,
         nonzero=nnz, saturated=sat, neg_min=-mn, max=mx)).to(STAT_DTYPE)
 
 
@@ -202,7 +212,11 @@ def large_stats(tensors: Sequence[Tensor], ws: Workspace | None = None) -> Tenso
 
 
 def sumsq(x: Tensor) -> Tensor:
-    """``Σ x²`` of one tensor (float32 accumulation for half precision)."""
+    """``Σ x²`` of one tensor (float32 accumulation for half precision; on CPU a contiguous
+    float32/64 tensor through the BLAS ``dot``, half the time of ``vector_norm``)."""
+    if on_host(x.device) and x.dtype in (torch.float32, torch.float64) and x.is_contiguous():
+        f = x.reshape(-1)
+        return torch.dot(f, f)
     half = x.dtype in (torch.float16, torch.bfloat16)
     return torch.linalg.vector_norm(x, dtype=torch.float32 if half else None).square()
 
