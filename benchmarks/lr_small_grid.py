@@ -220,15 +220,19 @@ def diagnose_one(run_dir: Path) -> tuple[dict[str, float] | None, float, set[str
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--archs", default="mlp,cnn,lstm")
+    ap.add_argument("--archs", default="mlp,cnn,lstm",
+                    help="comma-separated, from mlp, cnn, lstm, bert")
     ap.add_argument("--sweep", action="store_true", help="only the rate sweep")
     ap.add_argument("--seed", type=int, default=0, help="data, initialisation and batches")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    archs = args.archs.split(",")
-    for a in archs:
-        data(a)  # an unknown name fails here, before any training
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    bad = [a for a in archs if a not in ("mlp", "cnn", "lstm", "bert")]
+    if bad or not archs:
+        ap.error(f"--archs: unknown {bad or 'none given'}; choose from mlp, cnn, lstm, bert")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        ap.error(f"--out {args.out}: exists and is not a folder; give a folder for the runs")
     start = time.perf_counter()
     good = {(a, o): good_rate(a, o, args.seed) for a in archs for o in OPTIMS}
     if args.sweep:
