@@ -103,15 +103,30 @@ def _poison_grad(k):
     return plant
 
 
+def _poison_output_grad(k):
+    """NaN into the gradient flowing into ``hid``'s output at step ``k`` (a tensor hook
+    registered before the Probe's own, so a full step's statistics see it too)."""
+    def plant(step, model):
+        if step == 0:
+            def forward_hook(module, args, out):
+                if plant.step == k:
+                    out.register_hook(lambda g: g * math.nan)
+            model.hid.register_forward_hook(forward_hook, prepend=True)
+        plant.step = step
+    return plant
+
+
 @pytest.mark.parametrize(("where", "layer", "pass_"), [
     ("activation", "mid", "forward"), ("activation-inf", "mid", "forward"),
-    ("gradient", "mid", "grad"), ("loss", None, "loss")])
+    ("gradient", "mid", "grad"), ("output-gradient", "hid", "act_grad"),
+    ("loss", None, "loss")])
 @pytest.mark.parametrize("kw", [{"every": 7}, {}], ids=["every7", "budget"])
 def test_nonfinite_is_recorded_at_its_step_layer_and_pass(tmp_path, where, layer, pass_, kw):
     k = 17  # not a multiple of 7, after the warm-up
     plant = {"activation": _poison_output(k, math.nan),
              "activation-inf": _poison_output(k, math.inf),
-             "gradient": _poison_grad(k), "loss": None}[where]
+             "gradient": _poison_grad(k), "output-gradient": _poison_output_grad(k),
+             "loss": None}[where]
     scale = {k: math.nan} if where == "loss" else None
     run = _train(tmp_path / "r", 24, plant=plant, loss_scale=scale, lr=0.0, **kw)
     ev = run.events()
@@ -126,8 +141,14 @@ def test_nonfinite_is_recorded_at_its_step_layer_and_pass(tmp_path, where, layer
     at_k = norms[norms.step == k].set_index("layer")
     if where.startswith("activation"):
         assert bool(at_k.loc["mid", "act_nonfinite"]) and not at_k.loc["inp", "act_nonfinite"]
-    if where == "gradient":
+    if where == "gradient":  # born in mid's weight gradient: the layers below stay finite
         assert bool(at_k.loc["mid", "grad_nonfinite"]) and not at_k.loc["hid", "grad_nonfinite"]
+        assert not at_k.loc["inp", "grad_nonfinite"]
+    if where == "output-gradient":  # hid's output gradient: hid and every layer below it
+        assert at_k.loc[["inp", "mid", "hid"], "grad_nonfinite"].all()
+        assert not at_k.loc["out", "grad_nonfinite"]
+        if steps.loc[k, "tier"] == "always":
+            assert first.get("inferred") is True, first
     if where == "loss":
         assert bool(steps.loc[k, "loss_nonfinite"]) and not steps.loc[k - 1, "loss_nonfinite"]
     assert norms[norms.step < k][["act_nonfinite", "grad_nonfinite"]].sum().sum() == 0

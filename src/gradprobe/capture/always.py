@@ -67,6 +67,8 @@ class AlwaysOn:
         order = [item for items in by_key.values() for item in items]
         self.params = [p for p, _ in order]
         self.param_layer = np.array([i for _, i in order], dtype=np.int64)
+        self.has_grad = np.zeros(self.n_layers, dtype=bool)  # a layer with gradient norms
+        self.has_grad[self.param_layer] = True
         # one (parameters, columns, norm dtype) per device and dtype, columns contiguous
         self.groups: list[tuple[list[Tensor], slice, torch.dtype | None]] = []
         col = self.n_layers
@@ -218,7 +220,7 @@ class AlwaysOn:
                 depth = [lay.depth if lay.depth is not None else 1 << 30 for lay in self.layers]
                 event = always_event(step, [lay.name for lay in self.layers],
                                      [lay.layer_id for lay in self.layers], depth, act_bad,
-                                     grad_bad, loss_bad, skipped)
+                                     grad_bad, loss_bad, skipped, self.has_grad)
         spike = self.spike(v64[n : n + p]) if p else None
         return bad, event, None if spike is None else int(self.param_layer[spike])
 

@@ -7,6 +7,15 @@ pass (activation gradients, then parameter gradients), then the weights. The ful
 tier (:mod:`gradprobe.capture.always`) knows, every step, which layers' outputs, gradients and
 which loss were non-finite, and reports the first of them in the same order (its gradients
 deepest layer first: a NaN born in the backward pass reaches every layer below it).
+
+The always-on tier sees parameter gradients, not output gradients, so it infers the pass of a
+NaN born in the backward pass: with every output finite, when the deepest layer ``L`` whose
+gradient is non-finite has every layer with parameters below it non-finite too, the gradient
+flowing into ``L``'s output was (its weights' gradient and the gradient it passes down both
+come from it), and the event says ``act_grad`` with ``inferred: True``; when the layers below
+stayed finite, the NaN was born in ``L``'s own parameter gradient: ``grad``. A NaN that enters
+the output gradient of a layer without parameters (an activation) is reported at the nearest
+layer with parameters below it, whose output gradient it also makes non-finite.
 """
 
 from __future__ import annotations
@@ -48,16 +57,20 @@ def full_event(rows: Sequence[Any], step: int, nonfinite: np.ndarray, touched: n
 
 def always_event(step: int, names: Sequence[str], layer_ids: Sequence[int],
                  depth: Sequence[int], act_bad: np.ndarray, grad_bad: np.ndarray,
-                 loss_bad: bool, skipped: bool) -> dict[str, Any] | None:
+                 loss_bad: bool, skipped: bool, has_grad: np.ndarray | None = None
+                 ) -> dict[str, Any] | None:
     """The event of one step from the always-on tier's flags (per layer: its output, its
     parameters' gradients; the loss). The layer is the first in the forward pass whose output
-    was non-finite, else the loss, else the deepest layer whose gradient was. ``nonfinite``
-    is ``-1``: the always-on tier flags, it does not count."""
+    was non-finite, else the loss, else the deepest layer whose gradient was; its pass is
+    inferred as the module docstring says where ``has_grad`` (per layer: it has parameters
+    with gradient norms) is given. ``nonfinite`` is ``-1``: the always-on tier flags, it does
+    not count."""
     acts = np.flatnonzero(act_bad)
     grads = np.flatnonzero(grad_bad)
     n = int(acts.size + grads.size + int(loss_bad))
     if n == 0:
         return None
+    inferred = False
     if acts.size:
         i: int | None = int(min(acts, key=lambda j: depth[int(j)]))
         pas, kind = "forward", "act"
@@ -66,6 +79,10 @@ def always_event(step: int, names: Sequence[str], layer_ids: Sequence[int],
     else:
         i = int(max(grads, key=lambda j: depth[int(j)]))
         pas, kind = "grad", "grad"
+        if has_grad is not None:
+            below = [j for j in np.flatnonzero(has_grad) if depth[int(j)] < depth[i]]
+            if below and all(grad_bad[j] for j in below):
+                pas, kind, inferred = "act_grad", "act_grad", True
     return {
         "type": "nonfinite",
         "step": int(step),
@@ -77,6 +94,7 @@ def always_event(step: int, names: Sequence[str], layer_ids: Sequence[int],
         "n_layers": int(acts.size + grads.size),
         "amp_skipped": bool(skipped),
         "tier": "always",
+        **({"inferred": True} if inferred else {}),
     }
 
 
