@@ -156,6 +156,20 @@ def test_nonfinite_names_first_layer_pass_and_step():
     assert "backward" in found[0].explanation
 
 
+def test_nonfinite_flags_of_an_always_on_step_are_not_read_as_counts():
+    """An always-on event flags layers (``nonfinite=-1``): the evidence counts the flagged
+    layers and says the pass was inferred, never "-1 > 0"."""
+    lay = mlp_layers(2)
+    ev = pd.DataFrame([{"step": 30, "layer": "fc1", "pass": "act_grad", "kind": "act_grad",
+                        "nonfinite": -1, "n_layers": 2, "amp_skipped": False,
+                        "tier": "always", "inferred": True}])
+    head = nonfinite.nonfinite(frames(lay, rows({}, steps=1), events=ev))[0].evidence[0]
+    assert head.value == 2 and "flags" in head.name and "inferred" in head.note, head
+    counted = ev.assign(nonfinite=12, tier=None, inferred=None)
+    head = nonfinite.nonfinite(frames(lay, rows({}, steps=1), events=counted))[0].evidence[0]
+    assert head.value == 12 and "inferred" not in head.note, head
+
+
 def test_dead_relu_needs_persistence_and_samples():
     lay = mlp_layers(2)
     dead = rows({("act0", "act"): {"dead_frac": 0.8, "units": 16.0, "count": 1024.0}})

@@ -66,11 +66,17 @@ def nonfinite(frames: Frames) -> list[Finding]:
         last = int(bad_loss["step"].max())
     else:
         step = int(first["step"])
-        evidence = (
-            Evidence("non-finite values in the first record", float(first["nonfinite"]), 0.0,
-                     ">", f"step {step}, {first['pass']} pass, kind {first['kind']}"),
-            Evidence("steps with non-finite values", float(first["n_events"]), 0.0, ">"),
-        )
+        note = f"step {step}, {first['pass']} pass, kind {first['kind']}"
+        if isinstance(first.get("inferred"), (bool, np.bool_)) and first["inferred"]:
+            note += " (the pass inferred from the parameter gradients)"
+        count = float(first["nonfinite"])
+        if count >= 0:
+            head = Evidence("non-finite values in the first record", count, 0.0, ">", note)
+        else:  # an always-on step: the layers are flagged, their values not counted
+            head = Evidence("layers flagged non-finite at the first step (flags, not counts)",
+                            float(first.get("n_layers", 1)), 0.0, ">", note)
+        evidence = (head,
+                    Evidence("steps with non-finite values", float(first["n_events"]), 0.0, ">"))
         layers = (str(first["layer"]),)
         last = step
         if len(frames.events) and "step" in frames.events:
