@@ -386,22 +386,13 @@ def format_timing(t: Timing) -> str:
         lines.append(f"{t.workload:<5} {v:<12} {t.ms(v):>9.3f} {t.overall(v):>6.2f}   "
                      f"{statistics.median(r):>6.2f} [{min(r):.2f}, {max(r):.2f}]"
                      f"{'':<15} {t.steps[v]}")
-    if "default" in t.per_step and "always_floor" in t.per_step:
-        r = t.ratios("default", "always_floor")
-        lines.append(f"{t.workload:<5} default / always_floor: "
-                     f"{t.overall('default', 'always_floor'):.2f} over all steps, rounds "
-                     f"{statistics.median(r):.2f} [{min(r):.2f}, {max(r):.2f}]")
-    if "everything" in t.per_step and "floor" in t.per_step:
-        r = t.ratios("everything", "floor")
-        lines.append(f"{t.workload:<5} everything / floor: {t.overall('everything', 'floor'):.2f} "
-                     f"over all steps, rounds {statistics.median(r):.2f} "
-                     f"[{min(r):.2f}, {max(r):.2f}] (floor {t.ms('floor'):.3f} ms, everything "
-                     f"{t.ms('everything'):.3f} ms)")
-    if "everything" in t.per_step and "stats_plain" in t.per_step:
-        r = t.ratios("everything", "stats_plain")
-        lines.append(f"{t.workload:<5} everything / stats_plain: "
-                     f"{t.overall('everything', 'stats_plain'):.2f} over all steps, rounds "
-                     f"{statistics.median(r):.2f} [{min(r):.2f}, {max(r):.2f}]")
+    for top, base in (("default", "always_floor"), ("everything", "floor"),
+                      ("everything", "stats_plain")):
+        if top in t.per_step and base in t.per_step:
+            r = t.ratios(top, base)
+            lines.append(f"{t.workload:<5} {top} / {base}: {t.overall(top, base):.2f} over all "
+                         f"steps, rounds {statistics.median(r):.2f} [{min(r):.2f}, {max(r):.2f}] "
+                         f"({base} {t.ms(base):.3f} ms, {top} {t.ms(top):.3f} ms)")
     return "\n".join(lines)
 
 
