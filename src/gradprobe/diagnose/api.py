@@ -39,7 +39,7 @@ Rule = Callable[[Frames], list[Finding]]
 
 RULES: tuple[Rule, ...] = (
     nonfinite, vanishing, exploding_depth, exploding_steps, through_time, dead_relu, saturation,
-    symmetry, learning_rate, slow_learning_rate, input_scale, loss_plateau,
+    symmetry, learning_rate, input_scale, slow_learning_rate, loss_plateau,
 )
 """Every rule, in the order their findings are reported within a severity."""
 
@@ -77,7 +77,7 @@ def diagnose_frames(frames: Frames, *, run: str | None = None,
     """Run ``rules`` on ``frames`` (pure: no file is read or written)."""
     findings: list[Finding] = []
     for rule in rules:
-        findings.extend(rule(frames))
+        findings.extend(frames.findings(rule))
     return Diagnosis(_merge(findings), run=run)
 
 

@@ -58,6 +58,17 @@ class Frames:
         columns=["step", "layer", "grad_norm", "grad_nonfinite", "skipped"]))
     """:meth:`Run.grad_norms`, every step's per-layer gradient norms (the always-on tier), with
     the step's ``skipped`` (AMP) flag; empty: the full steps' ``grad`` rows are used."""
+    found: dict[Any, list[Any]] = field(default_factory=dict, compare=False, repr=False)
+    """Each rule's findings on these frames, once computed (:meth:`findings`)."""
+
+    def findings(self, rule: Any) -> list[Any]:
+        """``rule(self)``, computed once per rule: a rule that needs another's verdict (the
+        too-small rate is silenced by the gradient-flow rules) reads it here instead of
+        running that rule a second time."""
+        out = self.found.get(rule)
+        if out is None:
+            out = self.found[rule] = rule(self)
+        return out
 
     @classmethod
     def of(cls, run: Any) -> Frames:

@@ -133,7 +133,7 @@ def slow_learning_rate(frames: Frames) -> list[Finding]:
     typical, fastest, n = step_ratios(frames)
     if n < MIN_RATIO_STEPS or not typical <= SMALL or not fastest > LOW or not descending(shape):
         return []
-    if any(f.severity != "info" for rule in SILENCED_BY for f in rule(frames)):
+    if any(f.severity != "info" for rule in SILENCED_BY for f in frames.findings(rule)):
         return []
     return [Finding(
         rule="learning-rate", severity="warning", layers=tuple(update_ratios(frames).columns),
