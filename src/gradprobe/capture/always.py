@@ -113,10 +113,18 @@ class AlwaysOn:
                 vals += torch._foreach_norm(grads, 2, dtype=dtype)  # type: ignore[arg-type]
             except (TypeError, NotImplementedError):  # a parameter without a gradient (a
                 # TypeError for the None), or a sparse gradient (no sparse kernel)
-                vals += [self._zero if g is None else
-                         torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse
-                                                  else g, dtype=dtype) for g in grads]
+                vals += self._mixed_norms(grads, dtype)
         return vals
+
+    def _mixed_norms(self, grads: list[Tensor | None], dtype: torch.dtype | None
+                     ) -> list[Tensor]:
+        """The norms of a group holding missing or sparse gradients: the dense ones still in
+        one ``_foreach_norm``, 0 for a missing one, a sparse one through its values."""
+        dense = [g for g in grads if g is not None and not g.is_sparse]
+        it = iter(torch._foreach_norm(dense, 2, dtype=dtype) if dense else [])  # type: ignore[arg-type]
+        return [self._zero if g is None else
+                torch.linalg.vector_norm(g.coalesce().values(), dtype=dtype) if g.is_sparse
+                else next(it) for g in grads]
 
     def take_grad_norms(self) -> None:
         """Read the gradient norms now (before clipping changes them) for the step's row."""
