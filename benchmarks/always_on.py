@@ -156,6 +156,8 @@ class FusedRead:
 class StatsRead(FusedRead):
     """The statistics written the obvious way (see the module docstring, ``stats_plain``)."""
 
+    scratch: Tensor | None = None  # |x| and W - W_ref, as large as the largest tensor
+
     def _post(self, opt: Any, args: Any, kwargs: Any) -> None:
         ws = [p.detach() for p in self.params]
         ts = [p.grad for p in self.params if p.grad is not None] + ws + self.acts + self.act_grads
@@ -176,8 +178,6 @@ class StatsRead(FusedRead):
                     out.append(torch.dot(d, d))
             self.last = torch.stack(out)  # kept on the device: no sync
         self.acts, self.act_grads, self.input = [], [], None
-
-    scratch: Tensor | None = None
 
 
 class AlwaysFloor:
