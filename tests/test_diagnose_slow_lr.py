@@ -100,3 +100,27 @@ def test_loss_shape_against_a_least_squares_fit():
     with_nan = line.copy()
     with_nan[50] = math.nan
     assert slow.loss_shape(_curve(with_nan))["start"] == line[0]
+
+
+def test_each_loss_test_rejects_on_its_own():
+    """A still-falling line that already removed most of its loss, and a fall made early
+    followed by a slow steady tail: each fails exactly one of the loss tests."""
+    n = 200
+    steps = np.arange(n)
+    steep = 1.0 - 0.7 * steps / (n - 1)  # straight and falling, but 70 % removed
+    shape = slow.loss_shape(_curve(steep))
+    assert shape["t"] <= -slow.FALLING_T and shape["share"] >= slow.LINEAR
+    assert shape["removed"] > slow.REMOVED and not slow.descending(shape)
+    early = np.where(steps < 20, 1.0 - 0.3 * steps / 20, 0.7 - 0.05 * (steps - 20) / (n - 20))
+    shape = slow.loss_shape(_curve(early))
+    assert shape["t"] <= -slow.FALLING_T and shape["removed"] <= slow.REMOVED
+    assert shape["share"] < slow.LINEAR and not slow.descending(shape)
+
+
+def test_the_ratio_gate(runs, monkeypatch):
+    """The same slow run with the gate set below its own median update ratio is silent."""
+    frames = Frames.of(runs["small"])
+    typical, _, _ = slow.step_ratios(frames)
+    assert slow.slow_learning_rate(frames)
+    monkeypatch.setattr(slow, "SMALL", typical / 2)
+    assert not slow.slow_learning_rate(Frames.of(runs["small"]))
