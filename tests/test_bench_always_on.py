@@ -71,6 +71,45 @@ def test_floor_reads_every_tensor(w1: bench.Workload) -> None:
     torch.testing.assert_close(floor.last, torch.stack(ref))
 
 
+def test_always_floor_and_stats_plain_read_what_they_say(w1: bench.Workload) -> None:
+    """``always_floor``'s row: each tracked output's sum, each gradient's norm, the loss;
+    ``stats_plain``: min, max, sum, Σx², Σ|x| and the non-zero count of each tensor, then the
+    update and drift sums of squares, computed one by one here."""
+    model, (x, y) = w1.model(), w1.batches(1)[0]
+    opt = w1.optimizer(model)
+    floor, plain = bench.AlwaysFloor(model, opt), bench.StatsRead(model, opt)
+    acts: list[torch.Tensor] = []
+    act_grads: list[torch.Tensor] = []
+
+    def keep(m: torch.nn.Module, a: object, out: torch.Tensor) -> None:
+        acts.append(out.detach().clone())
+        out.register_hook(act_grads.append)
+
+    hooks = [m.register_forward_hook(keep) for m in bench.tracked(model)]
+    w0 = [p.detach().clone() for p in model.parameters()]
+    loss = w1.loss(model, (x, y))
+    floor.observe(loss)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
+    opt.step()
+    for h in hooks:
+        h.remove()
+    floor.close()
+    plain.close()
+    want = torch.stack([a.sum() for a in acts] + [g.norm() for g in grads] + [loss.detach()])
+    torch.testing.assert_close(floor.row, want)
+    assert floor.bad == 0
+    ws = [p.detach() for p in model.parameters()]
+    ref = []
+    for t in grads + ws + acts + act_grads + [x]:
+        ref += [t.min(), t.max(), t.sum(), t.pow(2).sum(), t.abs().sum(),
+                (t != 0).sum().to(t.dtype)]
+    for w, w_0 in zip(ws, w0):  # before this first step the kept weights are W0
+        ref += [(w - w_0).pow(2).sum()] * 2
+    assert plain.last is not None
+    torch.testing.assert_close(plain.last, torch.stack(ref))
+
+
 def test_planted_events_reported(w1: bench.Workload, tmp_path: Path) -> None:
     res = planted.planted_check(w1, steps=30, seed=0, tmp=tmp_path)
     fwd, grad, spikes = planted.draw_steps(30, 0)
