@@ -52,17 +52,24 @@ def update_ratios(frames: Frames):
     return table
 
 
-def learning_rate(frames: Frames) -> list[Finding]:
+def finite_ratios(frames: Frames):
+    """``(table, rows, vals)``: :func:`update_ratios`, the mask of the steps that count (at
+    least half the layers with a finite ratio: all-zero weights have none), and those steps'
+    ratios (non-finite ones NaN)."""
     table = update_ratios(frames)
-    if table.empty or len(table) < MIN_EARLY:
-        return []
     vals = table.to_numpy(dtype="float64")
     vals = np.where(np.isfinite(vals), vals, np.nan)
-    # a step counts where at least half the layers have a ratio (all-zero weights have none)
-    finite_rows = (~np.isnan(vals)).sum(axis=1) * 2 >= vals.shape[1]
+    rows = (~np.isnan(vals)).sum(axis=1) * 2 >= vals.shape[1] if vals.size else \
+        np.zeros(len(table), dtype=bool)
+    return table, rows, vals[rows]
+
+
+def learning_rate(frames: Frames) -> list[Finding]:
+    table, finite_rows, vals = finite_ratios(frames)
+    if table.empty or len(table) < MIN_EARLY:
+        return []
     if finite_rows.sum() < MIN_EARLY:  # a run that overflows at once has few finite steps
         return []
-    vals = vals[finite_rows]
     per_step = np.nanmedian(vals, axis=1)
     typical = float(np.median(per_step))
     early = float(np.median(per_step[:EARLY]))
@@ -110,4 +117,5 @@ def learning_rate(frames: Frames) -> list[Finding]:
     return []
 
 
-__all__ = ["DRIFTED", "EARLY", "HIGH", "LOW", "learning_rate", "update_ratios"]
+__all__ = ["DRIFTED", "EARLY", "HIGH", "LOW", "finite_ratios", "learning_rate",
+           "update_ratios"]

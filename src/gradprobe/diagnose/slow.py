@@ -55,7 +55,7 @@ from gradprobe.diagnose.frames import Frames, step_range
 from gradprobe.diagnose.growth import exploding_steps
 from gradprobe.diagnose.inputs import input_scale
 from gradprobe.diagnose.nonfinite import nonfinite
-from gradprobe.diagnose.optimisation import LOW, update_ratios
+from gradprobe.diagnose.optimisation import LOW, finite_ratios, update_ratios
 from gradprobe.diagnose.optimisation import MIN_STEPS as MIN_RATIO_STEPS
 from gradprobe.diagnose.recurrent import through_time
 from gradprobe.diagnose.symmetry import symmetry
@@ -113,15 +113,9 @@ def descending(shape: dict[str, float]) -> bool:
 def step_ratios(frames: Frames) -> tuple[float, float, int]:
     """Median over steps of the median layer's and of the fastest layer's update ratio, and
     the number of steps with ratios (at least half the layers finite)."""
-    table = update_ratios(frames)
-    if table.empty:
-        return float("nan"), float("nan"), 0
-    vals = table.to_numpy(dtype="float64")
-    vals = np.where(np.isfinite(vals), vals, np.nan)
-    rows = (~np.isnan(vals)).sum(axis=1) * 2 >= vals.shape[1]
+    _, rows, vals = finite_ratios(frames)
     if not rows.any():
         return float("nan"), float("nan"), 0
-    vals = vals[rows]
     return (float(np.median(np.nanmedian(vals, axis=1))),
             float(np.median(np.nanmax(vals, axis=1))), int(rows.sum()))
 
