@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -43,31 +44,46 @@ def test_quick_table_has_every_variant(w1: bench.Workload, tmp_path: Path) -> No
     assert (tmp_path / "W1-default" / "meta.json").exists()  # the Probe variants wrote runs
 
 
+class _Step:
+    """One training step of W1 with ``instruments(model, opt)`` attached, and the references
+    read one by one: the input, the tracked outputs and their gradients, W0, the gradients, the
+    loss and the weights after the step."""
+
+    def __init__(self, w1: bench.Workload, *instruments: Any) -> None:
+        self.model, (self.x, y) = w1.model(), w1.batches(1)[0]
+        opt = w1.optimizer(self.model)
+        self.tools = [make(self.model, opt) for make in instruments]
+        self.acts: list[torch.Tensor] = []
+        self.act_grads: list[torch.Tensor] = []
+        hooks = [m.register_forward_hook(self._keep) for m in bench.tracked(self.model)]
+        self.w0 = [p.detach().clone() for p in self.model.parameters()]
+        self.loss = w1.loss(self.model, (self.x, y))
+        for tool in self.tools:
+            if hasattr(tool, "observe"):
+                tool.observe(self.loss)
+        self.loss.backward()
+        self.grads = [p.grad.clone() for p in self.model.parameters()]  # type: ignore[union-attr]
+        opt.step()
+        for h in hooks:
+            h.remove()
+        for tool in self.tools:
+            tool.close()
+        self.ws = [p.detach() for p in self.model.parameters()]
+
+    def _keep(self, m: torch.nn.Module, a: object, out: torch.Tensor) -> None:
+        self.acts.append(out.detach().clone())
+        out.register_hook(self.act_grads.append)
+
+
 def test_floor_reads_every_tensor(w1: bench.Workload) -> None:
     """The floor's norms are those of the gradients, weights, kept weights, W0, hooked
     activations, their gradients and the input, computed one by one."""
-    model, (x, y) = w1.model(), w1.batches(1)[0]
-    opt = w1.optimizer(model)
-    floor = bench.FusedRead(model, opt)
-    acts: list[torch.Tensor] = []
-    act_grads: list[torch.Tensor] = []
-
-    def keep(m: torch.nn.Module, a: object, out: torch.Tensor) -> None:
-        acts.append(out.detach().clone())
-        out.register_hook(act_grads.append)
-
-    hooks = [m.register_forward_hook(keep) for m in bench.tracked(model)]
-    w0 = [p.detach().clone() for p in model.parameters()]
-    w1.loss(model, (x, y)).backward()
-    grads = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
-    opt.step()
-    for h in hooks:
-        h.remove()
-    floor.close()
-    ref = [g.norm() for g in grads] + [p.detach().norm() for p in model.parameters()]
-    ref += [w.norm() for w in w0] * 2  # weights before this first step are W0
-    ref += [a.norm() for a in acts] + [g.norm() for g in act_grads] + [x.norm()]
-    assert floor.last is not None and len(acts) == 9 and len(act_grads) == 9
+    s = _Step(w1, bench.FusedRead)
+    (floor,) = s.tools
+    ref = [g.norm() for g in s.grads] + [w.norm() for w in s.ws]
+    ref += [w.norm() for w in s.w0] * 2  # weights before this first step are W0
+    ref += [a.norm() for a in s.acts] + [g.norm() for g in s.act_grads] + [s.x.norm()]
+    assert floor.last is not None and len(s.acts) == 9 and len(s.act_grads) == 9
     torch.testing.assert_close(floor.last, torch.stack(ref))
 
 
@@ -75,36 +91,16 @@ def test_always_floor_and_stats_plain_read_what_they_say(w1: bench.Workload) -> 
     """``always_floor``'s row: each tracked output's sum, each gradient's norm, the loss;
     ``stats_plain``: min, max, sum, Σx², Σ|x| and the non-zero count of each tensor, then the
     update and drift sums of squares, computed one by one here."""
-    model, (x, y) = w1.model(), w1.batches(1)[0]
-    opt = w1.optimizer(model)
-    floor, plain = bench.AlwaysFloor(model, opt), bench.StatsRead(model, opt)
-    acts: list[torch.Tensor] = []
-    act_grads: list[torch.Tensor] = []
-
-    def keep(m: torch.nn.Module, a: object, out: torch.Tensor) -> None:
-        acts.append(out.detach().clone())
-        out.register_hook(act_grads.append)
-
-    hooks = [m.register_forward_hook(keep) for m in bench.tracked(model)]
-    w0 = [p.detach().clone() for p in model.parameters()]
-    loss = w1.loss(model, (x, y))
-    floor.observe(loss)
-    loss.backward()
-    grads = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
-    opt.step()
-    for h in hooks:
-        h.remove()
-    floor.close()
-    plain.close()
-    want = torch.stack([a.sum() for a in acts] + [g.norm() for g in grads] + [loss.detach()])
-    torch.testing.assert_close(floor.row, want)
+    s = _Step(w1, bench.AlwaysFloor, bench.StatsRead)
+    floor, plain = s.tools
+    want = [a.sum() for a in s.acts] + [g.norm() for g in s.grads] + [s.loss.detach()]
+    torch.testing.assert_close(floor.row, torch.stack(want))
     assert floor.bad == 0
-    ws = [p.detach() for p in model.parameters()]
     ref = []
-    for t in grads + ws + acts + act_grads + [x]:
+    for t in s.grads + s.ws + s.acts + s.act_grads + [s.x]:
         ref += [t.min(), t.max(), t.sum(), t.pow(2).sum(), t.abs().sum(),
                 (t != 0).sum().to(t.dtype)]
-    for w, w_0 in zip(ws, w0):  # before this first step the kept weights are W0
+    for w, w_0 in zip(s.ws, s.w0):  # before this first step the kept weights are W0
         ref += [(w - w_0).pow(2).sum()] * 2
     assert plain.last is not None
     torch.testing.assert_close(plain.last, torch.stack(ref))
