@@ -24,10 +24,21 @@ from gradprobe.capture.recorder import Summariser
 from gradprobe.errors import ConfigError
 from gradprobe.stats import compiled as F
 from gradprobe.stats import eager, reference, schema
+from gradprobe.stats.native import NATIVE
 
 HAS_COMPILER = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 """torch.compile on CPU builds C++: without a compiler the tests that compile are skipped (the
 fallback tests, which fake the compiler's failure, still run)."""
+
+
+@pytest.fixture(autouse=True)
+def _native_off():
+    """The Summariser prefers the C kernels (tests/test_native.py) where they build: these tests
+    are of the compiled and eager paths, so the C kernels stay off here."""
+    old = NATIVE.mode
+    NATIVE.set_mode("off")
+    yield
+    NATIVE.set_mode(old)
 
 
 @pytest.fixture

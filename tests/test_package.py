@@ -37,3 +37,23 @@ def test_public_names_resolve():
         assert getattr(gp, name) is not None, name
     assert isinstance(gp.lab, types.ModuleType)
     assert callable(gp.preflight) and callable(gp.remedies.init_)
+
+
+def test_every_data_file_of_the_package_is_shipped():
+    """Files of the package that are not Python (the C kernels' sources) are listed in
+    pyproject's package-data, so that a wheel carries them."""
+    from pathlib import Path
+
+    import pytest
+
+    import gradprobe
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = Path(gradprobe.__file__).parent
+    data = {p.relative_to(root).as_posix() for p in root.rglob("*")
+            if p.is_file() and p.suffix not in (".py", ".pyc", ".typed")}
+    pyproject = root.parents[1] / "pyproject.toml"
+    listed = set(tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]
+                 ["gradprobe"])
+    assert data and data <= listed, sorted(data - listed)

@@ -294,7 +294,8 @@ class Probe:
         if sync is not None:  # unit masks are ANDed across ranks at each flush
             self._recorder.kept_units = []
         writer.write_meta(layers=[lay.record() for lay in self._layers],
-                          memory_bytes=self.memory_bytes(), schedule=self._schedule.describe())
+                          memory_bytes=self.memory_bytes(), schedule=self._schedule.describe(),
+                          stats_kernels=self._recorder.summary.describe(device))
         self._loop = StepLoop(layers=self._layers, kinds=self.kinds, options=self.options,
                               schedule=self._schedule, recorder=self._recorder, always=always,
                               params=self._params, writer=writer, scaler=self.scaler, sync=sync,

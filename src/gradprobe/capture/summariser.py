@@ -1,6 +1,6 @@
-"""How each tensor is summarised: the one owner of "compiled where it serves the tensor, eager
-otherwise, small tensors batched" (:class:`Summariser`). The Probe's recorder and parameter
-statistics ask it, never the kernels directly."""
+"""How each tensor is summarised: the one owner of "the C kernels where they serve the tensor,
+else compiled where that serves it, else eager, small tensors batched" (:class:`Summariser`).
+The Probe's recorder and parameter statistics ask it, never the kernels directly."""
 
 from __future__ import annotations
 
@@ -12,22 +12,42 @@ from torch import Tensor
 from gradprobe.stats import batched as B
 from gradprobe.stats import eager as E
 from gradprobe.stats.compiled import KERNELS, CompiledKernels
+from gradprobe.stats.native import NATIVE, NativeKernels
+from gradprobe.stats.schema import SATURATED
 
 Rule = Callable[[Tensor], Tensor]
 
 
 class Summariser:
-    """How each tensor is summarised, decided in one place: the compiled one-pass kernels
-    (:mod:`gradprobe.stats.compiled`) where they serve the tensor, the eager kernels otherwise;
-    small tensors together (:mod:`gradprobe.stats.batched`). Owns the kernels' workspace."""
+    """How each tensor is summarised, decided in one place: the one-pass C kernels
+    (:mod:`gradprobe.stats.native`: CPU, float32/64) where they serve every tensor of a call,
+    else the compiled one-pass kernels (:mod:`gradprobe.stats.compiled`) where those do, else
+    the eager kernels, small tensors together (:mod:`gradprobe.stats.batched`). Owns the
+    kernels' workspace."""
 
-    def __init__(self, kernels: CompiledKernels = KERNELS) -> None:
+    def __init__(self, kernels: CompiledKernels = KERNELS, native: NativeKernels = NATIVE
+                 ) -> None:
         self.kernels = kernels
+        self.native = native
         self.ws = E.Workspace()
 
+    def describe(self, device: torch.device) -> str:
+        """Which kernels summarise tensors on ``device`` (``meta.json``'s ``stats_kernels``);
+        on a CPU this builds the C kernels, so that it happens before the first step."""
+        native = (self.native.describe() if device.type == "cpu" else f"eager on {device.type}")
+        return f"{native}; compiled kernels {self.kernels.mode} (GRADPROBE_FUSED)"
+
     def _compiled(self, ts: Sequence[Tensor], saturated: Rule | None = None) -> Tensor | None:
-        """The compiled rows (exact counts) where the compiled path serves every tensor."""
-        if ts and all(self.kernels.usable(t) for t in ts):
+        """The one-pass rows (exact counts) where the C or the compiled kernels serve every
+        tensor."""
+        if not ts:
+            return None
+        if all(self.native.usable(t) for t in ts):
+            out = self.native.rows(ts)
+            if out is not None and saturated is not None:
+                out[:, SATURATED] = torch.stack([saturated(t).sum() for t in ts]).to(E.STAT_DTYPE)
+            return out
+        if all(self.kernels.usable(t) for t in ts):
             return self.kernels.rows(ts, saturated)
         return None
 
@@ -48,10 +68,21 @@ class Summariser:
             return fused if fused is not None else E.large_stats(ds, self.ws)
 
     def group(self, tensors: Sequence[Tensor]) -> Tensor:
-        """:func:`gradprobe.stats.batched.param_group_stats` with this choice for large ones."""
+        """:func:`gradprobe.stats.batched.param_group_stats` with this choice for large ones
+        (one call of the C kernels for all where they serve every tensor)."""
+        if tensors and all(self.native.usable(t) for t in tensors):
+            out = self.native.rows(tensors)
+            if out is not None:
+                return out
         return B.param_group_stats(tensors, self.ws, large=self.large)
 
     def batched(self, tensors: Sequence[Tensor]) -> Tensor:
+        """``[k, N_STATS]`` of small tensors, exact counts: one call of the C kernels, else
+        :func:`gradprobe.stats.batched.batched_stats`."""
+        if tensors and all(self.native.usable(t) for t in tensors):
+            out = self.native.rows(tensors)
+            if out is not None:
+                return out
         return B.batched_stats(tensors, self.ws)
 
     def sumsq_group(self, tensors: Sequence[Tensor]) -> Tensor:
@@ -70,10 +101,13 @@ class Summariser:
 
     def weight(self, w: Tensor, prev: Tensor | None, init: Tensor | None) -> Tensor | None:
         """``[N_STATS + 2]``: the statistics of a large weight ``w`` (exact counts), then
-        ``Σ (w − prev)²`` and ``Σ (w − init)²`` from one compiled pass; ``None`` where the
-        compiled path does not serve ``w`` (the caller takes the eager path)."""
+        ``Σ (w − prev)²`` and ``Σ (w − init)²`` from one pass (C, else compiled); ``None``
+        where neither serves ``w`` (the caller takes the eager path)."""
         with torch.no_grad():
             wd = w.detach()
+            out = self.native.weight_stats(wd, prev, init)
+            if out is not None:
+                return out
             if not self.kernels.usable(wd):
                 return None
             return self.kernels.weight_stats(wd, prev, init)

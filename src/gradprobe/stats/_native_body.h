@@ -1,0 +1,103 @@
+/* One-pass statistics of a flat array of GP_T, included by _native.c once per element type.
+ *
+ * GP_T: the element type; GP_V/GP_I: vectors of GP_T and of same-width integers; GP_L: lanes;
+ * GP_ABS: the mask that clears the sign bit; GP_SUF: the suffix of the function names.
+ * Elements are taken in blocks of GP_BLOCK: within a block every lane accumulates in GP_T, each
+ * block's lane sums are added in double (the accumulation error of 1024-element sums). Counts
+ * are exact (int32 within a block, double across blocks: exact below 2^53).
+ */
+
+#define GP_CAT2(a, b) a##b
+#define GP_CAT(a, b) GP_CAT2(a, b)
+#define GP_BLOCK (1024 / GP_L)
+
+/* row[SUM, SUMSQ, ABS_SUM, NONZERO, NONFINITE] and row[NEG_MIN, MAX] of x[0..n); extra[0],
+ * extra[1] = Σ (x − b)², Σ (x − c)² where b, c are not NULL (extra may be NULL when both are). */
+static void GP_CAT(gp_pass_, GP_SUF)(const GP_T *x, const GP_T *b, const GP_T *c, int64_t n,
+                                      double *row, double *extra) {
+    double s = 0, q = 0, a = 0, nz = 0, nf = 0, d1 = 0, d2 = 0;
+    const GP_V zero = {0};
+    const GP_V inf = (GP_T)INFINITY - zero;
+    GP_V vmn = inf, vmx = -inf;
+    int64_t i = 0;
+    for (; n - i >= GP_L * GP_BLOCK; i += GP_L * GP_BLOCK) {
+        GP_V vs = zero, vq = zero, va = zero, v1 = zero, v2 = zero;
+        GP_I vnz = {0}, vnf = {0};
+        for (int k = 0; k < GP_BLOCK; k++) {
+            GP_V v;
+            __builtin_memcpy(&v, x + i + k * GP_L, sizeof v);
+            GP_V av = (GP_V)((GP_I)v & GP_ABS);
+            vs += v;
+            vq += v * v;
+            va += av;
+            vnz -= (GP_I)(v != zero);
+            vnf -= (GP_I)~(av < inf);
+            GP_I lo = v < vmn, hi = v > vmx;
+            vmn = (GP_V)((lo & (GP_I)v) | (~lo & (GP_I)vmn));
+            vmx = (GP_V)((hi & (GP_I)v) | (~hi & (GP_I)vmx));
+            if (b) {
+                GP_V vb, e;
+                __builtin_memcpy(&vb, b + i + k * GP_L, sizeof vb);
+                e = v - vb;
+                v1 += e * e;
+            }
+            if (c) {
+                GP_V vc, e;
+                __builtin_memcpy(&vc, c + i + k * GP_L, sizeof vc);
+                e = v - vc;
+                v2 += e * e;
+            }
+        }
+        GP_T fs = 0, fq = 0, fa = 0, f1 = 0, f2 = 0;
+        int64_t cz = 0, cf = 0;
+        for (int l = 0; l < GP_L; l++) {
+            fs += vs[l]; fq += vq[l]; fa += va[l]; f1 += v1[l]; f2 += v2[l];
+            cz += vnz[l]; cf += vnf[l];
+        }
+        s += fs; q += fq; a += fa; d1 += f1; d2 += f2; nz += (double)cz; nf += (double)cf;
+    }
+    GP_T mn = INFINITY, mx = -INFINITY;
+    for (int l = 0; l < GP_L; l++) {
+        if (vmn[l] < mn) mn = vmn[l];
+        if (vmx[l] > mx) mx = vmx[l];
+    }
+    for (; i < n; i++) {
+        GP_T v = x[i];
+        double dv = v;
+        s += dv; q += dv * dv; a += fabs(dv); nz += v != 0; nf += !(fabs(dv) < INFINITY);
+        if (v < mn) mn = v;
+        if (v > mx) mx = v;
+        if (b) d1 += ((double)v - b[i]) * ((double)v - b[i]);
+        if (c) d2 += ((double)v - c[i]) * ((double)v - c[i]);
+    }
+    if (nf > 0) {  /* NaN propagates into the extrema, as torch.amin/amax do */
+        for (int64_t j = 0; j < n; j++) {
+            if (x[j] != x[j]) {
+                mn = mx = NAN;
+                break;
+            }
+        }
+    }
+    row[GP_SUM] = s; row[GP_SUMSQ] = q; row[GP_ABS_SUM] = a; row[GP_NONZERO] = nz;
+    row[GP_NONFINITE] = nf; row[GP_NEG_MIN] = -(double)mn; row[GP_MAX] = mx;
+    if (extra) {
+        extra[0] = d1;
+        extra[1] = d2;
+    }
+}
+
+/* Rows of k arrays: rows[j * GP_NSTATS + field] for x = ptrs[j] of ns[j] elements. */
+void GP_CAT(gp_rows_, GP_SUF)(int64_t k, const int64_t *ptrs, const int64_t *ns, double *rows) {
+    for (int64_t j = 0; j < k; j++)
+        GP_CAT(gp_pass_, GP_SUF)((const GP_T *)(intptr_t)ptrs[j], 0, 0, ns[j],
+                                  rows + j * GP_NSTATS, 0);
+}
+
+/* The row of w, then out[GP_NSTATS] = Σ (w − prev)², out[GP_NSTATS + 1] = Σ (w − init)²
+ * (0 where prev / init is NULL), in one pass over w. */
+void GP_CAT(gp_weight_, GP_SUF)(const GP_T *w, const GP_T *prev, const GP_T *init, int64_t n,
+                                double *out) {
+    GP_CAT(gp_pass_, GP_SUF)(w, prev, init, n, out, out + GP_NSTATS);
+}
+
+#undef GP_BLOCK

@@ -1,0 +1,261 @@
+"""The C statistics kernels (gradprobe.stats.native) against the float64 reference loop and
+torch, their fallback where no compiler works, and a Probe run with and without them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradprobe as gp
+from gradprobe.capture.summariser import Summariser
+from gradprobe.errors import ConfigError
+from gradprobe.stats import eager, reference, schema
+from gradprobe.stats import native as N
+
+HAS_CC = N.compiler() is not None
+needs_cc = pytest.mark.skipif(not HAS_CC, reason="no C compiler (cc, gcc, clang) on PATH")
+
+
+@pytest.fixture
+def kernels(tmp_path, monkeypatch):
+    """Fresh kernels built into this test's own cache directory."""
+    monkeypatch.setenv("GRADPROBE_CACHE_DIR", str(tmp_path / "cache"))
+    k = N.NativeKernels("on")
+    assert k.available(), k.broken
+    return k
+
+
+def _case(name: str, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(len(name))
+    if name == "one":
+        return torch.tensor([-2.5], dtype=dtype)
+    if name == "zeros":
+        return torch.zeros(3000, dtype=dtype)
+    if name == "negative":
+        return -torch.rand(4099, generator=g, dtype=dtype) - 1
+    if name == "sparse":  # a ReLU output: most elements exactly 0
+        return torch.relu(torch.randn(128, 512, generator=g, dtype=dtype) - 1)
+    if name == "large":  # not a multiple of a block, a mean far from 0
+        return torch.randn(262_144 + 13, generator=g, dtype=dtype) * 3 + 10
+    if name == "tiny":
+        return torch.randn(5, 5, generator=g, dtype=dtype) * 1e-30
+    if name in ("inf", "-inf"):
+        x = torch.randn(2048 + 7, generator=g, dtype=dtype)
+        x[17] = x[2050] = math.inf if name == "inf" else -math.inf
+        return x
+    if name == "nan":
+        x = torch.randn(1024 * 5, generator=g, dtype=dtype)
+        x[1500] = math.nan
+        return x
+    raise KeyError(name)
+
+
+CASES = ("one", "zeros", "negative", "sparse", "large", "tiny", "inf", "-inf", "nan")
+
+
+def _assert_row(row: torch.Tensor, x: torch.Tensor) -> None:
+    """``row`` against the float64 reference loop: counts and extrema exact, sums to the
+    accuracy of blocked float32 sums."""
+    ref = reference.reference_stats([x])
+    got = dict(zip(schema.DEVICE_FIELDS, row.tolist()))
+    assert got["nonzero"] == ref["nonzero"] and got["nonfinite"] == ref["nonfinite"]
+    assert got["saturated"] == 0 and got["dead"] == 0 and got["ref_sumsq"] == 0
+    if ref["nonfinite"]:
+        want = x.double()
+        # the moments are non-finite as the sums are; NaN propagates into the extrema
+        for f in ("sum", "sumsq", "abs_sum"):
+            assert not math.isfinite(got[f])
+        assert math.isnan(got["max"]) == bool(want.isnan().any())
+        if not want.isnan().any():
+            assert -got["neg_min"] == want.min().item() and got["max"] == want.max().item()
+        return
+    assert -got["neg_min"] == ref["min"] and got["max"] == ref["max"]
+    tol = 1e-12 if x.dtype == torch.float64 else 2e-6
+    scale = {"sum": ref["abs_sum"], "sumsq": ref["sumsq"], "abs_sum": ref["abs_sum"]}
+    for f, s in scale.items():
+        assert abs(got[f] - ref[f]) <= tol * s + 1e-300, (f, got[f], ref[f])
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES)
+def test_rows_match_reference(kernels, case, dtype):
+    x = _case(case, dtype)
+    rows = kernels.rows([x])
+    assert rows is not None and rows.shape == (1, schema.N_STATS) and rows.dtype == torch.float64
+    _assert_row(rows[0], x)
+
+
+@needs_cc
+def test_many_tensors_of_two_dtypes_in_one_call(kernels):
+    ts = [_case(c, dt) for c in CASES for dt in (torch.float32, torch.float64)]
+    together = kernels.rows(ts)
+    assert together is not None
+    for i, t in enumerate(ts):
+        torch.testing.assert_close(together[i], kernels.rows([t])[0], rtol=0, atol=0,
+                                   equal_nan=True)
+        _assert_row(together[i], t)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weight_row_and_differences(kernels, dtype):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(512, 515, generator=g, dtype=dtype)
+    prev = w - 1e-3 * torch.randn(w.shape, generator=g, dtype=dtype)
+    init = torch.randn(w.shape, generator=g, dtype=dtype)
+    out = kernels.weight_stats(w, prev, init)
+    assert out is not None and out.shape == (schema.N_STATS + 2,)
+    _assert_row(out[: schema.N_STATS], w)
+    wd = w.double()
+    for got, other in ((out[-2], prev), (out[-1], init)):
+        want = ((wd - other.double()) ** 2).sum().item()
+        assert got.item() == pytest.approx(want, rel=1e-12 if dtype == torch.float64 else 2e-6)
+    only = kernels.weight_stats(w, None, init)
+    assert only is not None and only[-2].item() == 0.0 and only[-1] == out[-1]
+    # a reference of another dtype is not served (the caller takes the eager path)
+    assert kernels.weight_stats(w, prev.half(), None) is None
+
+
+@needs_cc
+def test_usable_only_where_the_kernels_read_the_memory_right(kernels):
+    x = torch.randn(64, 32)
+    assert kernels.usable(x)
+    assert not kernels.usable(x.t())  # strided view
+    assert not kernels.usable(x.half())
+    assert not kernels.usable(torch.empty(0))
+    assert not kernels.usable(x.to_sparse())
+    # the Summariser gives a strided view the eager row, the same numbers
+    s = Summariser(native=kernels)
+    torch.testing.assert_close(s.tensor(x.t()), s.tensor(x.t().contiguous()), rtol=1e-6,
+                               atol=1e-9)
+
+
+@needs_cc
+def test_summariser_takes_the_c_kernels_and_adds_the_saturation_rule(kernels):
+    from gradprobe.activations import get
+
+    spec = get("sigmoid")
+    a = torch.sigmoid(torch.randn(256, 300) * 4)
+    s = Summariser(native=kernels)
+    row = s.tensor(a, spec.saturated)
+    ref = reference.reference_stats([a], saturated=spec.saturated)
+    assert row[schema.SATURATED].item() == ref["saturated"] > 0
+    _assert_row(torch.cat([row[: schema.SATURATED], torch.zeros(3, dtype=row.dtype),
+                           row[schema.NEG_MIN:]]), a)
+    small = [torch.randn(3, 4), torch.randn(7, dtype=torch.float64)]
+    torch.testing.assert_close(s.batched(small), kernels.rows(small), rtol=0, atol=0)
+    torch.testing.assert_close(s.group(small), kernels.rows(small), rtol=0, atol=0)
+
+
+def test_no_compiler_falls_back_to_eager(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADPROBE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    k = N.NativeKernels("auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto: silent
+        assert not k.available()
+    assert "could not run" in (k.broken or "")
+    assert k.describe().startswith("eager (C kernels unavailable")
+    x = torch.randn(1000)
+    assert not k.usable(x) and k.rows([x]) is None
+    s = Summariser(native=k)
+    want = eager.tensor_stats(x)
+    torch.testing.assert_close(s.tensor(x), want, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="C kernels|native") as e:
+        N.NativeKernels("on").available()
+    assert "GRADPROBE_NATIVE=auto" in str(e.value.hint)
+    assert not list((tmp_path / "cache").glob("stats-*"))  # nothing half-written left
+
+
+@needs_cc
+def test_a_library_that_disagrees_with_eager_is_not_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADPROBE_CACHE_DIR", str(tmp_path / "cache"))
+    k = N.NativeKernels("auto")
+    real = N.NativeKernels._rows
+
+    def off_by_one(self, ts):
+        out = real(self, ts)
+        out[:, schema.NONZERO] += 1
+        return out
+
+    monkeypatch.setattr(N.NativeKernels, "_rows", off_by_one)
+    with pytest.warns(RuntimeWarning, match="disagrees with the eager statistics"):
+        assert not k.available()
+    assert k.rows([torch.ones(3)]) is None
+
+
+@needs_cc
+def test_a_second_build_loads_the_cached_library(tmp_path):
+    first = N.build(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert N.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+def test_mode_from_the_environment(monkeypatch):
+    for value, mode in (("", "auto"), ("auto", "auto"), ("1", "on"), ("0", "off"), ("off", "off")):
+        monkeypatch.setenv("GRADPROBE_NATIVE", value)
+        assert N.mode_from_env() == mode
+    monkeypatch.setenv("GRADPROBE_NATIVE", "fast")
+    with pytest.warns(RuntimeWarning, match="GRADPROBE_NATIVE='fast'"):
+        assert N.mode_from_env() == "auto"
+    with pytest.raises(ConfigError, match="'auto', 'on' or 'off'"):
+        N.NativeKernels("fast")  # type: ignore[arg-type]
+    off = N.NativeKernels("off")
+    assert not off.available() and off.describe() == "eager (C kernels off: GRADPROBE_NATIVE=0)"
+
+
+def _train(run_dir, native: bool) -> gp.Run:
+    old = N.NATIVE.mode
+    N.NATIVE.set_mode("auto" if native else "off")
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 300), nn.Tanh(), nn.Linear(300, 300), nn.ReLU(),
+                              nn.Linear(300, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        x, y = torch.randn(64, 20), torch.randint(0, 3, (64,))
+        with gp.Probe(model, opt, run_dir=run_dir, budget=None, every=1) as probe:
+            for _ in range(6):
+                loss = nn.functional.cross_entropy(model(x), y)
+                probe.observe_loss(loss)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+    finally:
+        N.NATIVE.set_mode(old)
+    return gp.Run.open(run_dir)
+
+
+@needs_cc
+def test_a_probe_run_records_the_same_rows_with_and_without_the_c_kernels(tmp_path):
+    with_c = _train(tmp_path / "c", native=True)
+    without = _train(tmp_path / "eager", native=False)
+    assert json.loads((tmp_path / "c" / "meta.json").read_text())["stats_kernels"].startswith(
+        "C kernels")
+    assert "GRADPROBE_NATIVE=0" in json.loads(
+        (tmp_path / "eager" / "meta.json").read_text())["stats_kernels"]
+    a, b = with_c.raw_scalars(), without.raw_scalars()
+    assert len(a) == len(b) > 0 and set(a["kind"]) >= {"act", "act_grad", "grad", "weight",
+                                                       "update", "drift"}
+    num = [c for c in a.columns if a[c].dtype.kind == "f"]
+    assert {"sum", "sumsq", "abs_sum", "nonzero", "min", "max"} <= set(num)
+    for c in num:
+        x, y = a[c].to_numpy(), b[c].to_numpy()
+        assert (np.isnan(x) == np.isnan(y)).all(), c
+        # a sum near 0 is compared at the scale of the sum of magnitudes
+        scale = np.abs(a["abs_sum"].to_numpy()) if c == "sum" else np.abs(y)
+        with np.errstate(invalid="ignore"):  # inf - inf where a kind has no extrema
+            ok = (x == y) | np.isnan(x) | (np.abs(x - y) <= 1e-5 * scale + 1e-12)
+        assert ok.all(), (c, x[~ok], y[~ok])
+
+
+if os.environ.get("GRADPROBE_NATIVE") == "0":  # the whole file is about the C kernels
+    pytestmark = pytest.mark.skip(reason="GRADPROBE_NATIVE=0")
