@@ -33,7 +33,7 @@ from gradprobe.capture.stage import ParamSet
 from gradprobe.stats import batched as B
 from gradprobe.stats import eager as E
 from gradprobe.stats import schema as S
-from gradprobe.stats.spread import RowSpread
+from gradprobe.stats.spread import RowSpread, units_of
 
 WeightsBefore = Literal["live", "prev", "none"]
 """Where the weights before the update are: ``"live"`` the parameters now (before the
@@ -141,8 +141,12 @@ class ParamStats:
         # the staged dense weights' spread is summarised with the stage; the others here
         staged = {id(p) for p in self.staged}
         self.spreads = make_spread_groups(layers, staged) if "spread" in kinds else []
-        # Σ W² of the step's large weights, from their weight statistics (reused by spread)
+        # Σ W² of the step's large weights, from their weight statistics, and where the C
+        # kernels formed them in the same call, Σ_j (Σ_i W[i, j])² (both reused by spread)
         self._wsq: dict[int, Tensor] = {}
+        self._csq: dict[int, Tensor] = {}
+        self._cols = {id(p): p.numel() // units_of(p) for sg in self.spreads for p in sg.params
+                      if p.numel() > B.SMALL}
 
     @property
     def staged_after(self) -> list[Tensor] | None:
@@ -288,9 +292,11 @@ class ParamStats:
         kernels per device and dtype; see :mod:`gradprobe.stats.spread`)."""
         for sg in self.spreads:
             known = [self._wsq.get(id(p)) for p in sg.params]
-            sp, ref = sg.kernel([p.detach() for p in sg.params], known)
+            colsq = [self._csq.get(id(p)) for p in sg.params]
+            sp, ref = sg.kernel([p.detach() for p in sg.params], known, colsq)
             self.recorder.add_many(slot, sg.rows, sg.rows_t, E.ratio_rows(sp, ref), sg.numels)
         self._wsq.clear()
+        self._csq.clear()
 
     def _large(self, g: ParamGroup, ws: list[Tensor], slot: int, skipped: bool
                ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -308,10 +314,13 @@ class ParamStats:
         for i in g.large:
             w = ws[i]
             # one compiled pass where available: statistics of W, Σ(W_before − W)², Σ(W − W0)²
+            pid = id(g.params[i])
             both = rec.summary.weight(w, g.prev[i] if want_u and not skipped else None,
-                                      g.init[i] if want_d else None)
+                                      g.init[i] if want_d else None, self._cols.get(pid, 0))
             if both is not None:
-                self._wsq[id(g.params[i])] = both[S.SUMSQ]
+                self._wsq[pid] = both[S.SUMSQ]
+                if both.numel() > S.N_STATS + 2:
+                    self._csq[pid] = both[S.N_STATS + 2]
                 if want_w:
                     vecs.append(both[: S.N_STATS])
                 if want_u:

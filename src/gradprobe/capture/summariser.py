@@ -13,7 +13,7 @@ from gradprobe.stats import batched as B
 from gradprobe.stats import eager as E
 from gradprobe.stats.compiled import KERNELS, CompiledKernels
 from gradprobe.stats.native import NATIVE, NativeKernels
-from gradprobe.stats.schema import SATURATED
+from gradprobe.stats.schema import N_STATS, SATURATED
 
 Rule = Callable[[Tensor], Tensor]
 
@@ -99,15 +99,18 @@ class Summariser:
                 return fused[0]
             return E.chunked_stats([E.as_float(xd)], None, self.ws)[0]
 
-    def weight(self, w: Tensor, prev: Tensor | None, init: Tensor | None) -> Tensor | None:
+    def weight(self, w: Tensor, prev: Tensor | None, init: Tensor | None, cols: int = 0
+               ) -> Tensor | None:
         """``[N_STATS + 2]``: the statistics of a large weight ``w`` (exact counts), then
-        ``Σ (w − prev)²`` and ``Σ (w − init)²`` from one pass (C, else compiled); ``None``
-        where neither serves ``w`` (the caller takes the eager path)."""
+        ``Σ (w − prev)²`` and ``Σ (w − init)²`` from one pass (C, else compiled); from the C
+        kernels, where ``cols > 0``, a third value: ``Σ_j (Σ_i w[i, j])²`` of ``w`` seen as rows
+        of ``cols`` elements (:mod:`gradprobe.stats.spread`'s column sums). ``None`` where
+        neither serves ``w`` (the caller takes the eager path)."""
         with torch.no_grad():
             wd = w.detach()
-            out = self.native.weight_stats(wd, prev, init)
+            out = self.native.weight_stats(wd, prev, init, cols)
             if out is not None:
-                return out
+                return out if cols else out[: N_STATS + 2]
             if not self.kernels.usable(wd):
                 return None
             return self.kernels.weight_stats(wd, prev, init)

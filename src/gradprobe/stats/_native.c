@@ -5,6 +5,7 @@
  * gradprobe.stats.schema (checked against the eager path when the library is loaded). */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 enum { GP_SUM, GP_SUMSQ, GP_ABS_SUM, GP_NONZERO, GP_NONFINITE, GP_SATURATED, GP_DEAD,
        GP_REF_SUMSQ, GP_NEG_MIN, GP_MAX, GP_NSTATS };

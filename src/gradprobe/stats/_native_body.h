@@ -94,10 +94,29 @@ void GP_CAT(gp_rows_, GP_SUF)(int64_t k, const int64_t *ptrs, const int64_t *ns,
 }
 
 /* The row of w, then out[GP_NSTATS] = Σ (w − prev)², out[GP_NSTATS + 1] = Σ (w − init)²
- * (0 where prev / init is NULL), in one pass over w. */
-void GP_CAT(gp_weight_, GP_SUF)(const GP_T *w, const GP_T *prev, const GP_T *init, int64_t n,
-                                double *out) {
+ * (0 where prev / init is NULL), in one pass over w; where cols > 0, w seen as rows of cols
+ * elements: out[GP_NSTATS + 2] = Σ_j (Σ_i w[i, j])², the squared norm of its column sums
+ * (accumulated in double, in a second pass while w is still in cache). Returns 0, or 1 where
+ * the column sums could not be allocated (out[GP_NSTATS + 2] is then left as it was). */
+int GP_CAT(gp_weight_, GP_SUF)(const GP_T *w, const GP_T *prev, const GP_T *init, int64_t n,
+                               int64_t cols, double *out) {
     GP_CAT(gp_pass_, GP_SUF)(w, prev, init, n, out, out + GP_NSTATS);
+    if (cols <= 0 || n % cols != 0)
+        return 0;
+    double *cs = calloc((size_t)cols, sizeof(double));
+    if (!cs)
+        return 1;
+    for (int64_t r = 0; r < n; r += cols) {
+        const GP_T *row = w + r;
+        for (int64_t j = 0; j < cols; j++)
+            cs[j] += row[j];
+    }
+    double t = 0;
+    for (int64_t j = 0; j < cols; j++)
+        t += cs[j] * cs[j];
+    free(cs);
+    out[GP_NSTATS + 2] = t;
+    return 0;
 }
 
 #undef GP_BLOCK

@@ -170,7 +170,7 @@ def build(directory: Path | None = None, cc: str | None = None) -> Path:
 def _check_tensors(dtype: torch.dtype) -> list[Tensor]:
     """Known inputs for the load-time check: small integers (every sum exact in both paths),
     lengths that leave a tail, zeros, and a copy with NaN and Inf."""
-    n = 3 * 1024 + 37
+    n = 3 * 1024 + 35  # 3107 = 13 x 239: a tail after the blocks, and rows of 13
     x = (torch.arange(n, dtype=torch.float64) * 7 % 9 - 4).to(dtype)
     y = x.clone()
     y[5], y[n - 3] = float("nan"), float("inf")
@@ -237,7 +237,7 @@ class NativeKernels:
                 getattr(lib, f"gp_rows_{suf}").argtypes = [ctypes.c_int64, ctypes.c_void_p,
                                                            ctypes.c_void_p, ctypes.c_void_p]
                 getattr(lib, f"gp_weight_{suf}").argtypes = [ctypes.c_void_p] * 3 + [
-                    ctypes.c_int64, ctypes.c_void_p]
+                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
             self._lib = lib
         except Exception as e:
             self._fail(e, warn=False)
@@ -265,10 +265,11 @@ class NativeKernels:
             got = self._rows(cs)
             want = E.fix_nonfinite_(cs, E.chunked_stats(cs))
             prev, init = cs[0].flip(0), cs[0] * 0.5
-            w = self._weight(cs[0], prev, init)
+            w = self._weight(cs[0], prev, init, 13)
             cf = cs[0].double()
             want_w = torch.cat([want[0], ((cf - prev.double()) ** 2).sum().reshape(1),
-                                ((cf - init.double()) ** 2).sum().reshape(1)])
+                                ((cf - init.double()) ** 2).sum().reshape(1),
+                                cf.reshape(-1, 13).sum(0).square().sum().reshape(1)])
             if not (torch.equal(got.isnan(), want.isnan())
                     and torch.allclose(got, want, rtol=1e-6, atol=0.0, equal_nan=True)
                     and torch.allclose(w, want_w, rtol=1e-6, atol=0.0)):
@@ -292,17 +293,14 @@ class NativeKernels:
                 out[idx] = dst
         return out
 
-    def _weight(self, w: Tensor, prev: Tensor | None, init: Tensor | None) -> Tensor:
+    def _weight(self, w: Tensor, prev: Tensor | None, init: Tensor | None, cols: int
+                ) -> Tensor:
         assert self._lib is not None
-        out = torch.zeros(N_STATS + 2, dtype=torch.float64)
-        for other in (prev, init):
-            if other is not None and (other.dtype != w.dtype or other.numel() != w.numel()
-                                      or not other.is_contiguous()):
-                raise ValueError("prev and init must be contiguous, of w's dtype and size")
-        getattr(self._lib, f"gp_weight_{DTYPES[w.dtype]}")(
+        out = torch.zeros(N_STATS + 3, dtype=torch.float64)
+        failed = getattr(self._lib, f"gp_weight_{DTYPES[w.dtype]}")(
             w.data_ptr(), None if prev is None else prev.data_ptr(),
-            None if init is None else init.data_ptr(), w.numel(), out.data_ptr())
-        return out
+            None if init is None else init.data_ptr(), w.numel(), cols, out.data_ptr())
+        return out[: N_STATS + 2] if failed else out  # failed: no memory for the column sums
 
     def rows(self, ts: Sequence[Tensor]) -> Tensor | None:
         """``[len(ts), N_STATS]`` float64 rows (``saturated``, ``dead`` and ``ref_sumsq`` 0,
@@ -312,17 +310,19 @@ class NativeKernels:
             return None
         return self._rows(ts)
 
-    def weight_stats(self, w: Tensor, prev: Tensor | None, init: Tensor | None
-                     ) -> Tensor | None:
-        """``[N_STATS + 2]``: the row of ``w``, then ``Σ (w − prev)²`` and ``Σ (w − init)²``
-        (0 where that tensor is ``None``), in one pass; ``None`` where the kernels do not
-        serve these tensors."""
+    def weight_stats(self, w: Tensor, prev: Tensor | None, init: Tensor | None,
+                     cols: int = 0) -> Tensor | None:
+        """``[N_STATS + 3]``: the row of ``w``, then ``Σ (w − prev)²`` and ``Σ (w − init)²``
+        (0 where that tensor is ``None``), in one pass; then, where ``cols > 0`` divides the
+        size, ``Σ_j (Σ_i w[i, j])²`` of ``w`` seen as rows of ``cols`` elements (the column sums
+        of :mod:`gradprobe.stats.spread`; 0 where ``cols`` is 0; ``[N_STATS + 2]`` where they
+        could not be formed). ``None`` where the kernels do not serve these tensors."""
         if not self.usable(w) or not all(o is None or self.usable(o) for o in (prev, init)):
             return None
         if any(o is not None and (o.dtype != w.dtype or o.numel() != w.numel())
                for o in (prev, init)):
             return None
-        return self._weight(w, prev, init)
+        return self._weight(w, prev, init, cols)
 
 
 NATIVE = NativeKernels.from_env()

@@ -106,11 +106,14 @@ class RowSpread:
         return 8 * ((self.col_idx.numel() if self.col_idx is not None else 0) + self.n_cols)
 
     def __call__(self, tensors: Sequence[Tensor],
-                 sumsq: Sequence[Tensor | None] | None = None) -> tuple[Tensor, Tensor]:
+                 sumsq: Sequence[Tensor | None] | None = None,
+                 colsq: Sequence[Tensor | None] | None = None) -> tuple[Tensor, Tensor]:
         """``(spread_sumsq[n], ref_sumsq[n])`` (float64) of ``tensors`` (the same shapes, device
         and dtype as at construction), in their order. ``sumsq[i]``, where given, is
         ``Σ tensors[i]²`` already computed (the weight statistics of the step): a large tensor
-        then costs one pass (its column sums) instead of two. No host synchronisation."""
+        then costs one pass (its column sums) instead of two; ``colsq[i]``, where given too,
+        is ``‖Σ_i w_i‖²`` of its rows already computed (the C weight kernel forms it while
+        ``W`` is in cache): no pass at all. No host synchronisation."""
         with torch.no_grad():
             sp: list[Tensor] = []
             ref: list[Tensor] = []
@@ -132,17 +135,19 @@ class RowSpread:
                 csq_l: list[Tensor] = []
                 for i in self.large:
                     w = tensors[i].detach()
-                    rows = w.reshape(self.units[i], -1)
                     acc = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else None
-                    colsum = rows.sum(0, dtype=acc)
                     given = sumsq[i] if sumsq is not None else None
                     if given is not None:
                         wsq_l.append(given.to(STAT_DTYPE).reshape(()))
                     else:
                         wsq_l.append(torch.linalg.vector_norm(w, dtype=acc).to(STAT_DTYPE).square())
-                    csq_l.append(torch.linalg.vector_norm(colsum))
+                    cs = colsq[i] if colsq is not None and given is not None else None
+                    if cs is None:
+                        colsum = w.reshape(self.units[i], -1).sum(0, dtype=acc)
+                        cs = torch.linalg.vector_norm(colsum).to(STAT_DTYPE).square()
+                    csq_l.append(cs.to(STAT_DTYPE).reshape(()))
                 wsq = torch.stack(wsq_l)
-                csq = torch.stack(csq_l).to(STAT_DTYPE).square()
+                csq = torch.stack(csq_l)
                 sp.append(wsq - csq / self.units_large)
                 ref.append(wsq)
             spread = torch.cat(sp).clamp_min_(0.0)[self.perm]
