@@ -120,7 +120,9 @@ def test_weight_row_and_differences(kernels, dtype):
         want = ((wd - other.double()) ** 2).sum().item()
         assert got.item() == pytest.approx(want, rel=rel)
     # the column sums of the spread (gradprobe.stats.spread): ‖Σ_i w_i‖² of the 512 rows
-    assert out[-1].item() == pytest.approx(wd.sum(0).square().sum().item(), rel=1e-12)
+    # (64 rows summed in the tensor's precision at a time)
+    assert out[-1].item() == pytest.approx(wd.sum(0).square().sum().item(),
+                                           rel=1e-12 if dtype == torch.float64 else 1e-6)
     only = kernels.weight_stats(w, None, init)
     assert only is not None and only[-3].item() == 0.0 and only[-2] == out[-2]
     assert only[-1].item() == 0.0  # no cols: no column sums
