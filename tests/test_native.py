@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,12 +25,13 @@ HAS_CC = N.compiler() is not None
 needs_cc = pytest.mark.skipif(not HAS_CC, reason="no C compiler (cc, gcc, clang) on PATH")
 
 
-@pytest.fixture
-def kernels(tmp_path, monkeypatch):
-    """Fresh kernels built into this test's own cache directory."""
-    monkeypatch.setenv("GRADPROBE_CACHE_DIR", str(tmp_path / "cache"))
-    k = N.NativeKernels("on")
-    assert k.available(), k.broken
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    """Fresh kernels built into this file's own cache directory."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADPROBE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        k = N.NativeKernels("on")
+        assert k.available(), k.broken
     return k
 
 
@@ -201,6 +204,32 @@ def test_a_library_that_disagrees_with_eager_is_not_used(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="disagrees with the eager statistics"):
         assert not k.available()
     assert k.rows([torch.ones(3)]) is None
+
+
+@needs_cc
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX permissions")
+def test_a_cache_directory_others_can_write_is_refused(tmp_path, monkeypatch):
+    # a directory of ours that the group may write (a umask of 002) is made private
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    ours.chmod(0o775)
+    assert N.build(ours).exists() and ours.stat().st_mode & 0o777 == 0o755
+    # one owned by another user is refused (a directory of root's, where the test runs as a
+    # user; as root, a directory of another uid)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    other = 0 if os.getuid() != 0 else 65534
+    try:
+        os.chown(shared, other, -1)
+    except PermissionError:
+        shared = Path(tempfile.gettempdir())  # root's (mode 1777), and not ours
+    with pytest.raises(RuntimeError, match="not private to this user"):
+        N.build(shared)
+    monkeypatch.setenv("GRADPROBE_CACHE_DIR", str(shared))
+    k = N.NativeKernels("auto")
+    assert not k.available() and "GRADPROBE_CACHE_DIR" in (k.broken or "")
+    assert not list(shared.glob("stats-*"))
 
 
 @needs_cc

@@ -128,6 +128,22 @@ def _sources() -> str:
     return "".join((here / s).read_text(encoding="utf-8") for s in SOURCES)
 
 
+def _check_private(directory: Path) -> None:
+    """Refuse a directory that another user could have written a library into (it is loaded
+    into this process): on POSIX it must be ours and not writable by group or others (ours
+    and writable by them: made private first)."""
+    if not hasattr(os, "getuid"):
+        return
+    st = directory.stat()
+    if st.st_uid == os.getuid() and st.st_mode & 0o022:  # ours, made under a umask of 002
+        os.chmod(directory, st.st_mode & 0o755)
+        st = directory.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise RuntimeError(f"{directory} is not private to this user (owner uid {st.st_uid}, "
+                           f"mode {oct(st.st_mode & 0o777)}); set GRADPROBE_CACHE_DIR to a "
+                           "directory of your own")
+
+
 def build(directory: Path | None = None, cc: str | None = None) -> Path:
     """Compile the kernels (or find them built) and return the library's path; raises
     ``RuntimeError`` saying why where that is not possible."""
@@ -139,14 +155,15 @@ def build(directory: Path | None = None, cc: str | None = None) -> Path:
     suffix = ".dll" if os.name == "nt" else ".so"
     directory = directory if directory is not None else cache_dir()
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         probe = directory / f".write-{os.getpid()}"
         probe.touch()
         probe.unlink()
     except OSError:
         user = os.getuid() if hasattr(os, "getuid") else 0
         directory = Path(tempfile.gettempdir()) / f"gradprobe-{user}"
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_private(directory)
     lib = directory / f"stats-{key[:20]}{suffix}"
     if lib.exists():
         return lib
