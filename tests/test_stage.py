@@ -14,6 +14,17 @@ from torch import nn
 
 import gradprobe as gp
 import gradprobe.capture.stage as stage_mod
+from gradprobe.stats.native import NATIVE
+
+
+@pytest.fixture(autouse=True, params=["auto", "off"])
+def _native(request):
+    """Every test with the stage's runs summarised by the C kernels (where they build) and by
+    the eager kernels."""
+    old = NATIVE.mode
+    NATIVE.set_mode(request.param)
+    yield request.param
+    NATIVE.set_mode(old)
 
 
 def _mlp() -> nn.Sequential:

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from gradprobe.stats import eager as E
 from gradprobe.stats import schema as S
+from gradprobe.stats.native import NATIVE, NativeKernels
 
 Rule = Callable[[Tensor], Tensor]
 
@@ -228,6 +229,7 @@ class Stage:
         self.slots: list[int] = []
         self.exact = False  # a staged row held non-finite values: count them exactly
         self._plans: dict[Any, Plan] = {}
+        self.native: NativeKernels = NATIVE  # the C kernels summarise runs where they serve
 
     def plan_for(self, key: Any, entries: Callable[[], Sequence[Entry]]) -> Plan:
         plan = self._plans.get(key)
@@ -311,6 +313,12 @@ class Stage:
             for i, p in enumerate(pos):
                 row = plan.stats[run.entries[p]].row
                 dead.append((row, units[:, i]))
+        rows = self.native.blocks(v)
+        if rows is not None:  # one C pass per row, exact counts (gradprobe.stats.native)
+            out[..., : S.SATURATED] = rows[..., : S.SATURATED]
+            out[..., S.NEG_MIN] = rows[..., S.NEG_MIN].neg_()  # the minimum: see above
+            out[..., S.MAX] = rows[..., S.MAX]
+            return
         out[..., S.NEG_MIN : S.MAX + 1] = torch.stack([v.amin(-1), v.amax(-1)], -1)
         s = v.sum(-1)
         ss = torch.linalg.vector_norm(v, 2, dim=-1).square_()

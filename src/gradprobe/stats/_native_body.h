@@ -2,8 +2,9 @@
  *
  * GP_T: the element type; GP_V/GP_I: vectors of GP_T and of same-width integers; GP_L: lanes;
  * GP_ABS: the mask that clears the sign bit; GP_SUF: the suffix of the function names.
- * Elements are taken in blocks of GP_BLOCK: within a block every lane accumulates in GP_T, each
- * block's lane sums are added in double (the accumulation error of 1024-element sums). Counts
+ * Elements are taken in blocks of GP_BLOCK vectors (the last one shorter, then fewer than GP_L
+ * elements one by one): within a block every lane accumulates in GP_T, each block's lane sums are
+ * added in double (the accumulation error of 1024-element sums). Counts
  * are exact (int32 within a block, double across blocks: exact below 2^53).
  */
 
@@ -20,10 +21,11 @@ static void GP_CAT(gp_pass_, GP_SUF)(const GP_T *x, const GP_T *b, const GP_T *c
     const GP_V inf = (GP_T)INFINITY - zero;
     GP_V vmn = inf, vmx = -inf;
     int64_t i = 0;
-    for (; n - i >= GP_L * GP_BLOCK; i += GP_L * GP_BLOCK) {
+    while (n - i >= GP_L) {  /* whole vectors, GP_BLOCK of them (or fewer, at the end) a block */
+        int64_t nb = (n - i) / GP_L < GP_BLOCK ? (n - i) / GP_L : GP_BLOCK;
         GP_V vs = zero, vq = zero, va = zero, v1 = zero, v2 = zero;
         GP_I vnz = {0}, vnf = {0};
-        for (int k = 0; k < GP_BLOCK; k++) {
+        for (int64_t k = 0; k < nb; k++) {
             GP_V v;
             __builtin_memcpy(&v, x + i + k * GP_L, sizeof v);
             GP_V av = (GP_V)((GP_I)v & GP_ABS);
@@ -55,6 +57,7 @@ static void GP_CAT(gp_pass_, GP_SUF)(const GP_T *x, const GP_T *b, const GP_T *c
             cz += vnz[l]; cf += vnf[l];
         }
         s += fs; q += fq; a += fa; d1 += f1; d2 += f2; nz += (double)cz; nf += (double)cf;
+        i += nb * GP_L;
     }
     GP_T mn = INFINITY, mx = -INFINITY;
     for (int l = 0; l < GP_L; l++) {
@@ -91,6 +94,16 @@ void GP_CAT(gp_rows_, GP_SUF)(int64_t k, const int64_t *ptrs, const int64_t *ns,
     for (int64_t j = 0; j < k; j++)
         GP_CAT(gp_pass_, GP_SUF)((const GP_T *)(intptr_t)ptrs[j], 0, 0, ns[j],
                                   rows + j * GP_NSTATS, 0);
+}
+
+/* Rows of the outer x m arrays of n elements at base + s * stride + r * n (the stage's runs):
+ * out[(s * m + r) * GP_NSTATS + field]. */
+void GP_CAT(gp_blocks_, GP_SUF)(const GP_T *base, int64_t outer, int64_t stride, int64_t m,
+                                int64_t n, double *out) {
+    for (int64_t s = 0; s < outer; s++)
+        for (int64_t r = 0; r < m; r++)
+            GP_CAT(gp_pass_, GP_SUF)(base + s * stride + r * n, 0, 0, n,
+                                      out + (s * m + r) * GP_NSTATS, 0);
 }
 
 /* The row of w, then out[GP_NSTATS] = Σ (w − prev)², out[GP_NSTATS + 1] = Σ (w − init)²

@@ -253,6 +253,8 @@ class NativeKernels:
             for suf in DTYPES.values():
                 getattr(lib, f"gp_rows_{suf}").argtypes = [ctypes.c_int64, ctypes.c_void_p,
                                                            ctypes.c_void_p, ctypes.c_void_p]
+                getattr(lib, f"gp_blocks_{suf}").argtypes = [ctypes.c_void_p] + [
+                    ctypes.c_int64] * 4 + [ctypes.c_void_p]
                 getattr(lib, f"gp_weight_{suf}").argtypes = [ctypes.c_void_p] * 3 + [
                     ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
             self._lib = lib
@@ -326,6 +328,21 @@ class NativeKernels:
         if not ts or not self.available():
             return None
         return self._rows(ts)
+
+    def blocks(self, v: Tensor) -> Tensor | None:
+        """``[S, m, N_STATS]`` rows of the ``S × m`` rows of ``v`` (``[S, m, n]``, each ``[m, n]``
+        block contiguous, any stride between blocks: the stage's runs), or ``None`` where the
+        kernels do not serve ``v``."""
+        if (v.ndim != 3 or v.dtype not in DTYPES or v.device.type != "cpu" or v.numel() == 0
+                or v.stride(2) != 1 or v.stride(1) != v.shape[2]
+                or torch.compiler.is_compiling() or not self.available()):
+            return None
+        assert self._lib is not None
+        s, m, n = v.shape
+        out = torch.zeros(s, m, N_STATS, dtype=torch.float64)
+        getattr(self._lib, f"gp_blocks_{DTYPES[v.dtype]}")(
+            v.data_ptr(), s, v.stride(0), m, n, out.data_ptr())
+        return out
 
     def weight_stats(self, w: Tensor, prev: Tensor | None, init: Tensor | None,
                      cols: int = 0) -> Tensor | None:
