@@ -98,6 +98,20 @@ def test_rows_match_reference(kernels, case, dtype):
 
 
 @needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_portable_build_agrees_too(tmp_path, monkeypatch, dtype):
+    """The build without x86 intrinsics (``-DGP_PORTABLE``: what an ARM machine compiles):
+    min and max through a select that keeps the accumulator where an element is NaN."""
+    monkeypatch.setenv("GRADPROBE_CACHE_DIR", str(tmp_path))
+    k = N.NativeKernels("on")
+    k.defines = ("-DGP_PORTABLE",)
+    assert k.available(), k.broken
+    for case in CASES:
+        x = _case(case, dtype)
+        _assert_row(k.rows([x])[0], x)
+
+
+@needs_cc
 def test_many_tensors_of_two_dtypes_in_one_call(kernels):
     ts = [_case(c, dt) for c in CASES for dt in (torch.float32, torch.float64)]
     together = kernels.rows(ts)

@@ -1,7 +1,8 @@
 /* One-pass statistics of a flat array of GP_T, included by _native.c once per element type.
  *
  * GP_T: the element type; GP_V/GP_I: vectors of GP_T and of same-width integers; GP_L: lanes;
- * GP_ABS: the mask that clears the sign bit; GP_SUF: the suffix of the function names.
+ * GP_ABS: the mask that clears the sign bit; GP_SUF: the suffix of the function names;
+ * GP_MINV/GP_MAXV: lane-wise min/max of (v, acc) keeping acc where v is NaN.
  * Elements are taken in blocks of GP_BLOCK vectors (the last one shorter, then fewer than GP_L
  * elements one by one): within a block every lane accumulates in GP_T, each block's lane sums are
  * added in double (the accumulation error of 1024-element sums). Counts
@@ -34,9 +35,8 @@ static void GP_CAT(gp_pass_, GP_SUF)(const GP_T *x, const GP_T *b, const GP_T *c
             va += av;
             vnz -= (GP_I)(v != zero);
             vnf -= (GP_I)~(av < inf);
-            GP_I lo = v < vmn, hi = v > vmx;
-            vmn = (GP_V)((lo & (GP_I)v) | (~lo & (GP_I)vmn));
-            vmx = (GP_V)((hi & (GP_I)v) | (~hi & (GP_I)vmx));
+            vmn = GP_MINV(v, vmn);  /* (v, acc): a NaN v keeps acc */
+            vmx = GP_MAXV(v, vmx);
             if (b) {
                 GP_V vb, e;
                 __builtin_memcpy(&vb, b + i + k * GP_L, sizeof vb);

@@ -144,14 +144,17 @@ def _check_private(directory: Path) -> None:
                            "directory of your own")
 
 
-def build(directory: Path | None = None, cc: str | None = None) -> Path:
+def build(directory: Path | None = None, cc: str | None = None,
+          defines: tuple[str, ...] = ()) -> Path:
     """Compile the kernels (or find them built) and return the library's path; raises
-    ``RuntimeError`` saying why where that is not possible."""
+    ``RuntimeError`` saying why where that is not possible. ``defines``: extra ``-D`` flags
+    (the tests build the portable path with ``("-DGP_PORTABLE",)``)."""
     cc = cc if cc is not None else compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH; set CC to one")
     src = _sources()
-    key = hashlib.sha256("\0".join([src, cc, _cpu_id(), repr(FLAG_SETS)]).encode()).hexdigest()
+    key = hashlib.sha256("\0".join([src, cc, _cpu_id(), repr(FLAG_SETS), *defines]).encode()
+                         ).hexdigest()
     suffix = ".dll" if os.name == "nt" else ".so"
     directory = directory if directory is not None else cache_dir()
     try:
@@ -171,7 +174,7 @@ def build(directory: Path | None = None, cc: str | None = None) -> Path:
     tmp = directory / f".stats-{key[:20]}-{os.getpid()}{suffix}"
     errors = []
     for flags in FLAG_SETS:
-        cmd = [cc, *flags, "-shared", "-fPIC", "-o", str(tmp), str(here / SOURCES[0])]
+        cmd = [cc, *flags, *defines, "-shared", "-fPIC", "-o", str(tmp), str(here / SOURCES[0])]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as e:
@@ -204,6 +207,7 @@ class NativeKernels:
         self.path: Path | None = None
         self._lib: ctypes.CDLL | None = None
         self._tried = False
+        self.defines: tuple[str, ...] = ()  # extra -D flags of the build (tests)
         self.set_mode(mode)
 
     @classmethod
@@ -245,7 +249,7 @@ class NativeKernels:
 
     def _load(self) -> None:
         try:
-            self.path = build()
+            self.path = build(defines=self.defines)
             lib = ctypes.CDLL(str(self.path))
             if lib.gp_layout() // 100 != N_STATS:
                 raise RuntimeError(f"{self.path} lays rows out for {lib.gp_layout() // 100} "
