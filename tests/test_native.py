@@ -176,6 +176,10 @@ def test_usable_only_where_the_kernels_read_the_memory_right(kernels):
     assert not kernels.usable(x.half())
     assert not kernels.usable(torch.empty(0))
     assert not kernels.usable(x.to_sparse())
+    assert not kernels.usable(torch._neg_view(x))  # memory holds -x: the eager path reads it
+    sub = type("Sub", (torch.Tensor,), {})
+    assert not kernels.usable(x.as_subclass(sub))  # a subclass: its memory may not be its values
+    assert kernels.usable(nn.Parameter(x))
     # the Summariser gives a strided view the eager row: the reference's numbers still
     s = Summariser(native=kernels)
     _assert_row(s.tensor(x.t()), x)

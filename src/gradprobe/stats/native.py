@@ -70,6 +70,8 @@ FLAG_SETS = (("-O3", "-march=native"), ("-O3", "-mcpu=native"), ("-O3",))
 """Compiler flags tried in turn (``-march=native`` is refused by some ARM compilers)."""
 
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+PLAIN = (torch.Tensor, torch.nn.Parameter)
+"""The tensor types whose memory the kernels read (subclasses may hold none: fake tensors)."""
 
 
 def mode_from_env() -> Mode:
@@ -241,11 +243,12 @@ class NativeKernels:
         return f"eager (C kernels unavailable: {self.broken})"
 
     def usable(self, x: Tensor) -> bool:
-        """True where the C kernels summarise ``x``: a contiguous float32/float64 CPU tensor
-        with at least one element, outside ``torch.compile`` tracing."""
-        return (x.dtype in DTYPES and x.device.type == "cpu" and x.layout == torch.strided
-                and x.numel() > 0 and x.is_contiguous() and not torch.compiler.is_compiling()
-                and self.available())
+        """True where the C kernels summarise ``x``: a plain (not a subclass: no fake, no
+        distributed tensor) contiguous float32/float64 CPU tensor with at least one element and
+        no lazy negation, outside ``torch.compile`` tracing."""
+        return (type(x) in PLAIN and x.dtype in DTYPES and x.device.type == "cpu"
+                and x.layout == torch.strided and x.numel() > 0 and x.is_contiguous()
+                and not x.is_neg() and not torch.compiler.is_compiling() and self.available())
 
     def _load(self) -> None:
         try:
@@ -337,7 +340,8 @@ class NativeKernels:
         """``[S, m, N_STATS]`` rows of the ``S × m`` rows of ``v`` (``[S, m, n]``, each ``[m, n]``
         block contiguous, any stride between blocks: the stage's runs), or ``None`` where the
         kernels do not serve ``v``."""
-        if (v.ndim != 3 or v.dtype not in DTYPES or v.device.type != "cpu" or v.numel() == 0
+        if (type(v) not in PLAIN or v.is_neg() or v.ndim != 3 or v.dtype not in DTYPES
+                or v.device.type != "cpu" or v.numel() == 0
                 or v.stride(2) != 1 or v.stride(1) != v.shape[2]
                 or torch.compiler.is_compiling() or not self.available()):
             return None
