@@ -313,7 +313,8 @@ class ParamStats:
         exact = True  # every vector from the compiled kernel: counts already exact
         for i in g.large:
             w = ws[i]
-            # one compiled pass where available: statistics of W, Σ(W_before − W)², Σ(W − W0)²
+            # one pass (C, else compiled) where available: statistics of W, Σ(W_before − W)²,
+            # Σ(W − W0)², and the spread's column sums (C)
             pid = id(g.params[i])
             both = rec.summary.weight(w, g.prev[i] if want_u and not skipped else None,
                                       g.init[i] if want_d else None, self._cols.get(pid, 0))

@@ -37,17 +37,21 @@ class Summariser:
         native = (self.native.describe() if device.type == "cpu" else f"eager on {device.type}")
         return f"{native}; compiled kernels {self.kernels.mode} (GRADPROBE_FUSED)"
 
-    def _compiled(self, ts: Sequence[Tensor], saturated: Rule | None = None) -> Tensor | None:
+    def _native(self, ts: Sequence[Tensor]) -> Tensor | None:
+        """The C kernels' rows (exact counts) where they serve every tensor of ``ts``."""
+        if ts and all(self.native.usable(t) for t in ts):
+            return self.native.rows(ts)
+        return None
+
+    def _one_pass(self, ts: Sequence[Tensor], saturated: Rule | None = None) -> Tensor | None:
         """The one-pass rows (exact counts) where the C or the compiled kernels serve every
         tensor."""
-        if not ts:
-            return None
-        if all(self.native.usable(t) for t in ts):
-            out = self.native.rows(ts)
-            if out is not None and saturated is not None:
+        out = self._native(ts)
+        if out is not None:
+            if saturated is not None:
                 out[:, SATURATED] = torch.stack([saturated(t).sum() for t in ts]).to(E.STAT_DTYPE)
             return out
-        if all(self.kernels.usable(t) for t in ts):
+        if ts and all(self.kernels.usable(t) for t in ts):
             return self.kernels.rows(ts, saturated)
         return None
 
@@ -55,7 +59,7 @@ class Summariser:
         """``[N_STATS]`` of one tensor with exact counts (:func:`gradprobe.stats.eager.tensor_stats`)."""
         with torch.no_grad():
             xd = x.detach()
-            fused = self._compiled([xd], saturated)
+            fused = self._one_pass([xd], saturated)
             if fused is not None:
                 return fused[0]
             return E.tensor_stats(xd, saturated, self.ws)
@@ -64,26 +68,20 @@ class Summariser:
         """``[k, N_STATS]`` of large tensors, exact counts."""
         with torch.no_grad():
             ds = [t.detach() for t in tensors]
-            fused = self._compiled(ds)
+            fused = self._one_pass(ds)
             return fused if fused is not None else E.large_stats(ds, self.ws)
 
     def group(self, tensors: Sequence[Tensor]) -> Tensor:
         """:func:`gradprobe.stats.batched.param_group_stats` with this choice for large ones
         (one call of the C kernels for all where they serve every tensor)."""
-        if tensors and all(self.native.usable(t) for t in tensors):
-            out = self.native.rows(tensors)
-            if out is not None:
-                return out
-        return B.param_group_stats(tensors, self.ws, large=self.large)
+        out = self._native(tensors)
+        return out if out is not None else B.param_group_stats(tensors, self.ws, large=self.large)
 
     def batched(self, tensors: Sequence[Tensor]) -> Tensor:
         """``[k, N_STATS]`` of small tensors, exact counts: one call of the C kernels, else
         :func:`gradprobe.stats.batched.batched_stats`."""
-        if tensors and all(self.native.usable(t) for t in tensors):
-            out = self.native.rows(tensors)
-            if out is not None:
-                return out
-        return B.batched_stats(tensors, self.ws)
+        out = self._native(tensors)
+        return out if out is not None else B.batched_stats(tensors, self.ws)
 
     def sumsq_group(self, tensors: Sequence[Tensor]) -> Tensor:
         return B.sumsq_group(tensors, self.ws)
@@ -94,7 +92,7 @@ class Summariser:
         vectors, one check for all; the compiled path's exact count passes unchanged)."""
         with torch.no_grad():
             xd = x.detach()
-            fused = self._compiled([xd])
+            fused = self._one_pass([xd])
             if fused is not None:
                 return fused[0]
             return E.chunked_stats([E.as_float(xd)], None, self.ws)[0]
