@@ -279,6 +279,17 @@ def test_a_second_build_loads_the_cached_library(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
 
 
+@needs_cc
+def test_a_damaged_library_is_built_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADPROBE_CACHE_DIR", str(tmp_path))
+    lib = N.build(tmp_path)
+    lib.write_bytes(b"not a shared library")
+    k = N.NativeKernels("on")
+    assert k.available() and k.path == lib and lib.stat().st_size > 1000
+    x = torch.randn(100)
+    _assert_row(k.rows([x])[0], x)
+
+
 def test_mode_from_the_environment(monkeypatch):
     for value, mode in (("", "auto"), ("auto", "auto"), ("1", "on"), ("0", "off"), ("off", "off")):
         monkeypatch.setenv("GRADPROBE_NATIVE", value)

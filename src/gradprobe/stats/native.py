@@ -111,8 +111,10 @@ def compiler() -> str | None:
 
 
 def _cpu_id() -> str:
-    """What ``-march=native`` depends on: the machine and, on Linux, the CPU's model and flags."""
-    ident = platform.machine() + platform.processor()
+    """What the library depends on: the platform and C library (a home directory shared by
+    machines), the machine and, on Linux, the CPU's model and flags (``-march=native``)."""
+    ident = platform.platform() + repr(platform.libc_ver()) + platform.machine()
+    ident += platform.processor()
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -253,7 +255,12 @@ class NativeKernels:
     def _load(self) -> None:
         try:
             self.path = build(defines=self.defines)
-            lib = ctypes.CDLL(str(self.path))
+            try:
+                lib = ctypes.CDLL(str(self.path))
+            except OSError:  # a damaged file under the right name: build it again, once
+                self.path.unlink(missing_ok=True)
+                self.path = build(defines=self.defines)
+                lib = ctypes.CDLL(str(self.path))
             if lib.gp_layout() // 100 != N_STATS:
                 raise RuntimeError(f"{self.path} lays rows out for {lib.gp_layout() // 100} "
                                    f"fields, not {N_STATS}")
