@@ -335,6 +335,11 @@ def test_a_probe_run_records_the_same_rows_with_and_without_the_c_kernels(tmp_pa
     a, b = with_c.raw_scalars(), without.raw_scalars()
     assert len(a) == len(b) > 0 and set(a["kind"]) >= {"act", "act_grad", "grad", "weight",
                                                        "update", "drift", "spread"}
+    # the always-on tier's gradient norms: one C call per step against _foreach_norm
+    na, nb = with_c.grad_norms(), without.grad_norms()
+    assert len(na) == len(nb) == 6 * 5 and na["grad_norm"].notna().sum() == 6 * 3  # 3 Linear
+    np.testing.assert_allclose(na["grad_norm"].to_numpy(), nb["grad_norm"].to_numpy(), rtol=1e-6)
+    assert (na["act_nonfinite"] == nb["act_nonfinite"]).all()
     num = [c for c in a.columns if a[c].dtype.kind == "f"]
     assert {"sum", "sumsq", "abs_sum", "nonzero", "min", "max"} <= set(num)
     for c in num:

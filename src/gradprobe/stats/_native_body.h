@@ -89,6 +89,36 @@ static void GP_CAT(gp_pass_, GP_SUF)(const GP_T *x, const GP_T *b, const GP_T *c
     }
 }
 
+/* Σ x² of x[0..n): blocks in GP_T, blocks added in double (the always-on tier's norms). */
+static double GP_CAT(gp_sq_, GP_SUF)(const GP_T *x, int64_t n) {
+    const GP_V zero = {0};
+    double q = 0;
+    int64_t i = 0;
+    while (n - i >= GP_L) {
+        int64_t nb = (n - i) / GP_L < GP_BLOCK ? (n - i) / GP_L : GP_BLOCK;
+        GP_V vq = zero;
+        for (int64_t k = 0; k < nb; k++) {
+            GP_V v;
+            __builtin_memcpy(&v, x + i + k * GP_L, sizeof v);
+            vq += v * v;
+        }
+        GP_T fq = 0;
+        for (int l = 0; l < GP_L; l++)
+            fq += vq[l];
+        q += fq;
+        i += nb * GP_L;
+    }
+    for (; i < n; i++)
+        q += (double)x[i] * x[i];
+    return q;
+}
+
+/* out[j] = ‖x_j‖₂ (float32) of the k arrays x_j = ptrs[j] of ns[j] elements. */
+void GP_CAT(gp_norms_, GP_SUF)(int64_t k, const int64_t *ptrs, const int64_t *ns, float *out) {
+    for (int64_t j = 0; j < k; j++)
+        out[j] = (float)sqrt(GP_CAT(gp_sq_, GP_SUF)((const GP_T *)(intptr_t)ptrs[j], ns[j]));
+}
+
 /* Rows of k arrays: rows[j * GP_NSTATS + field] for x = ptrs[j] of ns[j] elements. */
 void GP_CAT(gp_rows_, GP_SUF)(int64_t k, const int64_t *ptrs, const int64_t *ns, double *rows) {
     for (int64_t j = 0; j < k; j++)

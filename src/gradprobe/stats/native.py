@@ -267,6 +267,8 @@ class NativeKernels:
             for suf in DTYPES.values():
                 getattr(lib, f"gp_rows_{suf}").argtypes = [ctypes.c_int64, ctypes.c_void_p,
                                                            ctypes.c_void_p, ctypes.c_void_p]
+                getattr(lib, f"gp_norms_{suf}").argtypes = [ctypes.c_int64, ctypes.c_void_p,
+                                                            ctypes.c_void_p, ctypes.c_void_p]
                 getattr(lib, f"gp_blocks_{suf}").argtypes = [ctypes.c_void_p] + [
                     ctypes.c_int64] * 4 + [ctypes.c_void_p]
                 getattr(lib, f"gp_weight_{suf}").argtypes = [ctypes.c_void_p] * 3 + [
@@ -303,6 +305,12 @@ class NativeKernels:
             want_w = torch.cat([want[0], ((cf - prev.double()) ** 2).sum().reshape(1),
                                 ((cf - init.double()) ** 2).sum().reshape(1),
                                 cf.reshape(-1, 13).sum(0).square().sum().reshape(1)])
+            norms = torch.empty(len(cs))
+            if not self.norms_into(cs, norms) or not torch.allclose(
+                    norms, torch.stack(torch._foreach_norm(cs)).float(), rtol=1e-6,
+                    equal_nan=True):
+                raise RuntimeError(f"{self.path} disagrees with torch's norms on known {dtype} "
+                                   f"tensors: {norms.tolist()}")
             if not (torch.equal(got.isnan(), want.isnan())
                     and torch.allclose(got, want, rtol=1e-6, atol=0.0, equal_nan=True)
                     and torch.allclose(w, want_w, rtol=1e-6, atol=0.0)):
@@ -342,6 +350,23 @@ class NativeKernels:
         if not ts or not self.available():
             return None
         return self._rows(ts)
+
+    def norms_into(self, ts: Sequence[Tensor], out: Tensor) -> bool:
+        """Write ``‖t‖₂`` of each tensor into ``out`` (a contiguous float32 CPU vector of
+        ``len(ts)`` elements: the always-on row's gradient columns) in one call; False, writing
+        nothing, where the kernels do not serve every tensor of ``ts`` (one dtype, all usable)."""
+        if (not ts or out.dtype != torch.float32 or out.device.type != "cpu"
+                or not out.is_contiguous() or out.numel() != len(ts)):
+            return False
+        dt = ts[0].dtype
+        if not all(t.dtype == dt and self.usable(t) for t in ts):
+            return False
+        assert self._lib is not None
+        k = len(ts)
+        ptrs = (ctypes.c_int64 * k)(*[t.data_ptr() for t in ts])
+        ns = (ctypes.c_int64 * k)(*[t.numel() for t in ts])
+        getattr(self._lib, f"gp_norms_{DTYPES[dt]}")(k, ptrs, ns, out.data_ptr())
+        return True
 
     def blocks(self, v: Tensor) -> Tensor | None:
         """``[S, m, N_STATS]`` rows of the ``S × m`` rows of ``v`` (``[S, m, n]``, each ``[m, n]``
