@@ -8,7 +8,8 @@ Per step, on the device, with no host synchronisation in any hook:
   itself an explosion; float16/bfloat16 outputs are summed in float32);
 * per tracked parameter, the norm of its gradient: one ``torch._foreach_norm`` per device and
   dtype group, as ``torch.nn.utils.clip_grad_norm_`` does (float16/bfloat16 gradients in
-  float32); a parameter without a gradient counts 0. A layer's norm is
+  float32); on a CPU, where the C kernels build (:mod:`gradprobe.stats.native`), one C call
+  per group writes the norms straight into the row; a parameter without a gradient counts 0. A layer's norm is
   ``sqrt(Σ_p ‖g_p‖²)`` over its parameters (:class:`gradprobe.store.frames.AlwaysFlush`);
 * the sum of the step's observed losses and the AMP loss scale.
 
