@@ -3,6 +3,7 @@ torch, their fallback where no compiler works, and a Probe run with and without 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -166,6 +167,23 @@ def test_blocks_of_a_strided_buffer(kernels, dtype):
             _assert_row(rows[s_, r], v[s_, r])
     assert kernels.blocks(v.transpose(1, 2)) is None  # rows not contiguous
     assert kernels.blocks(v.half()) is None
+
+
+@needs_cc
+def test_norms_into_a_row_and_where_they_are_refused(kernels):
+    g = torch.Generator().manual_seed(11)
+    grads = [torch.randn(7, 5, generator=g), torch.randn(3, generator=g) * 1e3,
+             torch.zeros(4)]
+    out = torch.full((3,), -1.0)
+    sizes = (ctypes.c_int64 * 3)(*[t.numel() for t in grads])
+    assert kernels.norms_into(grads, out, sizes)
+    want = torch.stack([torch.linalg.vector_norm(t.double()) for t in grads]).float()
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=0)
+    for bad in ([grads[0].t(), *grads[1:]], [grads[0].to_sparse(), *grads[1:]],
+                [grads[0].half(), *grads[1:]]):
+        out.fill_(-1.0)
+        assert not kernels.norms_into(bad, out) and (out == -1).all()  # nothing written
+    assert not kernels.norms_into(grads, torch.empty(2))  # the wrong number of columns
 
 
 @needs_cc

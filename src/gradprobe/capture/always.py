@@ -9,8 +9,8 @@ Per step, on the device, with no host synchronisation in any hook:
 * per tracked parameter, the norm of its gradient: one ``torch._foreach_norm`` per device and
   dtype group, as ``torch.nn.utils.clip_grad_norm_`` does (float16/bfloat16 gradients in
   float32); on a CPU, where the C kernels build (:mod:`gradprobe.stats.native`), one C call
-  per group writes the norms straight into the row; a parameter without a gradient counts 0. A layer's norm is
-  ``sqrt(Σ_p ‖g_p‖²)`` over its parameters (:class:`gradprobe.store.frames.AlwaysFlush`);
+  per group writes the norms straight into the row; a parameter without a gradient counts 0.
+  A layer's norm is ``sqrt(Σ_p ‖g_p‖²)`` over its parameters (:class:`gradprobe.store.frames.AlwaysFlush`);
 * the sum of the step's observed losses and the AMP loss scale.
 
 These land in one row of a ring buffer (``capacity`` steps × ``L + P + 2`` float32 values) that
@@ -25,6 +25,7 @@ gradient-norm spikes (:meth:`AlwaysOn.spike`), on which the schedule
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -100,6 +101,9 @@ class AlwaysOn:
         self._in_row = False  # ... or written into the open row already (the C kernels)
         self.native: NativeKernels = NATIVE
         self._native_rows = device.type == "cpu"  # the row is host memory the kernels write
+        # each group's parameter sizes, for the C kernels (a gradient has its parameter's size)
+        self._sizes = [(ctypes.c_int64 * len(ps))(*[p.numel() for p in ps])
+                       for ps, _, _ in self.groups]
         self._in_order = tuple(range(self.n_layers))
         self._zero = torch.zeros((), device=device)
         self._pending: deque[tuple[int, bool, bool, Tensor, Any]] = deque()
@@ -138,11 +142,11 @@ class AlwaysOn:
         False where that does not serve (a missing, sparse or half-precision gradient)."""
         if not self._native_rows:
             return False
-        for params, cols, dtype in self.groups:
+        for (params, cols, dtype), sizes in zip(self.groups, self._sizes):
             grads = [p.grad for p in params]
             if dtype is not None or any(g is None for g in grads):
                 return False
-            if not self.native.norms_into(grads, row[cols]):  # type: ignore[arg-type]
+            if not self.native.norms_into(grads, row[cols], sizes):  # type: ignore[arg-type]
                 return False
         return True
 

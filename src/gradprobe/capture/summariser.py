@@ -39,7 +39,7 @@ class Summariser:
 
     def _native(self, ts: Sequence[Tensor]) -> Tensor | None:
         """The C kernels' rows (exact counts) where they serve every tensor of ``ts``."""
-        if ts and all(self.native.usable(t) for t in ts):
+        if self.native.serves(ts):
             return self.native.rows(ts)
         return None
 

@@ -54,7 +54,7 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -248,9 +248,16 @@ class NativeKernels:
         """True where the C kernels summarise ``x``: a plain (not a subclass: no fake, no
         distributed tensor) contiguous float32/float64 CPU tensor with at least one element and
         no lazy negation, outside ``torch.compile`` tracing."""
-        return (type(x) in PLAIN and x.dtype in DTYPES and x.device.type == "cpu"
-                and x.layout == torch.strided and x.numel() > 0 and x.is_contiguous()
-                and not x.is_neg() and not torch.compiler.is_compiling() and self.available())
+        return self.serves([x])
+
+    def serves(self, ts: Sequence[Tensor]) -> bool:
+        """:meth:`usable` of every tensor of ``ts`` (the checks that do not depend on the tensor
+        made once: this runs on every step)."""
+        if not ts or torch.compiler.is_compiling() or not self.available():
+            return False
+        return all(type(t) in PLAIN and t.dtype in DTYPES and t.is_cpu
+                   and t.layout is torch.strided and t.numel() > 0 and t.is_contiguous()
+                   and not t.is_neg() for t in ts)
 
     def _load(self) -> None:
         try:
@@ -351,21 +358,29 @@ class NativeKernels:
             return None
         return self._rows(ts)
 
-    def norms_into(self, ts: Sequence[Tensor], out: Tensor) -> bool:
-        """Write ``‖t‖₂`` of each tensor into ``out`` (a contiguous float32 CPU vector of
-        ``len(ts)`` elements: the always-on row's gradient columns) in one call; False, writing
-        nothing, where the kernels do not serve every tensor of ``ts`` (one dtype, all usable)."""
-        if (not ts or out.dtype != torch.float32 or out.device.type != "cpu"
-                or not out.is_contiguous() or out.numel() != len(ts)):
+    def norms_into(self, grads: Sequence[Tensor], out: Tensor, sizes: Any = None) -> bool:
+        """Write ``‖g‖₂`` of each gradient into ``out`` (a contiguous float32 CPU vector of
+        ``len(grads)`` elements: the always-on row's gradient columns) in one call; False,
+        writing nothing, where the kernels do not serve them. ``grads`` are the gradients of
+        parameters of one device and dtype, and torch keeps a gradient's device, dtype and size
+        those of its parameter: only the first one's device and dtype are checked, and
+        ``sizes`` (a ``ctypes`` int64 array of the parameters' sizes, made once by the caller)
+        may stand for the sizes. This runs on every step, for every parameter."""
+        g0 = grads[0] if grads else None
+        if (g0 is None or g0.dtype not in DTYPES or not g0.is_cpu
+                or out.dtype != torch.float32 or out.device.type != "cpu"
+                or not out.is_contiguous() or out.numel() != len(grads)
+                or torch.compiler.is_compiling() or not self.available()):
             return False
-        dt = ts[0].dtype
-        if not all(t.dtype == dt and self.usable(t) for t in ts):
+        strided = torch.strided
+        if not all(type(g) in PLAIN and g.layout is strided and g.is_contiguous()
+                   and not g.is_neg() for g in grads):
             return False
         assert self._lib is not None
-        k = len(ts)
-        ptrs = (ctypes.c_int64 * k)(*[t.data_ptr() for t in ts])
-        ns = (ctypes.c_int64 * k)(*[t.numel() for t in ts])
-        getattr(self._lib, f"gp_norms_{DTYPES[dt]}")(k, ptrs, ns, out.data_ptr())
+        k = len(grads)
+        ptrs = (ctypes.c_int64 * k)(*[g.data_ptr() for g in grads])
+        ns = sizes if sizes is not None else (ctypes.c_int64 * k)(*[g.numel() for g in grads])
+        getattr(self._lib, f"gp_norms_{DTYPES[g0.dtype]}")(k, ptrs, ns, out.data_ptr())
         return True
 
     def blocks(self, v: Tensor) -> Tensor | None:
@@ -391,7 +406,7 @@ class NativeKernels:
         size, ``Σ_j (Σ_i w[i, j])²`` of ``w`` seen as rows of ``cols`` elements (the column sums
         of :mod:`gradprobe.stats.spread`; 0 where ``cols`` is 0; ``[N_STATS + 2]`` where they
         could not be formed). ``None`` where the kernels do not serve these tensors."""
-        if not self.usable(w) or not all(o is None or self.usable(o) for o in (prev, init)):
+        if not self.serves([w, *(o for o in (prev, init) if o is not None)]):
             return None
         if any(o is not None and (o.dtype != w.dtype or o.numel() != w.numel())
                for o in (prev, init)):
