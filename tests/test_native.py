@@ -246,6 +246,19 @@ def test_no_compiler_falls_back_to_eager(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache").glob("stats-*"))  # nothing half-written left
 
 
+def test_a_compiler_that_fails_is_named_with_its_flags(tmp_path, monkeypatch):
+    fails = tmp_path / "cc"
+    fails.write_text("#!/bin/sh\necho 'cc: error: unknown option' >&2\nexit 1\n")
+    fails.chmod(0o755)
+    monkeypatch.setenv("GRADPROBE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(fails))
+    k = N.NativeKernels("auto")
+    assert not k.available()
+    assert "could not compile _native.c" in (k.broken or "")
+    assert "-O3 -march=native: cc: error: unknown option" in (k.broken or "")
+    assert not [p for p in (tmp_path / "cache").iterdir()]  # no half-written file left
+
+
 @needs_cc
 def test_a_library_that_disagrees_with_eager_is_not_used(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADPROBE_CACHE_DIR", str(tmp_path / "cache"))

@@ -186,7 +186,8 @@ def build(directory: Path | None = None, cc: str | None = None,
         if res.returncode == 0:
             os.replace(tmp, lib)
             return lib
-        errors.append(f"{' '.join(flags)}: {(res.stderr or res.stdout).strip().splitlines()[-1:]}")
+        said = (res.stderr or res.stdout).strip().splitlines()
+        errors.append(f"{' '.join(flags)}: {said[-1] if said else f'exit status {res.returncode}'}")
     tmp.unlink(missing_ok=True)
     raise RuntimeError(f"{cc} could not compile {SOURCES[0]} ({'; '.join(errors)})")
 
