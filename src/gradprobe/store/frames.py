@@ -2,7 +2,10 @@
 
 :class:`HostFlush` is what the training thread copied to the host (raw sufficient statistics,
 laid out by :mod:`gradprobe.stats.schema`); :class:`Frames` turns it into the tables of the run
-directory on the writer thread. No torch here: only numpy, pandas and the schema.
+directory on the writer thread. No torch here: numpy and the schema; the tables are handed to
+the writer as columns (numpy and pyarrow arrays), not DataFrames: pandas took half of the
+writer thread's time on small flushes, and that thread shares the interpreter lock with
+training.
 """
 
 from __future__ import annotations
@@ -12,10 +15,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from gradprobe.stats import schema as S
 from gradprobe.store.writer import RunWriter
+
+Columns = dict[str, Any]
+"""A table as its columns: name to a numpy or pyarrow array, all of one length."""
+
+
+def strings(names: list[str], codes: np.ndarray) -> pa.Array:
+    """A string column from the index of each row's string in ``names`` (a C gather, where a
+    Python list of strings costs a Python object per row)."""
+    return pc.take(pa.array(names, type=pa.string()), pa.array(codes, type=pa.int64()))
 
 
 @dataclass
@@ -36,34 +49,34 @@ class AlwaysFlush:
     has_loss: np.ndarray
     has_scale: bool
 
-    def frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """The ``steps`` table (one row per step: ``step, tier, loss_nonfinite, scale,
+    def frames(self) -> tuple[Columns, Columns]:
+        """The columns of the ``steps`` table (one row per step: ``step, tier, loss_nonfinite, scale,
         skipped``) and the ``norms`` table (one row per step and layer: ``step, layer_id,
         grad_norm, grad_nonfinite, act_nonfinite``; a layer's norm is that of all its
         parameters' gradients together, ``sqrt(Σ_p ‖g_p‖²)``)."""
         n, n_layers, n_params = len(self.steps), len(self.layer_ids), len(self.param_layer)
         v = self.values.reshape(n, n_layers + n_params + 2)
         loss = v[:, n_layers + n_params]
-        steps = pd.DataFrame({
+        steps = {
             "step": self.steps.astype(np.int64),
-            "tier": np.where(self.full, "full", "always"),
+            "tier": strings(["always", "full"], self.full.astype(np.int64)),
             "loss_nonfinite": self.has_loss & ~np.isfinite(loss),
             "scale": v[:, -1] if self.has_scale else np.full(n, np.nan),
             "skipped": self.skipped.astype(bool),
-        })
+        }
         g = v[:, n_layers : n_layers + n_params].astype(np.float64)
         sq = np.zeros((n, n_layers))
         np.add.at(sq.T, self.param_layer, (g * g).T)
         with_grad = np.zeros(n_layers, dtype=bool)
         with_grad[self.param_layer] = True
         norm = np.where(with_grad, np.sqrt(sq), np.nan)
-        norms = pd.DataFrame({
+        norms = {
             "step": np.repeat(self.steps.astype(np.int64), n_layers),
             "layer_id": np.tile(np.asarray(self.layer_ids, dtype=np.int64), n),
             "grad_norm": norm.reshape(-1),
             "grad_nonfinite": (with_grad & ~np.isfinite(sq)).reshape(-1),
             "act_nonfinite": (~np.isfinite(v[:, :n_layers])).reshape(-1),
-        })
+        }
         return steps, norms
 
 
@@ -122,6 +135,9 @@ class Frames:
                  dead: list[bool], hist_bins: int) -> None:
         self.layer_ids = layer_ids
         self.kind_col = kinds
+        self._layer_id = np.asarray(layer_ids, dtype=np.int64)
+        self._kind_names = sorted(set(kinds))
+        self._kind_code = np.array([self._kind_names.index(k) for k in kinds], dtype=np.int64)
         self.hist_bins = hist_bins
         self._sat = np.array(saturation, dtype=bool)
         self._dead = np.array(dead, dtype=bool)
@@ -133,51 +149,65 @@ class Frames:
         histograms, then scalars, which commits the flush). Reads only ``data`` and the
         recorder's fixed row table, so it may run on another thread than :meth:`take`."""
         if len(data.loss_steps):
-            frame = pd.DataFrame({
+            losses = {
                 "step": data.loss_steps,
                 "loss": data.losses / np.maximum(data.loss_count, 1),
                 "count": data.loss_count,
-            })
-            writer.write_part("losses", frame, data.index)
+            }
+            writer.write_part("losses", losses, data.index)
         if data.hist_keys:
-            b = self.hist_bins
-            recs = []
-            for (slot, row), h in zip(data.hist_keys, data.hist):
-                h_edges = h[: b + 1]
-                if self._act_grad[row]:
-                    h_edges = h_edges / data.scale[slot]
-                recs.append({
-                    "step": int(data.steps[slot]), "layer_id": self.layer_ids[row],
-                    "kind": self.kind_col[row], "bin_edges": h_edges.tolist(),
-                    "counts": h[b + 1 : 2 * b + 1].astype(np.int64).tolist(),
-                    "nonfinite": int(h[2 * b + 1]),
-                })
-            writer.write_part("hist", pd.DataFrame(recs), data.index)
+            writer.write_part("hist", self._hist_columns(data), data.index)
         if data.time_keys:
-            writer.write_part("time", self._time_frame(data), data.index)
+            writer.write_part("time", self._time_columns(data), data.index)
         if data.always is not None:
             steps, norms = data.always.frames()
             writer.write_part("norms", norms, data.index)
             writer.write_part("steps", steps, data.index)
         # The scalars part is written last: it commits the flush (readers ignore loss and
         # histogram parts whose scalars part is missing, e.g. after a SIGKILL in between).
-        writer.write_part("scalars", self._scalars_frame(data), data.index)
+        writer.write_part("scalars", self._scalar_columns(data), data.index)
 
-    def _time_frame(self, data: HostFlush) -> pd.DataFrame:
+    def _hist_columns(self, data: HostFlush) -> Columns:
+        """One row per histogram: ``step, layer_id, kind, bin_edges, counts, nonfinite``
+        (edges of activation gradients unscaled like their statistics)."""
+        b = self.hist_bins
+        slots = np.array([k[0] for k in data.hist_keys], dtype=np.int64)
+        rows = np.array([k[1] for k in data.hist_keys], dtype=np.int64)
+        h = np.asarray(data.hist, dtype=np.float64).reshape(len(rows), 2 * b + 2)
+        edges = h[:, : b + 1] / np.where(self._act_grad[rows], data.scale[slots], 1.0)[:, None]
+        counts = h[:, b + 1 : 2 * b + 1].astype(np.int64)
+
+        def lists(values: np.ndarray) -> pa.Array:
+            width = values.shape[1]
+            offsets = pa.array(np.arange(len(values) + 1, dtype=np.int32) * width)
+            return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1)))
+
+        return {
+            "step": data.steps[slots].astype(np.int64),
+            "layer_id": self._layer_id[rows],
+            "kind": strings(self._kind_names, self._kind_code[rows]),
+            "bin_edges": lists(edges),
+            "counts": lists(counts),
+            "nonfinite": h[:, 2 * b + 1].astype(np.int64),
+        }
+
+    def _time_columns(self, data: HostFlush) -> Columns:
         """One row per (step, layer, wrt, t): ``sumsq`` = ``Σ grad²`` over the batch and
         features of time step ``t`` (gradients of an AMP-scaled loss unscaled)."""
         lens = np.asarray(data.time_lens, dtype=np.int64)
         slots = np.repeat([k[0] for k in data.time_keys], lens)
         scale = data.scale[slots] if len(slots) else np.ones(0)
-        return pd.DataFrame({
+        wrt = [k[2] for k in data.time_keys]
+        names = sorted(set(wrt))
+        return {
             "step": data.steps[slots].astype(np.int64),
             "layer_id": np.repeat([k[1] for k in data.time_keys], lens).astype(np.int64),
-            "wrt": np.repeat([k[2] for k in data.time_keys], lens),
+            "wrt": strings(names, np.repeat([names.index(w) for w in wrt], lens)),
             "t": np.concatenate([np.arange(n) for n in lens]).astype(np.int64),
             "sumsq": data.time[: int(lens.sum())] / (scale * scale),
-        })
+        }
 
-    def _scalars_frame(self, data: HostFlush) -> pd.DataFrame:
+    def _scalar_columns(self, data: HostFlush) -> Columns:
         slot_idx, row_idx = np.nonzero(data.touched)
         st = data.stats[slot_idx, row_idx]  # [k, N_STATS]
         sc = data.scale[slot_idx]
@@ -185,10 +215,10 @@ class Frames:
         # Activation gradients were taken from the scaled loss of an AMP GradScaler: unscale.
         div = np.where(ag, sc, 1.0)
         nan = math.nan
-        frame = pd.DataFrame({
+        return {
             "step": data.steps[slot_idx],
-            "layer_id": np.array([self.layer_ids[i] for i in row_idx], dtype=np.int64),
-            "kind": [self.kind_col[i] for i in row_idx],
+            "layer_id": self._layer_id[row_idx],
+            "kind": strings(self._kind_names, self._kind_code[row_idx]),
             "count": data.counts[slot_idx, row_idx],
             "sum": st[:, S.SUM] / div,
             "sumsq": st[:, S.SUMSQ] / (div * div),
@@ -203,8 +233,7 @@ class Frames:
             "max": st[:, S.MAX] / div,
             "skipped": data.skipped[slot_idx],
             "scale": sc,
-        })
-        return frame
+        }
 
 
 __all__ = ["AlwaysFlush", "Frames", "HostFlush"]

@@ -47,12 +47,14 @@ import os
 import platform
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gradprobe.errors import RunDirError
@@ -201,8 +203,10 @@ class RunWriter:
         self._flushes += 1
         return index
 
-    def write_part(self, kind: str, frame: pd.DataFrame, index: int) -> Path:
+    def write_part(self, kind: str, frame: pd.DataFrame | Mapping[str, Any], index: int) -> Path:
         """Write ``frame`` as part ``index`` of ``kind`` (one of ``PART_DIRS``), atomically.
+        ``frame`` is a DataFrame or its columns (name to numpy array or pyarrow array, of one
+        length): the flushes hand columns, which skip pandas (half the writer thread's time).
 
         A flush writes its ``losses`` and ``hist`` parts first and its ``scalars`` part last:
         the scalars part commits the flush.
@@ -212,7 +216,11 @@ class RunWriter:
         # One conversion thread (pyarrow's pool costs more than it saves on frames this small);
         # dictionary encoding only for the repeated strings and statistics only for `step`:
         # the defaults cost twice the time of the whole write for a larger file.
-        table = pa.Table.from_pandas(frame, preserve_index=False, nthreads=1)
+        if isinstance(frame, pd.DataFrame):
+            table = pa.Table.from_pandas(frame, preserve_index=False, nthreads=1)
+        else:  # NaN stored as null (missing), as pandas' conversion does
+            table = pa.table({k: pa.array(v, from_pandas=True) if isinstance(v, np.ndarray) else v
+                              for k, v in frame.items()})
         names = set(table.column_names)
         try:
             pq.write_table(table, tmp,  # no fsync: see atomic_write_bytes
@@ -222,8 +230,8 @@ class RunWriter:
         except BaseException:  # a full disk: leave no temporary file behind
             tmp.unlink(missing_ok=True)
             raise
-        if "step" in names and len(frame):
-            top = int(frame["step"].max())
+        if "step" in names and table.num_rows:
+            top = int(pc.max(table.column("step")).as_py())
             self._flush_last[index] = max(top, self._flush_last.get(index, top))
         if kind == "scalars":  # the flush is committed
             self._committed.add(index)
