@@ -120,7 +120,8 @@ def _poison_output_grad(k):
     ("activation", "mid", "forward"), ("activation-inf", "mid", "forward"),
     ("gradient", "mid", "grad"), ("output-gradient", "hid", "act_grad"),
     ("loss", None, "loss")])
-@pytest.mark.parametrize("kw", [{"every": 7}, {}], ids=["every7", "budget"])
+@pytest.mark.parametrize("kw", [{"every": 7}, {}, {"budget": None, "every": 1}],
+                         ids=["every7", "budget", "everything"])
 def test_nonfinite_is_recorded_at_its_step_layer_and_pass(tmp_path, where, layer, pass_, kw):
     k = 17  # not a multiple of 7, after the warm-up
     plant = {"activation": _poison_output(k, math.nan),
@@ -135,8 +136,10 @@ def test_nonfinite_is_recorded_at_its_step_layer_and_pass(tmp_path, where, layer
     assert first["pass"] == pass_ and (first["layer"] == layer or
                                        (layer is None and pd.isna(first["layer"]))), first
     steps = run.steps().set_index("step")
-    if kw:  # the fixed schedule: step k has only the always-on tier
+    if kw.get("every", 1) > 1:  # the fixed schedule: step k has only the always-on tier
         assert steps.loc[k, "tier"] == "always"
+    if kw.get("every") == 1:  # every step full: the full tier found the outputs' values
+        assert steps.loc[k, "tier"] == "full"
     norms = run.grad_norms()
     at_k = norms[norms.step == k].set_index("layer")
     if where.startswith("activation"):
@@ -154,6 +157,55 @@ def test_nonfinite_is_recorded_at_its_step_layer_and_pass(tmp_path, where, layer
     assert norms[norms.step < k][["act_nonfinite", "grad_nonfinite"]].sum().sum() == 0
     if not kw:  # the budget schedule: the steps after it are full
         assert (steps.loc[k + 1 : k + sched.AFTER, "tier"] == "full").all()
+
+
+class Clean(nn.Module):
+    """``nan_to_num`` of its input, no parameters (not tracked): a non-finite value above it
+    reaches neither the loss nor any gradient (the gradient of ``nan_to_num`` is 0 there)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+@pytest.mark.parametrize("kw", [{"every": 7}, {}, {"budget": None, "every": 1}],
+                         ids=["every7", "budget", "everything"])
+@pytest.mark.parametrize("k", [3, 17])  # in the budget's warm-up (a full step), and after it
+def test_an_output_nonfinite_alone_is_found_on_every_tier(tmp_path, kw, k):
+    """Only ``mid``'s output is non-finite at step ``k``: loss and gradients stay finite. The
+    always-on flag, the event and the budget's trigger come from the always-on sum where the
+    step is not full, and from the full tier's count where it is (the hooks leave the sum of
+    an output the full tier records to it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict([
+        ("inp", nn.Linear(4, 8)), ("act", nn.Tanh()), ("mid", Scale(8)), ("clean", Clean()),
+        ("hid", nn.Linear(8, 8)), ("relu", nn.ReLU()), ("out", nn.Linear(8, 1)),
+    ]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gp.Probe(model, opt, run_dir=tmp_path / "r", **kw) as probe:
+        for step, x in enumerate(_batches(24)):
+            model.mid.bad.fill_(math.nan if step == k else 0.0)
+            loss = model(x).pow(2).mean()
+            assert torch.isfinite(loss)
+            probe.observe_loss(loss)
+            loss.backward()
+            assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+            opt.step()
+            opt.zero_grad()
+    run = probe.run
+    ev = run.events()
+    assert list(ev["step"]) == [k], ev
+    assert ev.iloc[0]["layer"] == "mid" and ev.iloc[0]["pass"] == "forward"
+    norms = run.grad_norms()
+    bad = norms[norms.act_nonfinite]
+    assert list(zip(bad.step, bad.layer)) == [(k, "mid")], bad
+    assert not norms["grad_nonfinite"].any()
+    tier = run.steps().set_index("step").loc[k, "tier"]
+    assert tier == ("always" if kw.get("every") == 7 else "full" if kw else tier)
+    if not kw:  # the budget schedule: step k triggered full steps after it
+        trig = [t for t in run.schedule["triggers"] if t["why"] == "nonfinite"]
+        assert [(t["step"], t["layer"]) for t in trig] == [(k, "mid")], trig
+        steps = run.steps().set_index("step")["tier"]
+        assert (steps.loc[k + 1 : k + sched.AFTER] == "full").all()
 
 
 def test_spike_is_at_its_step_and_the_next_steps_are_full(tmp_path):

@@ -241,6 +241,11 @@ class AlwaysOn:
             out.append((step, full, skipped, host.numpy()))
         return out
 
+    def loss_nonfinite(self) -> bool:
+        """Whether a loss observed in the open step is non-finite (reads the losses on the
+        host: only once a step is known to hold a non-finite value)."""
+        return any(not bool(torch.isfinite(x).all()) for x in self._losses)
+
     def open(self) -> bool:
         """Whether the open step has outputs or a loss queued (a pass ran)."""
         return bool(self.sums or self._losses)

@@ -31,16 +31,26 @@ PASS_ORDER = {"forward": 0, "loss": 1, "act_grad": 2, "grad": 3, "weight": 4}
 
 
 def full_event(rows: Sequence[Any], step: int, nonfinite: np.ndarray, touched: np.ndarray,
-               seq: np.ndarray, skipped: bool, extra: dict[str, Any]) -> dict[str, Any] | None:
+               seq: np.ndarray, skipped: bool, extra: dict[str, Any], loss_bad: bool = False
+               ) -> dict[str, Any] | None:
     """The event of one full step from its records' non-finite counts (``rows``: the
     recorder's :class:`~gradprobe.capture.recorder.RowInfo` table; ``touched`` and ``seq``:
-    the step's written records and their first-touch order); ``None`` if none is non-finite."""
+    the step's written records and their first-touch order); ``None`` if none is non-finite.
+    ``loss_bad``: the step's loss was non-finite; the event is the loss's when no output was
+    non-finite before it (the records do not hold the loss, and a NaN loss makes every
+    gradient below it NaN)."""
     hit = np.flatnonzero((nonfinite > 0) & touched)
     if hit.size == 0:
         return None
     first = int(min(hit, key=lambda r: (PASS_ORDER[PASS_OF_KIND[rows[int(r)].kind]],
                                         int(seq[r]))))
     info = rows[first]
+    if loss_bad and PASS_ORDER[PASS_OF_KIND[info.kind]] > PASS_ORDER["loss"]:
+        return {
+            "type": "nonfinite", "step": int(step), "layer": None, "layer_id": -1,
+            "pass": "loss", "kind": "loss", "nonfinite": -1, "n_layers": int(hit.size),
+            "amp_skipped": bool(skipped), **extra,
+        }
     return {
         "type": "nonfinite",
         "step": int(step),

@@ -32,6 +32,7 @@ class Steps(Protocol):
     slot: int | None
     gen: int
     hist_now: bool
+    full_checked: bool
     recorder: Recorder
     always: AlwaysOn
     probe_s: float
@@ -101,7 +102,10 @@ class ForwardHooks:
                 t = first_float_tensor(output)
             if t is not None:
                 always = p.always
-                if always.acts:  # the always-on tier: one reduction, on the device
+                # the always-on tier: one reduction, on the device; not where this step's
+                # full tier records the output and reads its non-finite count on the host at
+                # the step's end (the flush fills the always-on flag from that count)
+                if always.acts and (lay.act_row is None or not p.full_checked):
                     x = t.detach()
                     dtype = x.dtype
                     if dtype in HALF:

@@ -375,10 +375,12 @@ class Recorder:
         self.checked[slot] = True
         return self.buf[slot, :, S.NONFINITE].cpu().numpy()
 
-    def event_for(self, slot: int, nonfinite: np.ndarray) -> dict[str, Any] | None:
-        """The non-finite event of the open step ``slot`` (:func:`gradprobe.capture.events.full_event`)."""
+    def event_for(self, slot: int, nonfinite: np.ndarray, loss_bad: bool = False
+                  ) -> dict[str, Any] | None:
+        """The non-finite event of the open step ``slot`` (``loss_bad``: its loss was
+        non-finite; :func:`gradprobe.capture.events.full_event`)."""
         return full_event(self.rows, self.steps[slot], nonfinite, self.touched[slot],
-                          self.seq[slot], self.skipped[slot], self.event_extra)
+                          self.seq[slot], self.skipped[slot], self.event_extra, loss_bad)
 
     # ------------------------------------------------------------------ flush
 

@@ -50,6 +50,11 @@ class StepLoop:
         self.slot: int | None = None  # the open step's slot in the full tier's ring
         self.full = False  # the open step has the full tier
         self.hist_now = False
+        # the open step is full and its non-finite values are found on the host at its end
+        # (CPU, or on_nonfinite="raise"): the hooks leave the always-on sums of the outputs it
+        # records to the full tier
+        self.full_checked = False
+        self._host_checks = recorder.device.type == "cpu" or options.on_nonfinite == "raise"
         self.gen = 1  # hooks of an earlier attach do nothing
         self.probe_s = 0.0  # the Probe's own time in the open step (seconds)
         self.grads_taken = False  # take_grads() ran in the open step (no optimizer)
@@ -66,6 +71,7 @@ class StepLoop:
         self.hist_now = self.full and self._hist_due()  # read by the hooks of this step
         if self.hist_now:
             self._last_hist = self.step
+        self.full_checked = self.full and self._host_checks
         if self.full:
             self.slot = self.recorder.begin(self.step)
             if self.snapshot:
@@ -117,30 +123,38 @@ class StepLoop:
 
     # ------------------------------------------------------------------ the always-on row
 
-    def end_always(self, *, skipped: bool, incomplete: bool = False) -> list[dict[str, Any]]:
-        """Close the open step's always-on row; its event (if read on the host now)."""
+    def end_always(self, *, skipped: bool, incomplete: bool = False,
+                   reported: bool = False) -> list[dict[str, Any]]:
+        """Close the open step's always-on row; its event (if read on the host now; not
+        where the full tier ``reported`` the step's event already)."""
         v = self.always.end(self.step, full=self.full, skipped=skipped, scale=self._scale())
         if v is None:  # on its way to the host: read by a later step (begin)
             return []
-        return self.check_always(self.step, self.full, skipped, v, incomplete)
+        return self.check_always(self.step, self.full, skipped, v, incomplete, reported)
 
     def check_always(self, step: int, full: bool, skipped: bool, v: Any,
-                     incomplete: bool = False) -> list[dict[str, Any]]:
-        """Write the event of an always-on row, and make the next steps full after a spike or
-        a non-finite value (:meth:`Schedule.trigger`)."""
+                     incomplete: bool = False, reported: bool = False) -> list[dict[str, Any]]:
+        """Write the event of an always-on row (unless ``reported`` by the full tier), and
+        make the next steps full after a spike or a non-finite value
+        (:meth:`Schedule.trigger`)."""
         bad, event, spike = self.always.check(step, full, skipped, v)
         if spike is not None:
             self.schedule.trigger(step, "spike", self.layers[spike].name)
         if bad and not skipped:
-            if self._last_bad != step - 1:  # the first of a run of non-finite steps
-                self.schedule.trigger(step, "nonfinite", event["layer"] if event else None)
-            self._last_bad = step
-        if event is None:
+            self._nonfinite(step, event["layer"] if event else None)
+        if event is None or reported:
             return []
         if incomplete:
             event["incomplete"] = True
         self.writer.append_event(event)
         return [event]
+
+    def _nonfinite(self, step: int, layer: str | None) -> None:
+        """A step held a non-finite value: the first of a run of such steps makes the next
+        steps full (:meth:`Schedule.trigger`)."""
+        if self._last_bad != step - 1 and self._last_bad != step:
+            self.schedule.trigger(step, "nonfinite", layer)
+        self._last_bad = step
 
     # ------------------------------------------------------------------ the end of a step
 
@@ -161,7 +175,7 @@ class StepLoop:
             # for); with on_nonfinite="raise" the user asked for it (one sync per step).
             nonfinite = rec.slot_nonfinite(slot)
             if nonfinite.any():
-                ev = rec.event_for(slot, nonfinite)
+                ev = rec.event_for(slot, nonfinite, self.always.loss_nonfinite())
                 if ev is not None:
                     self.writer.append_event(ev)
                     return [ev]
@@ -172,7 +186,9 @@ class StepLoop:
         bound is reached, begin the next step; raise what the step found."""
         t0 = time.perf_counter()
         events = self._end_full(self.slot, skipped) if self.slot is not None else []
-        events += self.end_always(skipped=skipped)
+        if events and not skipped:  # found by the full tier (the always-on row may lack
+            self._nonfinite(self.step, events[0]["layer"])  # the outputs it records)
+        events += self.end_always(skipped=skipped, reported=bool(events))
         self.step += 1
         self.slot = None
         self.grads_taken = False
@@ -248,16 +264,17 @@ class StepLoop:
         self.gen += 1
         rec, writer = self.recorder, self.writer
         incomplete: int | None = None
+        reported = False  # the open step's event was written by the full tier
         if self.slot is not None:  # a step begun but never finished by an optimizer step
             slot, self.slot = self.slot, None
             if rec.recorded(slot):  # e.g. a NaN-loss guard raised before the step
                 incomplete = self.step
-                self._close_incomplete(slot)
+                reported = self._close_incomplete(slot)
             else:  # nothing of it was recorded (the step after the last optimizer step)
                 rec.discard_open(slot)
         if self.always.open():  # the open step's outputs or loss were seen: keep its row
             incomplete = self.step
-            self.end_always(skipped=False, incomplete=True)
+            self.end_always(skipped=False, incomplete=True, reported=reported)
         self.always.discard_open()
         for row in self.always.ready(wait=True):  # GPU: the rows still on their way
             self.check_always(*row)
@@ -282,11 +299,12 @@ class StepLoop:
             finally:
                 self.params.release()
 
-    def _close_incomplete(self, slot: int) -> None:
+    def _close_incomplete(self, slot: int) -> bool:
         """Keep the open step that never reached its optimizer step (the loop stopped before
         ``optimizer.step()``): its activations, the gradients as they are now and the weights
         (unchanged: update 0), and its non-finite event marked ``incomplete``, written whatever
-        the device or ``on_nonfinite`` (one host read, at detach)."""
+        the device or ``on_nonfinite`` (one host read, at detach). Returns whether it wrote
+        an event."""
         rec, params = self.recorder, self.params
         with torch.no_grad():
             if not rec.staged.pre_done and not self.grads_taken:  # no pre-step hook ran
@@ -298,10 +316,12 @@ class StepLoop:
         rec.end(slot, skipped=False, scale=self._scale())
         nonfinite = rec.slot_nonfinite(slot)
         if nonfinite.any():
-            ev = rec.event_for(slot, nonfinite)
+            ev = rec.event_for(slot, nonfinite, self.always.loss_nonfinite())
             if ev is not None:
                 ev["incomplete"] = True
                 self.writer.append_event(ev)
+                return True
+        return False
 
 
 __all__ = ["StepLoop"]

@@ -107,10 +107,12 @@ class TakenFlush:
             always = self.always[1](host[off : off + self.always[0]])
         bad = ((stats[:, :, S.NONFINITE] > 0) & self.touched).any(1)
         events: list[dict[str, Any]] = []
+        loss_bad = {int(st) for st, v in zip(self.loss_steps, losses) if not np.isfinite(v)}
         for slot in np.flatnonzero(bad & ~self.checked):
-            ev = full_event(self.rows, int(self.steps[slot]), stats[slot, :, S.NONFINITE],
+            step = int(self.steps[slot])
+            ev = full_event(self.rows, step, stats[slot, :, S.NONFINITE],
                             self.touched[slot], self.seq[slot], bool(self.skipped[slot]),
-                            self.extra)
+                            self.extra, step in loss_bad)
             if ev is not None:
                 events.append(ev)
         writer.append_events(events)

@@ -49,11 +49,13 @@ class AlwaysFlush:
     has_loss: np.ndarray
     has_scale: bool
 
-    def frames(self) -> tuple[Columns, Columns]:
-        """The columns of the ``steps`` table (one row per step: ``step, tier, loss_nonfinite, scale,
-        skipped``) and the ``norms`` table (one row per step and layer: ``step, layer_id,
-        grad_norm, grad_nonfinite, act_nonfinite``; a layer's norm is that of all its
-        parameters' gradients together, ``sqrt(Σ_p ‖g_p‖²)``)."""
+    def frames(self, act_bad: np.ndarray | None = None) -> tuple[Columns, Columns]:
+        """The columns of the ``steps`` table (one row per step: ``step, tier, loss_nonfinite,
+        scale, skipped``) and the ``norms`` table (one row per step and layer: ``step,
+        layer_id, grad_norm, grad_nonfinite, act_nonfinite``; a layer's norm is that of all
+        its parameters' gradients together, ``sqrt(Σ_p ‖g_p‖²)``). ``act_bad`` (``[n, L]``)
+        marks outputs found non-finite by the full tier, whose steps have no always-on sum
+        of the outputs the full tier recorded."""
         n, n_layers, n_params = len(self.steps), len(self.layer_ids), len(self.param_layer)
         v = self.values.reshape(n, n_layers + n_params + 2)
         loss = v[:, n_layers + n_params]
@@ -75,7 +77,8 @@ class AlwaysFlush:
             "layer_id": np.tile(np.asarray(self.layer_ids, dtype=np.int64), n),
             "grad_norm": norm.reshape(-1),
             "grad_nonfinite": (with_grad & ~np.isfinite(sq)).reshape(-1),
-            "act_nonfinite": (~np.isfinite(v[:, :n_layers])).reshape(-1),
+            "act_nonfinite": (~np.isfinite(v[:, :n_layers]) | (False if act_bad is None
+                                                                else act_bad)).reshape(-1),
         }
         return steps, norms
 
@@ -143,6 +146,7 @@ class Frames:
         self._dead = np.array(dead, dtype=bool)
         self._ratio = np.array([k in S.RATIO_KINDS for k in kinds], dtype=bool)
         self._act_grad = np.array([k == "act_grad" for k in kinds], dtype=bool)
+        self._act_rows = np.array([r for r, k in enumerate(kinds) if k == "act"], dtype=np.int64)
 
     def write(self, data: HostFlush, writer: RunWriter) -> None:
         """The host half of a flush: build the frames of ``data`` and write its parts (losses,
@@ -160,12 +164,35 @@ class Frames:
         if data.time_keys:
             writer.write_part("time", self._time_columns(data), data.index)
         if data.always is not None:
-            steps, norms = data.always.frames()
+            steps, norms = data.always.frames(self._act_bad(data))
             writer.write_part("norms", norms, data.index)
             writer.write_part("steps", steps, data.index)
         # The scalars part is written last: it commits the flush (readers ignore loss and
         # histogram parts whose scalars part is missing, e.g. after a SIGKILL in between).
         writer.write_part("scalars", self._scalar_columns(data), data.index)
+
+    def _act_bad(self, data: HostFlush) -> np.ndarray | None:
+        """``[n, L]`` of the always-on rows: the layers whose outputs the full tier found
+        non-finite at its steps (the hooks leave those outputs' always-on sums to the full
+        tier where it checks them on the host: :mod:`gradprobe.capture.forward`)."""
+        a = data.always
+        if a is None or not len(self._act_rows) or not len(data.steps) or not a.full.any():
+            return None
+        slot_of = {int(step): j for j, step in enumerate(data.steps)}
+        col_of = {lid: c for c, lid in enumerate(a.layer_ids)}
+        pairs = [(r, col_of[self.layer_ids[r]]) for r in self._act_rows
+                 if self.layer_ids[r] in col_of]
+        hit = [(i, slot_of[int(a.steps[i])]) for i in np.nonzero(a.full)[0]
+               if int(a.steps[i]) in slot_of]
+        if not pairs or not hit:
+            return None
+        rows, cols = (np.array(x, dtype=np.int64) for x in zip(*pairs))
+        at, slots = (np.array(x, dtype=np.int64) for x in zip(*hit))
+        bad = np.zeros((len(a.steps), len(a.layer_ids)), dtype=bool)
+        found = data.stats[slots[:, None], rows[None, :], S.NONFINITE] > 0  # [hit, pairs]
+        found &= data.touched[slots[:, None], rows[None, :]]
+        bad[at[:, None], cols[None, :]] = found
+        return bad
 
     def _hist_columns(self, data: HostFlush) -> Columns:
         """One row per histogram: ``step, layer_id, kind, bin_edges, counts, nonfinite``
