@@ -5,7 +5,11 @@ Per step, on the device, with no host synchronisation in any hook:
 * per tracked layer, the sum of each output it produced (one reduction per hooked output,
   ``x.sum()``, kept on the device): the sum is non-finite exactly when an element is NaN or
   ±Inf, or when the finite elements overflow the accumulator (``|Σ x| > 3.4e38`` in float32,
-  itself an explosion; float16/bfloat16 outputs are summed in float32);
+  itself an explosion; float16/bfloat16 outputs are summed in float32). Not on a full step
+  whose statistics are checked on the host at its end (CPU, or ``on_nonfinite="raise"``) for
+  the outputs it records: their count of non-finite elements is exact, the step's event and
+  trigger come from it, and the flush sets those outputs' flags from it
+  (:class:`gradprobe.store.frames.Frames`);
 * per tracked parameter, the norm of its gradient: one ``torch._foreach_norm`` per device and
   dtype group, as ``torch.nn.utils.clip_grad_norm_`` does (float16/bfloat16 gradients in
   float32); on a CPU, where the C kernels build (:mod:`gradprobe.stats.native`), one C call
