@@ -56,8 +56,17 @@ class StagedSteps:
     def __init__(self, rec: Books) -> None:
         self.rec = rec
         self.stage: Stage | None = None
-        self._open: list[tuple[Any, ...]] = []  # (row, shape, sat, ina, tensor, source, version, key, seq)
+        # the open step's hooked tensors, one entry each in parallel lists (a hook appends
+        # to each: no tuple to build and unpack per tensor): its layout key (row, shape,
+        # rules), the tensor to copy (the hooked one, or its clone), the hooked tensor, its
+        # version at the hook, the hook site, its first-touch sequence number
         self._open_keys: list[tuple[Any, ...]] = []
+        self._open_ts: list[Tensor] = []
+        self._open_xs: list[Tensor] = []
+        self._open_vers: list[int] = []
+        self._open_sites: list[Any] = []
+        self._open_seqs: list[int] = []
+        self._cloned = False  # an open entry is a clone (its site is checked at pre)
         self._open_slot: int | None = None
         self._staged_row = False  # the open step has a row in the stage
         self._copy_keys: set[Any] = set()  # hook sites whose tensors change in place later
@@ -96,23 +105,42 @@ class StagedSteps:
         device or dtype than the stage's, more than :data:`gradprobe.stats.eager.SMALL` elements, not
         strided, or no room left in the step's row (:data:`gradprobe.capture.stage.MAX_ELEMS`)."""
         st = self.stage
-        if (st is None or x.dtype != st.dtype or x.device != st.device
-                or x.numel() > B.SMALL or x.layout != torch.strided):
+        if st is None:
+            return False
+        n = x.numel()  # runs for every hooked tensor: each check once, the cheap ones first
+        if (n > B.SMALL or x.dtype is not st.dtype or x.layout is not torch.strided
+                or x.device != st.device):
             return False
         if self._open_slot != slot:
-            self._open.clear()
-            self._open_keys.clear()
-            self._open_slot = slot
-            self._open_numel = self._param_width
-        if self._open_numel + x.numel() > _stage.MAX_ELEMS:
+            self._clear_open(slot)
+        if self._open_numel + n > _stage.MAX_ELEMS:
             return False
-        self._open_numel += x.numel()
-        self.rec.seq_counter += 1
-        t = x.clone() if key in self._copy_keys or key not in self._seen_keys else x
-        entry = (row, tuple(x.shape), saturated, inactive)
-        self._open_keys.append(entry)
-        self._open.append((*entry, t, x, x._version, key, self.rec.seq_counter))
+        self._open_numel += n
+        rec = self.rec
+        rec.seq_counter += 1
+        if key in self._copy_keys or key not in self._seen_keys:
+            self._open_ts.append(x.clone())
+            self._cloned = True
+        else:
+            self._open_ts.append(x)
+        self._open_keys.append((row, x.shape, saturated, inactive))
+        self._open_xs.append(x)
+        self._open_vers.append(x._version)
+        self._open_sites.append(key)
+        self._open_seqs.append(rec.seq_counter)
         return True
+
+    def _clear_open(self, slot: int | None) -> None:
+        """Forget the open entries; ``slot`` is the open step from now on."""
+        self._open_keys = []
+        self._open_ts = []
+        self._open_xs = []
+        self._open_vers = []
+        self._open_sites = []
+        self._open_seqs = []
+        self._cloned = False
+        self._open_slot = slot
+        self._open_numel = self._param_width
 
     def pre(self, slot: int, grads: Sequence[Tensor | None] | None,
                   wpre: Sequence[Tensor] | None) -> None:
@@ -124,31 +152,27 @@ class StagedSteps:
             st.slots.pop()
             self._staged_row = False
         if self._open_slot != slot:
-            self._open.clear()
-            self._open_keys.clear()
-            self._open_slot = slot
-        ok = self._open
+            self._clear_open(slot)
+        if self._cloned or [x._version for x in self._open_xs] != self._open_vers:
+            self._check_versions()
         keys = tuple(self._open_keys)
-        if any(e[5]._version != e[6] or e[4] is not e[5] for e in ok):
-            ok, keys = self._check_versions(ok)
-        self._open = []
-        self._open_keys = []
-        self._open_slot = None
-        self._open_numel = self._param_width
+        ts, seqs = self._open_ts, self._open_seqs
+        self._clear_open(None)
         params = self._stage_params
         gmask: tuple[bool, ...] = ()
         gl: list[Tensor] = []
         if grads is not None:
-            gmask = tuple(g is not None and g.layout == torch.strided and g.dtype == st.dtype
-                          for g in grads)
-            gl = [g for g, m in zip(grads, gmask) if m]  # type: ignore[misc]
+            dt, strided = st.dtype, torch.strided
+            gl = [g for g in grads if g is not None and g.layout is strided and g.dtype is dt]
+            gmask = (True,) * len(gl) if len(gl) == len(grads) else tuple(
+                g is not None and g.layout is strided and g.dtype is dt for g in grads)
             if len(gl) != len(grads):  # sparse or other-dtype gradients: summarised at the step
                 for g, m, r in zip(grads, gmask, self._grad_rows):
                     if g is not None and not m:
                         v = g.coalesce().values() if g.is_sparse else g
                         self.rec.defer(slot, r, v.detach().clone())
         key = (keys, gmask, wpre is not None)
-        plan = st.plan_for(key, lambda: self._entries(ok, gmask, wpre is not None))
+        plan = st.plan_for(key, lambda: self._entries(keys, gmask, wpre is not None))
         if not st.ready(plan):
             self.summarise()
             st.start(plan)
@@ -156,11 +180,11 @@ class StagedSteps:
         st.slots.append(slot)
         self._staged_row = True
         assert st.buf is not None
-        n_pre = len(ok) + len(gl) + (len(params) if wpre is not None else 0)
-        src = [e[4] for e in ok] + gl + (list(wpre) if wpre is not None else [])
+        n_pre = len(ts) + len(gl) + (len(params) if wpre is not None else 0)
+        src = ts + gl + (list(wpre) if wpre is not None else [])
         if src:
             torch._foreach_copy_(plan.views(st.buf, s, 0, n_pre), src)
-        self._pre_seqs = [e[8] for e in ok]
+        self._pre_seqs = seqs
         self._n_pre = n_pre
         self._plan = plan
 
@@ -196,21 +220,24 @@ class StagedSteps:
             self.summarise()
         return not immediate
 
-    def _check_versions(self, opened: list[tuple[Any, ...]]
-                        ) -> tuple[list[tuple[Any, ...]], tuple[Any, ...]]:
+    def _check_versions(self) -> None:
         """Learn which hook sites need a copy: a tensor changed in place after its hook (an
         in-place activation after the module) is copied in the hook from then on; held by
-        reference, its value of this step is lost and dropped."""
-        ok: list[tuple[Any, ...]] = []
-        for e in opened:
-            changed = e[5]._version != e[6]
-            if changed:
-                self._copy_keys.add(e[7])
-                if e[4] is e[5]:
+        reference, its value of this step is lost and its entry dropped."""
+        keep = []
+        for i, (t, x, ver, site) in enumerate(zip(self._open_ts, self._open_xs,
+                                                  self._open_vers, self._open_sites)):
+            if x._version != ver:
+                self._copy_keys.add(site)
+                if t is x:
                     continue
-            self._seen_keys.add(e[7])
-            ok.append(e)
-        return ok, tuple(e[:4] for e in ok)
+            self._seen_keys.add(site)
+            keep.append(i)
+        if len(keep) != len(self._open_ts):
+            for name in ("_open_keys", "_open_ts", "_open_xs", "_open_vers", "_open_sites",
+                         "_open_seqs"):
+                old = getattr(self, name)
+                setattr(self, name, [old[i] for i in keep])
 
     def _apply_books(self) -> None:
         """Counts, touched rows and first-touch order of the staged steps, a run of steps of
@@ -270,11 +297,11 @@ class StagedSteps:
             plan.cache[key] = book
         return book if book is not False else None
 
-    def _entries(self, ok: list[tuple[Any, ...]], gmask: tuple[bool, ...],
+    def _entries(self, keys: tuple[tuple[Any, ...], ...], gmask: tuple[bool, ...],
                  pre: bool) -> list[Entry]:
         st = self.stage
         assert st is not None
-        out = [Entry(e[0], e[1], e[2], e[3]) for e in ok]
+        out = [Entry(row, tuple(shape), sat, ina) for row, shape, sat, ina in keys]
         params = self._stage_params
         for p, r, m in zip(params, self._grad_rows, gmask):
             if m:
@@ -318,7 +345,7 @@ class StagedSteps:
 
     def holds(self, slot: int) -> bool:
         """Whether the open step ``slot`` has anything staged."""
-        return self._staged_row or (self._open_slot == slot and bool(self._open))
+        return self._staged_row or (self._open_slot == slot and bool(self._open_ts))
 
     @property
     def pre_done(self) -> bool:
@@ -328,10 +355,7 @@ class StagedSteps:
     def discard(self, slot: int) -> None:
         """Drop the staged part of an unfinished step."""
         if self._open_slot == slot:
-            self._open.clear()
-            self._open_keys.clear()
-            self._open_slot = None
-            self._open_numel = self._param_width
+            self._clear_open(None)
         if self._staged_row and self.stage is not None and self.stage.slots[-1:] == [slot]:
             self.stage.slots.pop()
         self._staged_row = False
