@@ -283,7 +283,7 @@ class AlwaysOn:
                 event = always_event(step, [lay.name for lay in self.layers],
                                      [lay.layer_id for lay in self.layers], depth, act_bad,
                                      grad_bad, loss_bad, skipped, self.has_grad)
-        spike = self.spike(v64[n : n + p]) if p else None
+        spike = self.spike(v64[n : n + p]) if p else None  # a view of v64, a fresh array
         return bad, event, None if spike is None else int(self.param_layer[spike])
 
     def spike(self, norms: np.ndarray) -> int | None:
@@ -291,9 +291,9 @@ class AlwaysOn:
         mean: the parameter whose norm grew the most since the previous step (named in the
         trigger); else ``None``. Updates the mean (a non-finite total is reported as such
         and kept out of it)."""
-        norms = norms.astype(np.float64, copy=False)
+        norms = norms.astype(np.float64, copy=False)  # kept: the caller's own array
         sq = float(norms @ norms)
-        prev, self._prev = self._prev, norms.copy()
+        prev, self._prev = self._prev, norms
         if not math.isfinite(sq):
             return None
         total = 0.5 * math.log(sq + 1e-60)

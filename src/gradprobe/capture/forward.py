@@ -123,8 +123,9 @@ class ForwardHooks:
         rec = p.recorder
         row = lay.act_row
         if row is not None:
-            x = as_real(t.detach())  # nothing below records autograd history
-            if t.is_complex():  # no activation's saturation or dead rule applies
+            x = t.detach()  # nothing below records autograd history
+            if x.is_complex():  # no activation's saturation or dead rule applies
+                x = as_real(x)
                 rec.observe(slot, row, x)
             else:
                 rec.observe(slot, row, x, lay.sat_rule, lay.dead_rule)
@@ -217,7 +218,10 @@ class ForwardHooks:
             return
         t0 = perf_counter()
         rec = p.recorder
-        g = as_real(grad.detach())  # detached: records no history
+        # detached where it records history (a double backward): nothing below records any
+        g = grad.detach() if grad.requires_grad else grad
+        if g.is_complex():
+            g = as_real(g)
         rec.observe(slot, row, g)
         if p.hist_now:
             with torch.no_grad():

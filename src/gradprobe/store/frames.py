@@ -178,16 +178,19 @@ class Frames:
         a = data.always
         if a is None or not len(self._act_rows) or not len(data.steps) or not a.full.any():
             return None
-        slot_of = {int(step): j for j, step in enumerate(data.steps)}
         col_of = {lid: c for c, lid in enumerate(a.layer_ids)}
         pairs = [(r, col_of[self.layer_ids[r]]) for r in self._act_rows
                  if self.layer_ids[r] in col_of]
-        hit = [(i, slot_of[int(a.steps[i])]) for i in np.nonzero(a.full)[0]
-               if int(a.steps[i]) in slot_of]
-        if not pairs or not hit:
+        # the slot of each full always-on step (the full tier's steps, in any order)
+        order = np.argsort(data.steps, kind="stable")
+        known = np.asarray(data.steps)[order]
+        at = np.flatnonzero(a.full)
+        pos = np.minimum(np.searchsorted(known, a.steps[at]), len(known) - 1)
+        found_at = known[pos] == a.steps[at]
+        at, slots = at[found_at], order[pos[found_at]]
+        if not pairs or not len(at):
             return None
         rows, cols = (np.array(x, dtype=np.int64) for x in zip(*pairs))
-        at, slots = (np.array(x, dtype=np.int64) for x in zip(*hit))
         bad = np.zeros((len(a.steps), len(a.layer_ids)), dtype=bool)
         found = data.stats[slots[:, None], rows[None, :], S.NONFINITE] > 0  # [hit, pairs]
         found &= data.touched[slots[:, None], rows[None, :]]

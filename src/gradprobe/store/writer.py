@@ -279,6 +279,8 @@ class RunWriter:
 
     def raise_error(self) -> None:
         """Raise the error of a failed background write, if any (each error once)."""
+        if self._error is None:  # every step: no lock taken until a write failed
+            return
         with self._lock:
             err, self._error = self._error, None
             more, self._failed_after = self._failed_after, 0
