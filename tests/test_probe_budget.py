@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import gradprobe as gp
+from gradprobe.capture import always as always_mod
 from gradprobe.capture import schedule as sched
 from gradprobe.errors import ConfigError
 
@@ -89,6 +90,61 @@ def test_always_on_norms_equal_the_reference_every_step(tmp_path):
     assert full["norm"].to_numpy() == pytest.approx(full["grad_norm"].to_numpy(), rel=1e-5)
 
 
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_full_steps_take_the_norms_from_the_stage_and_they_equal_the_reference(tmp_path, clip):
+    """Every step full: the always-on norms come from the stage's row (one C call over the
+    staged gradients). Against the norms of the gradients the optimizer step got (clipped in
+    the loop where ``clip``), with batch sizes that change the stage's layout and buffer."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(3)
+    sizes = [16] * 5 + [40] * 4 + [3000] * 2 + [7] * 5  # 3000: a buffer of a new size
+    ref: list = []
+    with gp.Probe(model, opt, run_dir=tmp_path / "r", budget=None, every=1,
+                  flush_every=6) as probe:
+        always = probe._loop.always
+        served = []
+        take = always._staged.grad_norms_into
+        always._staged.grad_norms_into = lambda out, order: served.append(take(out, order)) \
+            or served[-1]
+        for step, n in enumerate(sizes):
+            loss = model(torch.randn(n, 4, generator=g)).pow(2).mean()
+            probe.observe_loss(loss)
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            for name, mod in model.named_children():
+                ps = [p.grad.reshape(-1) for p in mod.parameters()]
+                if ps:
+                    ref.append((step, name, float(torch.linalg.vector_norm(torch.cat(ps)))))
+            opt.step()
+            opt.zero_grad()
+    assert served == [True] * len(sizes)
+    got = probe.run.grad_norms().dropna(subset=["grad_norm"])
+    want = pd.DataFrame(ref, columns=["step", "layer", "ref"])
+    both = want.merge(got, on=["step", "layer"], how="left")
+    assert len(both) == len(sizes) * 4 and both["grad_norm"].notna().all()
+    assert both["grad_norm"].to_numpy() == pytest.approx(both["ref"].to_numpy(), rel=1e-5)
+
+
+def test_the_stage_serves_the_norms_only_when_it_holds_every_gradient(tmp_path):
+    """A parameter too large for the stage: the norms are read from the gradients."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3000))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gp.Probe(model, opt, run_dir=tmp_path / "r", budget=None, every=1) as probe:
+        assert probe._loop.always._staged is None
+        for _ in range(3):
+            loss = model(torch.randn(5, 4)).pow(2).mean()
+            probe.observe_loss(loss)
+            loss.backward()
+            want = [float(torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in m.parameters()])))
+                    for m in (model[0], model[2])]
+            opt.step()
+            opt.zero_grad()
+    got = probe.run.grad_norms().dropna(subset=["grad_norm"])
+    assert got[got.step == 2]["grad_norm"].to_numpy() == pytest.approx(want, rel=1e-5)
+
+
 def _poison_output(k, value):
     def plant(step, model):
         model.mid.bad.fill_(value if step == k else 0.0)
@@ -116,13 +172,23 @@ def _poison_output_grad(k):
     return plant
 
 
+@pytest.fixture(params=["short", "numpy"])
+def row_check(request, monkeypatch):
+    """The always-on row's host check on both of its paths: Python floats for short rows,
+    numpy for wide ones (:data:`gradprobe.capture.always.SHORT_ROW`)."""
+    if request.param == "numpy":
+        monkeypatch.setattr(always_mod, "SHORT_ROW", 0)
+    return request.param
+
+
 @pytest.mark.parametrize(("where", "layer", "pass_"), [
     ("activation", "mid", "forward"), ("activation-inf", "mid", "forward"),
     ("gradient", "mid", "grad"), ("output-gradient", "hid", "act_grad"),
     ("loss", None, "loss")])
 @pytest.mark.parametrize("kw", [{"every": 7}, {}, {"budget": None, "every": 1}],
                          ids=["every7", "budget", "everything"])
-def test_nonfinite_is_recorded_at_its_step_layer_and_pass(tmp_path, where, layer, pass_, kw):
+def test_nonfinite_is_recorded_at_its_step_layer_and_pass(tmp_path, where, layer, pass_, kw,
+                                                          row_check):
     k = 17  # not a multiple of 7, after the warm-up
     plant = {"activation": _poison_output(k, math.nan),
              "activation-inf": _poison_output(k, math.inf),
@@ -208,7 +274,7 @@ def test_an_output_nonfinite_alone_is_found_on_every_tier(tmp_path, kw, k):
         assert (steps.loc[k + 1 : k + sched.AFTER] == "full").all()
 
 
-def test_spike_is_at_its_step_and_the_next_steps_are_full(tmp_path):
+def test_spike_is_at_its_step_and_the_next_steps_are_full(tmp_path, row_check):
     k = 30
     ref: list = []
     run = _train(tmp_path / "r", 45, lr=0.0, loss_scale={k: 1e4}, reference=ref)

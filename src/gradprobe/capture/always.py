@@ -54,6 +54,10 @@ SMOOTH = 0.1
 HISTORY = 5
 """Steps of history before a spike can be called (the first steps' norms move fast)."""
 _LOG_SPIKE = float(np.log(SPIKE))
+SHORT_ROW = 256
+"""Rows up to this many values are checked on the host as Python floats: on a short row a
+numpy call costs more than its arithmetic (34 µs against 9 per step measured for a 30-value
+row in the step's context), and the check runs every step."""
 HALF = (torch.float16, torch.bfloat16)
 """Dtypes reduced in float32 (a float16 sum overflows at 65504)."""
 
@@ -99,19 +103,21 @@ class AlwaysOn:
         self.sums: list[Tensor] = []
         self.sum_cols: list[int] = []
         self._index: dict[tuple[int, ...], Tensor] = {}
-        self._views: dict[int, tuple[Tensor, ...]] = {}
+        self._views: dict[int, tuple[Any, ...]] = {}
         self._losses: list[Tensor] = []
         self._taken: list[Tensor] | None = None  # gradient norms read before the row's end
         self._in_row = False  # ... or written into the open row already (the C kernels)
         self.native: NativeKernels = NATIVE
         self._native_rows = device.type == "cpu"  # the row is host memory the kernels write
+        self._staged: Any = None  # the stage the norms of a full step come from (link_stage)
+        self._stage_order: list[int] = []
         # each group's parameter sizes, for the C kernels (a gradient has its parameter's size)
         self._sizes = [(ctypes.c_int64 * len(ps))(*[p.numel() for p in ps])
                        for ps, _, _ in self.groups]
         self._in_order = tuple(range(self.n_layers))
         self._zero = torch.zeros((), device=device)
         self._pending: deque[tuple[int, bool, bool, Tensor, Any]] = deque()
-        self._prev: np.ndarray | None = None  # the previous step's gradient norms
+        self._prev: Sequence[float] | np.ndarray | None = None  # the previous step's norms
         self._total = 0.0  # running mean of log(total gradient norm)
         self._seen = 0
 
@@ -139,37 +145,65 @@ class AlwaysOn:
                 torch.linalg.vector_norm(g.coalesce().values(), dtype=dtype) if g.is_sparse
                 else next(it) for g in grads]
 
-    def _norms_into(self, row: Tensor) -> bool:
+    def _norms_into(self, slot: int) -> bool:
         """On a CPU: every gradient norm straight into ``row``'s columns, one C call per group
         (:meth:`gradprobe.stats.native.NativeKernels.norms_into`: a ``_foreach_norm`` costs a
         kernel per tensor, 870-1,100 µs for the 602 gradients of a depth-300 MLP against 317);
         False where that does not serve (a missing, sparse or half-precision gradient)."""
         if not self._native_rows:
             return False
-        for (params, cols, dtype), sizes in zip(self.groups, self._sizes):
+        outs = self._slot_views(slot)[5]
+        for (params, _, dtype), sizes, out in zip(self.groups, self._sizes, outs):
             grads = [p.grad for p in params]
             if dtype is not None or any(g is None for g in grads):
                 return False
-            if not self.native.norms_into(grads, row[cols], sizes):  # type: ignore[arg-type]
+            if not self.native.norms_into(grads, out, sizes):  # type: ignore[arg-type]
                 return False
         return True
+
+    def link_stage(self, staged: Any) -> None:
+        """Take a full step's gradient norms from the stage's row (``staged``: the recorder's
+        :class:`~gradprobe.capture.staged.StagedSteps`) where the stage holds every tracked
+        parameter's gradient: one C call over memory whose pointers are made once, against a
+        Python check and pointer per gradient every step (:meth:`take_staged_norms`)."""
+        self._staged = None
+        params = staged.params
+        if len(self.groups) != 1 or not self._native_rows or not params:
+            return
+        group, _, dtype = self.groups[0]
+        at = {id(p): i for i, p in enumerate(params)}
+        if dtype is not None or len(group) != len(params) or any(id(p) not in at for p in group):
+            return
+        self._staged = staged
+        self._stage_order = [at[id(p)] for p in group]
+
+    def take_staged_norms(self) -> None:
+        """On a full step, before the full tier's end may consume the stage's row: the
+        gradient norms from the row (the gradients as the optimizer step got them), where
+        :meth:`link_stage` linked the stage and the row staged every gradient."""
+        if self._staged is None or self._in_row or self._taken is not None:
+            return
+        out = self._slot_views(len(self.steps))[5][0]
+        with torch.no_grad():
+            self._in_row = self._staged.grad_norms_into(out, self._stage_order)
 
     def take_grad_norms(self) -> None:
         """Read the gradient norms now (before clipping changes them) for the step's row."""
         with torch.no_grad():
-            self._in_row = self._norms_into(self._slot_views(len(self.steps))[0])
+            self._in_row = self._norms_into(len(self.steps))
             self._taken = None if self._in_row else self._grad_norms()
 
-    def _slot_views(self, slot: int) -> tuple[Tensor, ...]:
+    def _slot_views(self, slot: int) -> tuple[Any, ...]:
         """The row of ``slot`` and its spans (made once per slot): the row; from the first
         column to the loss; from the first gradient norm to the loss; the output sums; the
-        loss."""
+        loss; each group's gradient columns (a list)."""
         views = self._views.get(slot)
         if views is None:
             row = self.buf[slot]
             views = self._views[slot] = (row, row[: self.loss_col + 1],
                                          row[self.n_layers : self.loss_col + 1],
-                                         row[: self.n_layers], row[self.loss_col])
+                                         row[: self.n_layers], row[self.loss_col],
+                                         [row[cols] for _, cols, _ in self.groups])
         return views
 
     def loss(self, loss: Tensor) -> None:
@@ -186,7 +220,7 @@ class AlwaysOn:
             in_row, self._in_row = self._in_row, False
             taken, self._taken = self._taken, None
             if not in_row and taken is None:
-                in_row = self._norms_into(row)
+                in_row = self._norms_into(slot)
             vals: list[Tensor] = []
             cols = tuple(self.sum_cols)
             if cols == self._in_order:  # each layer once, in order: straight into the row
@@ -268,10 +302,20 @@ class AlwaysOn:
         unless only the loss was non-finite: the full tier reports the others in more
         detail); the index of the layer whose gradient norm spiked (:data:`SPIKE`), if any."""
         n, p = self.n_layers, len(self.params)
-        # one pass over the row in float64: its sum of squares is finite exactly when every
-        # value is (float32 values squared cannot overflow a float64 sum)
-        v64 = v[: self.loss_col + 1].astype(np.float64)
-        bad = not math.isfinite(float(v64 @ v64))
+        head = v[: self.loss_col + 1]
+        norms: Sequence[float] | np.ndarray
+        if len(head) <= SHORT_ROW:  # as Python floats (float64)
+            vals = head.tolist()
+            # a float64 sum of float32 values is finite exactly when every value is (it
+            # cannot overflow); likewise the sum of the norms' squares
+            bad = not math.isfinite(sum(vals))
+            norms = vals[n : n + p]
+            sq = sum(x * x for x in norms)
+        else:  # one pass over the row in float64: the same, in numpy
+            v64 = head.astype(np.float64)
+            bad = not math.isfinite(float(v64 @ v64))
+            norms = v64[n : n + p]  # a view of a fresh array: kept by spike() as it is
+            sq = float(norms @ norms)
         event = None
         if bad:
             act_bad = ~np.isfinite(v[:n])
@@ -283,16 +327,15 @@ class AlwaysOn:
                 event = always_event(step, [lay.name for lay in self.layers],
                                      [lay.layer_id for lay in self.layers], depth, act_bad,
                                      grad_bad, loss_bad, skipped, self.has_grad)
-        spike = self.spike(v64[n : n + p]) if p else None  # a view of v64, a fresh array
+        spike = self.spike(norms, sq) if p else None
         return bad, event, None if spike is None else int(self.param_layer[spike])
 
-    def spike(self, norms: np.ndarray) -> int | None:
-        """When the total gradient norm is above :data:`SPIKE` times its running geometric
-        mean: the parameter whose norm grew the most since the previous step (named in the
-        trigger); else ``None``. Updates the mean (a non-finite total is reported as such
-        and kept out of it)."""
-        norms = norms.astype(np.float64, copy=False)  # kept: the caller's own array
-        sq = float(norms @ norms)
+    def spike(self, norms: Sequence[float] | np.ndarray, sq: float) -> int | None:
+        """When the total gradient norm (``sq``: the sum of the ``norms``' squares) is above
+        :data:`SPIKE` times its running geometric mean: the parameter whose norm grew the
+        most since the previous step (named in the trigger); else ``None``. Updates the mean
+        (a non-finite total is reported as such and kept out of it). Keeps ``norms`` (the
+        caller's own) for the next step."""
         prev, self._prev = self._prev, norms
         if not math.isfinite(sq):
             return None
@@ -303,7 +346,8 @@ class AlwaysOn:
         hit = None
         if self._seen >= HISTORY and total - self._total > _LOG_SPIKE:
             with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-                jump = np.log(norms + 1e-30) - np.log(prev + 1e-30)
+                jump = (np.log(np.asarray(norms, dtype=np.float64) + 1e-30)
+                        - np.log(np.asarray(prev, dtype=np.float64) + 1e-30))
             hit = int(np.where(np.isfinite(jump), jump, -np.inf).argmax())
         self._total += SMOOTH * (total - self._total)
         self._seen += 1
@@ -336,4 +380,4 @@ class AlwaysOn:
         return flat, read
 
 
-__all__ = ["HALF", "HISTORY", "SMOOTH", "SPIKE", "AlwaysOn"]
+__all__ = ["HALF", "HISTORY", "SHORT_ROW", "SMOOTH", "SPIKE", "AlwaysOn"]

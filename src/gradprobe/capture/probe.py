@@ -291,6 +291,7 @@ class Probe:
                           device=device, capacity=steps, scaler=self.scaler is not None,
                           sync=self.on_nonfinite == "raise")
         self._params = ParamStats(self._layers, self.kinds, device, self._recorder)
+        always.link_stage(self._recorder.staged)
         if sync is not None:  # unit masks are ANDed across ranks at each flush
             self._recorder.kept_units = []
         writer.write_meta(layers=[lay.record() for lay in self._layers],

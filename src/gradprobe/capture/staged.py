@@ -15,6 +15,7 @@ stage's rows.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -80,6 +81,9 @@ class StagedSteps:
         self._param_width = 0
         self._pre_seqs: list[int] = []
         self._books: list[tuple[int, list[int], int, Any]] = []
+        # the open row's staged gradients, every parameter's, from pre to post: (plan, row,
+        # first entry); None otherwise
+        self._grads_at: tuple[Any, int, int] | None = None
 
 
     def setup(self, device: torch.device, dtype: torch.dtype, params: list[Tensor],
@@ -94,6 +98,11 @@ class StagedSteps:
         # the parameters' share of a row: gradients, weights before and after the step
         self._open_numel = 3 * sum(p.numel() for p in params)
         self._param_width = self._open_numel
+
+    @property
+    def params(self) -> list[Tensor]:
+        """The parameters whose gradients and weights the stage holds (:meth:`setup`)."""
+        return self._stage_params
 
     def add(self, slot: int, row: int, x: Tensor, saturated: Rule | None,
                   inactive: Rule | None, key: Any) -> bool:
@@ -187,6 +196,27 @@ class StagedSteps:
         self._pre_seqs = seqs
         self._n_pre = n_pre
         self._plan = plan
+        self._grads_at = (plan, s, len(ts)) if params and len(gl) == len(params) else None
+
+    def grad_norms_into(self, out: Tensor, order: Sequence[int]) -> bool:
+        """Between :meth:`pre` and :meth:`post` of a row that staged every parameter's
+        gradient: ``out[j]`` = the norm of the gradient of staged parameter ``order[j]``, in
+        one C call over the row (pointers made once per row of the buffer: no Python per
+        gradient). False, writing nothing, where that does not serve."""
+        st = self.stage
+        at = self._grads_at
+        if at is None or st is None or st.buf is None or len(order) != len(self._stage_params):
+            return False
+        plan, s, first = at
+        base = st.buf.data_ptr()
+        key = ("grad_norms", s, tuple(order))
+        cached = plan.cache.get(key)
+        if cached is None or cached[0] != base:  # a new buffer: the pointers made anew
+            views = plan.views(st.buf, s, first, first + len(order))
+            cached = (base, (ctypes.c_int64 * len(order))(*[views[j].data_ptr() for j in order]),
+                      (ctypes.c_int64 * len(order))(*[views[j].numel() for j in order]))
+            plan.cache[key] = cached
+        return st.native.norms_at(st.dtype, cached[1], cached[2], out)
 
     def post(self, slot: int, wpost: Sequence[Tensor] | None, check: bool) -> bool:
         """Write the weights after the update into the open step's row and close it. With
@@ -207,6 +237,7 @@ class StagedSteps:
             self._books.append((slot, self._pre_seqs, self.rec.seq_counter, book))
             self.rec.seq_counter += book[3]
         self._staged_row = False
+        self._grads_at = None  # the row may be summarised (consumed) from here on
         immediate, self.rec.immediate = self.rec.immediate, False
         if check:
             finite = math.isfinite(float(plan.row(st.buf, s).sum()))
@@ -359,6 +390,7 @@ class StagedSteps:
         if self._staged_row and self.stage is not None and self.stage.slots[-1:] == [slot]:
             self.stage.slots.pop()
         self._staged_row = False
+        self._grads_at = None
         self._books = [b for b in self._books if b[0] != slot]
 
 

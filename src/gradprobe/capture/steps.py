@@ -185,6 +185,8 @@ class StepLoop:
         """End the open step (the optimizer stepped, or the scaler skipped it), flush when a
         bound is reached, begin the next step; raise what the step found."""
         t0 = time.perf_counter()
+        if self.slot is not None:  # the norms from the stage's row, before it is consumed
+            self.always.take_staged_norms()
         events = self._end_full(self.slot, skipped) if self.slot is not None else []
         if events and not skipped:  # found by the full tier (the always-on row may lack
             self._nonfinite(self.step, events[0]["layer"])  # the outputs it records)

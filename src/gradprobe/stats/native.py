@@ -384,6 +384,19 @@ class NativeKernels:
         getattr(self._lib, f"gp_norms_{DTYPES[g0.dtype]}")(k, ptrs, ns, out.data_ptr())
         return True
 
+    def norms_at(self, dtype: torch.dtype, ptrs: Any, sizes: Any, out: Tensor) -> bool:
+        """:meth:`norms_into` for memory the caller owns and has checked: ``ptrs`` and
+        ``sizes`` (``ctypes`` int64 arrays, made once) address contiguous ``dtype`` vectors on
+        the CPU (the stage's rows: :meth:`gradprobe.capture.staged.StagedSteps.grad_norms_into`);
+        ``out`` as for :meth:`norms_into`. False where the kernels are unavailable."""
+        if (dtype not in DTYPES or out.dtype != torch.float32 or out.device.type != "cpu"
+                or not out.is_contiguous() or out.numel() != len(ptrs)
+                or torch.compiler.is_compiling() or not self.available()):
+            return False
+        assert self._lib is not None
+        getattr(self._lib, f"gp_norms_{DTYPES[dtype]}")(len(ptrs), ptrs, sizes, out.data_ptr())
+        return True
+
     def blocks(self, v: Tensor) -> Tensor | None:
         """``[S, m, N_STATS]`` rows of the ``S × m`` rows of ``v`` (``[S, m, n]``, each ``[m, n]``
         block contiguous, any stride between blocks: the stage's runs), or ``None`` where the
