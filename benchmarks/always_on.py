@@ -361,7 +361,10 @@ def time_workload(wl: Workload, variants: list[str], *, repeats: int, steps: int
     try:
         # first steps: lazy initialisation, allocator caches; the second step sets the counts
         first = {v: _run(built[v], 1 + bool(warm), wl.device) for v in variants}
-        n_main = steps or max(3, min(5000, round(round_secs / first["bare"])))
+        # the round's steps from the faster of that step and ten more bare steps: one step the
+        # machine stalled does not shrink every round to a few steps
+        bare_s = min(first["bare"], _run(built["bare"], 10, wl.device))
+        n_main = steps or max(3, min(5000, round(round_secs / bare_s)))
         counts = {v: n_main if v not in ANCHORS or steps
                   else max(1, min(n_main, round(round_secs / first[v]))) for v in variants}
         per_step: dict[str, list[float]] = {v: [] for v in variants}

@@ -182,6 +182,20 @@ def test_mlp_all_statistics_match_reference(tmp_path):
     assert layers.loc["1", "activation"] == "sigmoid"
 
 
+def test_large_and_small_outputs_match_reference(tmp_path):
+    """Outputs above the stage's size (summarised in the hook) beside small ones (staged),
+    with two micro-batches a step: every statistic against the reference."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 256), nn.Tanh(), nn.Linear(256, 4), nn.ReLU(),
+                          nn.Linear(4, 3))
+    run, _, _ = train_and_compare(model, _batches((40, 6), 3), nn.functional.cross_entropy,
+                                  tmp_path=tmp_path, accum=2)
+    grads = run.raw_scalars()
+    grads = grads[grads.kind == "act_grad"]
+    assert set(grads.layer) == {"0", "1", "2", "3", "4"}
+    assert (grads[grads.layer == "0"]["count"] == 2 * 40 * 256).all()  # 10,240 > 8,192
+
+
 def test_cnn_batchnorm_matches_reference(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(

@@ -91,6 +91,25 @@ def test_a_complex_output_has_activation_rows_equal_to_its_parts(tmp_path):
     assert len(grads) == 3 and (grads["sumsq"] > 0).all()
 
 
+def test_a_complex_output_and_its_gradient_have_histograms_of_their_parts(tmp_path):
+    torch.manual_seed(0)
+    model = Spectral()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(0)
+    with gp.Probe(model, opt, run_dir=tmp_path / "r", budget=None, every=1, hist_every=1):
+        for _ in range(2):
+            model(torch.randn(5, 6, generator=g)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    hist = gp.Run.open(tmp_path / "r").histograms()
+    mix = hist[hist.layer == "mix"]
+    for kind in ("act", "act_grad"):
+        rows = mix[mix.kind == kind]
+        assert len(rows) == 2, mix
+        for counts in rows["counts"]:  # 5 samples x 8 complex values: 80 real parts
+            assert int(sum(counts)) == 5 * 8 * 2
+
+
 def test_an_output_nested_deeper_than_five_levels_has_activation_rows(tmp_path):
     torch.manual_seed(0)
     run = _train(Deep(12), tmp_path / "r")
