@@ -233,8 +233,8 @@ class ParamStats:
 
     def grads(self, slot: int, hist: bool) -> None:
         """Statistics of the gradients not staged (sparse gradients by their values)."""
-        if "grad" not in self.kinds:
-            return
+        if "grad" not in self.kinds or not any(g.own for g in self.groups):
+            return  # every gradient is staged (the small models: this runs every step)
         rec = self.recorder
         with torch.no_grad():
             for g in self.groups:
