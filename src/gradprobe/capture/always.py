@@ -110,7 +110,7 @@ class AlwaysOn:
         self.native: NativeKernels = NATIVE
         self._native_rows = device.type == "cpu"  # the row is host memory the kernels write
         self._staged: Any = None  # the stage the norms of a full step come from (link_stage)
-        self._stage_order: list[int] = []
+        self._stage_order: tuple[int, ...] = ()
         # each group's parameter sizes, for the C kernels (a gradient has its parameter's size)
         self._sizes = [(ctypes.c_int64 * len(ps))(*[p.numel() for p in ps])
                        for ps, _, _ in self.groups]
@@ -175,7 +175,7 @@ class AlwaysOn:
         if dtype is not None or len(group) != len(params) or any(id(p) not in at for p in group):
             return
         self._staged = staged
-        self._stage_order = [at[id(p)] for p in group]
+        self._stage_order = tuple(at[id(p)] for p in group)
 
     def take_staged_norms(self) -> None:
         """On a full step, before the full tier's end may consume the stage's row: the

@@ -198,7 +198,7 @@ class StagedSteps:
         self._plan = plan
         self._grads_at = (plan, s, len(ts)) if params and len(gl) == len(params) else None
 
-    def grad_norms_into(self, out: Tensor, order: Sequence[int]) -> bool:
+    def grad_norms_into(self, out: Tensor, order: tuple[int, ...]) -> bool:
         """Between :meth:`pre` and :meth:`post` of a row that staged every parameter's
         gradient: ``out[j]`` = the norm of the gradient of staged parameter ``order[j]``, in
         one C call over the row (pointers made once per row of the buffer: no Python per
@@ -209,7 +209,7 @@ class StagedSteps:
             return False
         plan, s, first = at
         base = st.buf.data_ptr()
-        key = ("grad_norms", s, tuple(order))
+        key = ("grad_norms", s, order)
         cached = plan.cache.get(key)
         if cached is None or cached[0] != base:  # a new buffer: the pointers made anew
             views = plan.views(st.buf, s, first, first + len(order))
