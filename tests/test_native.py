@@ -184,6 +184,16 @@ def test_norms_into_a_row_and_where_they_are_refused(kernels):
         out.fill_(-1.0)
         assert not kernels.norms_into(bad, out) and (out == -1).all()  # nothing written
     assert not kernels.norms_into(grads, torch.empty(2))  # the wrong number of columns
+    # norms_at, over pointers the caller made (the stage's rows): the same norms; refused for
+    # a dtype or an output the kernels do not serve, writing nothing
+    ptrs = (ctypes.c_int64 * 3)(*[t.data_ptr() for t in grads])
+    out.fill_(-1.0)
+    assert kernels.norms_at(torch.float32, ptrs, sizes, out)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=0)
+    out.fill_(-1.0)
+    assert not kernels.norms_at(torch.float16, ptrs, sizes, out) and (out == -1).all()
+    assert not kernels.norms_at(torch.float32, ptrs, sizes, out.double())
+    assert not kernels.norms_at(torch.float32, ptrs, sizes, torch.empty(6)[::2])  # strided
 
 
 @needs_cc

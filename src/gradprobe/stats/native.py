@@ -368,27 +368,23 @@ class NativeKernels:
         ``sizes`` (a ``ctypes`` int64 array of the parameters' sizes, made once by the caller)
         may stand for the sizes. This runs on every step, for every parameter."""
         g0 = grads[0] if grads else None
-        if (g0 is None or g0.dtype not in DTYPES or not g0.is_cpu
-                or out.dtype != torch.float32 or out.device.type != "cpu"
-                or not out.is_contiguous() or out.numel() != len(grads)
-                or torch.compiler.is_compiling() or not self.available()):
+        if g0 is None or not g0.is_cpu or out.numel() != len(grads):
             return False
         strided = torch.strided
         if not all(type(g) in PLAIN and g.layout is strided and g.is_contiguous()
                    and not g.is_neg() for g in grads):
             return False
-        assert self._lib is not None
         k = len(grads)
         ptrs = (ctypes.c_int64 * k)(*[g.data_ptr() for g in grads])
         ns = sizes if sizes is not None else (ctypes.c_int64 * k)(*[g.numel() for g in grads])
-        getattr(self._lib, f"gp_norms_{DTYPES[g0.dtype]}")(k, ptrs, ns, out.data_ptr())
-        return True
+        return self.norms_at(g0.dtype, ptrs, ns, out)
 
     def norms_at(self, dtype: torch.dtype, ptrs: Any, sizes: Any, out: Tensor) -> bool:
         """:meth:`norms_into` for memory the caller owns and has checked: ``ptrs`` and
         ``sizes`` (``ctypes`` int64 arrays, made once) address contiguous ``dtype`` vectors on
         the CPU (the stage's rows: :meth:`gradprobe.capture.staged.StagedSteps.grad_norms_into`);
-        ``out`` as for :meth:`norms_into`. False where the kernels are unavailable."""
+        ``out`` as for :meth:`norms_into`. False, writing nothing, where the kernels are
+        unavailable or do not serve ``dtype`` or ``out``."""
         if (dtype not in DTYPES or out.dtype != torch.float32 or out.device.type != "cpu"
                 or not out.is_contiguous() or out.numel() != len(ptrs)
                 or torch.compiler.is_compiling() or not self.available()):
