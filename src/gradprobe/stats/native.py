@@ -368,8 +368,8 @@ class NativeKernels:
         ``sizes`` (a ``ctypes`` int64 array of the parameters' sizes, made once by the caller)
         may stand for the sizes. This runs on every step, for every parameter."""
         g0 = grads[0] if grads else None
-        if g0 is None or not g0.is_cpu or out.numel() != len(grads):
-            return False
+        if g0 is None or not g0.is_cpu or out.numel() != len(grads) or not self.available():
+            return False  # before the loop over the gradients
         strided = torch.strided
         if not all(type(g) in PLAIN and g.layout is strided and g.is_contiguous()
                    and not g.is_neg() for g in grads):
